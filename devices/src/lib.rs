@@ -1,0 +1,1 @@
+//! Emulated devices of the Mirrorball VMM.

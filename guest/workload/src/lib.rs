@@ -1,0 +1,345 @@
+//! The OS-less workload guest: its contract with the VMM and the `work` program's logic.
+//!
+//! The guest has no operating system. The VMM loads the image, writes a [`Params`] block at
+//! [`PARAMS_GPA`], identity-maps guest memory and starts every vCPU directly in user mode (CPL3)
+//! at the image's entry point with `rdi` = task index and `rsi` = [`PARAMS_GPA`]. Each vCPU runs
+//! one task: the classic MP3 `work` program over its own memory region. Progress goes to the VMM
+//! through a port-I/O doorbell ([`DOORBELL_PORT`], 32-bit `out`, encoded by [`Event`]); the VMM
+//! timestamps every event, so the guest needs no clock.
+//!
+//! This crate is `no_std` so the guest image and the host share one definition, and the access
+//! patterns can be unit-tested on the host.
+#![no_std]
+
+/// Port the guest writes 32-bit [`Event`]s to (user mode may do so because RFLAGS.IOPL = 3).
+pub const DOORBELL_PORT: u16 = 0x0510;
+/// Guest-physical address of the [`Params`] block.
+pub const PARAMS_GPA: u64 = 0x0001_0000;
+/// Guest-physical base of the per-vCPU stacks; stack `i` ends at `STACKS_GPA + (i + 1) * STACK_BYTES`.
+pub const STACKS_GPA: u64 = 0x0010_0000;
+/// Bytes of stack per vCPU.
+pub const STACK_BYTES: u64 = 0x4000;
+/// Guest-physical address the image is linked at (see the image's linker script).
+pub const IMAGE_GPA: u64 = 0x0020_0000;
+/// End of the area reserved for the image.
+pub const IMAGE_END_GPA: u64 = 0x0040_0000;
+/// First guest-physical address available for task memory regions.
+pub const TASK_REGION_BASE_GPA: u64 = 0x0100_0000;
+/// Most tasks one guest runs (one per vCPU).
+pub const MAX_TASKS: usize = 64;
+/// `Params::magic`: "MBWL".
+pub const PARAMS_MAGIC: u32 = 0x4c57_424d;
+/// `Params::version` of this layout.
+pub const PARAMS_VERSION: u32 = 1;
+/// Iterations of the classic `work` program.
+pub const DEFAULT_ITERATIONS: u32 = 20;
+
+/// How a task picks its next byte.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Uniformly random over the region (`R`).
+    Random = 0,
+    /// Next = previous + 1 or previous + rand() % 300, wrapping (`L`).
+    Locality = 1,
+}
+
+impl Pattern {
+    /// Decodes a pattern stored in [`TaskParams::pattern`].
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Random),
+            1 => Some(Self::Locality),
+            _ => None,
+        }
+    }
+}
+
+/// One task's parameters, written by the VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskParams {
+    /// Guest-physical (= guest-virtual) start of the task's region.
+    pub region_gpa: u64,
+    /// Length of the region in bytes.
+    pub region_bytes: u64,
+    /// Accesses per iteration.
+    pub accesses_per_iteration: u64,
+    /// Seed of the task's random generator (non-zero).
+    pub seed: u64,
+    /// Number of iterations.
+    pub iterations: u32,
+    /// A [`Pattern`] as `u32`.
+    pub pattern: u32,
+}
+
+/// The block at [`PARAMS_GPA`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// [`PARAMS_MAGIC`].
+    pub magic: u32,
+    /// [`PARAMS_VERSION`].
+    pub version: u32,
+    /// Tasks in use (`tasks[..task_count]`).
+    pub task_count: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Per-task parameters, indexed by vCPU.
+    pub tasks: [TaskParams; MAX_TASKS],
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            magic: PARAMS_MAGIC,
+            version: PARAMS_VERSION,
+            task_count: 0,
+            reserved: 0,
+            tasks: [TaskParams::default(); MAX_TASKS],
+        }
+    }
+}
+
+/// What a task reports through the doorbell. Encoded as `kind << 24 | argument` (24-bit argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The task starts its first iteration.
+    Started,
+    /// The task finished iteration `n` (1-based).
+    IterationDone(u32),
+    /// The task finished; the argument is the low 24 bits of its checksum.
+    Finished(u32),
+    /// The task found its parameters unusable; the argument is a [`BadParams`] code.
+    BadParams(u32),
+}
+
+/// Codes carried by [`Event::BadParams`].
+pub mod bad_params {
+    /// The magic or version of [`super::Params`] is wrong.
+    pub const HEADER: u32 = 1;
+    /// The task index is not below `task_count`.
+    pub const TASK_INDEX: u32 = 2;
+    /// The region is empty or the pattern unknown.
+    pub const TASK: u32 = 3;
+}
+
+const ARG_MASK: u32 = 0x00ff_ffff;
+
+impl Event {
+    /// Encodes the event as the 32-bit doorbell value.
+    pub fn encode(self) -> u32 {
+        let (kind, arg) = match self {
+            Self::Started => (1, 0),
+            Self::IterationDone(n) => (2, n),
+            Self::Finished(sum) => (3, sum),
+            Self::BadParams(code) => (4, code),
+        };
+        (kind << 24) | (arg & ARG_MASK)
+    }
+
+    /// Decodes a doorbell value; `None` for an unknown kind.
+    pub fn decode(value: u32) -> Option<Self> {
+        let arg = value & ARG_MASK;
+        match value >> 24 {
+            1 => Some(Self::Started),
+            2 => Some(Self::IterationDone(arg)),
+            3 => Some(Self::Finished(arg)),
+            4 => Some(Self::BadParams(arg)),
+            _ => None,
+        }
+    }
+}
+
+/// The xorshift64* generator the tasks use (deterministic per seed).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (zero is replaced by a fixed non-zero value).
+    pub fn new(seed: u64) -> Self {
+        Self(if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed })
+    }
+
+    /// Next 64-bit value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+}
+
+/// The sequence of byte offsets one task touches.
+#[derive(Clone, Debug)]
+pub struct AccessStream {
+    rng: Rng,
+    pattern: Pattern,
+    len: u64,
+    previous: u64,
+}
+
+impl AccessStream {
+    /// A stream over a region of `len` bytes (`len` > 0).
+    pub fn new(pattern: Pattern, len: u64, seed: u64) -> Self {
+        Self {
+            rng: Rng::new(seed),
+            pattern,
+            len: len.max(1),
+            previous: 0,
+        }
+    }
+
+    /// The next offset into the region.
+    pub fn next_offset(&mut self) -> u64 {
+        let next = match self.pattern {
+            Pattern::Random => self.rng.below(self.len),
+            Pattern::Locality => {
+                let step = if self.rng.next_u64() & 1 == 0 {
+                    1
+                } else {
+                    self.rng.below(300)
+                };
+                (self.previous + step) % self.len
+            }
+        };
+        self.previous = next;
+        next
+    }
+}
+
+/// Runs one iteration of `work` over `region`: `accesses` read-modify-writes of single bytes.
+/// Returns a checksum of the bytes read, so the accesses cannot be optimised away.
+///
+/// # Safety
+/// `region` must be valid for reads and writes of `len` bytes for the whole call, and no other
+/// reference may alias it.
+pub unsafe fn run_iteration(region: *mut u8, len: u64, stream: &mut AccessStream, accesses: u64) -> u64 {
+    let mut sum = 0u64;
+    for _ in 0..accesses {
+        let offset = stream.next_offset() % len.max(1);
+        // SAFETY: offset < len and the caller guarantees `region` is valid for `len` bytes.
+        unsafe {
+            let byte = region.add(offset as usize);
+            let value = core::ptr::read_volatile(byte);
+            core::ptr::write_volatile(byte, value.wrapping_add(1));
+            sum = sum.wrapping_add(u64::from(value));
+        }
+    }
+    sum
+}
+
+/// Checks a task's parameters; `Err` carries a [`bad_params`] code.
+pub fn validate(params: &Params, task: usize) -> Result<TaskParams, u32> {
+    if params.magic != PARAMS_MAGIC || params.version != PARAMS_VERSION {
+        return Err(bad_params::HEADER);
+    }
+    if task >= params.task_count as usize || task >= MAX_TASKS {
+        return Err(bad_params::TASK_INDEX);
+    }
+    let t = params.tasks[task];
+    if t.region_bytes == 0 || Pattern::from_raw(t.pattern).is_none() {
+        return Err(bad_params::TASK);
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+
+    #[test]
+    fn event_encoding_round_trips() {
+        for e in [
+            Event::Started,
+            Event::IterationDone(20),
+            Event::Finished(0xab_cdef),
+            Event::BadParams(bad_params::TASK),
+        ] {
+            assert_eq!(Event::decode(e.encode()), Some(e));
+        }
+        assert_eq!(Event::decode(0x7700_0000), None);
+        assert_eq!(Event::IterationDone(0x1ff_ffff).encode() & ARG_MASK, 0xff_ffff);
+    }
+
+    #[test]
+    fn random_stream_stays_in_bounds_and_spreads() {
+        let len = 1 << 20;
+        let mut s = AccessStream::new(Pattern::Random, len, 7);
+        let mut pages = std::collections::BTreeSet::new();
+        for _ in 0..10_000 {
+            let o = s.next_offset();
+            assert!(o < len);
+            pages.insert(o / 4096);
+        }
+        // 10k uniform draws over 256 pages touch all of them.
+        assert_eq!(pages.len(), 256);
+    }
+
+    #[test]
+    fn locality_stream_moves_by_small_steps() {
+        let len = 1 << 20;
+        let mut s = AccessStream::new(Pattern::Locality, len, 3);
+        let mut prev = 0;
+        let mut ones = 0;
+        for _ in 0..10_000 {
+            let o = s.next_offset();
+            let step = (o + len - prev) % len;
+            assert!(step < 300, "step {step}");
+            if step == 1 {
+                ones += 1;
+            }
+            prev = o;
+        }
+        assert!(ones > 4_000, "about half the steps are +1, got {ones}");
+    }
+
+    #[test]
+    fn iteration_touches_region_and_is_deterministic() {
+        let mut a = vec![0u8; 8192];
+        let mut b = vec![0u8; 8192];
+        let mut sa = AccessStream::new(Pattern::Random, 8192, 11);
+        let mut sb = AccessStream::new(Pattern::Random, 8192, 11);
+        // SAFETY: the vectors are valid for their lengths and not aliased.
+        let (x, y) = unsafe {
+            (
+                run_iteration(a.as_mut_ptr(), 8192, &mut sa, 5000),
+                run_iteration(b.as_mut_ptr(), 8192, &mut sb, 5000),
+            )
+        };
+        assert_eq!(x, y);
+        assert_eq!(a, b);
+        let total: u64 = a.iter().map(|&v| u64::from(v)).sum();
+        assert_eq!(total, 5000);
+    }
+
+    #[test]
+    fn validation_rejects_bad_blocks() {
+        let mut p = Params::default();
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK_INDEX));
+        p.task_count = 1;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK));
+        p.tasks[0] = TaskParams {
+            region_gpa: TASK_REGION_BASE_GPA,
+            region_bytes: 4096,
+            accesses_per_iteration: 1,
+            seed: 1,
+            iterations: 1,
+            pattern: 1,
+        };
+        assert!(validate(&p, 0).is_ok());
+        p.tasks[0].pattern = 9;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK));
+        p.magic = 0;
+        assert_eq!(validate(&p, 0), Err(bad_params::HEADER));
+    }
+}

@@ -1,0 +1,1 @@
+//! CPUID filtering for the guest.

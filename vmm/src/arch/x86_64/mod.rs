@@ -1,0 +1,4 @@
+//! x86_64 boot state: CPUID, MSRs, MP table.
+pub mod cpuid;
+pub mod mptable;
+pub mod msr;

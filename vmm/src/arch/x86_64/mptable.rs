@@ -1,0 +1,1 @@
+//! MP (MultiProcessor specification 1.4) table that announces vCPUs, buses and the IOAPIC.

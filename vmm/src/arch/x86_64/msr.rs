@@ -1,0 +1,1 @@
+//! Model-specific registers set at vCPU creation.
