@@ -6,6 +6,8 @@
 #![no_std]
 #![no_main]
 
+mod mem;
+
 use core::panic::PanicInfo;
 use mirrorball_workload::{
     run_iteration, validate, AccessStream, Event, Params, Pattern, DOORBELL_PORT,
@@ -54,7 +56,12 @@ pub unsafe extern "C" fn _start(task: u64, params: *const Params) -> ! {
     for iteration in 1..=t.iterations {
         // SAFETY: the VMM gave this task `region_bytes` of identity-mapped memory of its own.
         checksum = checksum.wrapping_add(unsafe {
-            run_iteration(region, t.region_bytes, &mut stream, t.accesses_per_iteration)
+            run_iteration(
+                region,
+                t.region_bytes,
+                &mut stream,
+                t.accesses_per_iteration,
+            )
         });
         ring(Event::IterationDone(iteration));
     }

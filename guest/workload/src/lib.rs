@@ -158,7 +158,11 @@ pub struct Rng(u64);
 impl Rng {
     /// A generator from `seed` (zero is replaced by a fixed non-zero value).
     pub fn new(seed: u64) -> Self {
-        Self(if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed })
+        Self(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
     }
 
     /// Next 64-bit value.
@@ -221,7 +225,12 @@ impl AccessStream {
 /// # Safety
 /// `region` must be valid for reads and writes of `len` bytes for the whole call, and no other
 /// reference may alias it.
-pub unsafe fn run_iteration(region: *mut u8, len: u64, stream: &mut AccessStream, accesses: u64) -> u64 {
+pub unsafe fn run_iteration(
+    region: *mut u8,
+    len: u64,
+    stream: &mut AccessStream,
+    accesses: u64,
+) -> u64 {
     let mut sum = 0u64;
     for _ in 0..accesses {
         let offset = stream.next_offset() % len.max(1);
@@ -268,7 +277,10 @@ mod tests {
             assert_eq!(Event::decode(e.encode()), Some(e));
         }
         assert_eq!(Event::decode(0x7700_0000), None);
-        assert_eq!(Event::IterationDone(0x1ff_ffff).encode() & ARG_MASK, 0xff_ffff);
+        assert_eq!(
+            Event::IterationDone(0x1ff_ffff).encode() & ARG_MASK,
+            0xff_ffff
+        );
     }
 
     #[test]
