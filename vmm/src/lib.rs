@@ -1,5 +1,11 @@
 //! Mirrorball VMM library: builds and runs virtual machines on KVM.
 //!
 //! Layout follows the data flow of a VM's life: `arch` (x86_64 boot state), `vstate` (KVM VM,
-//! vCPUs and guest memory), `builder` (from a configuration to a running VM).
+//! vCPUs and guest memory), `workload` (the embedded OS-less guest), `builder` (from a
+//! configuration to a running VM), `exit` (why a VM ended).
 pub mod arch;
+pub mod builder;
+pub mod exit;
+pub mod runner;
+pub mod vstate;
+pub mod workload;

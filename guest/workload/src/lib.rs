@@ -4,15 +4,18 @@
 //! [`PARAMS_GPA`], identity-maps guest memory and starts every vCPU directly in user mode (CPL3)
 //! at the image's entry point with `rdi` = task index and `rsi` = [`PARAMS_GPA`]. Each vCPU runs
 //! one task: the classic MP3 `work` program over its own memory region. Progress goes to the VMM
-//! through a port-I/O doorbell ([`DOORBELL_PORT`], 32-bit `out`, encoded by [`Event`]); the VMM
-//! timestamps every event, so the guest needs no clock.
+//! through an MMIO doorbell ([`DOORBELL_GPA`], a 32-bit store encoded by [`Event`]) at an address
+//! with no memory behind it, so every store exits to the VMM; the VMM timestamps every event, so
+//! the guest needs no clock. (MMIO rather than port I/O: a user-mode `out` needs RFLAGS.IOPL = 3,
+//! which not every hypervisor preserves for user mode — PVM does not.)
 //!
 //! This crate is `no_std` so the guest image and the host share one definition, and the access
 //! patterns can be unit-tested on the host.
 #![no_std]
 
-/// Port the guest writes 32-bit [`Event`]s to (user mode may do so because RFLAGS.IOPL = 3).
-pub const DOORBELL_PORT: u16 = 0x0510;
+/// Guest-physical (= virtual) address the guest stores 32-bit [`Event`]s to. It lies in the
+/// device hole below 4 GiB: mapped by the guest's page tables, backed by no memory.
+pub const DOORBELL_GPA: u64 = 0xc000_0000;
 /// Guest-physical address of the [`Params`] block.
 pub const PARAMS_GPA: u64 = 0x0001_0000;
 /// Guest-physical base of the per-vCPU stacks; stack `i` ends at `STACKS_GPA + (i + 1) * STACK_BYTES`.

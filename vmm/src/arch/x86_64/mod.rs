@@ -1,4 +1,9 @@
-//! x86_64 boot state: CPUID, MSRs, MP table.
+//! x86_64 boot state: memory layout, GDT, page tables, registers, zero page, CPUID, MSRs, MP table.
+pub mod boot_params;
 pub mod cpuid;
+pub mod gdt;
+pub mod layout;
 pub mod mptable;
 pub mod msr;
+pub mod paging;
+pub mod regs;

@@ -1,0 +1,4 @@
+//! KVM-facing state of one VM: guest memory, the VM file descriptor, the vCPUs.
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,226 @@
+//! The vCPU run loop: one thread per vCPU, exits dispatched to an [`ExitHandler`], the VM's end
+//! decided once through [`VmControl`].
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use mirrorball_profiler::exits::ExitKind;
+use mirrorball_profiler::kvm_stats::StatsFd;
+use mirrorball_profiler::vcpu_accounting::{VcpuAccounting, VcpuReport};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::paging;
+use crate::exit::VmEnd;
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq)]
+pub enum VcpuAction {
+    /// Re-enter the guest.
+    Continue,
+    /// Stop this vCPU; the VM goes on.
+    StopVcpu,
+    /// End the whole VM.
+    StopVm(VmEnd),
+}
+
+/// Handles the exits that need the VMM's devices. Shared by all vCPU threads.
+pub trait ExitHandler: Send + Sync {
+    /// `in` from `port`: fill `data`.
+    fn io_in(&self, vcpu: usize, port: u16, data: &mut [u8]) -> VcpuAction;
+    /// `out` of `data` to `port`.
+    fn io_out(&self, vcpu: usize, port: u16, data: &[u8]) -> VcpuAction;
+    /// MMIO read at `addr`: fill `data`.
+    fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) -> VcpuAction;
+    /// MMIO write of `data` at `addr`.
+    fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> VcpuAction;
+}
+
+/// Shared between the vCPU threads and the thread that waits for the VM to end.
+#[derive(Debug)]
+pub struct VmControl {
+    end: Mutex<Option<VmEnd>>,
+    stop: AtomicBool,
+    running: AtomicUsize,
+    wake: EventFd,
+}
+
+impl VmControl {
+    /// A control block for `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            end: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            running: AtomicUsize::new(vcpus),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records why the VM ends (the first reason wins) and tells everyone to stop.
+    pub fn end(&self, reason: VmEnd) {
+        {
+            let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+            if end.is_none() {
+                *end = Some(reason);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        // A full eventfd counter only means a wake-up is already pending.
+        let _ = self.wake.write(1);
+    }
+
+    /// Whether the VM is ending.
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The reason the VM ended, once it has.
+    pub fn reason(&self) -> Option<VmEnd> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Readable when the VM ends.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    fn vcpu_stopped(&self) {
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.end(VmEnd::AllVcpusStopped);
+        }
+    }
+}
+
+/// One vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    index: usize,
+    fd: VcpuFd,
+    handler: Arc<dyn ExitHandler>,
+    control: Arc<VmControl>,
+    memory: GuestMemoryMmap,
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler; KVM_RUN then returns EINTR when the signal arrives.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(
+        index: usize,
+        fd: VcpuFd,
+        handler: Arc<dyn ExitHandler>,
+        control: Arc<VmControl>,
+        memory: GuestMemoryMmap,
+    ) -> Self {
+        Self {
+            index,
+            fd,
+            handler,
+            control,
+            memory,
+        }
+    }
+
+    /// Runs until the vCPU or the VM stops; returns the vCPU's accounting.
+    pub fn run(mut self) -> VcpuReport {
+        let stats = StatsFd::for_vcpu(&self.fd).ok();
+        let mut acct = VcpuAccounting::new(self.index, stats);
+        while !self.control.should_stop() {
+            acct.enter_run();
+            let (kind, action) = self.run_once();
+            acct.exit_run(kind);
+            match action {
+                VcpuAction::Continue => {}
+                VcpuAction::StopVcpu => break,
+                VcpuAction::StopVm(reason) => {
+                    self.control.end(reason);
+                    break;
+                }
+            }
+        }
+        self.control.vcpu_stopped();
+        acct.finish()
+    }
+
+    fn run_once(&mut self) -> (ExitKind, VcpuAction) {
+        let i = self.index;
+        let h = &self.handler;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => (ExitKind::IoIn, h.io_in(i, port, data)),
+            Ok(VcpuExit::IoOut(port, data)) => (ExitKind::IoOut, h.io_out(i, port, data)),
+            Ok(VcpuExit::MmioRead(addr, data)) => (ExitKind::MmioRead, h.mmio_read(i, addr, data)),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                (ExitKind::MmioWrite, h.mmio_write(i, addr, data))
+            }
+            Ok(VcpuExit::Hlt) => (ExitKind::Hlt, VcpuAction::StopVcpu),
+            Ok(VcpuExit::Shutdown) => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                let end = VmEnd::TripleFault { vcpu: i, rip };
+                (ExitKind::Shutdown, VcpuAction::StopVm(end))
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                let end = VmEnd::FailEntry { vcpu: i, reason };
+                (ExitKind::FailEntry, VcpuAction::StopVm(end))
+            }
+            Ok(VcpuExit::InternalError) => (
+                ExitKind::InternalError,
+                VcpuAction::StopVm(self.internal_error()),
+            ),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let end = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                    VmEnd::GuestReset
+                } else {
+                    VmEnd::GuestShutdown
+                };
+                (ExitKind::SystemEvent, VcpuAction::StopVm(end))
+            }
+            Ok(VcpuExit::Intr) => (ExitKind::Intr, VcpuAction::Continue),
+            Ok(_) => (ExitKind::Other, VcpuAction::Continue),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                (ExitKind::Intr, VcpuAction::Continue)
+            }
+            Err(e) => {
+                let end = VmEnd::VmmError(format!("KVM_RUN failed on vCPU {i}: {e}"));
+                (ExitKind::Other, VcpuAction::StopVm(end))
+            }
+        }
+    }
+
+    fn internal_error(&mut self) -> VmEnd {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data = internal.data[..n].to_vec();
+        let (rip, code) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => (regs.rip, self.code_at(sregs.cr3, regs.rip)),
+            _ => (0, Vec::new()),
+        };
+        VmEnd::InternalError {
+            vcpu: self.index,
+            suberror: internal.suberror,
+            rip,
+            code,
+            data,
+        }
+    }
+
+    fn code_at(&self, cr3: u64, rip: u64) -> Vec<u8> {
+        let mut code = [0u8; 16];
+        match paging::translate(&self.memory, cr3, rip) {
+            Some(gpa) if self.memory.read_slice(&mut code, GuestAddress(gpa)).is_ok() => {
+                code.to_vec()
+            }
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! One KVM virtual machine: its file descriptor, memory slots and in-kernel interrupt chips.
+//!
+//! Holds no process-global state, so one process can host several VMs.
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestRam;
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+
+/// Errors setting up a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A VM with its guest RAM registered.
+pub struct Vm {
+    // Declared before `ram` so the VM (and its memory slots) goes away before the mapping.
+    fd: VmFd,
+    kvm: Kvm,
+    ram: GuestRam,
+    irqchip: bool,
+}
+
+impl Vm {
+    /// Creates a VM over `ram`. With `irqchip`, KVM emulates the PIC, IOAPIC, local APICs and PIT
+    /// (what Linux needs); without it `hlt` and interrupts are the VMM's business (the OS-less
+    /// guest needs neither).
+    pub fn new(ram: GuestRam, irqchip: bool) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        for (slot, region) in ram.memory().iter().enumerate() {
+            let host = ram
+                .memory()
+                .get_host_address(region.start_addr())
+                .map_err(|_| VmError::Kvm {
+                    what: "locating guest memory",
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
+            let slot_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which this VM owns and
+            // outlives the VM fd (field order), so KVM never sees a dangling address.
+            unsafe { fd.set_user_memory_region(slot_desc) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Self {
+            fd,
+            kvm,
+            ram,
+            irqchip,
+        })
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The /dev/kvm handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Whether KVM emulates the interrupt controllers.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// Creates vCPU `index` (its APIC id).
+    pub fn create_vcpu(&self, index: usize) -> Result<VcpuFd, VmError> {
+        self.fd
+            .create_vcpu(index as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))
+    }
+
+    /// True when `addr` is guest RAM.
+    pub fn is_ram(&self, addr: u64) -> bool {
+        self.ram.memory().address_in_range(GuestAddress(addr))
+    }
+}

@@ -1,0 +1,385 @@
+//! The embedded OS-less workload guest: parsing `work` specs, laying out its memory, loading the
+//! image, and following its tasks through the doorbell.
+use std::fmt;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use mirrorball_workload::{
+    Event, Params, Pattern, TaskParams, DEFAULT_ITERATIONS, DOORBELL_GPA, IMAGE_END_GPA, IMAGE_GPA,
+    MAX_TASKS, PARAMS_GPA, STACKS_GPA, STACK_BYTES, TASK_REGION_BASE_GPA,
+};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::exit::VmEnd;
+use crate::vstate::vcpu::{ExitHandler, VcpuAction};
+
+/// The guest image, built from `guest/workload-image` by this crate's build script.
+pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workload-image.elf"));
+
+/// Largest region one task may ask for.
+pub const MAX_TASK_MIB: u64 = 16 * 1024;
+const REGION_ALIGN: u64 = 2 << 20;
+
+/// Errors in a workload spec or while loading the guest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WorkloadError {
+    /// The spec does not parse.
+    #[error(
+        "bad workload spec {spec:?}: {why} (expected \"work <MiB> <R|L> <accesses> [iterations]\")"
+    )]
+    Spec {
+        /// The offending text.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Too many tasks.
+    #[error("{0} workload tasks requested; at most {MAX_TASKS} (one per vCPU)")]
+    TooManyTasks(usize),
+    /// The image could not be loaded.
+    #[error("cannot load the workload image: {0}")]
+    Load(String),
+}
+
+/// One `work` task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskSpec {
+    /// MiB of memory the task works over.
+    pub mib: u64,
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Accesses per iteration.
+    pub accesses: u64,
+    /// Iterations (20 in the classic program).
+    pub iterations: u32,
+}
+
+impl fmt::Display for TaskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = if self.pattern == Pattern::Random {
+            'R'
+        } else {
+            'L'
+        };
+        write!(f, "work {} {} {}", self.mib, p, self.accesses)?;
+        if self.iterations != DEFAULT_ITERATIONS {
+            write!(f, " {}", self.iterations)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for TaskSpec {
+    type Err = WorkloadError;
+
+    /// Parses `work <MiB> <R|L> <accesses> [iterations]` (the leading `work` is optional).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| WorkloadError::Spec {
+            spec: text.to_string(),
+            why: why.to_string(),
+        };
+        let mut words: Vec<&str> = text.split_whitespace().collect();
+        if words.first() == Some(&"work") {
+            words.remove(0);
+        }
+        if !(3..=4).contains(&words.len()) {
+            return Err(bad("wrong number of fields"));
+        }
+        let mib: u64 = words[0].parse().map_err(|_| bad("MiB is not a number"))?;
+        if mib == 0 || mib > MAX_TASK_MIB {
+            return Err(bad(&format!("MiB must be 1..={MAX_TASK_MIB}")));
+        }
+        let pattern = match words[1] {
+            "R" | "r" => Pattern::Random,
+            "L" | "l" => Pattern::Locality,
+            _ => return Err(bad("pattern must be R or L")),
+        };
+        let accesses: u64 = words[2]
+            .parse()
+            .map_err(|_| bad("accesses is not a number"))?;
+        let iterations = match words.get(3) {
+            Some(w) => w.parse().map_err(|_| bad("iterations is not a number"))?,
+            None => DEFAULT_ITERATIONS,
+        };
+        if iterations == 0 || iterations > 0xff_ffff {
+            return Err(bad("iterations must be 1..=16777215"));
+        }
+        Ok(Self {
+            mib,
+            pattern,
+            accesses,
+            iterations,
+        })
+    }
+}
+
+/// Where each task's region lives and how much RAM the guest needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadLayout {
+    /// Per-task parameters, as written to the guest.
+    pub tasks: Vec<TaskParams>,
+    /// Bytes of guest RAM that hold everything.
+    pub ram_bytes: u64,
+}
+
+/// Lays out `specs` (one per vCPU) in guest memory.
+pub fn layout(specs: &[TaskSpec]) -> Result<WorkloadLayout, WorkloadError> {
+    if specs.len() > MAX_TASKS {
+        return Err(WorkloadError::TooManyTasks(specs.len()));
+    }
+    let mut next = TASK_REGION_BASE_GPA;
+    let mut tasks = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let bytes = spec.mib << 20;
+        tasks.push(TaskParams {
+            region_gpa: next,
+            region_bytes: bytes,
+            accesses_per_iteration: spec.accesses,
+            seed: 0x5eed_0000 + i as u64 * 0x9e37_79b9,
+            iterations: spec.iterations,
+            pattern: spec.pattern as u32,
+        });
+        next += bytes.div_ceil(REGION_ALIGN) * REGION_ALIGN;
+    }
+    Ok(WorkloadLayout {
+        tasks,
+        ram_bytes: next,
+    })
+}
+
+// SAFETY: `Params` is `repr(C)` plain data (integers only) with no padding-dependent invariants.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ParamsBytes(Params);
+// SAFETY: see above; every bit pattern is a valid `Params`.
+unsafe impl ByteValued for ParamsBytes {}
+
+/// Loads the image and writes the parameter block; returns the entry point.
+pub fn load(mem: &GuestMemoryMmap, layout: &WorkloadLayout) -> Result<u64, WorkloadError> {
+    let loaded = Elf::load(mem, None, &mut Cursor::new(IMAGE), None)
+        .map_err(|e| WorkloadError::Load(e.to_string()))?;
+    if loaded.kernel_load.0 < IMAGE_GPA || loaded.kernel_end > IMAGE_END_GPA {
+        return Err(WorkloadError::Load(format!(
+            "image spans {:#x}..{:#x}, outside {IMAGE_GPA:#x}..{IMAGE_END_GPA:#x}",
+            loaded.kernel_load.0, loaded.kernel_end
+        )));
+    }
+    let mut params = Params {
+        task_count: layout.tasks.len() as u32,
+        ..Default::default()
+    };
+    params.tasks[..layout.tasks.len()].copy_from_slice(&layout.tasks);
+    mem.write_obj(ParamsBytes(params), GuestAddress(PARAMS_GPA))
+        .map_err(|e| WorkloadError::Load(e.to_string()))?;
+    Ok(loaded.kernel_load.0)
+}
+
+/// Initial stack pointer of task `index` (SysV: `rsp + 8` 16-byte aligned at entry).
+pub fn stack_top(index: usize) -> u64 {
+    STACKS_GPA + (index as u64 + 1) * STACK_BYTES - 8
+}
+
+/// What the VMM saw of one task.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TaskProgress {
+    /// Iterations reported done.
+    pub iterations: u32,
+    /// From `Started` to `Finished` (or to the VM's end), nanoseconds.
+    pub elapsed_ns: u64,
+    /// Whether the task finished.
+    pub finished: bool,
+    /// Low 24 bits of the task's checksum.
+    pub checksum: u32,
+    /// Doorbell writes that did not decode.
+    pub bad_events: u64,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+/// Follows every task through the doorbell; passes other exits on to `inner`.
+pub struct WorkloadMonitor {
+    tasks: Mutex<Vec<TaskProgress>>,
+    inner: Arc<dyn ExitHandler>,
+}
+
+impl WorkloadMonitor {
+    /// A monitor for `count` tasks in front of the VM's device handler.
+    pub fn new(count: usize, inner: Arc<dyn ExitHandler>) -> Self {
+        Self {
+            tasks: Mutex::new(vec![TaskProgress::default(); count]),
+            inner,
+        }
+    }
+
+    /// A snapshot of every task's progress; unfinished tasks get their elapsed time so far.
+    pub fn progress(&self) -> Vec<TaskProgress> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for t in tasks.iter_mut().filter(|t| !t.finished) {
+            if let Some(start) = t.started {
+                t.elapsed_ns = start.elapsed().as_nanos() as u64;
+            }
+        }
+        tasks
+    }
+
+    fn on_event(&self, vcpu: usize, value: u32) -> VcpuAction {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(task) = tasks.get_mut(vcpu) else {
+            return VcpuAction::Continue;
+        };
+        match Event::decode(value) {
+            Some(Event::Started) => task.started = Some(Instant::now()),
+            Some(Event::IterationDone(n)) => task.iterations = n,
+            Some(Event::Finished(sum)) => {
+                task.finished = true;
+                task.checksum = sum;
+                task.elapsed_ns = task.started.map_or(0, |s| s.elapsed().as_nanos() as u64);
+                if tasks.iter().all(|t| t.finished) {
+                    return VcpuAction::StopVm(VmEnd::WorkloadFinished);
+                }
+                return VcpuAction::StopVcpu;
+            }
+            Some(Event::BadParams(code)) => {
+                return VcpuAction::StopVm(VmEnd::WorkloadBadParams { vcpu, code })
+            }
+            None => task.bad_events += 1,
+        }
+        VcpuAction::Continue
+    }
+}
+
+impl ExitHandler for WorkloadMonitor {
+    fn io_in(&self, vcpu: usize, port: u16, data: &mut [u8]) -> VcpuAction {
+        self.inner.io_in(vcpu, port, data)
+    }
+
+    fn io_out(&self, vcpu: usize, port: u16, data: &[u8]) -> VcpuAction {
+        self.inner.io_out(vcpu, port, data)
+    }
+
+    fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) -> VcpuAction {
+        self.inner.mmio_read(vcpu, addr, data)
+    }
+
+    fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> VcpuAction {
+        if addr == DOORBELL_GPA && data.len() == 4 {
+            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            return self.on_event(vcpu, value);
+        }
+        self.inner.mmio_write(vcpu, addr, data)
+    }
+}
+
+/// Time as seconds with millisecond precision, for summaries.
+pub fn seconds(ns: u64) -> f64 {
+    Duration::from_nanos(ns).as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sink;
+    impl ExitHandler for Sink {
+        fn io_in(&self, _: usize, _: u16, _: &mut [u8]) -> VcpuAction {
+            VcpuAction::Continue
+        }
+        fn io_out(&self, _: usize, _: u16, _: &[u8]) -> VcpuAction {
+            VcpuAction::StopVcpu
+        }
+        fn mmio_read(&self, _: usize, _: u64, _: &mut [u8]) -> VcpuAction {
+            VcpuAction::Continue
+        }
+        fn mmio_write(&self, _: usize, _: u64, _: &[u8]) -> VcpuAction {
+            VcpuAction::Continue
+        }
+    }
+
+    #[test]
+    fn parses_classic_specs() {
+        let t: TaskSpec = "work 64 R 100000".parse().expect("spec");
+        assert_eq!(
+            (t.mib, t.pattern, t.accesses, t.iterations),
+            (64, Pattern::Random, 100_000, 20)
+        );
+        let t: TaskSpec = "8 L 10 3".parse().expect("spec");
+        assert_eq!((t.mib, t.pattern, t.iterations), (8, Pattern::Locality, 3));
+        assert_eq!(t.to_string(), "work 8 L 10 3");
+        for bad in [
+            "",
+            "work",
+            "work 0 R 1",
+            "work 1 X 1",
+            "work 1 R",
+            "work x R 1",
+            "work 1 R 1 0",
+            "work 99999999 R 1",
+        ] {
+            assert!(bad.parse::<TaskSpec>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn layout_gives_disjoint_aligned_regions() {
+        let specs: Vec<TaskSpec> = ["work 3 R 1", "work 4 L 1"]
+            .iter()
+            .map(|s| s.parse().expect("spec"))
+            .collect();
+        let l = layout(&specs).expect("layout");
+        assert_eq!(l.tasks[0].region_gpa, TASK_REGION_BASE_GPA);
+        assert_eq!(l.tasks[1].region_gpa, TASK_REGION_BASE_GPA + (4 << 20));
+        assert_eq!(l.ram_bytes, TASK_REGION_BASE_GPA + (8 << 20));
+        assert_ne!(l.tasks[0].seed, l.tasks[1].seed);
+        let many = vec![specs[0]; MAX_TASKS + 1];
+        assert_eq!(
+            layout(&many),
+            Err(WorkloadError::TooManyTasks(MAX_TASKS + 1))
+        );
+    }
+
+    #[test]
+    fn image_loads_inside_its_window() {
+        let specs = vec!["work 1 R 1".parse().expect("spec")];
+        let l = layout(&specs).expect("layout");
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), l.ram_bytes as usize)]).expect("mem");
+        let entry = load(&mem, &l).expect("load");
+        assert_eq!(entry, IMAGE_GPA);
+        let magic: u32 = mem.read_obj(GuestAddress(PARAMS_GPA)).expect("read");
+        assert_eq!(magic, mirrorball_workload::PARAMS_MAGIC);
+    }
+
+    #[test]
+    fn monitor_tracks_events_and_ends_when_all_finish() {
+        let m = WorkloadMonitor::new(2, Arc::new(Sink));
+        let out = |m: &WorkloadMonitor, vcpu, e: Event| {
+            m.mmio_write(vcpu, DOORBELL_GPA, &e.encode().to_le_bytes())
+        };
+        assert_eq!(out(&m, 0, Event::Started), VcpuAction::Continue);
+        assert_eq!(out(&m, 0, Event::IterationDone(1)), VcpuAction::Continue);
+        assert_eq!(out(&m, 0, Event::Finished(7)), VcpuAction::StopVcpu);
+        assert_eq!(
+            out(&m, 1, Event::Finished(8)),
+            VcpuAction::StopVm(VmEnd::WorkloadFinished)
+        );
+        let p = m.progress();
+        assert_eq!(
+            (p[0].iterations, p[0].checksum, p[0].finished),
+            (1, 7, true)
+        );
+        // Unknown events are counted, other ports go to the inner handler, bad vCPU ignored.
+        assert_eq!(
+            m.mmio_write(1, DOORBELL_GPA, &0xee00_0000u32.to_le_bytes()),
+            VcpuAction::Continue
+        );
+        assert_eq!(m.progress()[1].bad_events, 1);
+        assert_eq!(m.io_out(0, 0x80, &[1]), VcpuAction::StopVcpu);
+        assert_eq!(out(&m, 9, Event::Started), VcpuAction::Continue);
+        assert_eq!(
+            out(&m, 1, Event::BadParams(2)),
+            VcpuAction::StopVm(VmEnd::WorkloadBadParams { vcpu: 1, code: 2 })
+        );
+    }
+}
