@@ -5,7 +5,9 @@
 //! configuration to a running VM), `exit` (why a VM ended).
 pub mod arch;
 pub mod builder;
+pub mod devices;
 pub mod exit;
+pub mod loader;
 pub mod runner;
 pub mod vstate;
 pub mod workload;

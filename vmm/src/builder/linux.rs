@@ -1,0 +1,92 @@
+//! Builds a VM that boots a Linux kernel through the 64-bit boot protocol: kernel, initramfs and
+//! command line in memory, zero page with the e820 map, MP table for the vCPUs, in-kernel
+//! interrupt chips, serial console and i8042.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mirrorball_devices::serial::SerialWriter;
+
+use crate::arch::x86_64::cpuid::HostKind;
+use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging, regs};
+use crate::devices::LegacyDevices;
+use crate::loader::{self, DEFAULT_CMDLINE};
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
+use crate::vstate::vm::Vm;
+
+use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest};
+
+/// Default guest RAM for Linux.
+pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct LinuxConfig {
+    /// Kernel image (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Command line; [`DEFAULT_CMDLINE`] when `None`.
+    pub cmdline: Option<String>,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+}
+
+/// Builds the VM; guest serial output goes to `console`.
+pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, BuildError> {
+    check_vcpus(config.vcpus, usize::from(mptable::MAX_CPUS))?;
+    let host = HostKind::detect();
+    let vm = Vm::new(GuestRam::new(config.mem_bytes)?, true)?;
+    let mem = vm.ram().memory();
+    let ram = vm.ram().ranges().to_vec();
+    let low_end = boot_params::low_ram_end(&ram);
+
+    let kernel = loader::load_kernel(mem, low_end, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(mem, path, &kernel, low_end)?),
+        None => None,
+    };
+    let cmdline = config.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    let limit = kernel.setup_header.map(|h| h.cmdline_size);
+    let cmdline_len = loader::load_cmdline(mem, &cmdline, limit)?;
+
+    let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
+    let info = boot_params::BootInfo {
+        setup_header: kernel.setup_header,
+        cmdline_len,
+        initrd,
+    };
+    boot_params::write_zero_page(mem, &boot_params::build_zero_page(&info, &ram))
+        .map_err(|e| boot(&e))?;
+    gdt::write_gdt_and_tss(mem).map_err(|e| boot(&e))?;
+    paging::write_identity_map(mem, 4, layout::LINUX_PD_ADDR, 4, false).map_err(|e| boot(&e))?;
+    mptable::setup_mptable(mem, config.vcpus as u8).map_err(|e| boot(&e))?;
+
+    let devices = LegacyDevices::new(&vm, console)?;
+    let exits = devices.exit_handler();
+    let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
+    let mut vcpus = Vec::with_capacity(config.vcpus);
+    for index in 0..config.vcpus {
+        let fd = vm.create_vcpu(index)?;
+        configure_cpuid(&vm, &fd, index, config.vcpus, host)?;
+        msr::setup_msrs(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        lapic::setup_lint(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        if index == 0 {
+            // The others wait for the boot CPU's INIT/SIPI in the in-kernel local APIC.
+            regs::set_entry_state(&fd, regs::EntryState::Linux { rip: kernel.entry })
+                .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        }
+        let handler: Arc<dyn ExitHandler> = exits.clone();
+        vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
+    }
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        control,
+        exits,
+        guest: Guest::Linux { devices, cmdline },
+        host,
+    })
+}

@@ -1,0 +1,124 @@
+//! From a configuration to a VM whose vCPUs are ready to run: `linux` boots a kernel,
+//! `workload` the embedded OS-less guest. Both produce a [`BuiltVm`].
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VcpuFd;
+
+use crate::arch::x86_64::cpuid::{self, HostKind};
+use crate::devices::{BusExits, DeviceError, LegacyDevices};
+use crate::loader::LoadError;
+use crate::vstate::memory::MemoryError;
+use crate::vstate::vcpu::{Vcpu, VmControl};
+use crate::vstate::vm::{Vm, VmError};
+use crate::workload::{TaskSpec, WorkloadError, WorkloadMonitor};
+
+pub mod linux;
+pub mod workload;
+
+/// Most vCPUs one VM may have.
+pub const MAX_VCPUS: usize = 64;
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// vCPU count out of range.
+    #[error("--vcpus must be between 1 and {max}, got {given}")]
+    VcpuCount {
+        /// Count asked for.
+        given: usize,
+        /// Most allowed for this kind of guest.
+        max: usize,
+    },
+    /// Memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The workload guest.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Memory too small for the requested workload.
+    #[error("--mem of {given} MiB is too small for the workload, which needs {needed} MiB")]
+    WorkloadMemory {
+        /// MiB given.
+        given: u64,
+        /// MiB needed.
+        needed: u64,
+    },
+    /// Writing boot structures failed.
+    #[error("cannot set up guest boot state: {0}")]
+    Boot(String),
+    /// A vCPU ioctl failed.
+    #[error("cannot configure vCPU {0}: {1}")]
+    Vcpu(usize, String),
+    /// The wake-up eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// What kind of guest a [`BuiltVm`] runs, with what the VMM keeps to report on it.
+pub enum Guest {
+    /// A Linux kernel.
+    Linux {
+        /// Serial console and i8042.
+        devices: LegacyDevices,
+        /// The command line given to the kernel.
+        cmdline: String,
+    },
+    /// The OS-less workload.
+    Workload {
+        /// Task progress.
+        monitor: Arc<WorkloadMonitor>,
+        /// The tasks, one per vCPU.
+        specs: Vec<TaskSpec>,
+    },
+}
+
+/// A VM ready to start.
+pub struct BuiltVm {
+    /// The VM.
+    pub vm: Vm,
+    /// Its vCPUs, not yet running.
+    pub vcpus: Vec<Vcpu>,
+    /// Shared control block.
+    pub control: Arc<VmControl>,
+    /// Port/MMIO dispatch (and its unhandled-access counters).
+    pub exits: Arc<BusExits>,
+    /// The guest.
+    pub guest: Guest,
+    /// The host kind the VM was configured for.
+    pub host: HostKind,
+}
+
+/// Sets CPUID on a new vCPU: what KVM supports, filtered for the guest and the host kind.
+pub(crate) fn configure_cpuid(
+    vm: &Vm,
+    vcpu: &VcpuFd,
+    index: usize,
+    count: usize,
+    host: HostKind,
+) -> Result<(), BuildError> {
+    let mut cpuid = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| BuildError::Vcpu(index, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    cpuid::filter_cpuid(&mut cpuid, index as u8, count as u8, host);
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| BuildError::Vcpu(index, format!("KVM_SET_CPUID2: {e}")))
+}
+
+/// Checks a vCPU count against `max`.
+pub(crate) fn check_vcpus(count: usize, max: usize) -> Result<(), BuildError> {
+    if count == 0 || count > max {
+        return Err(BuildError::VcpuCount { given: count, max });
+    }
+    Ok(())
+}

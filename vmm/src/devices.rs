@@ -1,0 +1,122 @@
+//! The devices of a Linux VM (serial console, i8042) on their buses, and the exit handler that
+//! routes vCPU port and MMIO exits to them. Accesses no device claims are counted and ignored.
+use std::sync::{Arc, Mutex};
+
+use mirrorball_devices::bus::{Bus, BusError};
+use mirrorball_devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use mirrorball_devices::serial::{SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use mirrorball_devices::trigger::EventFdTrigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::vcpu::{ExitHandler, VcpuAction};
+use crate::vstate::vm::Vm;
+
+/// Errors creating or wiring devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An eventfd could not be created or cloned.
+    #[error("cannot create a device eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The serial device failed to initialise.
+    #[error("cannot create the serial port: {0}")]
+    Serial(mirrorball_devices::serial::SerialError),
+    /// Two devices overlap on a bus.
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    /// KVM refused the serial interrupt's irqfd.
+    #[error("cannot register the serial interrupt with KVM: {0}")]
+    Irqfd(kvm_ioctls::Error),
+}
+
+/// The legacy devices of one VM.
+pub struct LegacyDevices {
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The COM1 UART (shared with the console input subscriber).
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest resets the CPU through the i8042.
+    pub reset_evt: EventFd,
+}
+
+impl LegacyDevices {
+    /// Creates COM1 (output to `out`, interrupt on GSI 4 through an irqfd) and the i8042.
+    pub fn new(vm: &Vm, out: SerialWriter) -> Result<Self, DeviceError> {
+        let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+        vm.fd()
+            .register_irqfd(irq.event_fd(), COM1_IRQ)
+            .map_err(DeviceError::Irqfd)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out).map_err(DeviceError::Serial)?));
+        let reset = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+        let reset_evt = reset.try_clone_event_fd().map_err(DeviceError::EventFd)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())?;
+        pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
+        Ok(Self {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            reset_evt,
+        })
+    }
+
+    /// The exit handler over these devices' buses.
+    pub fn exit_handler(&self) -> Arc<BusExits> {
+        Arc::new(BusExits {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+        })
+    }
+}
+
+/// Routes port and MMIO exits to two buses. Unmapped accesses are counted by the buses;
+/// reads of them return all ones.
+#[derive(Debug)]
+pub struct BusExits {
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+}
+
+impl BusExits {
+    /// Buses with no devices: every access is counted and ignored.
+    pub fn empty() -> Self {
+        Self {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+        }
+    }
+
+    /// Accesses that reached no device: (port I/O, MMIO).
+    pub fn unhandled(&self) -> (u64, u64) {
+        (
+            self.pio.unmapped_reads() + self.pio.unmapped_writes(),
+            self.mmio.unmapped_reads() + self.mmio.unmapped_writes(),
+        )
+    }
+}
+
+impl ExitHandler for BusExits {
+    fn io_in(&self, _: usize, port: u16, data: &mut [u8]) -> VcpuAction {
+        self.pio.read(u64::from(port), data);
+        VcpuAction::Continue
+    }
+
+    fn io_out(&self, _: usize, port: u16, data: &[u8]) -> VcpuAction {
+        self.pio.write(u64::from(port), data);
+        VcpuAction::Continue
+    }
+
+    fn mmio_read(&self, _: usize, addr: u64, data: &mut [u8]) -> VcpuAction {
+        self.mmio.read(addr, data);
+        VcpuAction::Continue
+    }
+
+    fn mmio_write(&self, _: usize, addr: u64, data: &[u8]) -> VcpuAction {
+        self.mmio.write(addr, data);
+        VcpuAction::Continue
+    }
+}

@@ -1,0 +1,351 @@
+//! Loading a Linux kernel (ELF vmlinux or bzImage), its initramfs and command line into guest
+//! memory, with every user mistake (missing, truncated or foreign files, sizes that do not fit)
+//! reported as one clear error.
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_RAM_START, PAGE_SIZE};
+
+/// Default kernel command line: serial console, reboot through the keyboard controller (which
+/// ends the VM), reboot one second after a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Offset of the 64-bit entry point from the start of a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Offset of the setup header in a bzImage.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+/// `xloadflags` bit: the kernel has a 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1;
+/// Highest initramfs address when the kernel does not say (boot protocol default).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Errors loading the guest's boot files.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel is neither format.
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)")]
+    UnknownFormat(PathBuf),
+    /// The bzImage is older than the 64-bit boot protocol.
+    #[error("bzImage {0} has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
+    No64BitEntry(PathBuf),
+    /// The file is shorter than its own header says.
+    #[error("kernel {path} is truncated: {len} bytes, its header needs {needed}")]
+    Truncated {
+        /// Path.
+        path: PathBuf,
+        /// Actual length.
+        len: usize,
+        /// Length the header implies.
+        needed: usize,
+    },
+    /// linux-loader refused the image.
+    #[error("cannot load kernel {path}: {source}")]
+    Kernel {
+        /// Path.
+        path: PathBuf,
+        /// The loader's error.
+        source: linux_loader::loader::Error,
+    },
+    /// Guest memory is too small.
+    #[error("--mem of {mem_mib} MiB is too small: {what} needs memory up to {needed_mib} MiB")]
+    TooSmall {
+        /// What did not fit.
+        what: &'static str,
+        /// MiB of guest RAM.
+        mem_mib: u64,
+        /// MiB needed.
+        needed_mib: u64,
+    },
+    /// The command line is too long or has a NUL.
+    #[error("kernel command line is {len} bytes; at most {max} fit")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    /// Writing to guest memory failed.
+    #[error("cannot write {0} to guest memory")]
+    Write(&'static str),
+}
+
+/// What the boot vCPU and the zero page need to know about the loaded kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    /// 64-bit entry point.
+    pub entry: u64,
+    /// First byte above the loaded image.
+    pub end: u64,
+    /// The bzImage setup header, `None` for ELF.
+    pub setup_header: Option<setup_header>,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses and checks a bzImage's setup header without loading it.
+pub fn bzimage_header(image: &[u8], path: &Path) -> Result<Option<setup_header>, LoadError> {
+    let size = std::mem::size_of::<setup_header>();
+    let Some(bytes) = image.get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + size) else {
+        return Ok(None);
+    };
+    let Some(hdr) = setup_header::from_slice(bytes).copied() else {
+        return Ok(None);
+    };
+    if hdr.header != 0x5372_6448 {
+        return Ok(None);
+    }
+    if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(LoadError::No64BitEntry(path.to_path_buf()));
+    }
+    let setup_sects = if hdr.setup_sects == 0 { 4 } else { usize::from(hdr.setup_sects) };
+    let needed = (setup_sects + 1) * 512 + hdr.syssize as usize * 16;
+    if image.len() < needed {
+        return Err(LoadError::Truncated {
+            path: path.to_path_buf(),
+            len: image.len(),
+            needed,
+        });
+    }
+    Ok(Some(hdr))
+}
+
+/// Loads the kernel at `path` into `mem`, whose RAM below 4 GiB ends at `low_ram_end`.
+pub fn load_kernel(mem: &GuestMemoryMmap, low_ram_end: u64, path: &Path) -> Result<LoadedKernel, LoadError> {
+    let image = read("kernel", path)?;
+    let kernel_err = |source| LoadError::Kernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    let too_small = |needed: u64| LoadError::TooSmall {
+        what: "the kernel",
+        mem_mib: low_ram_end >> 20,
+        needed_mib: needed.div_ceil(1 << 20),
+    };
+    if image.starts_with(b"\x7fELF") {
+        let end = elf_end(&image);
+        if end > low_ram_end {
+            return Err(too_small(end));
+        }
+        let loaded = Elf::load(mem, None, &mut Cursor::new(&image), Some(GuestAddress(HIGH_RAM_START)))
+            .map_err(kernel_err)?;
+        if loaded.kernel_end > low_ram_end {
+            return Err(too_small(loaded.kernel_end));
+        }
+        return Ok(LoadedKernel {
+            entry: loaded.kernel_load.0,
+            end: loaded.kernel_end,
+            setup_header: None,
+        });
+    }
+    let Some(hdr) = bzimage_header(&image, path)? else {
+        return Err(LoadError::UnknownFormat(path.to_path_buf()));
+    };
+    // The decompressor needs `init_size` bytes from where the kernel runs (its preferred address).
+    let needed = hdr.pref_address.max(u64::from(hdr.code32_start)) + u64::from(hdr.init_size);
+    if needed > low_ram_end {
+        return Err(too_small(needed));
+    }
+    let loaded = BzImage::load(mem, None, &mut Cursor::new(&image), Some(GuestAddress(HIGH_RAM_START)))
+        .map_err(kernel_err)?;
+    Ok(LoadedKernel {
+        entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+        end: loaded.kernel_end,
+        setup_header: loaded.setup_header,
+    })
+}
+
+/// Highest physical end (`p_paddr + p_memsz`) of an ELF64 image's loadable segments, 0 where
+/// the headers are unreadable (the loader then reports the problem).
+fn elf_end(image: &[u8]) -> u64 {
+    let word = |off: usize, len: usize| -> Option<u64> {
+        let b = image.get(off..off.checked_add(len)?)?;
+        let mut v = [0u8; 8];
+        v[..len].copy_from_slice(b);
+        Some(u64::from_le_bytes(v))
+    };
+    let (Some(phoff), Some(phnum)) = (word(0x20, 8), word(0x38, 2)) else {
+        return 0;
+    };
+    (0..phnum)
+        .filter_map(|i| {
+            let ph = usize::try_from(phoff).ok()?.checked_add(i as usize * 56)?;
+            let (kind, paddr, memsz) = (word(ph, 4)?, word(ph + 0x18, 8)?, word(ph + 0x28, 8)?);
+            (kind == 1).then(|| paddr.saturating_add(memsz))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Loads the initramfs as high as allowed below `limit`, above the kernel. Returns (address, size).
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel: &LoadedKernel,
+    low_ram_end: u64,
+) -> Result<(u64, u64), LoadError> {
+    let data = read("initrd", path)?;
+    let size = data.len() as u64;
+    let addr_max = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|&m| m != 0)
+        .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+    let limit = low_ram_end.min(addr_max.saturating_add(1));
+    let start = limit.saturating_sub(size) & !(PAGE_SIZE - 1);
+    if size > limit || start < kernel.end {
+        return Err(LoadError::TooSmall {
+            what: "kernel plus initrd",
+            mem_mib: low_ram_end >> 20,
+            needed_mib: (kernel.end + size + PAGE_SIZE).div_ceil(1 << 20),
+        });
+    }
+    mem.write_slice(&data, GuestAddress(start))
+        .map_err(|_| LoadError::Write("initrd"))?;
+    Ok((start, size))
+}
+
+/// Checks and writes the command line; returns its length without the NUL.
+pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str, kernel_limit: Option<u32>) -> Result<usize, LoadError> {
+    let max = kernel_limit
+        .map(|l| (l as usize).saturating_add(1))
+        .unwrap_or(CMDLINE_MAX_SIZE)
+        .min(CMDLINE_MAX_SIZE);
+    if cmdline.len() + 1 > max {
+        return Err(LoadError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: max - 1,
+        });
+    }
+    if cmdline.as_bytes().contains(&0) {
+        return Err(LoadError::CmdlineNul);
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
+        .map_err(|_| LoadError::Write("command line"))?;
+    Ok(cmdline.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(bytes: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).expect("mem")
+    }
+
+    fn temp(name: &str, data: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mirrorball-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join(name);
+        std::fs::write(&p, data).expect("write");
+        p
+    }
+
+    fn fake_bzimage(version: u16, xloadflags: u16, syssize: u32, len: usize) -> Vec<u8> {
+        let mut img = vec![0u8; len];
+        let mut hdr = setup_header {
+            setup_sects: 1,
+            header: 0x5372_6448,
+            version,
+            xloadflags,
+            syssize,
+            loadflags: 1,
+            code32_start: 0x10_0000,
+            init_size: 0x10_0000,
+            ..Default::default()
+        };
+        hdr.boot_flag = 0xaa55;
+        img[SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>()]
+            .copy_from_slice(hdr.as_slice());
+        img
+    }
+
+    #[test]
+    fn missing_kernel_names_the_path() {
+        let err = load_kernel(&mem(16 << 20), 16 << 20, Path::new("/nonexistent/bzImage")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/bzImage"), "{err}");
+    }
+
+    #[test]
+    fn random_bytes_are_not_a_kernel() {
+        let mut seed = 0x1234_5678u32;
+        let junk: Vec<u8> = (0..8192)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (seed >> 16) as u8
+            })
+            .collect();
+        let p = temp("junk", &junk);
+        assert!(matches!(load_kernel(&mem(16 << 20), 16 << 20, &p), Err(LoadError::UnknownFormat(_))));
+        let p = temp("empty", &[]);
+        assert!(matches!(load_kernel(&mem(16 << 20), 16 << 20, &p), Err(LoadError::UnknownFormat(_))));
+    }
+
+    #[test]
+    fn old_or_truncated_bzimage_is_refused() {
+        let p = temp("old", &fake_bzimage(0x0206, 0, 1, 4096));
+        assert!(matches!(load_kernel(&mem(32 << 20), 32 << 20, &p), Err(LoadError::No64BitEntry(_))));
+        let p = temp("short", &fake_bzimage(0x020f, 1, 0x1000, 4096));
+        assert!(matches!(
+            load_kernel(&mem(32 << 20), 32 << 20, &p),
+            Err(LoadError::Truncated { needed: 0x10400, .. })
+        ));
+    }
+
+    #[test]
+    fn bzimage_loads_with_64bit_entry() {
+        let p = temp("ok", &fake_bzimage(0x020f, 1, 0x10, 2048));
+        let k = load_kernel(&mem(32 << 20), 32 << 20, &p).expect("load");
+        assert_eq!(k.entry, 0x10_0200);
+        assert!(k.setup_header.is_some());
+        let p = temp("ok2", &fake_bzimage(0x020f, 1, 0x10, 2048));
+        let err = load_kernel(&mem(2 << 20), (2 << 20) - 4096, &p).unwrap_err();
+        assert!(matches!(err, LoadError::TooSmall { needed_mib: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn initrd_goes_high_and_must_fit() {
+        let m = mem(32 << 20);
+        let kernel = LoadedKernel { entry: 0x100_0000, end: 0x180_0000, setup_header: None };
+        let p = temp("initrd", &[7u8; 5000]);
+        let (addr, size) = load_initrd(&m, &p, &kernel, 32 << 20).expect("initrd");
+        assert_eq!(size, 5000);
+        assert_eq!(addr % PAGE_SIZE, 0);
+        assert!(addr + size <= 32 << 20 && addr >= kernel.end);
+        let big = temp("big", &vec![0u8; 9 << 20]);
+        assert!(matches!(load_initrd(&m, &big, &kernel, 32 << 20), Err(LoadError::TooSmall { .. })));
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let m = mem(1 << 20);
+        assert_eq!(load_cmdline(&m, "console=ttyS0", None).expect("cmdline"), 13);
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(load_cmdline(&m, &long, None), Err(LoadError::CmdlineTooLong { .. })));
+        assert!(matches!(load_cmdline(&m, "a\0b", None), Err(LoadError::CmdlineNul)));
+        assert!(matches!(load_cmdline(&m, "0123456789", Some(5)), Err(LoadError::CmdlineTooLong { max: 5, .. })));
+    }
+}
