@@ -32,13 +32,14 @@ pub enum ExitKind {
     SystemEvent,
     /// Interrupted by a signal (`KVM_EXIT_INTR` or `KVM_RUN` failing with `EINTR`).
     Intr,
-    /// Anything else, including `KVM_RUN` errors other than `EINTR`/`EAGAIN`.
+    /// Anything else, including `KVM_RUN` errors other than `EINTR`/`EAGAIN`. Must stay the
+    /// last variant: [`ExitKind::COUNT`] is derived from it.
     Other,
 }
 
 impl ExitKind {
     /// Number of kinds (the length of an array indexed by [`ExitKind::index`]).
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = ExitKind::Other as usize + 1;
 
     /// Every kind, in index order.
     pub const ALL: [ExitKind; ExitKind::COUNT] = [
