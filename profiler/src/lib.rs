@@ -1,48 +1,27 @@
-//! TEMPORARY stub (replaced by the real crate from helper/profiler at merge).
-#![allow(missing_docs, dead_code)]
-pub mod exits {
-    #[derive(Clone, Copy, Debug)]
-    pub enum ExitKind {
-        IoIn,
-        IoOut,
-        MmioRead,
-        MmioWrite,
-        Hlt,
-        Shutdown,
-        FailEntry,
-        InternalError,
-        SystemEvent,
-        Intr,
-        Other,
-    }
-}
-pub mod kvm_stats {
-    pub struct StatsFd;
-    impl StatsFd {
-        pub fn for_vcpu(_: &kvm_ioctls::VcpuFd) -> Result<Self, ()> {
-            Err(())
-        }
-    }
-}
-pub mod vcpu_accounting {
-    #[derive(Debug, Default, serde::Serialize)]
-    pub struct VcpuReport {
-        pub index: usize,
-        pub host_minor_faults: u64,
-        pub host_major_faults: u64,
-    }
-    pub struct VcpuAccounting(usize);
-    impl VcpuAccounting {
-        pub fn new(i: usize, _: Option<super::kvm_stats::StatsFd>) -> Self {
-            Self(i)
-        }
-        pub fn enter_run(&mut self) {}
-        pub fn exit_run(&mut self, _: super::exits::ExitKind) {}
-        pub fn finish(&mut self) -> VcpuReport {
-            VcpuReport {
-                index: self.0,
-                ..Default::default()
-            }
-        }
-    }
-}
+//! Host-side accounting for Mirrorball.
+//!
+//! The VMM's vCPU loop uses this crate to explain where a vCPU's time and faults went:
+//!
+//! - [`kvm_stats`] — KVM binary statistics (`KVM_GET_STATS_FD`) for a VM or vCPU: parse once,
+//!   sample with one `pread`.
+//! - [`thread_usage`] — `getrusage(RUSAGE_THREAD)` (host faults and CPU time of the calling thread)
+//!   and the process's resident memory from `/proc/self/status`.
+//! - [`exits`] — exit-reason counters kept by the VMM itself (this host's KVM does not count every
+//!   exit kind in its own stats).
+//! - [`vcpu_accounting`] — the per-vCPU picture: time in `KVM_RUN` vs in the VMM, exits, and
+//!   thread-usage and KVM-stat deltas over a run, as a serialisable [`VcpuReport`].
+//! - [`report`] — writing reports as JSON.
+
+mod error;
+pub mod exits;
+pub mod kvm_stats;
+pub mod report;
+pub mod thread_usage;
+pub mod vcpu_accounting;
+
+pub use error::Error;
+pub use exits::{ExitCounters, ExitKind};
+pub use kvm_stats::{StatDesc, StatKind, StatsFd, StatsSample};
+pub use report::write_json;
+pub use thread_usage::{ProcessMemory, ThreadUsage};
+pub use vcpu_accounting::{VcpuAccounting, VcpuReport};
