@@ -133,7 +133,15 @@ impl Vcpu {
     /// Runs until the vCPU or the VM stops; returns the vCPU's accounting.
     pub fn run(mut self) -> VcpuReport {
         let stats = StatsFd::for_vcpu(&self.fd).ok();
-        let mut acct = VcpuAccounting::new(self.index, stats);
+        let mut acct = match VcpuAccounting::new(self.index, stats) {
+            Ok(acct) => acct,
+            Err(e) => {
+                let msg = format!("cannot start accounting for vCPU {}: {e}", self.index);
+                self.control.end(VmEnd::VmmError(msg));
+                self.control.vcpu_stopped();
+                return VcpuReport::default();
+            }
+        };
         while !self.control.should_stop() {
             acct.enter_run();
             let (kind, action) = self.run_once();
