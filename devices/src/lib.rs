@@ -17,5 +17,9 @@
 //! value must be handled without panicking.
 
 pub mod bus;
+pub mod serial;
+pub mod trigger;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use serial::{SerialDevice, SerialInput, SharedBuffer};
+pub use trigger::EventFdTrigger;
