@@ -17,9 +17,11 @@
 //! value must be handled without panicking.
 
 pub mod bus;
+pub mod i8042;
 pub mod serial;
 pub mod trigger;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialInput, SharedBuffer};
 pub use trigger::EventFdTrigger;
