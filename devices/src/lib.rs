@@ -19,9 +19,11 @@
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod terminal;
 pub mod trigger;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialInput, SharedBuffer};
+pub use terminal::RawTerminal;
 pub use trigger::EventFdTrigger;
