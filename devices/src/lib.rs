@@ -18,6 +18,7 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod legacy;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
