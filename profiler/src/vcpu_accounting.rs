@@ -183,7 +183,7 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// One vCPU's totals over a run (from [`VcpuAccounting::new`] to [`VcpuAccounting::finish`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VcpuReport {
     /// vCPU index.
     pub index: usize,

@@ -5,9 +5,12 @@
 //! configuration to a running VM), `exit` (why a VM ended).
 pub mod arch;
 pub mod builder;
+pub mod cli;
 pub mod devices;
 pub mod exit;
 pub mod loader;
+pub mod report;
 pub mod runner;
+pub mod session;
 pub mod vstate;
 pub mod workload;

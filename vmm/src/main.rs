@@ -1,26 +1,99 @@
-//! The `vmm` command (temporary smoke driver).
-use std::time::Duration;
+//! The `vmm` command: build the guest the command line asks for, run it, print what happened,
+//! and exit with the code documented in `vmm::exit`.
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-fn main() -> anyhow::Result<()> {
-    let spec = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "work 16 R 100000".into());
-    let n: usize = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let t: vmm::workload::TaskSpec = spec.parse()?;
-    let vm = vmm::builder::build_workload(vec![t; n], None)?;
-    let running = vmm::runner::start(vm.vcpus, vm.control.clone())?;
-    while !running.control().should_stop() {
-        std::thread::sleep(Duration::from_millis(10));
-        if running.check_timeout(Some(Duration::from_secs(30))) {
-            break;
+use anyhow::{Context, Result};
+use clap::Parser;
+use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
+use vmm::builder::{self, BuiltVm};
+use vmm::cli::{Cli, GuestChoice};
+use vmm::exit::EXIT_VMM_ERROR;
+use vmm::report::workload_summary;
+use vmm::session::{self, SessionOptions};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn build(choice: &GuestChoice) -> Result<BuiltVm> {
+    Ok(match choice {
+        GuestChoice::Linux(config) => {
+            if HostKind::detect() == HostKind::Pvm {
+                eprintln!(
+                    "vmm: host KVM is PVM: guest kernel code is emulated (slow) and guest user \
+                     space cannot run on this host kind; CPUID hides {} features it cannot emulate",
+                    hidden_features_on_pvm().len()
+                );
+            }
+            builder::linux::build(config, Box::new(std::io::stdout()))?
+        }
+        GuestChoice::Workload { specs, mem_bytes } => builder::workload::build(specs.clone(), *mem_bytes)?,
+    })
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let choice = cli.guest().map_err(anyhow::Error::msg)?;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_terminate)
+            .context("cannot install the SIGINT/SIGTERM handler")?;
+    }
+    let built = build(&choice)?;
+    let is_linux = matches!(choice, GuestChoice::Linux(_));
+    let terminal = if is_linux {
+        Some(mirrorball_devices::terminal::RawTerminal::stdin().context("cannot set up the terminal")?)
+    } else {
+        None
+    };
+    let report = session::run(
+        built,
+        SessionOptions {
+            timeout: cli.timeout,
+            interrupted: &INTERRUPTED,
+            console_input: is_linux,
+        },
+    )?;
+    drop(terminal);
+    if !is_linux {
+        print!("{}", workload_summary(&report));
+    }
+    if let Some(path) = &cli.stats {
+        mirrorball_profiler::report::write_json(path, &report)
+            .with_context(|| format!("cannot write the stats to {path}"))?;
+    }
+    let code = report.end_reason.exit_code();
+    eprintln!("vmm: {} (exit code {code})", report.end_reason);
+    Ok(code)
+}
+
+/// Parses the command line; usage errors become one line and exit code 2.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        if e.use_stderr() {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("vmm: {} (see vmm --help)", first.trim());
+            ExitCode::from(2)
+        } else {
+            // --help and --version.
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            ExitCode::from(EXIT_VMM_ERROR as u8)
         }
     }
-    let (end, reports) = running.stop(vmm::exit::VmEnd::Interrupted);
-    println!("end: {end}");
-    println!("{:?}", vm.monitor.progress());
-    println!("{reports:?}");
-    Ok(())
 }

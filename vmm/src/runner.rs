@@ -1,10 +1,15 @@
-//! Runs a built VM: one thread per vCPU, the calling thread waits for the end (or a timeout),
-//! then kicks every vCPU out of KVM_RUN and collects their accounting.
-use std::sync::Arc;
+//! Runs a built VM: one thread per vCPU; the calling thread runs the event loop (console input,
+//! i8042 reset, the VM's end) until the VM ends, a timeout expires or the user interrupts, then
+//! kicks every vCPU out of KVM_RUN and collects their accounting.
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use mirrorball_profiler::vcpu_accounting::VcpuReport;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::exit::VmEnd;
@@ -19,6 +24,12 @@ pub enum RunError {
     /// A thread could not be spawned.
     #[error("cannot spawn the thread of vCPU {0}: {1}")]
     Spawn(usize, std::io::Error),
+    /// An eventfd could not be cloned.
+    #[error("cannot clone an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The console input could not be set up.
+    #[error("cannot attach the console input: {0}")]
+    Console(String),
 }
 
 /// vCPU threads of a running VM.
@@ -93,3 +104,85 @@ impl RunningVcpus {
         (end, reports)
     }
 }
+
+/// Watches the VM's end eventfd and, for Linux, the i8042 reset eventfd, from the event loop.
+struct EndWatcher {
+    control: Arc<VmControl>,
+    wake: EventFd,
+    reset: Option<EventFd>,
+}
+
+impl MutEventSubscriber for EndWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in std::iter::once(&self.wake).chain(self.reset.as_ref()) {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                self.control.end(VmEnd::VmmError(format!("cannot watch an eventfd: {e}")));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if self.reset.as_ref().is_some_and(|r| r.as_raw_fd() == fd) {
+            if let Some(r) = &self.reset {
+                let _ = r.read();
+            }
+            self.control.end(VmEnd::GuestReset);
+        } else if fd == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+        }
+    }
+}
+
+/// How the main thread waits for a VM.
+pub struct WaitOptions<'a> {
+    /// End the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Set asynchronously (e.g. by a SIGINT handler) to end the VM as interrupted.
+    pub interrupted: &'a AtomicBool,
+    /// The i8042 reset eventfd, for Linux guests.
+    pub reset: Option<EventFd>,
+    /// Extra event sources (the serial console's input).
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+/// Runs the event loop on the calling thread until the VM ends, then stops the vCPUs.
+pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<VcpuReport>) {
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        match EventManager::new() {
+            Ok(m) => m,
+            Err(e) => {
+                return running.stop(VmEnd::VmmError(format!("cannot create the event loop: {e:?}")))
+            }
+        };
+    let control = running.control().clone();
+    match control.wake_fd().try_clone() {
+        Ok(wake) => {
+            let watcher = EndWatcher {
+                control: control.clone(),
+                wake,
+                reset: options.reset,
+            };
+            manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+        }
+        Err(e) => return running.stop(VmEnd::VmmError(format!("cannot clone an eventfd: {e}"))),
+    }
+    for subscriber in options.subscribers {
+        manager.add_subscriber(subscriber);
+    }
+    while !control.should_stop() {
+        if let Err(e) = manager.run_with_timeout(EVENT_LOOP_TICK_MS) {
+            if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR) {
+                control.end(VmEnd::VmmError(format!("event loop failed: {e:?}")));
+            }
+        }
+        if options.interrupted.load(Ordering::SeqCst) {
+            control.end(VmEnd::Interrupted);
+        }
+        running.check_timeout(options.timeout);
+    }
+    running.stop(VmEnd::Interrupted)
+}
+
+/// How often the event loop wakes up to check the timeout and the interrupt flag.
+const EVENT_LOOP_TICK_MS: i32 = 50;

@@ -1,0 +1,165 @@
+//! Helpers shared by the end-to-end tests: running the `vmm` binary with a deadline, tiny
+//! hand-assembled guests, and finding the reference Linux guest.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `vmm` binary under test.
+pub fn vmm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmm"))
+}
+
+/// True when /dev/kvm can be opened; otherwise prints why the calling test skips.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped {test}: /dev/kvm not available ({e})");
+            false
+        }
+    }
+}
+
+/// Runs `vmm` with `args`, killing it after `deadline`. Panics if it had to be killed.
+pub fn run_vmm(args: &[&str], deadline: Duration) -> Output {
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning vmm");
+    let start = Instant::now();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for vmm") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm {args:?} did not finish within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Guest-physical load address (and entry) of [`tiny_elf`] guests: where vmlinux loads.
+pub const TINY_GUEST_ADDR: u64 = 0x100_0000;
+
+/// An ELF64 executable with one loadable segment holding `code` at [`TINY_GUEST_ADDR`]; the VMM
+/// boots it like a vmlinux (64-bit, ring 0, paging on).
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let mut elf = Vec::new();
+    let code_offset = 0x78u64; // 64-byte header + one 56-byte program header
+    // ELF header
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, System V
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&TINY_GUEST_ADDR.to_le_bytes()); // entry
+    elf.extend_from_slice(&0x40u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    elf.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
+    // Program header: PT_LOAD, R+X
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&code_offset.to_le_bytes());
+    elf.extend_from_slice(&TINY_GUEST_ADDR.to_le_bytes()); // vaddr
+    elf.extend_from_slice(&TINY_GUEST_ADDR.to_le_bytes()); // paddr
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(elf.len() as u64, code_offset);
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Machine code: `mov dx, port; mov al, byte; out dx, al` for each byte of `text`.
+pub fn serial_print(text: &[u8]) -> Vec<u8> {
+    let mut code = Vec::new();
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    for &b in text {
+        code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    code
+}
+
+/// Machine code: reset through the i8042 (`mov al, 0xfe; out 0x64, al`), then spin.
+pub fn i8042_reset() -> Vec<u8> {
+    vec![0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]
+}
+
+/// Writes `data` to a fresh file in a per-test temporary directory.
+pub fn temp_file(test: &str, name: &str, data: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mirrorball-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, data).expect("temp file");
+    path
+}
+
+/// Output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The reference guest (kernel, initramfs): from MIRRORBALL_KERNEL / MIRRORBALL_INITRD, else
+/// built (or found in the cache) by `resources/build-guest.sh`. `Err` says why there is none.
+pub fn reference_guest() -> Result<(PathBuf, PathBuf), String> {
+    if let (Ok(k), Ok(i)) = (std::env::var("MIRRORBALL_KERNEL"), std::env::var("MIRRORBALL_INITRD")) {
+        return Ok((k.into(), i.into()));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/build-guest.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        let err = text(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
+    }
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines().rev();
+    let initrd = PathBuf::from(lines.next().unwrap_or_default());
+    let kernel = PathBuf::from(lines.next().unwrap_or_default());
+    if kernel.exists() && initrd.exists() {
+        Ok((kernel, initrd))
+    } else {
+        Err(format!("{} printed no kernel/initrd paths", script.display()))
+    }
+}
+
+/// True where a missing prerequisite must fail the test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+}

@@ -1,0 +1,74 @@
+//! Linux end to end with the reference guest (`resources/build-guest.sh`): the kernel boots to
+//! `/init` on both vCPUs, and the e820 map and command line it prints are the ones the VMM gave.
+//!
+//! On a PVM host guest user space cannot run, so the run ends at the kernel's panic after init
+//! faults (`panic=1` → reboot → i8042 reset); on a VT-x/AMD-V host init prints its marker and
+//! reboots. Either way the VM must end by itself with exit code 0.
+mod common;
+
+use std::time::Duration;
+
+use common::{in_ci, kvm_available, reference_guest, run_vmm, text};
+use vmm::arch::x86_64::boot_params::{e820_map, E820_RAM};
+use vmm::vstate::memory::ram_ranges;
+
+const MEM: u64 = 256 << 20;
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 mirrorball.test=e820-and-cmdline";
+
+fn on_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
+    if !kvm_available("reference_kernel_boots_to_init_with_our_e820_and_cmdline") {
+        return;
+    }
+    let (kernel, initrd) = match reference_guest() {
+        Ok(guest) => guest,
+        Err(why) if !in_ci() => {
+            eprintln!("skipped reference_kernel_boots_to_init: no reference guest ({why})");
+            return;
+        }
+        Err(why) => panic!("no reference guest in CI: {why}"),
+    };
+    // On PVM the ELF vmlinux skips the (emulated, slow) decompressor.
+    let vmlinux = kernel.with_file_name("vmlinux");
+    let kernel = if on_pvm() && vmlinux.exists() { vmlinux } else { kernel };
+    let out = run_vmm(
+        &[
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+            "--initrd",
+            initrd.to_str().expect("utf-8"),
+            "--cmdline",
+            CMDLINE,
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--timeout",
+            "900",
+        ],
+        Duration::from_secs(960),
+    );
+    let console = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let context = || format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
+    assert!(console.contains("Run /init as init process"), "no init:\n{}", context());
+    if !on_pvm() {
+        assert!(console.contains("MIRRORBALL-INIT-OK"), "no init marker:\n{}", context());
+    }
+    assert!(console.contains(&format!("Command line: {CMDLINE}")), "cmdline:\n{}", context());
+    for entry in e820_map(&ram_ranges(MEM)) {
+        let kind = if entry.r#type == E820_RAM { "usable" } else { "reserved" };
+        let line = format!(
+            "BIOS-e820: [mem {:#018x}-{:#018x}] {kind}",
+            entry.addr,
+            entry.addr + entry.size - 1
+        );
+        assert!(console.contains(&line), "missing {line:?}:\n{}", context());
+    }
+    assert!(console.contains("Brought up 1 node, 2 CPUs"), "SMP:\n{}", context());
+    assert_eq!(out.status.code(), Some(0), "the VM must end by itself:\n{}", context());
+}

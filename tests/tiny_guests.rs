@@ -1,0 +1,92 @@
+//! KVM tests with tiny hand-assembled guests booted through the Linux path (64-bit, ring 0):
+//! serial output, the i8042 reset, a triple fault, and accesses to ports and MMIO addresses no
+//! device claims.
+mod common;
+
+use std::time::Duration;
+
+use common::{i8042_reset, kvm_available, run_vmm, serial_print, temp_file, text, tiny_elf};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn boot(test: &str, code: &[u8], extra: &[&str]) -> std::process::Output {
+    let path = temp_file(test, "guest.elf", &tiny_elf(code));
+    let mut args = vec!["--kernel", path.to_str().expect("utf-8"), "--mem", "64M"];
+    args.extend_from_slice(extra);
+    run_vmm(&args, DEADLINE)
+}
+
+#[test]
+fn serial_output_reaches_stdout_and_reset_ends_the_vm() {
+    if !kvm_available("serial_output_reaches_stdout_and_reset_ends_the_vm") {
+        return;
+    }
+    let mut code = serial_print(b"hello from a tiny guest\n");
+    code.extend(i8042_reset());
+    let out = boot("serial", &code, &["--timeout", "50"]);
+    assert_eq!(text(&out.stdout), "hello from a tiny guest\n");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("guest reset"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn triple_fault_has_its_own_exit_code() {
+    if !kvm_available("triple_fault_has_its_own_exit_code") {
+        return;
+    }
+    // ud2 with an empty IDT: #UD → #GP → #DF → shutdown.
+    let out = boot("triple", &[0x0f, 0x0b], &["--timeout", "50"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains("triple fault on vCPU 0"), "{stderr}");
+}
+
+#[test]
+fn unknown_ports_and_mmio_are_counted_and_ignored() {
+    if !kvm_available("unknown_ports_and_mmio_are_counted_and_ignored") {
+        return;
+    }
+    let mut code = vec![
+        0x66, 0xba, 0x34, 0x12, // mov dx, 0x1234
+        0xb0, 0x55, 0xee, // mov al, 0x55; out dx, al
+        0xec, // in al, dx
+        0x3c, 0xff, // cmp al, 0xff   (unclaimed reads return all ones)
+    ];
+    let mmio = [
+        0x48, 0xb8, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, // mov rax, 0xd0000000
+        0xc7, 0x00, 0xef, 0xbe, 0xad, 0xde, // mov dword [rax], 0xdeadbeef
+        0x8b, 0x18, // mov ebx, [rax]
+    ];
+    let ok = serial_print(b"ok\n");
+    let fail = serial_print(b"bad\n");
+    let jmp_over_fail = [0xeb, u8::try_from(fail.len()).expect("short")];
+    // jne over the MMIO accesses, the "ok" print and the jump: straight to "bad".
+    let skip = mmio.len() + ok.len() + jmp_over_fail.len();
+    code.extend([0x75, u8::try_from(skip).expect("short")]);
+    code.extend(mmio);
+    code.extend(&ok);
+    code.extend(jmp_over_fail);
+    code.extend(&fail);
+    code.extend(i8042_reset());
+    let stats = temp_file("unknown", "stats.json", b"");
+    let out = boot("unknown", &code, &["--timeout", "50", "--stats", stats.to_str().expect("utf-8")]);
+    assert_eq!(text(&out.stdout), "ok\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats).expect("stats file")).expect("stats json");
+    assert!(json["unhandled_exits"]["pio"].as_u64().unwrap_or(0) >= 2, "{json}");
+    assert!(json["unhandled_exits"]["mmio"].as_u64().unwrap_or(0) >= 2, "{json}");
+    assert_eq!(json["end"]["kind"], "guest_reset");
+    let exits = &json["vcpus"][0]["exits"];
+    assert!(exits["io_out"].as_u64().unwrap_or(0) >= 5, "{exits}");
+    assert!(exits["mmio_write"].as_u64().unwrap_or(0) >= 1, "{exits}");
+}
+
+#[test]
+fn timeout_ends_a_spinning_guest() {
+    if !kvm_available("timeout_ends_a_spinning_guest") {
+        return;
+    }
+    let out = boot("timeout", &[0xeb, 0xfe], &["--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+}

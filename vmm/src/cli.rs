@@ -1,0 +1,192 @@
+//! The `vmm` command line: options, size parsing, and turning them into a guest to build.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::builder::linux::{LinuxConfig, DEFAULT_MEM_BYTES};
+use crate::workload::TaskSpec;
+
+/// Tasks of the embedded default job: one random-access and one locality task, so a first run
+/// shows how differently they fault.
+pub const DEFAULT_WORKLOAD: [&str; 2] = ["work 64 R 100000", "work 64 L 100000"];
+
+/// Mirrorball: run a Linux guest or the embedded OS-less workload guest on KVM, and account for
+/// exits, faults and CPU time on the host side.
+///
+/// With no --kernel and no --workload, runs the embedded default workload.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Linux kernel to boot: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Guest RAM, e.g. 256M or 1G (a bare number is MiB) [default: 256M for Linux, what the
+    /// workload needs otherwise].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Number of vCPUs [default: 1 for Linux; one per workload task].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<usize>,
+    /// OS-less workload task "work <MiB> <R|L> <accesses> [iterations]"; repeat for several
+    /// tasks, or give one with --vcpus N for N copies.
+    #[arg(long, value_name = "SPEC", conflicts_with = "kernel")]
+    pub workload: Vec<TaskSpec>,
+    /// Write per-vCPU exit, fault and CPU accounting as JSON at exit ("-" for stdout).
+    #[arg(long, value_name = "PATH")]
+    pub stats: Option<String>,
+    /// End the VM after this many seconds (exit code 7).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+/// What the command line asks to run.
+#[derive(Debug, Clone)]
+pub enum GuestChoice {
+    /// Boot Linux.
+    Linux(LinuxConfig),
+    /// Run the OS-less workload.
+    Workload {
+        /// One task per vCPU.
+        specs: Vec<TaskSpec>,
+        /// RAM, if given.
+        mem_bytes: Option<u64>,
+    },
+}
+
+/// Parses a size: a number with an optional K, M, G or T suffix (binary units, optional "iB"
+/// or "B"); a bare number means MiB.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 512M, 2G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" | "M" => 20,
+        "K" => 10,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?} has an unknown unit (use K, M, G or T)")),
+    };
+    if value == 0 {
+        return Err("size must be greater than 0".into());
+    }
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err("timeout must be a positive number of seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Cli {
+    /// Resolves the options into a guest to build.
+    pub fn guest(&self) -> Result<GuestChoice, String> {
+        if let Some(kernel) = &self.kernel {
+            return Ok(GuestChoice::Linux(LinuxConfig {
+                kernel: kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+                mem_bytes: self.mem.unwrap_or(DEFAULT_MEM_BYTES),
+                vcpus: self.vcpus.unwrap_or(1),
+            }));
+        }
+        let specs = match (self.workload.as_slice(), self.vcpus) {
+            ([], None) => DEFAULT_WORKLOAD
+                .iter()
+                .map(|s| s.parse().map_err(|e| format!("{e}")))
+                .collect::<Result<Vec<TaskSpec>, String>>()?,
+            ([], Some(n)) => {
+                let pair: Vec<TaskSpec> = DEFAULT_WORKLOAD
+                    .iter()
+                    .map(|s| s.parse().map_err(|e| format!("{e}")))
+                    .collect::<Result<_, String>>()?;
+                pair.iter().cycle().take(n).copied().collect()
+            }
+            ([one], Some(n)) => vec![*one; n],
+            (many, Some(n)) if many.len() != n => {
+                return Err(format!(
+                    "--vcpus {n} does not match the {} --workload tasks (one task per vCPU)",
+                    many.len()
+                ))
+            }
+            (many, _) => many.to_vec(),
+        };
+        Ok(GuestChoice::Workload {
+            specs,
+            mem_bytes: self.mem,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256"), Ok(256 << 20));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        for bad in ["", "0", "0M", "x", "12Q", "-1G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn default_job_is_two_tasks() {
+        let GuestChoice::Workload { specs, mem_bytes } = cli(&[]).expect("cli").guest().expect("guest") else {
+            panic!("expected the workload");
+        };
+        assert_eq!(specs.len(), 2);
+        assert_eq!(mem_bytes, None);
+        let GuestChoice::Workload { specs, .. } = cli(&["--vcpus", "3"]).expect("cli").guest().expect("guest") else {
+            panic!("expected the workload");
+        };
+        assert_eq!(specs.len(), 3);
+    }
+
+    #[test]
+    fn one_spec_is_copied_per_vcpu_and_mismatch_is_an_error() {
+        let c = cli(&["--workload", "work 8 L 100", "--vcpus", "4"]).expect("cli");
+        let GuestChoice::Workload { specs, .. } = c.guest().expect("guest") else {
+            panic!("expected the workload");
+        };
+        assert_eq!(specs.len(), 4);
+        let c = cli(&["--workload", "work 8 L 100", "--workload", "work 8 R 1", "--vcpus", "3"]).expect("cli");
+        assert!(c.guest().unwrap_err().contains("does not match"));
+    }
+
+    #[test]
+    fn linux_options() {
+        let c = cli(&["--kernel", "/k", "--initrd", "/i", "--mem", "512M", "--vcpus", "2"]).expect("cli");
+        let GuestChoice::Linux(l) = c.guest().expect("guest") else {
+            panic!("expected linux");
+        };
+        assert_eq!((l.mem_bytes, l.vcpus), (512 << 20, 2));
+        assert!(cli(&["--initrd", "/i"]).is_err(), "initrd needs a kernel");
+        assert!(cli(&["--kernel", "/k", "--workload", "work 1 R 1"]).is_err());
+        assert!(cli(&["--workload", "work 0 R 1"]).is_err());
+        assert!(cli(&["--timeout", "-3"]).is_err());
+        assert!(cli(&["--mem", "0"]).is_err());
+    }
+}

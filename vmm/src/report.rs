@@ -1,0 +1,160 @@
+//! What a run produced, for people (the per-task summary) and for tools (`--stats` JSON).
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use mirrorball_profiler::vcpu_accounting::VcpuReport;
+use serde::Serialize;
+
+use crate::exit::VmEnd;
+use crate::workload::{seconds, TaskProgress, TaskSpec};
+
+/// How the VM ended, in the stats file.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndReport {
+    /// Stable name of the reason.
+    pub kind: &'static str,
+    /// The one-line message.
+    pub message: String,
+    /// The process exit code.
+    pub exit_code: i32,
+}
+
+impl From<&VmEnd> for EndReport {
+    fn from(end: &VmEnd) -> Self {
+        Self {
+            kind: end.kind(),
+            message: end.to_string(),
+            exit_code: end.exit_code(),
+        }
+    }
+}
+
+/// One workload task in the stats file.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskReport {
+    /// Task (= vCPU) index.
+    pub task: usize,
+    /// The `work` spec.
+    pub spec: String,
+    /// Iterations asked for.
+    pub iterations_planned: u32,
+    /// What the VMM saw through the doorbell.
+    #[serde(flatten)]
+    pub progress: TaskProgress,
+}
+
+/// Everything `--stats` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Why the VM ended.
+    pub end: EndReport,
+    /// "linux" or "workload".
+    pub guest: &'static str,
+    /// Host KVM kind.
+    pub host: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// From starting the vCPUs to their end, nanoseconds.
+    pub elapsed_ns: u64,
+    /// Per-vCPU accounting.
+    pub vcpus: Vec<VcpuReport>,
+    /// VM-wide KVM binary stats over the run (deltas of cumulative ones).
+    pub vm_kvm_stats: BTreeMap<String, u64>,
+    /// Port-I/O and MMIO accesses no device handled (counted and ignored).
+    pub unhandled_exits: BTreeMap<&'static str, u64>,
+    /// Workload tasks (OS-less guest only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskReport>,
+    /// The end itself, for the caller's exit code and message.
+    #[serde(skip)]
+    pub end_reason: VmEnd,
+}
+
+/// Pairs workload specs with their progress.
+pub fn task_reports(specs: &[TaskSpec], progress: Vec<TaskProgress>) -> Vec<TaskReport> {
+    specs
+        .iter()
+        .zip(progress)
+        .enumerate()
+        .map(|(task, (spec, progress))| TaskReport {
+            task,
+            spec: spec.to_string(),
+            iterations_planned: spec.iterations,
+            progress,
+        })
+        .collect()
+}
+
+/// The per-task table printed after a workload run.
+pub fn workload_summary(report: &RunReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "workload: {} task(s), {} MiB guest RAM, host KVM: {}, {:.3} s",
+        report.tasks.len(),
+        report.mem_bytes >> 20,
+        report.host,
+        seconds(report.elapsed_ns)
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:<22} {:>7} {:>9} {:>11} {:>11} {:>12} {:>7} {:>7} {:>7}",
+        "task", "spec", "iters", "elapsed_s", "host_minflt", "host_majflt", "kvm_pf_taken", "exits", "user_s", "sys_s"
+    );
+    for task in &report.tasks {
+        let vcpu = report.vcpus.iter().find(|v| v.index == task.task);
+        let stat = |name: &str| vcpu.and_then(|v| v.kvm_stats.get(name).copied());
+        let pf = stat("pf_taken").map_or("-".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            out,
+            "{:>4} {:<22} {:>7} {:>9.3} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:>7.2}",
+            task.task,
+            task.spec,
+            format!("{}/{}", task.progress.iterations, task.iterations_planned),
+            seconds(task.progress.elapsed_ns),
+            vcpu.map_or(0, |v| v.host_minor_faults),
+            vcpu.map_or(0, |v| v.host_major_faults),
+            pf,
+            vcpu.map_or(0, |v| v.total_exits),
+            vcpu.map_or(0.0, |v| seconds(v.user_ns)),
+            vcpu.map_or(0.0, |v| seconds(v.system_ns)),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_has_a_row_per_task_with_host_faults() {
+        let specs: Vec<TaskSpec> = vec!["work 4 R 10".parse().expect("spec"), "work 4 L 10".parse().expect("spec")];
+        let mut progress = vec![TaskProgress::default(); 2];
+        progress[1].iterations = 20;
+        let mut vcpus = vec![VcpuReport::default(), VcpuReport::default()];
+        vcpus[1].index = 1;
+        vcpus[1].host_minor_faults = 1234;
+        vcpus[1].kvm_stats.insert("pf_taken".into(), 1240);
+        let report = RunReport {
+            end: (&VmEnd::WorkloadFinished).into(),
+            guest: "workload",
+            host: "pvm".into(),
+            mem_bytes: 24 << 20,
+            elapsed_ns: 1_500_000_000,
+            vcpus,
+            vm_kvm_stats: BTreeMap::new(),
+            unhandled_exits: BTreeMap::new(),
+            tasks: task_reports(&specs, progress),
+            end_reason: VmEnd::WorkloadFinished,
+        };
+        let text = workload_summary(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[3].contains("work 4 L 10") && lines[3].contains("20/20"), "{text}");
+        assert!(lines[3].contains("1234") && lines[3].contains("1240"), "{text}");
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["end"]["kind"], "workload_finished");
+        assert_eq!(json["tasks"][1]["iterations"], 20);
+    }
+}

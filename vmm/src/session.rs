@@ -1,0 +1,81 @@
+//! One VM's life after it is built: start the vCPUs, wait on the event loop, collect the
+//! accounting into a [`RunReport`].
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::MutEventSubscriber;
+use mirrorball_devices::serial::SerialInput;
+use mirrorball_profiler::kvm_stats::StatsFd;
+
+use crate::builder::{BuiltVm, Guest};
+use crate::report::{task_reports, RunReport};
+use crate::runner::{self, RunError, WaitOptions};
+
+/// How to run a built VM.
+pub struct SessionOptions<'a> {
+    /// End the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Set by a signal handler to end the VM as interrupted.
+    pub interrupted: &'a AtomicBool,
+    /// Feed the VMM's stdin to the guest's serial console (Linux guests).
+    pub console_input: bool,
+}
+
+/// Runs `built` to its end.
+pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, RunError> {
+    let BuiltVm {
+        vm,
+        vcpus,
+        control,
+        exits,
+        guest,
+        host,
+    } = built;
+    let vm_stats = StatsFd::for_vm(vm.fd()).ok();
+    let vm_baseline = vm_stats.as_ref().and_then(|s| s.read().ok());
+    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    let mut reset = None;
+    if let Guest::Linux { devices, .. } = &guest {
+        reset = Some(devices.reset_evt.try_clone().map_err(RunError::EventFd)?);
+        if options.console_input {
+            let input = SerialInput::stdin(devices.serial.clone())
+                .map_err(|e| RunError::Console(e.to_string()))?;
+            subscribers.push(Arc::new(Mutex::new(input)));
+        }
+    }
+    let running = runner::start(vcpus, control)?;
+    let started = running.started();
+    let (end, mut vcpu_reports) = runner::wait(
+        running,
+        WaitOptions {
+            timeout: options.timeout,
+            interrupted: options.interrupted,
+            reset,
+            subscribers,
+        },
+    );
+    let elapsed_ns = started.elapsed().as_nanos() as u64;
+    vcpu_reports.sort_by_key(|r| r.index);
+    let vm_kvm_stats = match (&vm_stats, &vm_baseline) {
+        (Some(stats), Some(base)) => stats.read().map(|now| now.delta_since(base)).unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let (pio, mmio) = exits.unhandled();
+    let (guest_name, tasks) = match &guest {
+        Guest::Linux { .. } => ("linux", Vec::new()),
+        Guest::Workload { monitor, specs } => ("workload", task_reports(specs, monitor.progress())),
+    };
+    Ok(RunReport {
+        end: (&end).into(),
+        guest: guest_name,
+        host: host.name().to_string(),
+        mem_bytes: vm.ram().size(),
+        elapsed_ns,
+        vcpus: vcpu_reports,
+        vm_kvm_stats,
+        unhandled_exits: [("pio", pio), ("mmio", mmio)].into_iter().collect(),
+        tasks,
+        end_reason: end,
+    })
+}
