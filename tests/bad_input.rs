@@ -13,11 +13,21 @@ fn assert_rejected(args: &[&str], expect: &[&str]) {
     let out = run_vmm(args, DEADLINE);
     let stderr = text(&out.stderr);
     let code = out.status.code();
-    assert!(code.is_some_and(|c| c != 0), "vmm {args:?} exited with {code:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "vmm {args:?} panicked: {stderr}");
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "vmm {args:?} exited with {code:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "vmm {args:?} panicked: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     let errors: Vec<&&str> = lines.iter().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "vmm {args:?}: expected one error line, got: {stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "vmm {args:?}: expected one error line, got: {stderr}"
+    );
     assert!(
         lines.iter().all(|l| l.starts_with("vmm")),
         "vmm {args:?}: stray output on stderr: {stderr}"
@@ -40,7 +50,10 @@ fn missing_kernel_is_named() {
     if !kvm() {
         return;
     }
-    assert_rejected(&["--kernel", "/nonexistent/vmlinuz"], &["/nonexistent/vmlinuz", "No such file"]);
+    assert_rejected(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        &["/nonexistent/vmlinuz", "No such file"],
+    );
 }
 
 #[test]
@@ -58,7 +71,10 @@ fn random_bytes_are_not_a_kernel() {
         })
         .collect();
     let path = temp_file("bad_input", "junk-kernel", &junk);
-    assert_rejected(&["--kernel", path.to_str().expect("utf-8")], &["neither an ELF", "bzImage"]);
+    assert_rejected(
+        &["--kernel", path.to_str().expect("utf-8")],
+        &["neither an ELF", "bzImage"],
+    );
 }
 
 #[test]
@@ -70,7 +86,10 @@ fn truncated_kernels_are_refused() {
     let mut elf = tiny_elf(&[0xf4; 64]);
     elf.truncate(0x90);
     let path = temp_file("bad_input", "truncated-elf", &elf);
-    assert_rejected(&["--kernel", path.to_str().expect("utf-8")], &["cannot load kernel"]);
+    assert_rejected(
+        &["--kernel", path.to_str().expect("utf-8")],
+        &["cannot load kernel"],
+    );
     // A bzImage header claiming more protected-mode code than the file holds.
     let mut bz = vec![0u8; 4096];
     bz[0x1f1] = 1; // setup_sects
@@ -88,7 +107,10 @@ fn memory_sizes_are_checked() {
     assert_rejected(&["--mem", "0"], &["--mem", "greater than 0"]);
     assert_rejected(&["--mem", "12 parsecs"], &["--mem"]);
     assert_rejected(&["--mem", "64T"], &["exceeds the host"]);
-    assert_rejected(&["--workload", "work 64 R 10", "--mem", "8M"], &["too small"]);
+    assert_rejected(
+        &["--workload", "work 64 R 10", "--mem", "8M"],
+        &["too small"],
+    );
 }
 
 #[test]
@@ -107,7 +129,12 @@ fn overlong_command_line_is_refused() {
     let path = temp_file("bad_input", "tiny", &tiny_elf(&[0xf4]));
     let long = "x".repeat(5000);
     assert_rejected(
-        &["--kernel", path.to_str().expect("utf-8"), "--cmdline", &long],
+        &[
+            "--kernel",
+            path.to_str().expect("utf-8"),
+            "--cmdline",
+            &long,
+        ],
         &["command line", "5000"],
     );
 }

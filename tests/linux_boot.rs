@@ -34,7 +34,11 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
     };
     // On PVM the ELF vmlinux skips the (emulated, slow) decompressor.
     let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if on_pvm() && vmlinux.exists() { vmlinux } else { kernel };
+    let kernel = if on_pvm() && vmlinux.exists() {
+        vmlinux
+    } else {
+        kernel
+    };
     let out = run_vmm(
         &[
             "--kernel",
@@ -55,20 +59,45 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
     let console = text(&out.stdout);
     let stderr = text(&out.stderr);
     let context = || format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
-    assert!(console.contains("Run /init as init process"), "no init:\n{}", context());
+    assert!(
+        console.contains("Run /init as init process"),
+        "no init:\n{}",
+        context()
+    );
     if !on_pvm() {
-        assert!(console.contains("MIRRORBALL-INIT-OK"), "no init marker:\n{}", context());
+        assert!(
+            console.contains("MIRRORBALL-INIT-OK"),
+            "no init marker:\n{}",
+            context()
+        );
     }
-    assert!(console.contains(&format!("Command line: {CMDLINE}")), "cmdline:\n{}", context());
+    assert!(
+        console.contains(&format!("Command line: {CMDLINE}")),
+        "cmdline:\n{}",
+        context()
+    );
     for entry in e820_map(&ram_ranges(MEM)) {
-        let kind = if entry.r#type == E820_RAM { "usable" } else { "reserved" };
+        let (addr, size, kind) = (entry.addr, entry.size, entry.r#type);
+        let kind = if kind == E820_RAM {
+            "usable"
+        } else {
+            "reserved"
+        };
         let line = format!(
-            "BIOS-e820: [mem {:#018x}-{:#018x}] {kind}",
-            entry.addr,
-            entry.addr + entry.size - 1
+            "BIOS-e820: [mem {addr:#018x}-{:#018x}] {kind}",
+            addr + size - 1
         );
         assert!(console.contains(&line), "missing {line:?}:\n{}", context());
     }
-    assert!(console.contains("Brought up 1 node, 2 CPUs"), "SMP:\n{}", context());
-    assert_eq!(out.status.code(), Some(0), "the VM must end by itself:\n{}", context());
+    assert!(
+        console.contains("Brought up 1 node, 2 CPUs"),
+        "SMP:\n{}",
+        context()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the VM must end by itself:\n{}",
+        context()
+    );
 }

@@ -26,7 +26,11 @@ fn serial_output_reaches_stdout_and_reset_ends_the_vm() {
     let out = boot("serial", &code, &["--timeout", "50"]);
     assert_eq!(text(&out.stdout), "hello from a tiny guest\n");
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("guest reset"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("guest reset"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -69,13 +73,23 @@ fn unknown_ports_and_mmio_are_counted_and_ignored() {
     code.extend(&fail);
     code.extend(i8042_reset());
     let stats = temp_file("unknown", "stats.json", b"");
-    let out = boot("unknown", &code, &["--timeout", "50", "--stats", stats.to_str().expect("utf-8")]);
+    let out = boot(
+        "unknown",
+        &code,
+        &["--timeout", "50", "--stats", stats.to_str().expect("utf-8")],
+    );
     assert_eq!(text(&out.stdout), "ok\n", "stderr: {}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&stats).expect("stats file")).expect("stats json");
-    assert!(json["unhandled_exits"]["pio"].as_u64().unwrap_or(0) >= 2, "{json}");
-    assert!(json["unhandled_exits"]["mmio"].as_u64().unwrap_or(0) >= 2, "{json}");
+    assert!(
+        json["unhandled_exits"]["pio"].as_u64().unwrap_or(0) >= 2,
+        "{json}"
+    );
+    assert!(
+        json["unhandled_exits"]["mmio"].as_u64().unwrap_or(0) >= 2,
+        "{json}"
+    );
     assert_eq!(json["end"]["kind"], "guest_reset");
     let exits = &json["vcpus"][0]["exits"];
     assert!(exits["io_out"].as_u64().unwrap_or(0) >= 5, "{exits}");

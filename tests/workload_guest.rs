@@ -33,14 +33,26 @@ fn touched_pages_are_charged_to_the_right_vcpu() {
         serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
     let vcpu = |i: usize| &json["vcpus"][i];
     let faults = |i: usize| vcpu(i)["host_minor_faults"].as_u64().expect("faults");
-    assert!(faults(0) >= pages_task0, "vCPU 0 was charged {} faults for {pages_task0} pages", faults(0));
-    assert!(faults(1) < pages_task0 / 8, "vCPU 1 was charged {} faults for <= 50 pages", faults(1));
+    assert!(
+        faults(0) >= pages_task0,
+        "vCPU 0 was charged {} faults for {pages_task0} pages",
+        faults(0)
+    );
+    assert!(
+        faults(1) < pages_task0 / 8,
+        "vCPU 1 was charged {} faults for <= 50 pages",
+        faults(1)
+    );
     assert_eq!(json["tasks"][0]["iterations"], 2);
     assert_eq!(json["tasks"][1]["iterations"], 1);
     assert_eq!(json["tasks"][0]["finished"], true);
     assert_eq!(json["end"]["kind"], "workload_finished");
     // Each iteration rings the doorbell: Started + 2 iterations + Finished on vCPU 0.
-    assert!(vcpu(0)["exits"]["mmio_write"].as_u64().unwrap_or(0) >= 4, "{}", vcpu(0));
+    assert!(
+        vcpu(0)["exits"]["mmio_write"].as_u64().unwrap_or(0) >= 4,
+        "{}",
+        vcpu(0)
+    );
 }
 
 #[test]
@@ -63,7 +75,17 @@ fn vcpu_count_must_match_the_tasks() {
         return;
     }
     // More vCPUs than tasks is refused by the VMM before the guest starts.
-    let out = run_vmm(&["--workload", "work 1 R 1", "--workload", "work 1 L 1", "--vcpus", "3"], DEADLINE);
+    let out = run_vmm(
+        &[
+            "--workload",
+            "work 1 R 1",
+            "--workload",
+            "work 1 L 1",
+            "--vcpus",
+            "3",
+        ],
+        DEADLINE,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("does not match"));
 }

@@ -14,7 +14,11 @@ pub fn vmm_bin() -> PathBuf {
 
 /// True when /dev/kvm can be opened; otherwise prints why the calling test skips.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("skipped {test}: /dev/kvm not available ({e})");
@@ -71,7 +75,7 @@ pub const TINY_GUEST_ADDR: u64 = 0x100_0000;
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     let mut elf = Vec::new();
     let code_offset = 0x78u64; // 64-byte header + one 56-byte program header
-    // ELF header
+                               // ELF header
     elf.extend_from_slice(b"\x7fELF");
     elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, System V
     elf.extend_from_slice(&[0; 8]);
@@ -88,7 +92,7 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
     elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
     elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
-    // Program header: PT_LOAD, R+X
+                                                // Program header: PT_LOAD, R+X
     elf.extend_from_slice(&1u32.to_le_bytes());
     elf.extend_from_slice(&5u32.to_le_bytes());
     elf.extend_from_slice(&code_offset.to_le_bytes());
@@ -134,7 +138,10 @@ pub fn text(bytes: &[u8]) -> String {
 /// The reference guest (kernel, initramfs): from MIRRORBALL_KERNEL / MIRRORBALL_INITRD, else
 /// built (or found in the cache) by `resources/build-guest.sh`. `Err` says why there is none.
 pub fn reference_guest() -> Result<(PathBuf, PathBuf), String> {
-    if let (Ok(k), Ok(i)) = (std::env::var("MIRRORBALL_KERNEL"), std::env::var("MIRRORBALL_INITRD")) {
+    if let (Ok(k), Ok(i)) = (
+        std::env::var("MIRRORBALL_KERNEL"),
+        std::env::var("MIRRORBALL_INITRD"),
+    ) {
         return Ok((k.into(), i.into()));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/build-guest.sh");
@@ -155,7 +162,10 @@ pub fn reference_guest() -> Result<(PathBuf, PathBuf), String> {
     if kernel.exists() && initrd.exists() {
         Ok((kernel, initrd))
     } else {
-        Err(format!("{} printed no kernel/initrd paths", script.display()))
+        Err(format!(
+            "{} printed no kernel/initrd paths",
+            script.display()
+        ))
     }
 }
 

@@ -69,7 +69,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let value: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a size (e.g. 512M, 2G)"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" | "M" => 20,
         "K" => 10,
         "G" => 30,
@@ -85,7 +90,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
     if !(secs > 0.0 && secs < 1e9) {
         return Err("timeout must be a positive number of seconds".into());
     }
@@ -154,12 +161,16 @@ mod tests {
 
     #[test]
     fn default_job_is_two_tasks() {
-        let GuestChoice::Workload { specs, mem_bytes } = cli(&[]).expect("cli").guest().expect("guest") else {
+        let GuestChoice::Workload { specs, mem_bytes } =
+            cli(&[]).expect("cli").guest().expect("guest")
+        else {
             panic!("expected the workload");
         };
         assert_eq!(specs.len(), 2);
         assert_eq!(mem_bytes, None);
-        let GuestChoice::Workload { specs, .. } = cli(&["--vcpus", "3"]).expect("cli").guest().expect("guest") else {
+        let GuestChoice::Workload { specs, .. } =
+            cli(&["--vcpus", "3"]).expect("cli").guest().expect("guest")
+        else {
             panic!("expected the workload");
         };
         assert_eq!(specs.len(), 3);
@@ -172,13 +183,24 @@ mod tests {
             panic!("expected the workload");
         };
         assert_eq!(specs.len(), 4);
-        let c = cli(&["--workload", "work 8 L 100", "--workload", "work 8 R 1", "--vcpus", "3"]).expect("cli");
+        let c = cli(&[
+            "--workload",
+            "work 8 L 100",
+            "--workload",
+            "work 8 R 1",
+            "--vcpus",
+            "3",
+        ])
+        .expect("cli");
         assert!(c.guest().unwrap_err().contains("does not match"));
     }
 
     #[test]
     fn linux_options() {
-        let c = cli(&["--kernel", "/k", "--initrd", "/i", "--mem", "512M", "--vcpus", "2"]).expect("cli");
+        let c = cli(&[
+            "--kernel", "/k", "--initrd", "/i", "--mem", "512M", "--vcpus", "2",
+        ])
+        .expect("cli");
         let GuestChoice::Linux(l) = c.guest().expect("guest") else {
             panic!("expected linux");
         };

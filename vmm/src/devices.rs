@@ -4,7 +4,9 @@ use std::sync::{Arc, Mutex};
 
 use mirrorball_devices::bus::{Bus, BusError};
 use mirrorball_devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-use mirrorball_devices::serial::{SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use mirrorball_devices::serial::{
+    SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
+};
 use mirrorball_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -47,7 +49,9 @@ impl LegacyDevices {
         vm.fd()
             .register_irqfd(irq.event_fd(), COM1_IRQ)
             .map_err(DeviceError::Irqfd)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out).map_err(DeviceError::Serial)?));
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(irq, out).map_err(DeviceError::Serial)?,
+        ));
         let reset = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
         let reset_evt = reset.try_clone_event_fd().map_err(DeviceError::EventFd)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(reset)));

@@ -39,7 +39,9 @@ pub enum LoadError {
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)")]
     UnknownFormat(PathBuf),
     /// The bzImage is older than the 64-bit boot protocol.
-    #[error("bzImage {0} has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
+    #[error(
+        "bzImage {0} has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)"
+    )]
     No64BitEntry(PathBuf),
     /// The file is shorter than its own header says.
     #[error("kernel {path} is truncated: {len} bytes, its header needs {needed}")]
@@ -119,7 +121,11 @@ pub fn bzimage_header(image: &[u8], path: &Path) -> Result<Option<setup_header>,
     if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(LoadError::No64BitEntry(path.to_path_buf()));
     }
-    let setup_sects = if hdr.setup_sects == 0 { 4 } else { usize::from(hdr.setup_sects) };
+    let setup_sects = if hdr.setup_sects == 0 {
+        4
+    } else {
+        usize::from(hdr.setup_sects)
+    };
     let needed = (setup_sects + 1) * 512 + hdr.syssize as usize * 16;
     if image.len() < needed {
         return Err(LoadError::Truncated {
@@ -132,7 +138,11 @@ pub fn bzimage_header(image: &[u8], path: &Path) -> Result<Option<setup_header>,
 }
 
 /// Loads the kernel at `path` into `mem`, whose RAM below 4 GiB ends at `low_ram_end`.
-pub fn load_kernel(mem: &GuestMemoryMmap, low_ram_end: u64, path: &Path) -> Result<LoadedKernel, LoadError> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    low_ram_end: u64,
+    path: &Path,
+) -> Result<LoadedKernel, LoadError> {
     let image = read("kernel", path)?;
     let kernel_err = |source| LoadError::Kernel {
         path: path.to_path_buf(),
@@ -148,8 +158,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, low_ram_end: u64, path: &Path) -> Resu
         if end > low_ram_end {
             return Err(too_small(end));
         }
-        let loaded = Elf::load(mem, None, &mut Cursor::new(&image), Some(GuestAddress(HIGH_RAM_START)))
-            .map_err(kernel_err)?;
+        let loaded = Elf::load(
+            mem,
+            None,
+            &mut Cursor::new(&image),
+            Some(GuestAddress(HIGH_RAM_START)),
+        )
+        .map_err(kernel_err)?;
         if loaded.kernel_end > low_ram_end {
             return Err(too_small(loaded.kernel_end));
         }
@@ -167,8 +182,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, low_ram_end: u64, path: &Path) -> Resu
     if needed > low_ram_end {
         return Err(too_small(needed));
     }
-    let loaded = BzImage::load(mem, None, &mut Cursor::new(&image), Some(GuestAddress(HIGH_RAM_START)))
-        .map_err(kernel_err)?;
+    let loaded = BzImage::load(
+        mem,
+        None,
+        &mut Cursor::new(&image),
+        Some(GuestAddress(HIGH_RAM_START)),
+    )
+    .map_err(kernel_err)?;
     Ok(LoadedKernel {
         entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
         end: loaded.kernel_end,
@@ -226,8 +246,8 @@ pub fn load_initrd(
     Ok((start, size))
 }
 
-/// Checks and writes the command line; returns its length without the NUL.
-pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str, kernel_limit: Option<u32>) -> Result<usize, LoadError> {
+/// Checks a command line against the kernel's limit (`cmdline_size` from its header, if any).
+pub fn check_cmdline(cmdline: &str, kernel_limit: Option<u32>) -> Result<(), LoadError> {
     let max = kernel_limit
         .map(|l| (l as usize).saturating_add(1))
         .unwrap_or(CMDLINE_MAX_SIZE)
@@ -241,6 +261,16 @@ pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str, kernel_limit: Option<u
     if cmdline.as_bytes().contains(&0) {
         return Err(LoadError::CmdlineNul);
     }
+    Ok(())
+}
+
+/// Checks and writes the command line; returns its length without the NUL.
+pub fn load_cmdline(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    kernel_limit: Option<u32>,
+) -> Result<usize, LoadError> {
+    check_cmdline(cmdline, kernel_limit)?;
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
@@ -285,7 +315,8 @@ mod tests {
 
     #[test]
     fn missing_kernel_names_the_path() {
-        let err = load_kernel(&mem(16 << 20), 16 << 20, Path::new("/nonexistent/bzImage")).unwrap_err();
+        let err =
+            load_kernel(&mem(16 << 20), 16 << 20, Path::new("/nonexistent/bzImage")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/bzImage"), "{err}");
     }
 
@@ -299,19 +330,31 @@ mod tests {
             })
             .collect();
         let p = temp("junk", &junk);
-        assert!(matches!(load_kernel(&mem(16 << 20), 16 << 20, &p), Err(LoadError::UnknownFormat(_))));
+        assert!(matches!(
+            load_kernel(&mem(16 << 20), 16 << 20, &p),
+            Err(LoadError::UnknownFormat(_))
+        ));
         let p = temp("empty", &[]);
-        assert!(matches!(load_kernel(&mem(16 << 20), 16 << 20, &p), Err(LoadError::UnknownFormat(_))));
+        assert!(matches!(
+            load_kernel(&mem(16 << 20), 16 << 20, &p),
+            Err(LoadError::UnknownFormat(_))
+        ));
     }
 
     #[test]
     fn old_or_truncated_bzimage_is_refused() {
         let p = temp("old", &fake_bzimage(0x0206, 0, 1, 4096));
-        assert!(matches!(load_kernel(&mem(32 << 20), 32 << 20, &p), Err(LoadError::No64BitEntry(_))));
+        assert!(matches!(
+            load_kernel(&mem(32 << 20), 32 << 20, &p),
+            Err(LoadError::No64BitEntry(_))
+        ));
         let p = temp("short", &fake_bzimage(0x020f, 1, 0x1000, 4096));
         assert!(matches!(
             load_kernel(&mem(32 << 20), 32 << 20, &p),
-            Err(LoadError::Truncated { needed: 0x10400, .. })
+            Err(LoadError::Truncated {
+                needed: 0x10400,
+                ..
+            })
         ));
     }
 
@@ -323,29 +366,51 @@ mod tests {
         assert!(k.setup_header.is_some());
         let p = temp("ok2", &fake_bzimage(0x020f, 1, 0x10, 2048));
         let err = load_kernel(&mem(2 << 20), (2 << 20) - 4096, &p).unwrap_err();
-        assert!(matches!(err, LoadError::TooSmall { needed_mib: 2, .. }), "{err}");
+        assert!(
+            matches!(err, LoadError::TooSmall { needed_mib: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn initrd_goes_high_and_must_fit() {
         let m = mem(32 << 20);
-        let kernel = LoadedKernel { entry: 0x100_0000, end: 0x180_0000, setup_header: None };
+        let kernel = LoadedKernel {
+            entry: 0x100_0000,
+            end: 0x180_0000,
+            setup_header: None,
+        };
         let p = temp("initrd", &[7u8; 5000]);
         let (addr, size) = load_initrd(&m, &p, &kernel, 32 << 20).expect("initrd");
         assert_eq!(size, 5000);
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + size <= 32 << 20 && addr >= kernel.end);
         let big = temp("big", &vec![0u8; 9 << 20]);
-        assert!(matches!(load_initrd(&m, &big, &kernel, 32 << 20), Err(LoadError::TooSmall { .. })));
+        assert!(matches!(
+            load_initrd(&m, &big, &kernel, 32 << 20),
+            Err(LoadError::TooSmall { .. })
+        ));
     }
 
     #[test]
     fn cmdline_limits() {
         let m = mem(1 << 20);
-        assert_eq!(load_cmdline(&m, "console=ttyS0", None).expect("cmdline"), 13);
+        assert_eq!(
+            load_cmdline(&m, "console=ttyS0", None).expect("cmdline"),
+            13
+        );
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(load_cmdline(&m, &long, None), Err(LoadError::CmdlineTooLong { .. })));
-        assert!(matches!(load_cmdline(&m, "a\0b", None), Err(LoadError::CmdlineNul)));
-        assert!(matches!(load_cmdline(&m, "0123456789", Some(5)), Err(LoadError::CmdlineTooLong { max: 5, .. })));
+        assert!(matches!(
+            load_cmdline(&m, &long, None),
+            Err(LoadError::CmdlineTooLong { .. })
+        ));
+        assert!(matches!(
+            load_cmdline(&m, "a\0b", None),
+            Err(LoadError::CmdlineNul)
+        ));
+        assert!(matches!(
+            load_cmdline(&m, "0123456789", Some(5)),
+            Err(LoadError::CmdlineTooLong { max: 5, .. })
+        ));
     }
 }

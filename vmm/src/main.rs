@@ -24,13 +24,16 @@ fn build(choice: &GuestChoice) -> Result<BuiltVm> {
             if HostKind::detect() == HostKind::Pvm {
                 eprintln!(
                     "vmm: host KVM is PVM: guest kernel code is emulated (slow) and guest user \
-                     space cannot run on this host kind; CPUID hides {} features it cannot emulate",
+                     space cannot run on this host kind; up to {} CPU features the emulator lacks \
+                     are hidden (CPUID, plus noxsave/clearcpuid= on the kernel command line)",
                     hidden_features_on_pvm().len()
                 );
             }
             builder::linux::build(config, Box::new(std::io::stdout()))?
         }
-        GuestChoice::Workload { specs, mem_bytes } => builder::workload::build(specs.clone(), *mem_bytes)?,
+        GuestChoice::Workload { specs, mem_bytes } => {
+            builder::workload::build(specs.clone(), *mem_bytes)?
+        }
     })
 }
 
@@ -43,7 +46,10 @@ fn run(cli: Cli) -> Result<i32> {
     let built = build(&choice)?;
     let is_linux = matches!(choice, GuestChoice::Linux(_));
     let terminal = if is_linux {
-        Some(mirrorball_devices::terminal::RawTerminal::stdin().context("cannot set up the terminal")?)
+        Some(
+            mirrorball_devices::terminal::RawTerminal::stdin()
+                .context("cannot set up the terminal")?,
+        )
     } else {
         None
     };
@@ -72,9 +78,14 @@ fn run(cli: Cli) -> Result<i32> {
 fn parse_cli() -> Result<Cli, ExitCode> {
     Cli::try_parse().map_err(|e| {
         if e.use_stderr() {
+            // clap's message up to its usage block, folded onto one line.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vmm: {} (see vmm --help)", first.trim());
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("vmm: {} (see vmm --help)", message.join(" "));
             ExitCode::from(2)
         } else {
             // --help and --version.

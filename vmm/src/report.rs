@@ -99,7 +99,16 @@ pub fn workload_summary(report: &RunReport) -> String {
     let _ = writeln!(
         out,
         "{:>4} {:<22} {:>7} {:>9} {:>11} {:>11} {:>12} {:>7} {:>7} {:>7}",
-        "task", "spec", "iters", "elapsed_s", "host_minflt", "host_majflt", "kvm_pf_taken", "exits", "user_s", "sys_s"
+        "task",
+        "spec",
+        "iters",
+        "elapsed_s",
+        "host_minflt",
+        "host_majflt",
+        "kvm_pf_taken",
+        "exits",
+        "user_s",
+        "sys_s"
     );
     for task in &report.tasks {
         let vcpu = report.vcpus.iter().find(|v| v.index == task.task);
@@ -129,7 +138,10 @@ mod tests {
 
     #[test]
     fn summary_has_a_row_per_task_with_host_faults() {
-        let specs: Vec<TaskSpec> = vec!["work 4 R 10".parse().expect("spec"), "work 4 L 10".parse().expect("spec")];
+        let specs: Vec<TaskSpec> = vec![
+            "work 4 R 10".parse().expect("spec"),
+            "work 4 L 10".parse().expect("spec"),
+        ];
         let mut progress = vec![TaskProgress::default(); 2];
         progress[1].iterations = 20;
         let mut vcpus = vec![VcpuReport::default(), VcpuReport::default()];
@@ -151,8 +163,14 @@ mod tests {
         let text = workload_summary(&report);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[3].contains("work 4 L 10") && lines[3].contains("20/20"), "{text}");
-        assert!(lines[3].contains("1234") && lines[3].contains("1240"), "{text}");
+        assert!(
+            lines[3].contains("work 4 L 10") && lines[3].contains("20/20"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("1234") && lines[3].contains("1240"),
+            "{text}"
+        );
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["end"]["kind"], "workload_finished");
         assert_eq!(json["tasks"][1]["iterations"], 20);

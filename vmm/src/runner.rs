@@ -116,7 +116,8 @@ impl MutEventSubscriber for EndWatcher {
     fn init(&mut self, ops: &mut EventOps) {
         for fd in std::iter::once(&self.wake).chain(self.reset.as_ref()) {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                self.control.end(VmEnd::VmmError(format!("cannot watch an eventfd: {e}")));
+                self.control
+                    .end(VmEnd::VmmError(format!("cannot watch an eventfd: {e}")));
             }
         }
     }
@@ -152,7 +153,9 @@ pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<Vcpu
         match EventManager::new() {
             Ok(m) => m,
             Err(e) => {
-                return running.stop(VmEnd::VmmError(format!("cannot create the event loop: {e:?}")))
+                return running.stop(VmEnd::VmmError(format!(
+                    "cannot create the event loop: {e:?}"
+                )))
             }
         };
     let control = running.control().clone();
@@ -172,7 +175,8 @@ pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<Vcpu
     }
     while !control.should_stop() {
         if let Err(e) = manager.run_with_timeout(EVENT_LOOP_TICK_MS) {
-            if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR) {
+            if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR)
+            {
                 control.end(VmEnd::VmmError(format!("event loop failed: {e:?}")));
             }
         }

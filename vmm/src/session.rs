@@ -58,7 +58,10 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let elapsed_ns = started.elapsed().as_nanos() as u64;
     vcpu_reports.sort_by_key(|r| r.index);
     let vm_kvm_stats = match (&vm_stats, &vm_baseline) {
-        (Some(stats), Some(base)) => stats.read().map(|now| now.delta_since(base)).unwrap_or_default(),
+        (Some(stats), Some(base)) => stats
+            .read()
+            .map(|now| now.delta_since(base))
+            .unwrap_or_default(),
         _ => Default::default(),
     };
     let (pio, mmio) = exits.unhandled();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mirrorball_devices::serial::SerialWriter;
 
-use crate::arch::x86_64::cpuid::HostKind;
+use crate::arch::x86_64::cpuid::{pvm_guest_kernel_args, HostKind};
 use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging, regs};
 use crate::devices::LegacyDevices;
 use crate::loader::{self, DEFAULT_CMDLINE};
@@ -44,12 +44,48 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
     let low_end = boot_params::low_ram_end(&ram);
 
     let kernel = loader::load_kernel(mem, low_end, &config.kernel)?;
+    let limit = kernel.setup_header.map(|h| h.cmdline_size);
+    let mut cmdline = config
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    loader::check_cmdline(&cmdline, limit)?;
     let initrd = match &config.initrd {
         Some(path) => Some(loader::load_initrd(mem, path, &kernel, low_end)?),
         None => None,
     };
-    let cmdline = config.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-    let limit = kernel.setup_header.map(|h| h.cmdline_size);
+
+    let devices = LegacyDevices::new(&vm, console)?;
+    let exits = devices.exit_handler();
+    let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
+    let mut vcpus = Vec::with_capacity(config.vcpus);
+    let mut guest_cpuid = None;
+    for index in 0..config.vcpus {
+        let fd = vm.create_vcpu(index)?;
+        let seen = configure_cpuid(&vm, &fd, index, config.vcpus, host)?;
+        guest_cpuid.get_or_insert(seen);
+        msr::setup_msrs(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        lapic::setup_lint(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        if index == 0 {
+            // The others wait for the boot CPU's INIT/SIPI in the in-kernel local APIC.
+            regs::set_entry_state(&fd, regs::EntryState::Linux { rip: kernel.entry })
+                .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        }
+        let handler: Arc<dyn ExitHandler> = exits.clone();
+        vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
+    }
+
+    let mut appended = String::new();
+    if let (HostKind::Pvm, Some(seen)) = (host, &guest_cpuid) {
+        // PVM restores host features that KVM_SET_CPUID2 hid, so the guest kernel must be told
+        // on its command line not to use what the emulator cannot run.
+        if !cmdline.contains("clearcpuid=") {
+            appended = pvm_guest_kernel_args(seen).args;
+        }
+    }
+    if !appended.is_empty() {
+        cmdline = format!("{cmdline} {appended}");
+    }
     let cmdline_len = loader::load_cmdline(mem, &cmdline, limit)?;
 
     let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
@@ -64,23 +100,6 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
     paging::write_identity_map(mem, 4, layout::LINUX_PD_ADDR, 4, false).map_err(|e| boot(&e))?;
     mptable::setup_mptable(mem, config.vcpus as u8).map_err(|e| boot(&e))?;
 
-    let devices = LegacyDevices::new(&vm, console)?;
-    let exits = devices.exit_handler();
-    let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
-    let mut vcpus = Vec::with_capacity(config.vcpus);
-    for index in 0..config.vcpus {
-        let fd = vm.create_vcpu(index)?;
-        configure_cpuid(&vm, &fd, index, config.vcpus, host)?;
-        msr::setup_msrs(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
-        lapic::setup_lint(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
-        if index == 0 {
-            // The others wait for the boot CPU's INIT/SIPI in the in-kernel local APIC.
-            regs::set_entry_state(&fd, regs::EntryState::Linux { rip: kernel.entry })
-                .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
-        }
-        let handler: Arc<dyn ExitHandler> = exits.clone();
-        vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
-    }
     Ok(BuiltVm {
         vm,
         vcpus,

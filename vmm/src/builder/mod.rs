@@ -2,7 +2,7 @@
 //! `workload` the embedded OS-less guest. Both produce a [`BuiltVm`].
 use std::sync::Arc;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::cpuid::{self, HostKind};
@@ -70,7 +70,7 @@ pub enum Guest {
     Linux {
         /// Serial console and i8042.
         devices: LegacyDevices,
-        /// The command line given to the kernel.
+        /// The command line given to the kernel (with what the VMM appended).
         cmdline: String,
     },
     /// The OS-less workload.
@@ -98,21 +98,27 @@ pub struct BuiltVm {
     pub host: HostKind,
 }
 
-/// Sets CPUID on a new vCPU: what KVM supports, filtered for the guest and the host kind.
+/// Sets CPUID on a new vCPU (what KVM supports, filtered for the guest and the host kind) and
+/// returns what the guest will really see: a PVM host puts some host features back.
 pub(crate) fn configure_cpuid(
     vm: &Vm,
     vcpu: &VcpuFd,
     index: usize,
     count: usize,
     host: HostKind,
-) -> Result<(), BuildError> {
+) -> Result<CpuId, BuildError> {
+    let err =
+        |what: &str, e: &dyn std::fmt::Display| BuildError::Vcpu(index, format!("{what}: {e}"));
     let mut cpuid = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| BuildError::Vcpu(index, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
-    cpuid::filter_cpuid(&mut cpuid, index as u8, count as u8, host);
+        .map_err(|e| err("KVM_GET_SUPPORTED_CPUID", &e))?;
+    cpuid::filter_cpuid(&mut cpuid, index as u8, count as u8, host)
+        .map_err(|e| err("CPUID filter", &e))?;
     vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| BuildError::Vcpu(index, format!("KVM_SET_CPUID2: {e}")))
+        .map_err(|e| err("KVM_SET_CPUID2", &e))?;
+    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| err("KVM_GET_CPUID2", &e))
 }
 
 /// Checks a vCPU count against `max`.

@@ -31,7 +31,13 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
     let mem = vm.ram().memory();
     let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
     gdt::write_gdt_and_tss(mem).map_err(|e| boot(&e))?;
-    let top = vm.ram().ranges().iter().map(|(s, l)| s + l).max().unwrap_or(0);
+    let top = vm
+        .ram()
+        .ranges()
+        .iter()
+        .map(|(s, l)| s + l)
+        .max()
+        .unwrap_or(0);
     paging::write_identity_map(
         mem,
         // At least 4 GiB so the doorbell in the device hole is mapped.

@@ -84,7 +84,7 @@ impl GuestRam {
         if size < MIN_RAM_BYTES {
             return Err(MemoryError::TooSmall(size));
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Unaligned(size));
         }
         if let Some(host) = host_ram_bytes() {

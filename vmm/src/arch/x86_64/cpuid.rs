@@ -53,6 +53,16 @@ pub enum HostKind {
 }
 
 impl HostKind {
+    /// Short lowercase name ("intel", "amd", "pvm", "unknown").
+    pub fn name(self) -> &'static str {
+        match self {
+            HostKind::Intel => "intel",
+            HostKind::Amd => "amd",
+            HostKind::Pvm => "pvm",
+            HostKind::Unknown => "unknown",
+        }
+    }
+
     /// Detects the KVM flavour from `/sys/module`.
     pub fn detect() -> Self {
         Self::detect_in(Path::new("/sys/module"))

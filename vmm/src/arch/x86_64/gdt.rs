@@ -54,7 +54,7 @@ pub fn gdt_entries() -> [u64; 8] {
 
 /// Decodes a descriptor into the segment form KVM takes, for selector `selector`.
 pub fn segment_from_descriptor(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {
