@@ -68,7 +68,8 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         lapic::setup_lint(&fd).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         if index == 0 {
             // The others wait for the boot CPU's INIT/SIPI in the in-kernel local APIC.
-            regs::set_entry_state(&fd, regs::EntryState::Linux { rip: kernel.entry })
+            let entry = regs::EntryState::Linux { rip: kernel.entry };
+            regs::set_entry_state(&fd, entry, layout::LINUX_PAGE_TABLES)
                 .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         }
         let handler: Arc<dyn ExitHandler> = exits.clone();
@@ -97,7 +98,9 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
     boot_params::write_zero_page(mem, &boot_params::build_zero_page(&info, &ram))
         .map_err(|e| boot(&e))?;
     gdt::write_gdt_and_tss(mem).map_err(|e| boot(&e))?;
-    paging::write_identity_map(mem, 4, layout::LINUX_PD_ADDR, 4, false).map_err(|e| boot(&e))?;
+    let cr3 = paging::write_identity_map(mem, layout::LINUX_PAGE_TABLES, 4, 4, false)
+        .map_err(|e| boot(&e))?;
+    debug_assert_eq!(cr3, layout::LINUX_PAGE_TABLES);
     mptable::setup_mptable(mem, config.vcpus as u8).map_err(|e| boot(&e))?;
 
     Ok(BuiltVm {

@@ -38,11 +38,11 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
         .map(|(s, l)| s + l)
         .max()
         .unwrap_or(0);
-    paging::write_identity_map(
+    let cr3 = paging::write_identity_map(
         mem,
+        layout::WORKLOAD_PAGE_TABLES,
         // At least 4 GiB so the doorbell in the device hole is mapped.
         top.div_ceil(1 << 30).max(4),
-        layout::WORKLOAD_PD_ADDR,
         layout::WORKLOAD_MAX_PDS,
         true,
     )
@@ -61,7 +61,7 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
             arg0: index as u64,
             arg1: mirrorball_workload::PARAMS_GPA,
         };
-        regs::set_entry_state(&fd, state).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        regs::set_entry_state(&fd, state, cr3).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }

@@ -14,14 +14,13 @@ pub const TSS_ADDR: u64 = 0x600;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Initial stack pointer of the boot vCPU for Linux (grows down, below the page tables).
 pub const BOOT_STACK_ADDR: u64 = 0x8ff0;
-/// Page-map level 4 table.
-pub const PML4_ADDR: u64 = 0x9000;
-/// Page-directory-pointer table.
-pub const PDPT_ADDR: u64 = 0xa000;
-/// Page directories for the Linux boot: four of them identity-map the first 4 GiB.
-pub const LINUX_PD_ADDR: u64 = 0xb000;
-/// Page directories for the OS-less guest: up to [`WORKLOAD_MAX_PDS`] GiB, user-accessible.
-pub const WORKLOAD_PD_ADDR: u64 = 0x40000;
+/// Boot page tables for Linux (PML4, PDPT, four page directories: the first 4 GiB). They sit in
+/// the e820-reserved area above the EBDA, so the kernel never reuses their pages: on a
+/// shadow-paging host every write to a page KVM still shadows as a page table is emulated.
+pub const LINUX_PAGE_TABLES: u64 = 0xa0000;
+/// Page tables of the OS-less guest (PML4, PDPT, then up to [`WORKLOAD_MAX_PDS`] page
+/// directories), user-accessible.
+pub const WORKLOAD_PAGE_TABLES: u64 = 0x40000;
 /// Most page directories (GiB of identity map) the OS-less guest gets.
 pub const WORKLOAD_MAX_PDS: u64 = 64;
 /// Kernel command line.

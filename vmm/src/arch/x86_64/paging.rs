@@ -6,7 +6,6 @@
 //! user-accessible, because it runs in ring 3 and never changes them.
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{PDPT_ADDR, PML4_ADDR};
 
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
@@ -31,12 +30,12 @@ pub enum PagingError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Writes an identity map of `[0, gib GiB)` with page directories from `pd_addr` (at most
-/// `max_pds` of them). Returns the value for CR3.
+/// Writes an identity map of `[0, gib GiB)`: the PML4 at `root`, the PDPT in the next page, then
+/// one page directory per GiB (at most `max_pds`). Returns the value for CR3 (`root`).
 pub fn write_identity_map(
     mem: &GuestMemoryMmap,
+    root: u64,
     gib: u64,
-    pd_addr: u64,
     max_pds: u64,
     user: bool,
 ) -> Result<u64, PagingError> {
@@ -47,11 +46,12 @@ pub fn write_identity_map(
             max: max_pds.min(512),
         });
     }
+    let (pml4, pdpt, pds) = (root, root + 0x1000, root + 0x2000);
     let flags = PRESENT | WRITABLE | if user { USER } else { 0 };
-    mem.write_obj(PDPT_ADDR | flags, GuestAddress(PML4_ADDR))?;
+    mem.write_obj(pdpt | flags, GuestAddress(pml4))?;
     for g in 0..gib {
-        let pd = pd_addr + g * 0x1000;
-        mem.write_obj(pd | flags, GuestAddress(PDPT_ADDR + g * 8))?;
+        let pd = pds + g * 0x1000;
+        mem.write_obj(pd | flags, GuestAddress(pdpt + g * 8))?;
         let mut table = [0u64; 512];
         for (i, entry) in table.iter_mut().enumerate() {
             *entry = (g * GIB + i as u64 * TWO_MIB) | flags | HUGE;
@@ -59,7 +59,7 @@ pub fn write_identity_map(
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(pd))?;
     }
-    Ok(PML4_ADDR)
+    Ok(pml4)
 }
 
 /// Translates a guest-virtual address through 4-level page tables rooted at `cr3`, reading them
@@ -95,11 +95,11 @@ mod tests {
     #[test]
     fn maps_each_2mib_page_to_itself() {
         let m = mem();
-        let cr3 = write_identity_map(&m, 2, 0xb000, 4, false).expect("map");
-        assert_eq!(cr3, PML4_ADDR);
-        let pml4: u64 = m.read_obj(GuestAddress(PML4_ADDR)).expect("read");
-        assert_eq!(pml4 & !0xfff, PDPT_ADDR);
-        let pdpt1: u64 = m.read_obj(GuestAddress(PDPT_ADDR + 8)).expect("read");
+        let cr3 = write_identity_map(&m, 0x9000, 2, 4, false).expect("map");
+        assert_eq!(cr3, 0x9000);
+        let pml4: u64 = m.read_obj(GuestAddress(0x9000)).expect("read");
+        assert_eq!(pml4 & !0xfff, 0xa000);
+        let pdpt1: u64 = m.read_obj(GuestAddress(0xa000 + 8)).expect("read");
         assert_eq!(pdpt1 & !0xfff, 0xc000);
         // Second GiB, entry 3 → 1 GiB + 6 MiB.
         let pde: u64 = m.read_obj(GuestAddress(0xc000 + 3 * 8)).expect("read");
@@ -113,8 +113,8 @@ mod tests {
     #[test]
     fn user_flag_on_every_level() {
         let m = mem();
-        write_identity_map(&m, 1, 0xb000, 1, true).expect("map");
-        for addr in [PML4_ADDR, PDPT_ADDR, 0xb000, 0xb000 + 511 * 8] {
+        write_identity_map(&m, 0x9000, 1, 1, true).expect("map");
+        for addr in [0x9000, 0xa000, 0xb000, 0xb000 + 511 * 8] {
             let e: u64 = m.read_obj(GuestAddress(addr)).expect("read");
             assert_ne!(e & USER, 0, "entry at {addr:#x}");
         }
@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn translate_walks_the_identity_map() {
         let m = mem();
-        let cr3 = write_identity_map(&m, 2, 0xb000, 4, false).expect("map");
+        let cr3 = write_identity_map(&m, 0x9000, 2, 4, false).expect("map");
         assert_eq!(translate(&m, cr3, 0x1234_5678), Some(0x1234_5678));
         assert_eq!(translate(&m, cr3, 3 << 30), None, "beyond the map");
         assert_eq!(
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn refuses_more_than_reserved() {
         assert!(matches!(
-            write_identity_map(&mem(), 5, 0xb000, 4, false),
+            write_identity_map(&mem(), 0x9000, 5, 4, false),
             Err(PagingError::TooLarge { gib: 5, max: 4 })
         ));
     }

@@ -7,7 +7,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use super::gdt::{self, KERNEL_CS, KERNEL_DS, TSS_SELECTOR, USER_CS, USER_DS};
-use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, ZERO_PAGE_ADDR};
 
 const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
@@ -70,8 +70,9 @@ pub fn initial_regs(entry: EntryState) -> kvm_regs {
     }
 }
 
-/// Segment and control registers for `entry`, starting from the vCPU's current `sregs`.
-pub fn initial_sregs(mut sregs: kvm_sregs, entry: EntryState) -> kvm_sregs {
+/// Segment and control registers for `entry` with page tables at `cr3`, starting from the
+/// vCPU's current `sregs`.
+pub fn initial_sregs(mut sregs: kvm_sregs, entry: EntryState, cr3: u64) -> kvm_sregs {
     let (cs, ds) = match entry {
         EntryState::Linux { .. } => (KERNEL_CS, KERNEL_DS),
         EntryState::UserMode { .. } => (USER_CS, USER_DS),
@@ -88,7 +89,7 @@ pub fn initial_sregs(mut sregs: kvm_sregs, entry: EntryState) -> kvm_sregs {
     sregs.gdt.limit = gdt::gdt_limit();
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 0;
-    sregs.cr3 = PML4_ADDR;
+    sregs.cr3 = cr3;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
     sregs.cr4 = CR4_PAE;
     if matches!(entry, EntryState::UserMode { .. }) {
@@ -108,9 +109,9 @@ pub fn initial_fpu() -> kvm_fpu {
     }
 }
 
-/// Applies registers, segments and FPU state for `entry` to `vcpu`.
-pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState) -> Result<(), kvm_ioctls::Error> {
-    let sregs = initial_sregs(vcpu.get_sregs()?, entry);
+/// Applies registers, segments (page tables at `cr3`) and FPU state for `entry` to `vcpu`.
+pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState, cr3: u64) -> Result<(), kvm_ioctls::Error> {
+    let sregs = initial_sregs(vcpu.get_sregs()?, entry, cr3);
     vcpu.set_sregs(&sregs)?;
     vcpu.set_regs(&initial_regs(entry))?;
     vcpu.set_fpu(&initial_fpu())
@@ -127,7 +128,7 @@ mod tests {
             (regs.rip, regs.rsi, regs.rflags),
             (0x100_0200, ZERO_PAGE_ADDR, 2)
         );
-        let s = initial_sregs(kvm_sregs::default(), EntryState::Linux { rip: 0 });
+        let s = initial_sregs(kvm_sregs::default(), EntryState::Linux { rip: 0 }, 0xa0000);
         assert_eq!(
             (s.cs.selector, s.ds.selector, s.ss.selector),
             (0x10, 0x18, 0x18)
@@ -135,7 +136,7 @@ mod tests {
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_ne!(s.cr0 & CR0_PG, 0);
         assert_ne!(s.cr4 & CR4_PAE, 0);
-        assert_eq!(s.cs.dpl, 0);
+        assert_eq!((s.cs.dpl, s.cr3), (0, 0xa0000));
     }
 
     #[test]
@@ -149,7 +150,7 @@ mod tests {
         let r = initial_regs(e);
         assert_eq!((r.rdi, r.rsi, r.rsp), (2, 0x1_0000, 0x10_4000));
         assert_eq!(r.rflags, RFLAGS_RESERVED, "interrupts off");
-        let s = initial_sregs(kvm_sregs::default(), e);
+        let s = initial_sregs(kvm_sregs::default(), e, 0x40000);
         assert_eq!((s.cs.dpl, s.ss.dpl, s.cs.selector & 3), (3, 3, 3));
         assert_ne!(s.cr4 & CR4_OSFXSR, 0);
     }
