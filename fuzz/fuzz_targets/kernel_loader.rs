@@ -26,8 +26,8 @@ fuzz_target!(|data: &[u8]| {
     let file = memfd_with(data);
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     // One guest RAM for the whole run: loading only writes to it, and what an earlier input left
-    // there does not change how the next file is parsed. (A fresh 32 MiB mapping per input
-    // halves the speed.)
+    // there does not change how the next file is parsed. (A fresh 32 MiB mapping per input ran
+    // at about half the speed.)
     let mem = MEM.get_or_init(|| {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("guest memory")
     });

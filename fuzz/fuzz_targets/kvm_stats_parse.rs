@@ -49,8 +49,7 @@ fuzz_target!(|data: &[u8]| {
         let last = descs
             .iter()
             .enumerate()
-            .filter(|(_, d)| &d.name == name && !d.kind.is_histogram())
-            .last()
+            .rfind(|(_, d)| &d.name == name && !d.kind.is_histogram())
             .map(|(i, _)| sample.get(i));
         assert_eq!(last, Some(Some(*value)), "{name}");
     }

@@ -9,7 +9,8 @@
 //! * 3: a write of 0..=15 bytes at the doorbell or near it or anywhere — vCPU, address, data
 //! * 4: `progress()`, checked against a model of what the events so far should have produced
 //! * 5: the other exits (`io_in`, `io_out`, `mmio_read`), which must go to the inner handler
-//! * 6: `Event::decode` of 4 bytes; a decoded event must re-encode to the same value
+//! * 6: `Event::decode` of 4 bytes; a decoded event re-encodes to the same value (less the
+//!   argument bits of `Started`, which has none)
 //! * 7: a `Params` block built from the following bytes and `validate` of a task index
 //!
 //! The monitor's answers (continue, stop this vCPU, end the VM and why) and every task's progress
@@ -242,7 +243,14 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 let value = input.u32();
                 if let Some(event) = Event::decode(value) {
-                    assert_eq!(event.encode(), value, "{event:?}");
+                    // `Started` carries no argument, so its argument bits are dropped.
+                    let kept = if event == Event::Started {
+                        value & 0xff00_0000
+                    } else {
+                        value
+                    };
+                    assert_eq!(event.encode(), kept, "{event:?}");
+                    assert_eq!(Event::decode(kept), Some(event));
                 } else {
                     assert!(
                         !(1..=4).contains(&(value >> 24)),

@@ -94,17 +94,3 @@ pub fn memfd_with(data: &[u8]) -> std::fs::File {
     file.rewind().expect("rewinding the memfd");
     file
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_past_the_end_are_zero() {
-        let mut b = Bytes::new(&[1, 2, 3]);
-        assert_eq!(b.u16(), 0x0201);
-        assert_eq!(b.u32(), 3);
-        assert_eq!(b.u8(), 0);
-        assert!(b.is_empty());
-    }
-}
