@@ -178,7 +178,11 @@ pub fn load_kernel(
         return Err(LoadError::UnknownFormat(path.to_path_buf()));
     };
     // The decompressor needs `init_size` bytes from where the kernel runs (its preferred address).
-    let needed = hdr.pref_address.max(u64::from(hdr.code32_start)) + u64::from(hdr.init_size);
+    // Both come from the file: saturate, so a huge `pref_address` reads as "too big", not as a wrap.
+    let needed = hdr
+        .pref_address
+        .max(u64::from(hdr.code32_start))
+        .saturating_add(u64::from(hdr.init_size));
     if needed > low_ram_end {
         return Err(too_small(needed));
     }
@@ -356,6 +360,18 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Found by the `kernel_loader` fuzz target: a `pref_address` near `u64::MAX` overflowed the
+    /// "does the decompressor fit" sum (a panic in debug builds, a bypassed check in release).
+    #[test]
+    fn huge_pref_address_is_too_small_not_overflow() {
+        let mut img = fake_bzimage(0x020f, 1, 0x10, 2048);
+        let pref = SETUP_HEADER_OFFSET + std::mem::offset_of!(setup_header, pref_address);
+        img[pref..pref + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let p = temp("huge-pref", &img);
+        let err = load_kernel(&mem(32 << 20), 32 << 20, &p).unwrap_err();
+        assert!(matches!(err, LoadError::TooSmall { .. }), "{err}");
     }
 
     #[test]

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Writes the committed seed corpus (fuzz/corpus/<target>/seed-*). Re-run after changing a
+target's input format; the files are small and deterministic."""
+import os
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "seed-" + name), "wb") as f:
+        f.write(bytes(data))
+
+
+# ---- bus_devices: op (0 read, 1|3 write, 2 input), address selector, size, data ----
+COM1 = lambda reg: [0, 4 + reg]          # selector 0: 0x3f8 - 4 + n
+I8042 = lambda off: [3, 4 + off]         # selector 3: 0x60 - 4 + n
+wr = lambda sel, data: [1] + sel + [len(data)] + list(data)
+rd = lambda sel, size: [0] + sel + [size]
+inp = lambda data: [2, len(data)] + list(data)
+
+put("bus_devices", "thr-write", wr(COM1(0), b"A") + wr(COM1(0), b"\n"))
+put("bus_devices", "i8042-reset", wr(I8042(4), [0xfe]) + rd(I8042(4), 1) + rd(I8042(0), 1))
+put("bus_devices", "input-then-rbr",
+    wr(COM1(1), [0x0f]) + inp(b"hello") + rd(COM1(5), 1) + rd(COM1(2), 1)
+    + rd(COM1(0), 1) * 6)
+put("bus_devices", "loopback",
+    wr(COM1(4), [0x10]) + wr(COM1(0), b"x") + rd(COM1(0), 1) + inp(b"dropped")
+    + wr(COM1(4), [0x00]))
+put("bus_devices", "dlab",
+    wr(COM1(3), [0x80]) + wr(COM1(0), [0x01]) + wr(COM1(1), [0x00]) + rd(COM1(0), 1)
+    + wr(COM1(3), [0x03]) + rd(COM1(3), 1))
+put("bus_devices", "wide-and-unmapped",
+    wr(COM1(0), b"ab") + rd(COM1(6), 4) + wr(I8042(3), [0xfe, 0]) + [1, 6, 3, 8] + [0] * 8
+    + [0, 7] + [0xf8, 3, 0, 0, 0, 0, 0, 0] + [4] + rd([5, 0x80, 0], 1) + inp(b"z" * 63))
+
+
+# ---- workload_doorbell: count, then ops (op % 8) ----
+def event(kind, arg=0):
+    return list(struct.pack("<I", (kind << 24) | (arg & 0xFFFFFF)))
+
+
+bell = lambda vcpu, kind, arg=0: [0, vcpu] + event(kind, arg)
+progress = [4]
+
+put("workload_doorbell", "two-tasks-finish",
+    [2] + bell(0, 1) + bell(1, 1) + bell(0, 2, 1) + bell(1, 2, 1) + progress
+    + bell(0, 3, 0xabcdef) + progress + bell(1, 3, 7) + progress)
+put("workload_doorbell", "bad-params", [1] + bell(0, 4, 2) + bell(0, 0x77) + progress)
+put("workload_doorbell", "out-of-range-and-odd-writes",
+    [3] + bell(9, 1) + [0, 0xff] + [0xff] * 8 + event(3)
+    + [3, 1, 0, 3, 1, 2, 3] + [3, 1, 1, 128, 4] + event(1) + [3, 2, 2] + [0] * 8 + [0]
+    + [5, 0, 2, 0x80, 0, 0xf8, 0x03] + [6] + event(2, 5) + progress)
+
+
+def task(gpa, size, accesses, seed, iters, pattern):
+    return list(struct.pack("<QQQQII", gpa, size, accesses, seed, iters, pattern))
+
+
+put("workload_doorbell", "validate",
+    [1]
+    + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 100, 0x5EED, 20, 1) + [0]
+    + [7, 0, 2, 2, 0] + task(0x100_0000, 4096, 1, 1, 1, 0)
+    + [1] + task(0x200_0000, 0, 1, 1, 1, 9) + [1]
+    + [7, 1] + list(struct.pack("<I", 0x4C57424D)) + [1, 0, 0]
+    + [7, 4] + list(struct.pack("<I", 0xFFFFFFFF)) + [0, 0xff] + [0xff] * 8)
+
+
+# ---- kvm_stats_parse: a well-formed stats file ----
+def stats_file(name_size, ident, descs, data):
+    desc_offset = 24 + name_size
+    data_offset = desc_offset + len(descs) * (16 + name_size)
+    out = struct.pack("<6I", 0, name_size, len(descs), 24, desc_offset, data_offset)
+    out += ident.encode().ljust(name_size, b"\0")
+    for flags, exponent, size, offset, bucket, name in descs:
+        out += struct.pack("<IhHII", flags, exponent, size, offset, bucket)
+        out += name.encode().ljust(name_size, b"\0")
+    out += b"".join(struct.pack("<Q", v) for v in data)
+    return out
+
+
+CUMULATIVE, INSTANT, PEAK, LINEAR_HIST, LOG_HIST = 0, 1, 2, 3, 4
+UNIT_NONE, UNIT_BYTES, UNIT_SECONDS, UNIT_CYCLES, UNIT_BOOLEAN = 0, 0x10, 0x20, 0x30, 0x40
+POW2 = 0x100
+put("kvm_stats_parse", "vcpu", stats_file(48, "kvm-1234/vcpu-0", [
+    (CUMULATIVE, 0, 1, 0, 0, "exits"),
+    (CUMULATIVE, 0, 1, 8, 0, "pf_taken"),
+    (INSTANT | UNIT_BOOLEAN, 0, 1, 16, 0, "guest_mode"),
+    (PEAK | UNIT_BYTES | POW2, 0, 1, 24, 0, "max_mmu_page_hash_collisions"),
+    (CUMULATIVE | UNIT_SECONDS, -9, 1, 32, 0, "halt_wait_ns"),
+    (LOG_HIST | UNIT_SECONDS, -9, 8, 40, 0, "halt_poll_success_hist"),
+    (LINEAR_HIST, 0, 4, 104, 16, "lin_hist"),
+], list(range(1, 18))))
+put("kvm_stats_parse", "vm-small-names", stats_file(8, "kvm-1", [
+    (INSTANT | UNIT_BYTES, 0, 1, 8, 0, "pages_4k"),
+    (CUMULATIVE, 0, 1, 0, 0, "pages_4k"),
+    (0xF | UNIT_CYCLES, 0, 2, 16, 0, "future"),
+], [5, 6, 7, 8]))
+put("kvm_stats_parse", "empty", stats_file(16, "kvm-2", [], []))
+
+
+# ---- kernel_loader: a minimal ELF vmlinux and a minimal bzImage ----
+def elf(entry=0x100000, paddr=0x100000, with_note=True):
+    phnum = 2 if with_note else 1
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, 64, 0, 0, 64, 56, phnum, 64, 0, 0)
+    payload_off = 64 + 56 * phnum
+    code = b"\xf4" * 16  # hlt
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x100000)
+    phdrs = struct.pack("<IIQQQQQQ", 1, 5, payload_off, paddr, paddr, len(code), 0x1000, 0x1000)
+    if with_note:
+        phdrs += struct.pack("<IIQQQQQQ", 4, 4, payload_off + len(code), 0, 0, len(note),
+                             len(note), 4)
+    return ehdr + phdrs + code + (note if with_note else b"")
+
+
+def bzimage(version=0x020F, xloadflags=1, syssize=0x10, length=2048, pref=0x1000000):
+    img = bytearray(length)
+    struct.pack_into("<B", img, 0x1F1, 1)           # setup_sects
+    struct.pack_into("<I", img, 0x1F4, syssize)     # syssize
+    struct.pack_into("<H", img, 0x1FE, 0xAA55)      # boot_flag
+    struct.pack_into("<I", img, 0x202, 0x53726448)  # "HdrS"
+    struct.pack_into("<H", img, 0x206, version)
+    struct.pack_into("<B", img, 0x211, 1)           # loadflags: LOADED_HIGH
+    struct.pack_into("<I", img, 0x214, 0x100000)    # code32_start
+    struct.pack_into("<I", img, 0x22C, 0x37FFFFFF)  # initrd_addr_max
+    struct.pack_into("<I", img, 0x230, 0x200000)    # kernel_alignment
+    struct.pack_into("<H", img, 0x236, xloadflags)
+    struct.pack_into("<I", img, 0x238, 2047)        # cmdline_size
+    struct.pack_into("<Q", img, 0x258, pref)        # pref_address
+    struct.pack_into("<I", img, 0x260, 0x100000)    # init_size
+    img[0x400:0x410] = b"\xf4" * 16
+    return bytes(img)
+
+
+put("kernel_loader", "elf", elf())
+put("kernel_loader", "elf-no-note", elf(with_note=False))
+put("kernel_loader", "elf-low-entry", elf(entry=0x1000, paddr=0x1000))
+put("kernel_loader", "bzimage", bzimage())
+put("kernel_loader", "bzimage-old", bzimage(version=0x0206, xloadflags=0))
+put("kernel_loader", "bzimage-truncated", bzimage(syssize=0x1000))
