@@ -79,6 +79,14 @@ pub enum LoadError {
         /// The limit.
         max: usize,
     },
+    /// The ELF entry point lies beyond everything the image loads.
+    #[error("kernel {path} has its entry point {entry:#x} outside its loaded segments")]
+    EntryOutsideImage {
+        /// Path.
+        path: PathBuf,
+        /// The entry point.
+        entry: u64,
+    },
     /// The command line contains a NUL byte.
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
@@ -167,6 +175,12 @@ pub fn load_kernel(
         .map_err(kernel_err)?;
         if loaded.kernel_end > low_ram_end {
             return Err(too_small(loaded.kernel_end));
+        }
+        if loaded.kernel_load.0 >= loaded.kernel_end.max(HIGH_RAM_START) {
+            return Err(LoadError::EntryOutsideImage {
+                path: path.to_path_buf(),
+                entry: loaded.kernel_load.0,
+            });
         }
         return Ok(LoadedKernel {
             entry: loaded.kernel_load.0,
@@ -384,6 +398,39 @@ mod tests {
         let err = load_kernel(&mem(2 << 20), (2 << 20) - 4096, &p).unwrap_err();
         assert!(
             matches!(err, LoadError::TooSmall { needed_mib: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn elf_entry_beyond_the_image_is_refused() {
+        let mut elf = vec![0u8; 0x200];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4..8].copy_from_slice(&[2, 1, 1, 0]);
+        elf[0x10..0x12].copy_from_slice(&2u16.to_le_bytes());
+        elf[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes());
+        elf[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        elf[0x18..0x20].copy_from_slice(&0x800_0000u64.to_le_bytes()); // entry: 128 MiB
+        elf[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        elf[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 0x40;
+        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        elf[ph + 8..ph + 16].copy_from_slice(&0x100u64.to_le_bytes()); // offset
+        elf[ph + 0x18..ph + 0x20].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+        elf[ph + 0x20..ph + 0x28].copy_from_slice(&0x10u64.to_le_bytes()); // filesz
+        elf[ph + 0x28..ph + 0x30].copy_from_slice(&0x10u64.to_le_bytes()); // memsz
+        let p = temp("far-entry", &elf);
+        let err = load_kernel(&mem(32 << 20), 32 << 20, &p).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadError::EntryOutsideImage {
+                    entry: 0x800_0000,
+                    ..
+                }
+            ),
             "{err}"
         );
     }

@@ -61,7 +61,8 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
             arg0: index as u64,
             arg1: mirrorball_workload::PARAMS_GPA,
         };
-        regs::set_entry_state(&fd, state, cr3).map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
+        regs::set_entry_state(&fd, state, cr3)
+            .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }

@@ -6,7 +6,6 @@
 //! user-accessible, because it runs in ring 3 and never changes them.
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;

@@ -110,7 +110,11 @@ pub fn initial_fpu() -> kvm_fpu {
 }
 
 /// Applies registers, segments (page tables at `cr3`) and FPU state for `entry` to `vcpu`.
-pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState, cr3: u64) -> Result<(), kvm_ioctls::Error> {
+pub fn set_entry_state(
+    vcpu: &VcpuFd,
+    entry: EntryState,
+    cr3: u64,
+) -> Result<(), kvm_ioctls::Error> {
     let sregs = initial_sregs(vcpu.get_sregs()?, entry, cr3);
     vcpu.set_sregs(&sregs)?;
     vcpu.set_regs(&initial_regs(entry))?;
