@@ -61,6 +61,10 @@ struct Args {
     /// QEMU binary for --linux.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// QEMU `-cpu` model for --linux [default: QEMU's, or `qemu64,vendor=GenuineIntel` on a
+    /// PVM host, the CPU vendor the VMM presents there].
+    #[arg(long, value_name = "MODEL", requires = "linux")]
+    qemu_cpu: Option<String>,
     /// Longest wait for each Linux boot, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     linux_timeout: u64,
@@ -194,6 +198,7 @@ fn run(args: &Args) -> Result<()> {
                     vmm_kernel: args.vmm_kernel.clone(),
                     qemu_kernel: args.qemu_kernel.clone(),
                     qemu: args.qemu.clone(),
+                    qemu_cpu: args.qemu_cpu.clone(),
                     timeout: Duration::from_secs(args.linux_timeout),
                 };
                 group(&mut rows, 5, "linux", || linux::run(&vmm, &linux_args));

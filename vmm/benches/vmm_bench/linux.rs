@@ -7,9 +7,20 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use vmm::arch::x86_64::cpuid::HostKind;
 
 use super::report::{Row, Target};
 
+/// QEMU options besides `-cpu`, kernel, initrd and command line: same RAM and vCPUs as the VMM.
+const QEMU_ARGS: [&str; 7] = [
+    "-enable-kvm",
+    "-m",
+    "256",
+    "-smp",
+    "1",
+    "-nographic",
+    "-no-reboot",
+];
 /// The console line both runs are timed to.
 const INIT_LINE: &str = "Run /init as init process";
 /// Where the kernel echoes its command line.
@@ -29,6 +40,8 @@ pub struct LinuxArgs {
     pub qemu_kernel: Option<PathBuf>,
     /// QEMU binary.
     pub qemu: PathBuf,
+    /// QEMU `-cpu` model; `None` for QEMU's default, except on PVM (see [`qemu_cpu`]).
+    pub qemu_cpu: Option<String>,
     /// Longest wait for each boot.
     pub timeout: Duration,
 }
@@ -157,6 +170,15 @@ fn qemu_version(qemu: &Path) -> Result<String> {
     Ok(text.lines().next().unwrap_or("").trim().to_string())
 }
 
+/// QEMU's `-cpu`: as asked, else on a PVM host `qemu64,vendor=GenuineIntel` — the vendor the
+/// VMM's CPUID shows there (an AMD vendor makes Linux run the x87 `fnclex` workaround, which
+/// PVM's instruction emulator cannot execute) — else QEMU's default.
+fn qemu_cpu(args: &LinuxArgs) -> Option<String> {
+    args.qemu_cpu.clone().or_else(|| {
+        (HostKind::detect() == HostKind::Pvm).then(|| "qemu64,vendor=GenuineIntel".to_string())
+    })
+}
+
 const ID: &str = "linux_boot_to_init";
 const NAME: &str = "Linux: process start → `Run /init as init process`";
 
@@ -187,23 +209,19 @@ pub fn run(vmm: &Path, args: &LinuxArgs) -> Result<Vec<Row>> {
         ours.to_init.as_secs_f64(),
         qemu_kernel.display()
     );
+    let cpu = qemu_cpu(args);
     let qemu = qemu_version(&args.qemu).and_then(|version| {
         let mut cmd = Command::new(&args.qemu);
-        cmd.args([
-            "-enable-kvm",
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&qemu_kernel)
-        .arg("-initrd")
-        .arg(&args.initrd)
-        .arg("-append")
-        .arg(&cmdline);
+        cmd.args(QEMU_ARGS);
+        if let Some(cpu) = &cpu {
+            cmd.args(["-cpu", cpu]);
+        }
+        cmd.arg("-kernel")
+            .arg(&qemu_kernel)
+            .arg("-initrd")
+            .arg(&args.initrd)
+            .arg("-append")
+            .arg(&cmdline);
         boot_to_init(cmd, args.timeout).map(|b| (b, version))
     });
     let mut note = format!(
@@ -215,8 +233,10 @@ pub fn run(vmm: &Path, args: &LinuxArgs) -> Result<Vec<Row>> {
     let baseline = match qemu {
         Ok((boot, version)) => {
             note.push_str(&format!(
-                "; QEMU ({version}): -enable-kvm -m 256 -smp 1 -nographic -no-reboot -kernel {} \
-                 (BIOS + real-mode setup + decompressor before the kernel proper)",
+                "; QEMU ({version}): {}{} -kernel {} (BIOS + real-mode setup + decompressor \
+                 before the kernel proper)",
+                QEMU_ARGS.join(" "),
+                cpu.as_ref().map_or(String::new(), |c| format!(" -cpu {c}")),
                 qemu_kernel.display()
             ));
             Some(boot.to_init.as_secs_f64())
