@@ -69,7 +69,7 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     linux_timeout: u64,
     /// Samples per median for the launch benchmarks.
-    #[arg(long, value_name = "N", default_value_t = 11)]
+    #[arg(long, value_name = "N", default_value_t = 21)]
     runs: usize,
     /// Samples per median for the exit round-trip benchmarks.
     #[arg(long, value_name = "N", default_value_t = 7)]
@@ -86,6 +86,9 @@ struct Args {
     /// Internal: bare VM setup + one exit, then exit (the process-level baseline).
     #[arg(long, hide = true)]
     bare_first_exit: bool,
+    /// Internal: with --bare-first-exit, also create the in-kernel irqchip and PIT.
+    #[arg(long, hide = true)]
+    irqchip: bool,
     /// Internal: with --bare-first-exit, print the process's non-guest RSS before exiting.
     #[arg(long, hide = true)]
     print_rss: bool,
@@ -219,7 +222,7 @@ fn run(args: &Args) -> Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.bare_first_exit {
-        return match launch::bare_first_exit() {
+        return match launch::bare_first_exit_with(args.irqchip) {
             Ok(_) => {
                 if args.print_rss {
                     memory::print_own_rss();
