@@ -222,7 +222,12 @@ fn run(args: &Args) -> Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.bare_first_exit {
-        return match launch::bare_first_exit_with(args.irqchip) {
+        let irqchip = if args.irqchip {
+            bare::Irqchip::BeforeMemslot
+        } else {
+            bare::Irqchip::None
+        };
+        return match launch::bare_first_exit_with(irqchip) {
             Ok(_) => {
                 if args.print_rss {
                     memory::print_own_rss();

@@ -93,6 +93,26 @@ pub struct BareVm {
     _mem: Mapping,
 }
 
+/// Whether and when a bare VM gets the in-kernel irqchip and PIT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Irqchip {
+    /// Neither: the baseline.
+    None,
+    /// `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` before the memslot, in the VMM's order.
+    BeforeMemslot,
+    /// The same after the memslot.
+    AfterMemslot,
+}
+
+fn create_irqchip(vm: &VmFd) -> Result<()> {
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    let pit = kvm_bindings::kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).context("KVM_CREATE_PIT2")
+}
+
 fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -114,21 +134,16 @@ fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
 impl BareVm {
     /// Creates the VM with `mem_bytes` of RAM holding `code` at [`CODE_ADDR`].
     pub fn new(mem_bytes: usize, code: &[u8]) -> Result<Self> {
-        Self::with_irqchip(mem_bytes, code, false)
+        Self::with_irqchip(mem_bytes, code, Irqchip::None)
     }
 
-    /// Like [`BareVm::new`]; with `irqchip`, also creates the in-kernel PIC/IOAPIC/LAPIC and PIT
-    /// as the VMM does for Linux guests (to show what those cost on this host).
-    pub fn with_irqchip(mem_bytes: usize, code: &[u8], irqchip: bool) -> Result<Self> {
+    /// Like [`BareVm::new`], with the in-kernel interrupt controllers and PIT the VMM creates
+    /// for Linux guests, created before or after the memslot (to show what they cost here).
+    pub fn with_irqchip(mem_bytes: usize, code: &[u8], irqchip: Irqchip) -> Result<Self> {
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-        if irqchip {
-            vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-            let pit = kvm_bindings::kvm_pit_config {
-                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            vm.create_pit2(pit).context("KVM_CREATE_PIT2")?;
+        if irqchip == Irqchip::BeforeMemslot {
+            create_irqchip(&vm)?;
         }
         let mut mem = Mapping::new(mem_bytes)?;
         let region = kvm_userspace_memory_region {
@@ -141,6 +156,9 @@ impl BareVm {
         // SAFETY: the region is a live mapping of `mem_bytes` owned by the returned BareVm, which
         // closes the VM fd before unmapping it.
         unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        if irqchip == Irqchip::AfterMemslot {
+            create_irqchip(&vm)?;
+        }
 
         // GDT: null, null, 64-bit code (0x10), data (0x18), 64-bit TSS (0x20, 16 bytes).
         let tss_lo = 0x67 | ((TSS_ADDR & 0xff_ffff) << 16) | (0x8b << 40);

@@ -15,7 +15,7 @@ use vmm::builder::linux::{self, LinuxConfig};
 use vmm::exit::VmEnd;
 use vmm::session::{self, SessionOptions};
 
-use super::bare::BareVm;
+use super::bare::{BareVm, Irqchip};
 use super::guest::{self, ExitKind, Scratch, EXIT_PORT, MMIO_ADDR};
 use super::launch::TINY_MEM_BYTES;
 use super::report::{median, spread, Row, Target};
@@ -76,7 +76,7 @@ fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
     })
 }
 
-fn bare_run(code: &[u8], kind: ExitKind, irqchip: bool) -> Result<Sample> {
+fn bare_run(code: &[u8], kind: ExitKind, irqchip: Irqchip) -> Result<Sample> {
     let cpu0 = process_cpu()?;
     let start = Instant::now();
     let mut vm = BareVm::with_irqchip(TINY_MEM_BYTES as usize, code, irqchip)?;
@@ -149,8 +149,8 @@ impl Guests {
         };
         let sample = match side {
             Side::Ours => vmm_run(elf, self.kind)?,
-            Side::Bare => bare_run(code, self.kind, false)?,
-            Side::BareIrqchip => bare_run(code, self.kind, true)?,
+            Side::Bare => bare_run(code, self.kind, Irqchip::None)?,
+            Side::BareIrqchip => bare_run(code, self.kind, Irqchip::BeforeMemslot)?,
         };
         if sample.seen != u64::from(want) {
             bail!("expected {want} exits, saw {}", sample.seen);
