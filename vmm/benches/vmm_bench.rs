@@ -1,0 +1,250 @@
+//! Mirrorball benchmarks: the VMM against a bare kvm-ioctls VM measured in the same run.
+//!
+//! 1. launch → first guest exit, in process and as processes;
+//! 2. launch → exit of the smallest OS-less workload, as a process;
+//! 3. exit round trip for port I/O and MMIO;
+//! 4. resident memory per VM;
+//! 5. (opt-in, `--linux KERNEL INITRD`) Linux boot to init against QEMU.
+//!
+//! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
+//! written as JSON with `--json PATH`); nothing here asserts on absolute times.
+//!
+//! ```text
+//! cargo bench -p vmm --bench vmm_bench --no-run   # builds target/release/vmm too
+//! target/release/deps/vmm_bench-<hash> [--json out.json] [--linux KERNEL INITRD]
+//! ```
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[path = "vmm_bench/bare.rs"]
+mod bare;
+#[path = "vmm_bench/exits.rs"]
+mod exits;
+#[path = "vmm_bench/guest.rs"]
+mod guest;
+#[path = "vmm_bench/launch.rs"]
+mod launch;
+#[path = "vmm_bench/linux.rs"]
+mod linux;
+#[path = "vmm_bench/memory.rs"]
+mod memory;
+#[path = "vmm_bench/report.rs"]
+mod report;
+
+use report::{Row, Target};
+
+/// Benchmarks Mirrorball against a bare kvm-ioctls VM (and, opt-in, QEMU) in one run.
+#[derive(Debug, Parser)]
+#[command(name = "vmm_bench")]
+struct Args {
+    /// Also write the results as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// The `vmm` binary [default: the one cargo built next to this benchmark].
+    #[arg(long, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    /// Opt-in: boot this kernel and initramfs to init through the VMM and through QEMU.
+    #[arg(long, num_args = 2, value_names = ["KERNEL", "INITRD"])]
+    linux: Option<Vec<PathBuf>>,
+    /// Kernel the VMM boots in --linux [default: KERNEL if it is an ELF, else a `vmlinux` next
+    /// to it].
+    #[arg(long, value_name = "PATH", requires = "linux")]
+    vmm_kernel: Option<PathBuf>,
+    /// Kernel QEMU boots in --linux [default: KERNEL if it is a bzImage, else a `bzImage` next
+    /// to it].
+    #[arg(long, value_name = "PATH", requires = "linux")]
+    qemu_kernel: Option<PathBuf>,
+    /// QEMU binary for --linux.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// QEMU `-cpu` model for --linux [default: QEMU's, or `qemu64,vendor=GenuineIntel` on a
+    /// PVM host, the CPU vendor the VMM presents there].
+    #[arg(long, value_name = "MODEL", requires = "linux")]
+    qemu_cpu: Option<String>,
+    /// Longest wait for each Linux boot, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    linux_timeout: u64,
+    /// Samples per median for the launch benchmarks.
+    #[arg(long, value_name = "N", default_value_t = 21)]
+    runs: usize,
+    /// Samples per median for the exit round-trip benchmarks.
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    exit_runs: usize,
+    /// Exits per guest run in the round-trip benchmarks.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    exits: u32,
+    /// VMs kept alive at once for the RSS benchmark.
+    #[arg(long, value_name = "K", default_value_t = 8)]
+    vms: usize,
+    /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux).
+    #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
+    only: Vec<String>,
+    /// Internal: bare VM setup + one exit, then exit (the process-level baseline).
+    #[arg(long, hide = true)]
+    bare_first_exit: bool,
+    /// Internal: with --bare-first-exit, also create the in-kernel irqchip and PIT.
+    #[arg(long, hide = true)]
+    irqchip: bool,
+    /// Internal: with --bare-first-exit, print the process's non-guest RSS before exiting.
+    #[arg(long, hide = true)]
+    print_rss: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Filters passed by `cargo bench`; ignored.
+    #[arg(hide = true)]
+    _filters: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
+}
+
+/// The `vmm` binary: `--vmm`, else the one cargo built for this benchmark, else next to it.
+fn find_vmm(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        if path.exists() {
+            return Ok(path.to_path_buf());
+        }
+        bail!("--vmm {}: no such file", path.display());
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_vmm"));
+    if built.exists() {
+        return Ok(built);
+    }
+    let me = std::env::current_exe()?;
+    // target/<profile>/deps/vmm_bench-<hash> → target/<profile>/vmm
+    if let Some(path) = me.parent().and_then(Path::parent).map(|d| d.join("vmm")) {
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    bail!("no vmm binary found: build it with `cargo build -p vmm --release` or pass --vmm PATH")
+}
+
+fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm not available ({e})")),
+    }
+}
+
+/// Runs one group; a failure becomes a skipped row instead of ending the whole run.
+fn group(rows: &mut Vec<Row>, number: u8, name: &str, f: impl FnOnce() -> Result<Vec<Row>>) {
+    eprintln!("vmm_bench: running {name}...");
+    match f() {
+        Ok(mut r) => rows.append(&mut r),
+        Err(e) => {
+            eprintln!("vmm_bench: {name} failed: {e:#}");
+            rows.push(Row::skipped(
+                number,
+                name,
+                name,
+                Target::None,
+                format!("failed: {e:#}"),
+            ));
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let host = vmm::arch::x86_64::cpuid::HostKind::detect()
+        .name()
+        .to_string();
+    let mut rows = Vec::new();
+    if let Some(why) = kvm_unavailable() {
+        println!("vmm_bench: skipped every benchmark: {why}");
+        for (n, name) in [(1, "launch"), (3, "exits"), (4, "rss")] {
+            rows.push(Row::skipped(n, name, name, Target::None, why.clone()));
+        }
+    } else {
+        let vmm = find_vmm(args.vmm.as_deref())?;
+        let me = std::env::current_exe().context("locating this benchmark binary")?;
+        let scratch = guest::Scratch::new()?;
+        eprintln!("vmm_bench: host KVM: {host}; vmm binary: {}", vmm.display());
+        // RSS first: later benchmarks free memory the allocator would hand to new VMs.
+        if args.wants("rss") {
+            group(&mut rows, 4, "rss", || {
+                memory::run(&scratch, &vmm, &me, args.vms)
+            });
+        }
+        if args.wants("launch") {
+            group(&mut rows, 1, "launch", || {
+                launch::run(&launch::LaunchSetup {
+                    vmm: &vmm,
+                    me: &me,
+                    scratch: &scratch,
+                    runs: args.runs,
+                })
+            });
+        }
+        if args.wants("exits") {
+            group(&mut rows, 3, "exits", || {
+                exits::run(&scratch, args.exits, args.exit_runs)
+            });
+        }
+        match &args.linux {
+            Some(paths) if args.wants("linux") => {
+                let linux_args = linux::LinuxArgs {
+                    kernel: paths[0].clone(),
+                    initrd: paths[1].clone(),
+                    vmm_kernel: args.vmm_kernel.clone(),
+                    qemu_kernel: args.qemu_kernel.clone(),
+                    qemu: args.qemu.clone(),
+                    qemu_cpu: args.qemu_cpu.clone(),
+                    timeout: Duration::from_secs(args.linux_timeout),
+                };
+                group(&mut rows, 5, "linux", || linux::run(&vmm, &linux_args));
+            }
+            _ => eprintln!("vmm_bench: Linux vs QEMU not run (opt-in: --linux KERNEL INITRD)"),
+        }
+    }
+    rows.sort_by_key(|r| r.group);
+    println!("## Mirrorball benchmarks (host KVM: {host})\n");
+    print!("{}", report::markdown(&rows));
+    if let Some(path) = &args.json {
+        report::write_json(path, &host, &rows)?;
+        eprintln!("vmm_bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.bare_first_exit {
+        let irqchip = if args.irqchip {
+            bare::Irqchip::BeforeMemslot
+        } else {
+            bare::Irqchip::None
+        };
+        return match launch::bare_first_exit_with(irqchip) {
+            Ok(_) => {
+                if args.print_rss {
+                    memory::print_own_rss();
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm_bench --bare-first-exit: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm_bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
