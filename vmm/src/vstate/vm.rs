@@ -48,15 +48,6 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        if irqchip {
-            fd.create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        }
         for (slot, region) in ram.memory().iter().enumerate() {
             let host = ram
                 .memory()
@@ -76,6 +67,17 @@ impl Vm {
             // outlives the VM fd (field order), so KVM never sees a dangling address.
             unsafe { fd.set_user_memory_region(slot_desc) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        // After the memory slots: on some hosts (PVM) a slot added while the in-kernel irqchip
+        // exists costs milliseconds more.
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         }
         Ok(Self {
             fd,
