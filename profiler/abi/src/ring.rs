@@ -35,7 +35,7 @@ mod sealed {
 ///
 /// The methods move a record in and out of its shared slot; they are used by [`RingWriter`] and
 /// [`RingView`] (sealed: the ABI defines the record types).
-pub trait SampleRecord: Copy + sealed::Sealed {
+pub trait SampleRecord: Copy + core::fmt::Debug + PartialEq + sealed::Sealed {
     /// The shared structure of one ring slot.
     type Slot: Shared;
     /// The slot's sequence number.
