@@ -1,7 +1,7 @@
 //! Machine-readable description of the ABI: every shared structure with its C name, size and
 //! fields, and every constant with its C name.
 //!
-//! The structures are declared through [`abi_struct!`](crate::abi_struct), which derives the
+//! The structures are declared through `abi_struct!`, which derives the
 //! field list from the declaration itself (so it cannot go stale) and asserts at compile time that
 //! the fields tile the structure exactly: no implicit padding, nothing left out. The tests compare
 //! these descriptions with `guest/linux/mirrorball_abi.h`, textually and through a C compiler.

@@ -17,8 +17,6 @@ pub struct RegionInit {
     pub generation: u64,
     /// Initial sample period, ns (0 = unknown).
     pub sample_period_ns: u64,
-    /// vCPUs (host regions; guest regions take it from their layout).
-    pub vcpu_count: u32,
     /// [`CLOCK_NONE`] or [`CLOCK_MONOTONIC`].
     pub clock_id: u32,
 }

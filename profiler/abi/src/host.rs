@@ -21,8 +21,7 @@ pub struct HostRegion<'a> {
 
 impl<'a> HostRegion<'a> {
     /// Formats `region` as an empty host region with `layout` (one [`HostRegionLayout::new`]
-    /// computes); the magic is stored last (release). `init.vcpu_count` is ignored: the layout's
-    /// vCPU count is written.
+    /// computes); the magic is stored last (release).
     pub fn format(
         region: RegionMut<'a>,
         layout: &HostRegionLayout,

@@ -19,9 +19,11 @@ pub struct TableLayout {
 }
 
 impl TableLayout {
-    /// First byte after the last entry.
+    /// First byte after the last entry (saturating; exact for validated layouts).
     pub fn end(&self) -> usize {
-        self.offset + self.capacity as usize * self.stride
+        (self.capacity as usize)
+            .saturating_mul(self.stride)
+            .saturating_add(self.offset)
     }
 }
 

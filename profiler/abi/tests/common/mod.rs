@@ -111,7 +111,6 @@ pub fn guest_memory(vcpus: u32, tasks: u32, ring: u32) -> (Vec<AtomicU64>, Guest
     let init = RegionInit {
         generation: 0x1234_5678,
         sample_period_ns: 50_000_000,
-        vcpu_count: 0,
         clock_id: CLOCK_MONOTONIC,
     };
     GuestRegion::format(RegionMut::from_atomic_words(&mem), &layout, &init).unwrap();
@@ -125,7 +124,6 @@ pub fn host_memory(vcpus: u32, ring: u32) -> (Vec<AtomicU64>, HostRegionLayout) 
     let init = RegionInit {
         generation: 0xabcd,
         sample_period_ns: 1_000_000,
-        vcpu_count: vcpus,
         clock_id: CLOCK_MONOTONIC,
     };
     HostRegion::format(RegionMut::from_atomic_words(&mem), &layout, &init).unwrap();
