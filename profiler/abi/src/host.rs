@@ -1,0 +1,213 @@
+//! The host region: written by the VMM's sampler only, never mapped into the guest.
+
+use core::sync::atomic::{fence, Ordering};
+
+use crate::abi::*;
+use crate::desc::Zero;
+use crate::error::{AbiError, Part, ReadError};
+use crate::guest::{write_common, write_ring_desc, zero_table, RegionInit};
+use crate::layout::{HostRegionLayout, RegionInfo};
+use crate::region::{Region, RegionMut};
+use crate::ring::{HostSample, RingView, RingWriter};
+use crate::tables::VcpuState;
+
+/// A host region opened for writing (the VMM).
+#[derive(Debug)]
+pub struct HostRegion<'a> {
+    region: Region<'a>,
+    layout: HostRegionLayout,
+    info: RegionInfo,
+}
+
+impl<'a> HostRegion<'a> {
+    /// Formats `region` as an empty host region with `layout` (one [`HostRegionLayout::new`]
+    /// computes); the magic is stored last (release).
+    pub fn format(
+        region: RegionMut<'a>,
+        layout: &HostRegionLayout,
+        init: &RegionInit,
+    ) -> Result<Self, AbiError> {
+        let canonical = HostRegionLayout::new(layout.vcpu_count, layout.ring.slots.capacity)?;
+        if canonical != *layout {
+            return Err(AbiError::LayoutChanged);
+        }
+        let region = region.as_region();
+        if region.len() < layout.size {
+            return Err(AbiError::TooSmall {
+                needed: layout.size as u64,
+                available: region.len() as u64,
+            });
+        }
+        let h: &HostHeader = region.get(0).ok_or(AbiError::OutOfBounds(Part::Header))?;
+        h.common.magic.store(0, Ordering::Relaxed);
+        fence(Ordering::Release);
+        h.zero();
+        zero_table::<HostSampleSlot>(&region, &layout.ring.slots);
+        let ctl: &RingCtl = region
+            .get(layout.ring.ctl_offset)
+            .ok_or(AbiError::OutOfBounds(Part::RingCtl))?;
+        ctl.zero();
+        ctl.head.store(SEQ_FIRST, Ordering::Relaxed);
+        write_common(
+            &h.common,
+            layout.header_size,
+            layout.size,
+            init,
+            layout.vcpu_count,
+        );
+        write_ring_desc(&h.ring, &layout.ring);
+        h.common.magic.store(HOST_MAGIC, Ordering::Release);
+        Self::attach(RegionMut::from_region(region))
+    }
+
+    /// Opens a formatted host region for writing.
+    pub fn attach(region: RegionMut<'a>) -> Result<Self, AbiError> {
+        let region = region.as_region();
+        let (layout, info) = HostRegionLayout::from_region(&region)?;
+        Ok(Self {
+            region,
+            layout,
+            info,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &HostRegionLayout {
+        &self.layout
+    }
+
+    /// Version and generation.
+    pub fn info(&self) -> RegionInfo {
+        self.info
+    }
+
+    /// Publishes the host sampler's period, ns.
+    pub fn set_sample_period_ns(&self, period_ns: u64) {
+        if let Some(h) = self.region.get::<HostHeader>(0) {
+            h.common
+                .sample_period_ns
+                .store(period_ns, Ordering::Release);
+        }
+    }
+
+    /// The writer of the host sample ring (one per region), continuing at its head.
+    pub fn ring_writer(&self) -> Result<RingWriter<'a, HostSample>, AbiError> {
+        RingWriter::attach(RingView::new(self.region, self.layout.ring)?)
+    }
+
+    /// The region for reading.
+    pub fn view(&self) -> Result<HostRegionView<'a>, AbiError> {
+        validate_host_region(self.region)
+    }
+}
+
+/// Validates a host region and returns a view of it (same checks as for a guest region: a host
+/// reader should not trust a file or mapping it did not create either).
+pub fn validate_host_region(region: Region<'_>) -> Result<HostRegionView<'_>, AbiError> {
+    let (layout, info) = HostRegionLayout::from_region(&region)?;
+    let ring = RingView::new(region, layout.ring)?;
+    Ok(HostRegionView {
+        region,
+        layout,
+        info,
+        ring,
+    })
+}
+
+/// A validated host region, for reading.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRegionView<'a> {
+    region: Region<'a>,
+    layout: HostRegionLayout,
+    info: RegionInfo,
+    ring: RingView<'a, HostSample>,
+}
+
+impl<'a> HostRegionView<'a> {
+    /// The validated layout.
+    pub fn layout(&self) -> &HostRegionLayout {
+        &self.layout
+    }
+
+    /// Version, generation and clock at validation time.
+    pub fn info(&self) -> RegionInfo {
+        self.info
+    }
+
+    /// vCPUs.
+    pub fn vcpu_count(&self) -> u32 {
+        self.layout.vcpu_count
+    }
+
+    /// The host sampler's period as published now, ns.
+    pub fn sample_period_ns(&self) -> u64 {
+        self.region
+            .get::<HostHeader>(0)
+            .map_or(0, |h| h.common.sample_period_ns.load(Ordering::Relaxed))
+    }
+
+    /// The host sample ring.
+    pub fn ring(&self) -> RingView<'a, HostSample> {
+        self.ring
+    }
+
+    /// Validates the header again; [`AbiError::LayoutChanged`] if layout or generation differ.
+    pub fn revalidate(&self) -> Result<(), AbiError> {
+        let (layout, info) = HostRegionLayout::from_region(&self.region)?;
+        if layout != self.layout || info.generation != self.info.generation {
+            return Err(AbiError::LayoutChanged);
+        }
+        Ok(())
+    }
+}
+
+/// Which guest task a host sample is charged to, derived from a read of the vCPU's slot in the
+/// guest region. The task is what the guest claims; the host figures stay the host's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Attribution {
+    /// Task-table index, or [`TASK_NONE`].
+    pub task_id: u32,
+    /// Guest thread id, 0 if unknown.
+    pub pid: u32,
+    /// [`ATTR_SLOT_VALID`], [`ATTR_SWITCHED`], [`ATTR_SLOT_BUSY`].
+    pub attr_flags: u32,
+    /// The slot's switch count as read (0 if unread).
+    pub guest_switch_count: u64,
+}
+
+impl Attribution {
+    /// From the result of [`GuestRegionView::vcpu`](crate::GuestRegionView::vcpu) at the end of
+    /// an interval, and the switch count seen at its start (`None` for the first interval).
+    pub fn from_slot(
+        slot: Result<VcpuState, ReadError>,
+        previous_switch_count: Option<u64>,
+    ) -> Self {
+        match slot {
+            Ok(state) => {
+                let switched = previous_switch_count.is_some_and(|prev| prev != state.switch_count);
+                Self {
+                    task_id: state.task.task_id,
+                    pid: state.task.pid,
+                    attr_flags: ATTR_SLOT_VALID | if switched { ATTR_SWITCHED } else { 0 },
+                    guest_switch_count: state.switch_count,
+                }
+            }
+            Err(_) => Self {
+                task_id: TASK_NONE,
+                pid: 0,
+                attr_flags: ATTR_SLOT_BUSY,
+                guest_switch_count: 0,
+            },
+        }
+    }
+}
+
+impl HostSample {
+    /// Copies an [`Attribution`] into the record.
+    pub fn set_attribution(&mut self, a: &Attribution) {
+        self.task_id = a.task_id;
+        self.pid = a.pid;
+        self.attr_flags = a.attr_flags;
+        self.guest_switch_count = a.guest_switch_count;
+    }
+}
