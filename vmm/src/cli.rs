@@ -41,6 +41,14 @@ pub struct Cli {
     /// Write per-vCPU exit, fault and CPU accounting as JSON at exit ("-" for stdout).
     #[arg(long, value_name = "PATH")]
     pub stats: Option<String>,
+    /// Profiler sampling rate in Hz (the host sampler, and the guest's default period); 0 turns
+    /// the profiler off.
+    #[arg(long, value_name = "HZ", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub sample_hz: u32,
+    /// Directory where the profiler regions are published [default: $MIRRORBALL_RUN_DIR or
+    /// /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     /// End the VM after this many seconds (exit code 7).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
@@ -100,6 +108,19 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// The profiler's sampling period, `None` when it is off.
+    pub fn sample_period(&self) -> Option<Duration> {
+        (self.sample_hz > 0)
+            .then(|| Duration::from_nanos(1_000_000_000 / u64::from(self.sample_hz)))
+    }
+
+    /// Where profiler regions are published.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(crate::profiling::regions::run_dir)
+    }
+
     /// Resolves the options into a guest to build.
     pub fn guest(&self) -> Result<GuestChoice, String> {
         if let Some(kernel) = &self.kernel {

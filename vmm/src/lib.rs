@@ -9,6 +9,7 @@ pub mod cli;
 pub mod devices;
 pub mod exit;
 pub mod loader;
+pub mod profiling;
 pub mod report;
 pub mod runner;
 pub mod session;

@@ -18,7 +18,7 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn build(choice: &GuestChoice) -> Result<BuiltVm> {
+fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
     Ok(match choice {
         GuestChoice::Linux(config) => {
             if HostKind::detect() == HostKind::Pvm {
@@ -31,9 +31,12 @@ fn build(choice: &GuestChoice) -> Result<BuiltVm> {
             }
             builder::linux::build(config, Box::new(std::io::stdout()))?
         }
-        GuestChoice::Workload { specs, mem_bytes } => {
-            builder::workload::build(specs.clone(), *mem_bytes)?
-        }
+        GuestChoice::Workload { specs, mem_bytes } => builder::workload::build(
+            specs.clone(),
+            *mem_bytes,
+            cli.sample_period(),
+            &cli.run_dir(),
+        )?,
     })
 }
 
@@ -43,7 +46,7 @@ fn run(cli: Cli) -> Result<i32> {
         vmm_sys_util::signal::register_signal_handler(signal, on_terminate)
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
-    let built = build(&choice)?;
+    let built = build(&choice, &cli)?;
     let is_linux = matches!(choice, GuestChoice::Linux(_));
     let terminal = if is_linux {
         Some(
@@ -59,6 +62,7 @@ fn run(cli: Cli) -> Result<i32> {
             timeout: cli.timeout,
             interrupted: &INTERRUPTED,
             console_input: is_linux,
+            keep_regions: None,
         },
     )?;
     drop(terminal);

@@ -65,6 +65,12 @@ pub struct RunReport {
     /// Workload tasks (OS-less guest only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskReport>,
+    /// Name of the profiler regions in the run directory (`vm-<pid>-<n>`), if published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiler: Option<String>,
+    /// What the host sampler did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<crate::profiling::sampler::SamplerReport>,
     /// The end itself, for the caller's exit code and message.
     #[serde(skip)]
     pub end_reason: VmEnd,
@@ -158,6 +164,8 @@ mod tests {
             vm_kvm_stats: BTreeMap::new(),
             unhandled_exits: BTreeMap::new(),
             tasks: task_reports(&specs, progress),
+            profiler: None,
+            sampler: None,
             end_reason: VmEnd::WorkloadFinished,
         };
         let text = workload_summary(&report);

@@ -27,6 +27,9 @@ pub enum RunError {
     /// An eventfd could not be cloned.
     #[error("cannot clone an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The profiler's sampler thread could not start.
+    #[error("cannot start the profiler sampler: {0}")]
+    Sampler(std::io::Error),
     /// The console input could not be set up.
     #[error("cannot attach the console input: {0}")]
     Console(String),

@@ -9,6 +9,8 @@ use mirrorball_devices::serial::SerialInput;
 use mirrorball_profiler::kvm_stats::StatsFd;
 
 use crate::builder::{BuiltVm, Guest};
+use crate::profiling::regions::ProfilerRegions;
+use crate::profiling::sampler::Sampler;
 use crate::report::{task_reports, RunReport};
 use crate::runner::{self, RunError, WaitOptions};
 
@@ -20,6 +22,8 @@ pub struct SessionOptions<'a> {
     pub interrupted: &'a AtomicBool,
     /// Feed the VMM's stdin to the guest's serial console (Linux guests).
     pub console_input: bool,
+    /// Called with the profiler regions after the sampler stopped (tests keep them to read).
+    pub keep_regions: Option<&'a dyn Fn(Arc<ProfilerRegions>)>,
 }
 
 /// Runs `built` to its end.
@@ -31,6 +35,7 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         exits,
         guest,
         host,
+        profiling,
     } = built;
     let vm_stats = StatsFd::for_vm(vm.fd()).ok();
     let vm_baseline = vm_stats.as_ref().and_then(|s| s.read().ok());
@@ -46,6 +51,17 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     }
     let running = runner::start(vcpus, control)?;
     let started = running.started();
+    let mut profiler_name = None;
+    let sampler = match profiling {
+        Some(p) => {
+            profiler_name = Some(p.regions.name.clone());
+            Some((
+                Sampler::spawn(p.regions.clone(), p.vcpus, p.period).map_err(RunError::Sampler)?,
+                p.regions,
+            ))
+        }
+        None => None,
+    };
     let (end, mut vcpu_reports) = runner::wait(
         running,
         WaitOptions {
@@ -56,6 +72,13 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         },
     );
     let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let sampler = sampler.map(|(s, regions)| {
+        let report = s.stop();
+        if let Some(keep) = options.keep_regions {
+            keep(regions);
+        }
+        report
+    });
     vcpu_reports.sort_by_key(|r| r.index);
     let vm_kvm_stats = match (&vm_stats, &vm_baseline) {
         (Some(stats), Some(base)) => stats
@@ -79,6 +102,8 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         vm_kvm_stats,
         unhandled_exits: [("pio", pio), ("mmio", mmio)].into_iter().collect(),
         tasks,
+        profiler: profiler_name,
+        sampler,
         end_reason: end,
     })
 }

@@ -156,8 +156,23 @@ struct ParamsBytes(Params);
 // SAFETY: see above; every bit pattern is a valid `Params`.
 unsafe impl ByteValued for ParamsBytes {}
 
+/// Where the guest finds the profiler's guest region, and how to turn its TSC into time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProfilerParams {
+    /// Guest-physical address of the guest region (0: no profiler).
+    pub gpa: u64,
+    /// Its length.
+    pub len: u64,
+    /// TSC frequency in kHz (0 if unknown).
+    pub tsc_khz: u64,
+}
+
 /// Loads the image and writes the parameter block; returns the entry point.
-pub fn load(mem: &GuestMemoryMmap, layout: &WorkloadLayout) -> Result<u64, WorkloadError> {
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: &WorkloadLayout,
+    profiler: ProfilerParams,
+) -> Result<u64, WorkloadError> {
     let loaded = Elf::load(mem, None, &mut Cursor::new(IMAGE), None)
         .map_err(|e| WorkloadError::Load(e.to_string()))?;
     if loaded.kernel_load.0 < IMAGE_GPA || loaded.kernel_end > IMAGE_END_GPA {
@@ -168,6 +183,9 @@ pub fn load(mem: &GuestMemoryMmap, layout: &WorkloadLayout) -> Result<u64, Workl
     }
     let mut params = Params {
         task_count: layout.tasks.len() as u32,
+        profiler_gpa: profiler.gpa,
+        profiler_len: profiler.len,
+        tsc_khz: profiler.tsc_khz,
         ..Default::default()
     };
     params.tasks[..layout.tasks.len()].copy_from_slice(&layout.tasks);
@@ -345,7 +363,7 @@ mod tests {
         let l = layout(&specs).expect("layout");
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), l.ram_bytes as usize)]).expect("mem");
-        let entry = load(&mem, &l).expect("load");
+        let entry = load(&mem, &l, ProfilerParams::default()).expect("load");
         assert_eq!(entry, IMAGE_GPA);
         let magic: u32 = mem.read_obj(GuestAddress(PARAMS_GPA)).expect("read");
         assert_eq!(magic, mirrorball_workload::PARAMS_MAGIC);

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod mem;
+mod profile;
 
 use core::panic::PanicInfo;
 use mirrorball_workload::{
@@ -46,6 +47,12 @@ pub unsafe extern "C" fn _start(task: u64, params: *const Params) -> ! {
     let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
     let region = t.region_gpa as *mut u8;
     let mut checksum = 0u64;
+    let comm: &[u8] = if pattern == Pattern::Random {
+        b"work-R"
+    } else {
+        b"work-L"
+    };
+    let profile = profile::Profile::start(&params, task as u32, comm);
     ring(Event::Started);
     for iteration in 1..=t.iterations {
         // SAFETY: the VMM gave this task `region_bytes` of identity-mapped memory of its own.
@@ -57,7 +64,13 @@ pub unsafe extern "C" fn _start(task: u64, params: *const Params) -> ! {
                 t.accesses_per_iteration,
             )
         });
+        if let Some(p) = &profile {
+            p.sample(false);
+        }
         ring(Event::IterationDone(iteration));
+    }
+    if let Some(p) = &profile {
+        p.finish();
     }
     ring(Event::Finished(checksum as u32));
     idle()

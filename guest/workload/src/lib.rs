@@ -33,7 +33,9 @@ pub const MAX_TASKS: usize = 64;
 /// `Params::magic`: "MBWL".
 pub const PARAMS_MAGIC: u32 = 0x4c57_424d;
 /// `Params::version` of this layout.
-pub const PARAMS_VERSION: u32 = 1;
+pub const PARAMS_VERSION: u32 = 2;
+/// Guest-physical address where the VMM maps the profiler's guest region (in the device hole).
+pub const PROFILER_REGION_GPA: u64 = 0xe000_0000;
 /// Iterations of the classic `work` program.
 pub const DEFAULT_ITERATIONS: u32 = 20;
 
@@ -88,6 +90,12 @@ pub struct Params {
     pub task_count: u32,
     /// Reserved, zero.
     pub reserved: u32,
+    /// Guest-physical address of the profiler's guest region, 0 if there is none.
+    pub profiler_gpa: u64,
+    /// Length of the profiler's guest region in bytes.
+    pub profiler_len: u64,
+    /// TSC frequency in kHz (0 if unknown): guest timestamps are TSC-derived.
+    pub tsc_khz: u64,
     /// Per-task parameters, indexed by vCPU.
     pub tasks: [TaskParams; MAX_TASKS],
 }
@@ -99,6 +107,9 @@ impl Default for Params {
             version: PARAMS_VERSION,
             task_count: 0,
             reserved: 0,
+            profiler_gpa: 0,
+            profiler_len: 0,
+            tsc_khz: 0,
             tasks: [TaskParams::default(); MAX_TASKS],
         }
     }

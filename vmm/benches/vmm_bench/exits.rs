@@ -54,6 +54,7 @@ fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
             timeout: Some(Duration::from_secs(120)),
             interrupted: &NEVER_INTERRUPTED,
             console_input: false,
+            keep_regions: None,
         },
     )?;
     let wall = start.elapsed();

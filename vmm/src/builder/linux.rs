@@ -110,5 +110,6 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         exits,
         guest: Guest::Linux { devices, cmdline },
         host,
+        profiling: None,
     })
 }

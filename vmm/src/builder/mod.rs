@@ -8,6 +8,8 @@ use kvm_ioctls::VcpuFd;
 use crate::arch::x86_64::cpuid::{self, HostKind};
 use crate::devices::{BusExits, DeviceError, LegacyDevices};
 use crate::loader::LoadError;
+use crate::profiling::regions::{ProfilerRegions, RegionError};
+use crate::profiling::sampler::SampledVcpu;
 use crate::vstate::memory::MemoryError;
 use crate::vstate::vcpu::{Vcpu, VmControl};
 use crate::vstate::vm::{Vm, VmError};
@@ -59,6 +61,9 @@ pub enum BuildError {
     /// A vCPU ioctl failed.
     #[error("cannot configure vCPU {0}: {1}")]
     Vcpu(usize, String),
+    /// The profiler regions could not be published.
+    #[error(transparent)]
+    Profiler(#[from] RegionError),
     /// The wake-up eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
@@ -82,6 +87,16 @@ pub enum Guest {
     },
 }
 
+/// The profiler of a VM: its published regions and what the host sampler reads per vCPU.
+pub struct Profiling {
+    /// The guest and host regions (shared with readers for as long as they hold a clone).
+    pub regions: Arc<ProfilerRegions>,
+    /// Per-vCPU stats fds and thread ids.
+    pub vcpus: Vec<SampledVcpu>,
+    /// Sampling period.
+    pub period: std::time::Duration,
+}
+
 /// A VM ready to start.
 pub struct BuiltVm {
     /// The VM.
@@ -96,6 +111,8 @@ pub struct BuiltVm {
     pub guest: Guest,
     /// The host kind the VM was configured for.
     pub host: HostKind,
+    /// The profiler, when its regions could be published.
+    pub profiling: Option<Profiling>,
 }
 
 /// Sets CPUID on a new vCPU (what KVM supports, filtered for the guest and the host kind) and

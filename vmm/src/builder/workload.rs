@@ -1,19 +1,32 @@
 //! Builds the embedded OS-less workload guest: one user-mode task per vCPU.
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use mirrorball_profiler::kvm_stats::StatsFd;
+use mirrorball_workload::PROFILER_REGION_GPA;
 
 use crate::arch::x86_64::cpuid::HostKind;
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
+use crate::profiling::regions::ProfilerRegions;
+use crate::profiling::sampler::SampledVcpu;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
-use crate::workload::{self, TaskSpec, WorkloadMonitor};
+use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadMonitor};
 
-use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest, MAX_VCPUS};
+use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest, Profiling, MAX_VCPUS};
 
 /// Builds the workload guest with one task (and vCPU) per spec, in `mem_bytes` of RAM or just
-/// as much as the tasks need.
-pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, BuildError> {
+/// as much as the tasks need; with `profile_period`, publishes the profiler regions in
+/// `run_dir` and maps the guest region at [`PROFILER_REGION_GPA`].
+pub fn build(
+    specs: Vec<TaskSpec>,
+    mem_bytes: Option<u64>,
+    profile_period: Option<Duration>,
+    run_dir: &Path,
+) -> Result<BuiltVm, BuildError> {
     check_vcpus(specs.len(), MAX_VCPUS.min(mirrorball_workload::MAX_TASKS))?;
     let plan = workload::layout(&specs)?;
     let ram_bytes = match mem_bytes {
@@ -47,16 +60,48 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
         true,
     )
     .map_err(|e| boot(&e))?;
-    let entry = workload::load(mem, &plan)?;
+    let regions = match profile_period {
+        Some(period) => {
+            let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+            let regions = ProfilerRegions::create(run_dir, specs.len() as u32, "workload", ns)?;
+            // SAFETY: the mapping lives in `regions`, which the BuiltVm keeps (in `profiling`)
+            // for as long as the VM.
+            unsafe {
+                vm.add_memslot(
+                    vm.ram_slots(),
+                    PROFILER_REGION_GPA,
+                    regions.guest.host_addr(),
+                    regions.guest.len() as u64,
+                )?;
+            }
+            Some((Arc::new(regions), period))
+        }
+        None => None,
+    };
     let control = Arc::new(VmControl::new(specs.len()).map_err(BuildError::EventFd)?);
     let exits = Arc::new(BusExits::empty());
     let monitor = Arc::new(WorkloadMonitor::new(specs.len(), exits.clone()));
     let mut vcpus = Vec::with_capacity(specs.len());
+    let mut entry = None;
     for index in 0..specs.len() {
         let fd = vm.create_vcpu(index)?;
         configure_cpuid(&vm, &fd, index, specs.len(), host)?;
+        let rip = match entry {
+            Some(rip) => rip,
+            None => {
+                let tsc_khz = fd.get_tsc_khz().map_or(0, u64::from);
+                let profiler = regions
+                    .as_ref()
+                    .map_or(ProfilerParams::default(), |(r, _)| ProfilerParams {
+                        gpa: PROFILER_REGION_GPA,
+                        len: r.guest.len() as u64,
+                        tsc_khz,
+                    });
+                *entry.insert(workload::load(mem, &plan, profiler)?)
+            }
+        };
         let state = regs::EntryState::UserMode {
-            rip: entry,
+            rip,
             rsp: workload::stack_top(index),
             arg0: index as u64,
             arg1: mirrorball_workload::PARAMS_GPA,
@@ -66,6 +111,17 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
+    let profiling = regions.map(|(regions, period)| Profiling {
+        regions,
+        vcpus: vcpus
+            .iter()
+            .map(|v| SampledVcpu {
+                stats: StatsFd::for_vcpu(v.fd()).ok(),
+                tid: v.tid_handle(),
+            })
+            .collect(),
+        period,
+    });
     Ok(BuiltVm {
         vm,
         vcpus,
@@ -73,5 +129,6 @@ pub fn build(specs: Vec<TaskSpec>, mem_bytes: Option<u64>) -> Result<BuiltVm, Bu
         exits,
         guest: Guest::Workload { monitor, specs },
         host,
+        profiling,
     })
 }

@@ -1,6 +1,6 @@
 //! The vCPU run loop: one thread per vCPU, exits dispatched to an [`ExitHandler`], the VM's end
 //! decided once through [`VmControl`].
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -98,6 +98,7 @@ pub struct Vcpu {
     handler: Arc<dyn ExitHandler>,
     control: Arc<VmControl>,
     memory: GuestMemoryMmap,
+    tid: Arc<AtomicI32>,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -127,11 +128,24 @@ impl Vcpu {
             handler,
             control,
             memory,
+            tid: Arc::new(AtomicI32::new(0)),
         }
+    }
+
+    /// The vCPU file descriptor (for stats and TSC queries before the vCPU runs).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Where the vCPU thread publishes its thread id when it starts (0 before).
+    pub fn tid_handle(&self) -> Arc<AtomicI32> {
+        self.tid.clone()
     }
 
     /// Runs until the vCPU or the VM stops; returns the vCPU's accounting.
     pub fn run(mut self) -> VcpuReport {
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
         let stats = StatsFd::for_vcpu(&self.fd).ok();
         let mut acct = match VcpuAccounting::new(self.index, stats) {
             Ok(acct) => acct,

@@ -114,6 +114,35 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_VCPU"))
     }
 
+    /// Maps `len` bytes at host address `host` into guest physical memory at `gpa` as memory
+    /// slot `slot` (an extra slot beside RAM, e.g. a profiler region).
+    ///
+    /// # Safety
+    /// The host mapping must stay valid for as long as the VM exists.
+    pub unsafe fn add_memslot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        host: *mut u8,
+        len: u64,
+    ) -> Result<(), VmError> {
+        let desc = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the caller keeps the mapping alive for the VM's life.
+        unsafe { self.fd.set_user_memory_region(desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Number of memory slots holding RAM (extra slots start after them).
+    pub fn ram_slots(&self) -> u32 {
+        self.ram.ranges().len() as u32
+    }
+
     /// True when `addr` is guest RAM.
     pub fn is_ram(&self, addr: u64) -> bool {
         self.ram.memory().address_in_range(GuestAddress(addr))

@@ -1,0 +1,135 @@
+//! The guest side of the two-level profiler: each task registers itself in the shared region's
+//! task table, names itself in its vCPU's slot, and appends a sample after every iteration.
+//!
+//! The region has one writer by contract; this guest has one task per vCPU running in
+//! parallel, so every write happens under a spinlock shared by all vCPUs. An OS-less guest has
+//! no page faults of its own, so the fault fields of its samples are 0: the host side (KVM
+//! and vCPU-thread faults, attributed through the vCPU slot) carries the story.
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use mirrorball_profiler_abi::{comm_from, CurrentTask, GuestRegion, GuestSample, RegionMut};
+use mirrorball_workload::Params;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+fn locked<R>(f: impl FnOnce() -> R) -> R {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    let result = f();
+    LOCK.store(false, Ordering::Release);
+    result
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc reads the time-stamp counter; user mode may use it (CR4.TSD is clear).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// One task's handle on the region.
+pub struct Profile {
+    gpa: u64,
+    len: u64,
+    tsc_khz: u64,
+    vcpu: u32,
+    task_id: u32,
+    pid: u32,
+    started_tsc: u64,
+}
+
+impl Profile {
+    fn region(&self) -> Option<GuestRegion<'static>> {
+        // SAFETY: the VMM maps `len` bytes of shared memory at `gpa`, identity-mapped, for the
+        // guest's whole life; all accesses go through the ABI crate's atomics.
+        let region = unsafe { RegionMut::from_raw(self.gpa as *mut u8, self.len as usize) }.ok()?;
+        GuestRegion::attach(region).ok()
+    }
+
+    fn now_ns(&self) -> u64 {
+        if self.tsc_khz == 0 {
+            return 0;
+        }
+        (u128::from(rdtsc()) * 1_000_000 / u128::from(self.tsc_khz)) as u64
+    }
+
+    /// Registers task `task` (pid `task + 1`, command `comm`) and names it on its vCPU.
+    pub fn start(params: &Params, task: u32, comm: &[u8]) -> Option<Self> {
+        if params.profiler_gpa == 0 || params.profiler_len == 0 {
+            return None;
+        }
+        let mut me = Self {
+            gpa: params.profiler_gpa,
+            len: params.profiler_len,
+            tsc_khz: params.tsc_khz,
+            vcpu: task,
+            task_id: 0,
+            pid: task + 1,
+            started_tsc: rdtsc(),
+        };
+        let comm = comm_from(comm);
+        let now = me.now_ns();
+        locked(|| {
+            let region = me.region()?;
+            me.task_id = region
+                .task_table()
+                .register(me.pid, me.pid, &comm, now)
+                .ok()?;
+            let task = CurrentTask {
+                task_id: me.task_id,
+                pid: me.pid,
+                tgid: me.pid,
+                flags: 0,
+                comm,
+            };
+            region.vcpu_writer(me.vcpu).ok()?.switch_to(&task, now);
+            Some(())
+        })?;
+        Some(me)
+    }
+
+    /// Appends a sample (CPU time so far; `exited` marks the last one).
+    pub fn sample(&self, exited: bool) {
+        let now = self.now_ns();
+        let cpu_ns = if self.tsc_khz == 0 {
+            0
+        } else {
+            (u128::from(rdtsc().wrapping_sub(self.started_tsc)) * 1_000_000
+                / u128::from(self.tsc_khz)) as u64
+        };
+        let sample = GuestSample {
+            timestamp_ns: now,
+            task_id: self.task_id,
+            pid: self.pid,
+            utime_ns: cpu_ns,
+            cpu: self.vcpu,
+            flags: if exited {
+                mirrorball_profiler_abi::SAMPLE_EXITED
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        locked(|| {
+            if let Some(mut ring) = self.region().and_then(|r| r.ring_writer().ok()) {
+                ring.push(&sample);
+            }
+        });
+    }
+
+    /// Unregisters the task and clears its vCPU slot.
+    pub fn finish(&self) {
+        self.sample(true);
+        let now = self.now_ns();
+        locked(|| {
+            if let Some(region) = self.region() {
+                let _ = region.task_table().unregister(self.task_id, now);
+                if let Ok(mut slot) = region.vcpu_writer(self.vcpu) {
+                    slot.clear();
+                }
+            }
+        });
+    }
+}

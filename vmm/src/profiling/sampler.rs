@@ -1,0 +1,279 @@
+//! The host sampler: one thread per VM that, every period, takes per vCPU the deltas of KVM's
+//! binary stats (`pf_taken`, `pf_fixed`, `exits`), of the vCPU thread's host faults and CPU
+//! time, attributes them to the guest task the vCPU's slot in the guest region names at that
+//! moment, and appends one record per vCPU to the host region's ring.
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mirrorball_profiler::kvm_stats::StatsFd;
+use mirrorball_profiler_abi::{
+    validate_guest_region, Attribution, HostRegion, HostSample, ReadError,
+};
+
+use super::regions::ProfilerRegions;
+
+/// Shortest period the sampler accepts (10 kHz).
+pub const MIN_PERIOD: Duration = Duration::from_micros(100);
+
+/// What the sampler needs of one vCPU.
+pub struct SampledVcpu {
+    /// The vCPU's binary stats, if KVM provides them.
+    pub stats: Option<StatsFd>,
+    /// The vCPU thread's id, set by the thread when it starts (0 until then).
+    pub tid: Arc<AtomicI32>,
+}
+
+/// Counters of the vCPU thread read from `/proc/self/task/<tid>/stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounters {
+    /// Minor faults.
+    pub min_flt: u64,
+    /// Major faults.
+    pub maj_flt: u64,
+    /// User time, ns (clock-tick resolution).
+    pub utime_ns: u64,
+    /// System time, ns (clock-tick resolution).
+    pub stime_ns: u64,
+}
+
+/// Parses the fields we use out of a `/proc/<pid>/task/<tid>/stat` line.
+pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
+    // The command name is in parentheses and may contain anything, even ") ".
+    let rest = &line[line.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")" comes field 3 (state); minflt is field 10, majflt 12, utime 14, stime 15.
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(ThreadCounters {
+        min_flt: field(10)?,
+        maj_flt: field(12)?,
+        utime_ns: field(14)?.saturating_mul(tick_ns),
+        stime_ns: field(15)?.saturating_mul(tick_ns),
+    })
+}
+
+fn read_thread(tid: i32, tick_ns: u64) -> Option<ThreadCounters> {
+    if tid <= 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    parse_task_stat(&text, tick_ns)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Per-vCPU state between ticks.
+struct VcpuState {
+    vcpu: SampledVcpu,
+    indexes: [Option<usize>; 3],
+    stats_buf: Vec<u64>,
+    last_stats: [u64; 3],
+    last_thread: ThreadCounters,
+    last_switch_count: Option<u64>,
+    last_ns: u64,
+}
+
+/// What the sampler did, reported when it stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SamplerReport {
+    /// Ticks taken.
+    pub ticks: u64,
+    /// Records written to the host ring.
+    pub records: u64,
+    /// Ticks that started more than a period late (the schedule skipped ahead).
+    pub late_ticks: u64,
+}
+
+/// A running sampler thread.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<SamplerReport>,
+}
+
+impl Sampler {
+    /// Starts sampling `vcpus` of the VM whose regions are `regions`, every `period`.
+    pub fn spawn(
+        regions: Arc<ProfilerRegions>,
+        vcpus: Vec<SampledVcpu>,
+        period: Duration,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let period = period.max(MIN_PERIOD);
+        let handle = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || run(&regions, vcpus, period, &flag))?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops the thread (after one last tick) and returns its report.
+    pub fn stop(self) -> SamplerReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+fn run(
+    regions: &ProfilerRegions,
+    vcpus: Vec<SampledVcpu>,
+    period: Duration,
+    stop: &AtomicBool,
+) -> SamplerReport {
+    let mut report = SamplerReport::default();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let tick_ns = 1_000_000_000 / ticks_per_s;
+    let Ok(host_mut) = regions.host.region_mut() else {
+        return report;
+    };
+    let Ok(host) = HostRegion::attach(host_mut) else {
+        return report;
+    };
+    let Ok(mut ring) = host.ring_writer() else {
+        return report;
+    };
+    let mut states: Vec<VcpuState> = vcpus
+        .into_iter()
+        .map(|vcpu| {
+            let indexes = ["pf_taken", "pf_fixed", "exits"]
+                .map(|name| vcpu.stats.as_ref().and_then(|s| s.index_of(name)));
+            VcpuState {
+                vcpu,
+                indexes,
+                stats_buf: Vec::new(),
+                last_stats: [0; 3],
+                last_thread: ThreadCounters::default(),
+                last_switch_count: None,
+                last_ns: monotonic_ns(),
+            }
+        })
+        .collect();
+    for s in &mut states {
+        s.last_stats = read_stats(s);
+    }
+    let mut next = Instant::now() + period;
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        let now = Instant::now();
+        if !stopping && now < next {
+            std::thread::sleep(next - now);
+        }
+        next += period;
+        if Instant::now() > next {
+            report.late_ticks += 1;
+            next = Instant::now() + period;
+        }
+        report.ticks += 1;
+        // The guest may rewrite its region's header at any time: validate it on every tick.
+        let guest_view = regions
+            .guest
+            .region()
+            .ok()
+            .and_then(|r| validate_guest_region(r).ok());
+        for (index, s) in states.iter_mut().enumerate() {
+            let now_ns = monotonic_ns();
+            let stats = read_stats(s);
+            let thread =
+                read_thread(s.vcpu.tid.load(Ordering::Relaxed), tick_ns).unwrap_or(s.last_thread);
+            let slot = match &guest_view {
+                Some(view) => view.vcpu(index as u32),
+                None => Err(ReadError::OutOfRange),
+            };
+            let attribution = Attribution::from_slot(slot, s.last_switch_count);
+            let mut sample = HostSample {
+                timestamp_ns: now_ns,
+                vcpu: index as u32,
+                interval_ns: now_ns.saturating_sub(s.last_ns),
+                pf_taken: stats[0].saturating_sub(s.last_stats[0]),
+                pf_fixed: stats[1].saturating_sub(s.last_stats[1]),
+                exits: stats[2].saturating_sub(s.last_stats[2]),
+                host_min_flt: thread.min_flt.saturating_sub(s.last_thread.min_flt),
+                host_maj_flt: thread.maj_flt.saturating_sub(s.last_thread.maj_flt),
+                vcpu_utime_ns: thread.utime_ns.saturating_sub(s.last_thread.utime_ns),
+                vcpu_stime_ns: thread.stime_ns.saturating_sub(s.last_thread.stime_ns),
+                ..Default::default()
+            };
+            sample.set_attribution(&attribution);
+            ring.push(&sample);
+            report.records += 1;
+            if attribution.attr_flags & mirrorball_profiler_abi::ATTR_SLOT_VALID != 0 {
+                s.last_switch_count = Some(attribution.guest_switch_count);
+            }
+            s.last_stats = stats;
+            s.last_thread = thread;
+            s.last_ns = now_ns;
+        }
+        if stopping {
+            return report;
+        }
+    }
+}
+
+fn read_stats(s: &mut VcpuState) -> [u64; 3] {
+    let Some(stats) = &s.vcpu.stats else {
+        return [0; 3];
+    };
+    if stats.read_into(&mut s.stats_buf).is_err() {
+        return s.last_stats;
+    }
+    s.indexes.map(|i| {
+        i.and_then(|i| stats.descriptors().get(i))
+            .and_then(|d| d.first(&s.stats_buf))
+            .unwrap_or(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_stat_fields_survive_odd_command_names() {
+        let line = "1234 (vcpu 0) x) R 1 2 3 4 5 6 77 8 99 10 300 400 0 0 20 0 1 0 100 0 0";
+        let c = parse_task_stat(line, 10_000_000).expect("parse");
+        assert_eq!((c.min_flt, c.maj_flt), (77, 99));
+        assert_eq!((c.utime_ns, c.stime_ns), (3_000_000_000, 4_000_000_000));
+        assert_eq!(parse_task_stat("garbage", 1), None);
+        assert_eq!(parse_task_stat("1 (x) R 1 2", 1), None);
+    }
+
+    #[test]
+    fn own_thread_faults_are_read_from_proc() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let before = read_thread(tid, 10_000_000).expect("own thread");
+        let pages = 64;
+        // SAFETY: a private anonymous mapping, touched once per page and unmapped below.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                pages * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            for i in 0..pages {
+                std::ptr::write_volatile(p.cast::<u8>().add(i * 4096), 1);
+            }
+            libc::munmap(p, pages * 4096);
+        }
+        let after = read_thread(tid, 10_000_000).expect("own thread");
+        assert!(
+            after.min_flt >= before.min_flt + pages as u64,
+            "{before:?} -> {after:?}"
+        );
+    }
+}
