@@ -43,7 +43,8 @@ fn host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss() {
         .iter()
         .map(|s| s.parse().expect("spec"))
         .collect();
-    let built = workload::build(specs, None, Some(Duration::from_millis(1)), &dir).expect("build");
+    let built =
+        workload::build(specs, 2, None, Some(Duration::from_millis(1)), &dir).expect("build");
     let kept: Mutex<Option<Arc<ProfilerRegions>>> = Mutex::new(None);
     let keep = |r: Arc<ProfilerRegions>| *kept.lock().expect("lock") = Some(r);
     let interrupted = AtomicBool::new(false);
@@ -128,4 +129,48 @@ fn host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss() {
         std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0,
         "region files removed"
     );
+}
+
+#[test]
+fn counts_split_between_tasks_that_share_a_vcpu() {
+    if !kvm_available("counts_split_between_tasks_that_share_a_vcpu") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("mb-profiler-split-{}", std::process::id()));
+    // One vCPU, two tasks taking turns by iteration: the heavy one touches all 2,048 pages of
+    // its 8 MiB in its first iteration; the light one a handful of pages of its own.
+    let specs: Vec<TaskSpec> = ["work 8 R 200000 6", "work 2 L 200 6"]
+        .iter()
+        .map(|s| s.parse().expect("spec"))
+        .collect();
+    let built =
+        workload::build(specs, 1, None, Some(Duration::from_micros(500)), &dir).expect("build");
+    let interrupted = AtomicBool::new(false);
+    let report = session::run(
+        built,
+        SessionOptions {
+            timeout: Some(Duration::from_secs(60)),
+            interrupted: &interrupted,
+            console_input: false,
+            keep_regions: None,
+        },
+    )
+    .expect("run");
+    assert_eq!(report.end.kind, "workload_finished");
+    let heavy = report.tasks[0].host.expect("heavy task attributed");
+    let light = report.tasks[1].host.expect("light task attributed");
+    let vcpu_total = report.vcpus[0].host_minor_faults;
+    assert!(
+        heavy.host_min_flt >= 2048 * 9 / 10,
+        "heavy {heavy:?}, light {light:?}, vCPU {vcpu_total}"
+    );
+    assert!(
+        light.host_min_flt < 2048 / 10,
+        "heavy {heavy:?}, light {light:?}, vCPU {vcpu_total}"
+    );
+    assert!(light.samples > 0 && heavy.samples > 0);
+    // The sampler may also see the few faults the vCPU thread takes after its own final
+    // accounting (building its report), never the guest's faults twice.
+    let attributed = heavy.host_min_flt + light.host_min_flt;
+    assert!(attributed <= vcpu_total + 64, "attributed {attributed} > vCPU total {vcpu_total}");
 }

@@ -87,5 +87,5 @@ fn vcpu_count_must_match_the_tasks() {
         DEADLINE,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("does not match"));
+    assert!(text(&out.stderr).contains("every vCPU needs a task"));
 }

@@ -3,9 +3,10 @@
 //! guest-side decoding of doorbell values and of the parameter block (`Event::decode`,
 //! `validate`) on arbitrary bytes.
 //!
-//! Input: the first byte is the monitor's task count (0..=MAX_TASKS+1), then operations, each
-//! starting with an opcode byte (`op % 8`):
-//! * 0..=2: a 4-byte doorbell write — vCPU byte, 4 value bytes
+//! Input: the first byte is the monitor's task count (0..=MAX_TASKS+1), the second how tasks map
+//! to vCPUs (one each, or round robin on 1..=4 vCPUs), then operations, each starting with an
+//! opcode byte (`op % 8`):
+//! * 0..=2: a 4-byte write to a task's doorbell — task byte, vCPU byte, 4 value bytes
 //! * 3: a write of 0..=15 bytes at the doorbell or near it or anywhere — vCPU, address, data
 //! * 4: `progress()`, checked against a model of what the events so far should have produced
 //! * 5: the other exits (`io_in`, `io_out`, `mmio_read`), which must go to the inner handler
@@ -23,8 +24,8 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use mirrorball_fuzz::Bytes;
 use mirrorball_workload::{
-    bad_params, validate, AccessStream, Event, Params, Pattern, TaskParams, DOORBELL_GPA,
-    MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION,
+    bad_params, doorbell_gpa, doorbell_task, validate, AccessStream, Event, Params, Pattern,
+    TaskParams, DOORBELL_GPA, MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION,
 };
 use vmm::exit::VmEnd;
 use vmm::vstate::vcpu::{ExitHandler, VcpuAction};
@@ -68,9 +69,20 @@ struct Model {
     started: bool,
 }
 
-/// The documented effect of doorbell `value` from `vcpu` on the model, and the answer expected.
-fn model_event(tasks: &mut [Model], vcpu: usize, value: u32) -> VcpuAction {
-    let Some(task) = tasks.get_mut(vcpu) else {
+/// The documented effect of `value` at task `index`'s doorbell, written from `vcpu`, on the
+/// model, and the answer expected: only the task's own vCPU counts; a vCPU stops when all its
+/// tasks finished, the VM when all tasks did.
+fn model_event(
+    tasks: &mut [Model],
+    task_vcpus: &[usize],
+    vcpu: usize,
+    index: usize,
+    value: u32,
+) -> VcpuAction {
+    if task_vcpus.get(index) != Some(&vcpu) {
+        return VcpuAction::Continue;
+    }
+    let Some(task) = tasks.get_mut(index) else {
         return VcpuAction::Continue;
     };
     match value >> 24 {
@@ -81,8 +93,14 @@ fn model_event(tasks: &mut [Model], vcpu: usize, value: u32) -> VcpuAction {
             task.checksum = value & 0xff_ffff;
             return if tasks.iter().all(|t| t.finished) {
                 VcpuAction::StopVm(VmEnd::WorkloadFinished)
-            } else {
+            } else if tasks
+                .iter()
+                .zip(task_vcpus)
+                .all(|(t, &v)| v != vcpu || t.finished)
+            {
                 VcpuAction::StopVcpu
+            } else {
+                VcpuAction::Continue
             };
         }
         4 => {
@@ -151,6 +169,8 @@ fn params(input: &mut Bytes) -> Params {
             seed: input.u64(),
             iterations: input.u32(),
             pattern: input.u32(),
+            vcpu: input.u32(),
+            reserved: 0,
         };
     }
     p
@@ -191,8 +211,12 @@ fn check_validate(input: &mut Bytes) {
 fuzz_target!(|data: &[u8]| {
     let mut input = Bytes::new(data);
     let count = usize::from(input.below(MAX_TASKS as u8 + 2));
+    let task_vcpus: Vec<usize> = match input.below(5) {
+        0 => (0..count).collect(),
+        k => (0..count).map(|t| t % usize::from(k)).collect(),
+    };
     let inner = Arc::new(Inner::default());
-    let monitor = WorkloadMonitor::new(count, inner.clone());
+    let monitor = WorkloadMonitor::with_vcpus(task_vcpus.clone(), inner.clone());
     let mut model = vec![Model::default(); count];
     let mut inner_calls = 0u64;
 
@@ -201,11 +225,12 @@ fuzz_target!(|data: &[u8]| {
         ops += 1;
         match input.u8() % 8 {
             0..=2 => {
+                let task = usize::from(input.below(MAX_TASKS as u8 + 2)) % MAX_TASKS;
                 let vcpu = vcpu(&mut input);
                 let value = input.array::<4>();
-                let got = monitor.mmio_write(vcpu, DOORBELL_GPA, &value);
-                let want = model_event(&mut model, vcpu, u32::from_le_bytes(value));
-                assert_eq!(got, want, "vCPU {vcpu} value {value:x?}");
+                let got = monitor.mmio_write(vcpu, doorbell_gpa(task), &value);
+                let want = model_event(&mut model, &task_vcpus, vcpu, task, u32::from_le_bytes(value));
+                assert_eq!(got, want, "task {task} vCPU {vcpu} value {value:x?}");
             }
             3 => {
                 let vcpu = vcpu(&mut input);
@@ -219,9 +244,9 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(input.below(16));
                 let data = input.take(len);
                 let got = monitor.mmio_write(vcpu, addr, data);
-                if addr == DOORBELL_GPA && data.len() == 4 {
-                    let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                    assert_eq!(got, model_event(&mut model, vcpu, value));
+                if let (Some(task), [a, b, c, d]) = (doorbell_task(addr), data) {
+                    let value = u32::from_le_bytes([*a, *b, *c, *d]);
+                    assert_eq!(got, model_event(&mut model, &task_vcpus, vcpu, task, value));
                 } else {
                     inner_calls += 1;
                     assert_eq!(got, VcpuAction::Continue);

@@ -35,7 +35,8 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub vcpus: Option<usize>,
     /// OS-less workload task "work <MiB> <R|L> <accesses> [iterations]"; repeat for several
-    /// tasks, or give one with --vcpus N for N copies.
+    /// tasks (one vCPU each, or shared round robin on --vcpus N), or give one with --vcpus N
+    /// for N copies.
     #[arg(long, value_name = "SPEC", conflicts_with = "kernel")]
     pub workload: Vec<TaskSpec>,
     /// Write per-vCPU exit, fault and CPU accounting as JSON at exit ("-" for stdout).
@@ -61,8 +62,10 @@ pub enum GuestChoice {
     Linux(LinuxConfig),
     /// Run the OS-less workload.
     Workload {
-        /// One task per vCPU.
+        /// The tasks.
         specs: Vec<TaskSpec>,
+        /// vCPUs; task `i` runs on vCPU `i % vcpus`.
+        vcpus: usize,
         /// RAM, if given.
         mem_bytes: Option<u64>,
     },
@@ -132,29 +135,35 @@ impl Cli {
                 vcpus: self.vcpus.unwrap_or(1),
             }));
         }
-        let specs = match (self.workload.as_slice(), self.vcpus) {
-            ([], None) => DEFAULT_WORKLOAD
+        let parse_default = || {
+            DEFAULT_WORKLOAD
                 .iter()
                 .map(|s| s.parse().map_err(|e| format!("{e}")))
-                .collect::<Result<Vec<TaskSpec>, String>>()?,
-            ([], Some(n)) => {
-                let pair: Vec<TaskSpec> = DEFAULT_WORKLOAD
-                    .iter()
-                    .map(|s| s.parse().map_err(|e| format!("{e}")))
-                    .collect::<Result<_, String>>()?;
-                pair.iter().cycle().take(n).copied().collect()
+                .collect::<Result<Vec<TaskSpec>, String>>()
+        };
+        let (specs, vcpus) = match (self.workload.as_slice(), self.vcpus) {
+            ([], None) => {
+                let specs = parse_default()?;
+                let n = specs.len();
+                (specs, n)
             }
-            ([one], Some(n)) => vec![*one; n],
-            (many, Some(n)) if many.len() != n => {
+            ([], Some(n)) => (
+                parse_default()?.iter().cycle().take(n).copied().collect(),
+                n,
+            ),
+            ([one], Some(n)) => (vec![*one; n], n),
+            (many, Some(n)) if n > many.len() => {
                 return Err(format!(
-                    "--vcpus {n} does not match the {} --workload tasks (one task per vCPU)",
+                    "--vcpus {n} is more than the {} --workload tasks (every vCPU needs a task)",
                     many.len()
                 ))
             }
-            (many, _) => many.to_vec(),
+            (many, Some(n)) => (many.to_vec(), n),
+            (many, None) => (many.to_vec(), many.len()),
         };
         Ok(GuestChoice::Workload {
             specs,
+            vcpus,
             mem_bytes: self.mem,
         })
     }
@@ -182,8 +191,9 @@ mod tests {
 
     #[test]
     fn default_job_is_two_tasks() {
-        let GuestChoice::Workload { specs, mem_bytes } =
-            cli(&[]).expect("cli").guest().expect("guest")
+        let GuestChoice::Workload {
+            specs, mem_bytes, ..
+        } = cli(&[]).expect("cli").guest().expect("guest")
         else {
             panic!("expected the workload");
         };
@@ -198,7 +208,7 @@ mod tests {
     }
 
     #[test]
-    fn one_spec_is_copied_per_vcpu_and_mismatch_is_an_error() {
+    fn one_spec_is_copied_per_vcpu_and_tasks_share_vcpus() {
         let c = cli(&["--workload", "work 8 L 100", "--vcpus", "4"]).expect("cli");
         let GuestChoice::Workload { specs, .. } = c.guest().expect("guest") else {
             panic!("expected the workload");
@@ -213,7 +223,20 @@ mod tests {
             "3",
         ])
         .expect("cli");
-        assert!(c.guest().unwrap_err().contains("does not match"));
+        assert!(c.guest().unwrap_err().contains("every vCPU needs a task"));
+        let c = cli(&[
+            "--workload",
+            "work 8 L 100",
+            "--workload",
+            "work 8 R 1",
+            "--vcpus",
+            "1",
+        ])
+        .expect("cli");
+        let GuestChoice::Workload { specs, vcpus, .. } = c.guest().expect("guest") else {
+            panic!("expected the workload");
+        };
+        assert_eq!((specs.len(), vcpus), (2, 1));
     }
 
     #[test]

@@ -31,8 +31,13 @@ fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
             }
             builder::linux::build(config, Box::new(std::io::stdout()))?
         }
-        GuestChoice::Workload { specs, mem_bytes } => builder::workload::build(
+        GuestChoice::Workload {
+            specs,
+            vcpus,
+            mem_bytes,
+        } => builder::workload::build(
             specs.clone(),
+            *vcpus,
             *mem_bytes,
             cli.sample_period(),
             &cli.run_dir(),

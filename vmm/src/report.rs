@@ -6,7 +6,8 @@ use mirrorball_profiler::vcpu_accounting::VcpuReport;
 use serde::Serialize;
 
 use crate::exit::VmEnd;
-use crate::workload::{seconds, TaskProgress, TaskSpec};
+use crate::profiling::attribution::TaskTotals;
+use crate::workload::{seconds, task_vcpu, TaskProgress, TaskSpec};
 
 /// How the VM ended, in the stats file.
 #[derive(Clone, Debug, Serialize)]
@@ -32,8 +33,13 @@ impl From<&VmEnd> for EndReport {
 /// One workload task in the stats file.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskReport {
-    /// Task (= vCPU) index.
+    /// Task index.
     pub task: usize,
+    /// vCPU it ran on.
+    pub vcpu: usize,
+    /// What the profiler's host sampler attributed to the task, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<TaskTotals>,
     /// The `work` spec.
     pub spec: String,
     /// Iterations asked for.
@@ -76,14 +82,22 @@ pub struct RunReport {
     pub end_reason: VmEnd,
 }
 
-/// Pairs workload specs with their progress.
-pub fn task_reports(specs: &[TaskSpec], progress: Vec<TaskProgress>) -> Vec<TaskReport> {
+/// Pairs workload specs with their progress, their vCPU (of `vcpus`, round robin) and what the
+/// sampler attributed to them (the guest names task `i` pid `i + 1`).
+pub fn task_reports(
+    specs: &[TaskSpec],
+    progress: Vec<TaskProgress>,
+    vcpus: usize,
+    attributed: Option<&BTreeMap<u32, TaskTotals>>,
+) -> Vec<TaskReport> {
     specs
         .iter()
         .zip(progress)
         .enumerate()
         .map(|(task, (spec, progress))| TaskReport {
             task,
+            vcpu: task_vcpu(task, vcpus),
+            host: attributed.map(|a| a.get(&(task as u32 + 1)).copied().unwrap_or_default()),
             spec: spec.to_string(),
             iterations_planned: spec.iterations,
             progress,
@@ -91,21 +105,24 @@ pub fn task_reports(specs: &[TaskSpec], progress: Vec<TaskProgress>) -> Vec<Task
         .collect()
 }
 
-/// The per-task table printed after a workload run.
+/// The per-task table printed after a workload run. Host figures are what the profiler's
+/// sampler attributed to the task; without the profiler, the figures of the task's vCPU.
 pub fn workload_summary(report: &RunReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "workload: {} task(s), {} MiB guest RAM, host KVM: {}, {:.3} s",
+        "workload: {} task(s) on {} vCPU(s), {} MiB guest RAM, host KVM: {}, {:.3} s",
         report.tasks.len(),
+        report.vcpus.len(),
         report.mem_bytes >> 20,
         report.host,
         seconds(report.elapsed_ns)
     );
     let _ = writeln!(
         out,
-        "{:>4} {:<22} {:>7} {:>9} {:>11} {:>11} {:>12} {:>7} {:>7} {:>7}",
+        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>11} {:>11} {:>12} {:>7} {:>7}",
         "task",
+        "vcpu",
         "spec",
         "iters",
         "elapsed_s",
@@ -113,26 +130,40 @@ pub fn workload_summary(report: &RunReport) -> String {
         "host_majflt",
         "kvm_pf_taken",
         "exits",
-        "user_s",
-        "sys_s"
+        "cpu_s"
     );
     for task in &report.tasks {
-        let vcpu = report.vcpus.iter().find(|v| v.index == task.task);
-        let stat = |name: &str| vcpu.and_then(|v| v.kvm_stats.get(name).copied());
-        let pf = stat("pf_taken").map_or("-".to_string(), |v| v.to_string());
+        let vcpu = report.vcpus.iter().find(|v| v.index == task.vcpu);
+        let (minflt, majflt, pf, exits, cpu_ns) = match (&task.host, vcpu) {
+            (Some(h), _) => (
+                h.host_min_flt,
+                h.host_maj_flt,
+                Some(h.pf_taken),
+                h.exits,
+                h.vcpu_cpu_ns,
+            ),
+            (None, Some(v)) => (
+                v.host_minor_faults,
+                v.host_major_faults,
+                v.kvm_stats.get("pf_taken").copied(),
+                v.total_exits,
+                v.user_ns + v.system_ns,
+            ),
+            (None, None) => (0, 0, None, 0, 0),
+        };
         let _ = writeln!(
             out,
-            "{:>4} {:<22} {:>7} {:>9.3} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:>7.2}",
+            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>11} {:>11} {:>12} {:>7} {:>7.2}",
             task.task,
+            task.vcpu,
             task.spec,
             format!("{}/{}", task.progress.iterations, task.iterations_planned),
             seconds(task.progress.elapsed_ns),
-            vcpu.map_or(0, |v| v.host_minor_faults),
-            vcpu.map_or(0, |v| v.host_major_faults),
-            pf,
-            vcpu.map_or(0, |v| v.total_exits),
-            vcpu.map_or(0.0, |v| seconds(v.user_ns)),
-            vcpu.map_or(0.0, |v| seconds(v.system_ns)),
+            minflt,
+            majflt,
+            pf.map_or("-".to_string(), |v| v.to_string()),
+            exits,
+            seconds(cpu_ns),
         );
     }
     out
@@ -163,7 +194,7 @@ mod tests {
             vcpus,
             vm_kvm_stats: BTreeMap::new(),
             unhandled_exits: BTreeMap::new(),
-            tasks: task_reports(&specs, progress),
+            tasks: task_reports(&specs, progress, 2, None),
             profiler: None,
             sampler: None,
             end_reason: VmEnd::WorkloadFinished,

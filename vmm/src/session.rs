@@ -9,6 +9,7 @@ use mirrorball_devices::serial::SerialInput;
 use mirrorball_profiler::kvm_stats::StatsFd;
 
 use crate::builder::{BuiltVm, Guest};
+use crate::profiling::attribution::totals_by_pid;
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::Sampler;
 use crate::report::{task_reports, RunReport};
@@ -49,6 +50,7 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
             subscribers.push(Arc::new(Mutex::new(input)));
         }
     }
+    let vcpu_count = vcpus.len();
     let running = runner::start(vcpus, control)?;
     let started = running.started();
     let mut profiler_name = None;
@@ -72,8 +74,10 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         },
     );
     let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let mut attributed = None;
     let sampler = sampler.map(|(s, regions)| {
         let report = s.stop();
+        attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
         if let Some(keep) = options.keep_regions {
             keep(regions);
         }
@@ -90,7 +94,10 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let (pio, mmio) = exits.unhandled();
     let (guest_name, tasks) = match &guest {
         Guest::Linux { .. } => ("linux", Vec::new()),
-        Guest::Workload { monitor, specs } => ("workload", task_reports(specs, monitor.progress())),
+        Guest::Workload { monitor, specs } => (
+            "workload",
+            task_reports(specs, monitor.progress(), vcpu_count, attributed.as_ref()),
+        ),
     };
     Ok(RunReport {
         end: (&end).into(),

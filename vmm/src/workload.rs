@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use mirrorball_workload::{
-    Event, Params, Pattern, TaskParams, DEFAULT_ITERATIONS, DOORBELL_GPA, IMAGE_END_GPA, IMAGE_GPA,
-    MAX_TASKS, PARAMS_GPA, STACKS_GPA, STACK_BYTES, TASK_REGION_BASE_GPA,
+    doorbell_task, Event, Params, Pattern, TaskParams, DEFAULT_ITERATIONS, IMAGE_END_GPA,
+    IMAGE_GPA, MAX_TASKS, MAX_TASKS_PER_VCPU, PARAMS_GPA, STACKS_GPA, STACK_BYTES,
+    TASK_REGION_BASE_GPA,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -38,6 +39,14 @@ pub enum WorkloadError {
     /// Too many tasks.
     #[error("{0} workload tasks requested; at most {MAX_TASKS} (one per vCPU)")]
     TooManyTasks(usize),
+    /// Tasks and vCPUs do not fit together.
+    #[error("{tasks} workload task(s) cannot run on {vcpus} vCPU(s): every vCPU needs a task and at most {MAX_TASKS_PER_VCPU} fit on one")]
+    Assignment {
+        /// Tasks.
+        tasks: usize,
+        /// vCPUs.
+        vcpus: usize,
+    },
     /// The image could not be loaded.
     #[error("cannot load the workload image: {0}")]
     Load(String),
@@ -124,10 +133,21 @@ pub struct WorkloadLayout {
     pub ram_bytes: u64,
 }
 
-/// Lays out `specs` (one per vCPU) in guest memory.
-pub fn layout(specs: &[TaskSpec]) -> Result<WorkloadLayout, WorkloadError> {
+/// The vCPU of task `task` when `tasks` tasks share `vcpus` vCPUs round robin.
+pub fn task_vcpu(task: usize, vcpus: usize) -> usize {
+    task % vcpus.max(1)
+}
+
+/// Lays out `specs` in guest memory, task `i` on vCPU `i % vcpus`.
+pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, WorkloadError> {
     if specs.len() > MAX_TASKS {
         return Err(WorkloadError::TooManyTasks(specs.len()));
+    }
+    if vcpus == 0 || vcpus > specs.len() || specs.len() > vcpus * MAX_TASKS_PER_VCPU {
+        return Err(WorkloadError::Assignment {
+            tasks: specs.len(),
+            vcpus,
+        });
     }
     let mut next = TASK_REGION_BASE_GPA;
     let mut tasks = Vec::with_capacity(specs.len());
@@ -140,6 +160,8 @@ pub fn layout(specs: &[TaskSpec]) -> Result<WorkloadLayout, WorkloadError> {
             seed: 0x5eed_0000 + i as u64 * 0x9e37_79b9,
             iterations: spec.iterations,
             pattern: spec.pattern as u32,
+            vcpu: task_vcpu(i, vcpus) as u32,
+            reserved: 0,
         });
         next += bytes.div_ceil(REGION_ALIGN) * REGION_ALIGN;
     }
@@ -216,17 +238,24 @@ pub struct TaskProgress {
     started: Option<Instant>,
 }
 
-/// Follows every task through the doorbell; passes other exits on to `inner`.
+/// Follows every task through its doorbell; passes other exits on to `inner`.
 pub struct WorkloadMonitor {
     tasks: Mutex<Vec<TaskProgress>>,
+    task_vcpus: Vec<usize>,
     inner: Arc<dyn ExitHandler>,
 }
 
 impl WorkloadMonitor {
-    /// A monitor for `count` tasks in front of the VM's device handler.
+    /// A monitor for `count` tasks, task `i` on vCPU `i`, in front of the VM's device handler.
     pub fn new(count: usize, inner: Arc<dyn ExitHandler>) -> Self {
+        Self::with_vcpus((0..count).collect(), inner)
+    }
+
+    /// A monitor for tasks whose vCPUs are `task_vcpus`.
+    pub fn with_vcpus(task_vcpus: Vec<usize>, inner: Arc<dyn ExitHandler>) -> Self {
         Self {
-            tasks: Mutex::new(vec![TaskProgress::default(); count]),
+            tasks: Mutex::new(vec![TaskProgress::default(); task_vcpus.len()]),
+            task_vcpus,
             inner,
         }
     }
@@ -242,9 +271,13 @@ impl WorkloadMonitor {
         tasks
     }
 
-    fn on_event(&self, vcpu: usize, value: u32) -> VcpuAction {
+    fn on_event(&self, vcpu: usize, index: usize, value: u32) -> VcpuAction {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(task) = tasks.get_mut(vcpu) else {
+        // A task's doorbell only counts from the vCPU the task runs on.
+        if self.task_vcpus.get(index) != Some(&vcpu) {
+            return VcpuAction::Continue;
+        }
+        let Some(task) = tasks.get_mut(index) else {
             return VcpuAction::Continue;
         };
         match Event::decode(value) {
@@ -257,7 +290,15 @@ impl WorkloadMonitor {
                 if tasks.iter().all(|t| t.finished) {
                     return VcpuAction::StopVm(VmEnd::WorkloadFinished);
                 }
-                return VcpuAction::StopVcpu;
+                let vcpu_done = tasks
+                    .iter()
+                    .zip(&self.task_vcpus)
+                    .all(|(t, &v)| v != vcpu || t.finished);
+                return if vcpu_done {
+                    VcpuAction::StopVcpu
+                } else {
+                    VcpuAction::Continue
+                };
             }
             Some(Event::BadParams(code)) => {
                 return VcpuAction::StopVm(VmEnd::WorkloadBadParams { vcpu, code })
@@ -282,9 +323,8 @@ impl ExitHandler for WorkloadMonitor {
     }
 
     fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> VcpuAction {
-        if addr == DOORBELL_GPA && data.len() == 4 {
-            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            return self.on_event(vcpu, value);
+        if let (Some(task), [a, b, c, d]) = (doorbell_task(addr), data) {
+            return self.on_event(vcpu, task, u32::from_le_bytes([*a, *b, *c, *d]));
         }
         self.inner.mmio_write(vcpu, addr, data)
     }
@@ -298,6 +338,7 @@ pub fn seconds(ns: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mirrorball_workload::doorbell_gpa;
 
     struct Sink;
     impl ExitHandler for Sink {
@@ -345,14 +386,30 @@ mod tests {
             .iter()
             .map(|s| s.parse().expect("spec"))
             .collect();
-        let l = layout(&specs).expect("layout");
+        let l = layout(&specs, 2).expect("layout");
         assert_eq!(l.tasks[0].region_gpa, TASK_REGION_BASE_GPA);
+        assert_eq!((l.tasks[0].vcpu, l.tasks[1].vcpu), (0, 1));
+        let shared = layout(&specs, 1).expect("layout");
+        assert_eq!((shared.tasks[0].vcpu, shared.tasks[1].vcpu), (0, 0));
+        assert!(matches!(
+            layout(&specs, 3),
+            Err(WorkloadError::Assignment { .. })
+        ));
+        assert!(matches!(
+            layout(&specs, 0),
+            Err(WorkloadError::Assignment { .. })
+        ));
+        let crowded = vec![specs[0]; MAX_TASKS_PER_VCPU + 1];
+        assert!(matches!(
+            layout(&crowded, 1),
+            Err(WorkloadError::Assignment { .. })
+        ));
         assert_eq!(l.tasks[1].region_gpa, TASK_REGION_BASE_GPA + (4 << 20));
         assert_eq!(l.ram_bytes, TASK_REGION_BASE_GPA + (8 << 20));
         assert_ne!(l.tasks[0].seed, l.tasks[1].seed);
         let many = vec![specs[0]; MAX_TASKS + 1];
         assert_eq!(
-            layout(&many),
+            layout(&many, MAX_TASKS + 1),
             Err(WorkloadError::TooManyTasks(MAX_TASKS + 1))
         );
     }
@@ -360,7 +417,7 @@ mod tests {
     #[test]
     fn image_loads_inside_its_window() {
         let specs = vec!["work 1 R 1".parse().expect("spec")];
-        let l = layout(&specs).expect("layout");
+        let l = layout(&specs, 1).expect("layout");
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), l.ram_bytes as usize)]).expect("mem");
         let entry = load(&mem, &l, ProfilerParams::default()).expect("load");
@@ -370,10 +427,28 @@ mod tests {
     }
 
     #[test]
+    fn monitor_stops_a_vcpu_only_when_all_its_tasks_finished() {
+        // Tasks 0 and 2 on vCPU 0, task 1 on vCPU 1.
+        let m = WorkloadMonitor::with_vcpus(vec![0, 1, 0], Arc::new(Sink));
+        let ring = |vcpu: usize, task: usize, e: Event| {
+            m.mmio_write(vcpu, doorbell_gpa(task), &e.encode().to_le_bytes())
+        };
+        assert_eq!(ring(0, 0, Event::Finished(1)), VcpuAction::Continue);
+        // Task 2's doorbell rung from the wrong vCPU is ignored.
+        assert_eq!(ring(1, 2, Event::Finished(1)), VcpuAction::Continue);
+        assert!(!m.progress()[2].finished);
+        assert_eq!(ring(0, 2, Event::Finished(1)), VcpuAction::StopVcpu);
+        assert_eq!(
+            ring(1, 1, Event::Finished(1)),
+            VcpuAction::StopVm(VmEnd::WorkloadFinished)
+        );
+    }
+
+    #[test]
     fn monitor_tracks_events_and_ends_when_all_finish() {
         let m = WorkloadMonitor::new(2, Arc::new(Sink));
-        let out = |m: &WorkloadMonitor, vcpu, e: Event| {
-            m.mmio_write(vcpu, DOORBELL_GPA, &e.encode().to_le_bytes())
+        let out = |m: &WorkloadMonitor, vcpu: usize, e: Event| {
+            m.mmio_write(vcpu, doorbell_gpa(vcpu), &e.encode().to_le_bytes())
         };
         assert_eq!(out(&m, 0, Event::Started), VcpuAction::Continue);
         assert_eq!(out(&m, 0, Event::IterationDone(1)), VcpuAction::Continue);
@@ -389,7 +464,7 @@ mod tests {
         );
         // Unknown events are counted, other ports go to the inner handler, bad vCPU ignored.
         assert_eq!(
-            m.mmio_write(1, DOORBELL_GPA, &0xee00_0000u32.to_le_bytes()),
+            m.mmio_write(1, doorbell_gpa(1), &0xee00_0000u32.to_le_bytes()),
             VcpuAction::Continue
         );
         assert_eq!(m.progress()[1].bad_events, 1);

@@ -1,5 +1,6 @@
 //! The guest side of the two-level profiler: each task registers itself in the shared region's
-//! task table, names itself in its vCPU's slot, and appends a sample after every iteration.
+//! task table, names itself in its vCPU's slot whenever it is switched in, and appends a sample
+//! after every iteration.
 //!
 //! The region has one writer by contract; this guest has one task per vCPU running in
 //! parallel, so every write happens under a spinlock shared by all vCPUs. An OS-less guest has
@@ -7,7 +8,7 @@
 //! and vCPU-thread faults, attributed through the vCPU slot) carries the story.
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use mirrorball_profiler_abi::{comm_from, CurrentTask, GuestRegion, GuestSample, RegionMut};
+use mirrorball_profiler_abi::{comm_from, Comm, CurrentTask, GuestRegion, GuestSample, RegionMut};
 use mirrorball_workload::Params;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
@@ -37,7 +38,11 @@ pub struct Profile {
     vcpu: u32,
     task_id: u32,
     pid: u32,
-    started_tsc: u64,
+    comm: Comm,
+    /// TSC cycles this task has run (switched in).
+    cpu_tsc: u64,
+    /// TSC when it was last switched in.
+    since_tsc: u64,
 }
 
 impl Profile {
@@ -55,8 +60,8 @@ impl Profile {
         (u128::from(rdtsc()) * 1_000_000 / u128::from(self.tsc_khz)) as u64
     }
 
-    /// Registers task `task` (pid `task + 1`, command `comm`) and names it on its vCPU.
-    pub fn start(params: &Params, task: u32, comm: &[u8]) -> Option<Self> {
+    /// Registers task `task` (pid `task + 1`, command `comm`) that runs on `vcpu`.
+    pub fn register(params: &Params, task: u32, vcpu: u32, comm: &[u8]) -> Option<Self> {
         if params.profiler_gpa == 0 || params.profiler_len == 0 {
             return None;
         }
@@ -64,30 +69,57 @@ impl Profile {
             gpa: params.profiler_gpa,
             len: params.profiler_len,
             tsc_khz: params.tsc_khz,
-            vcpu: task,
+            vcpu,
             task_id: 0,
             pid: task + 1,
-            started_tsc: rdtsc(),
+            comm: comm_from(comm),
+            cpu_tsc: 0,
+            since_tsc: 0,
         };
-        let comm = comm_from(comm);
         let now = me.now_ns();
         locked(|| {
             let region = me.region()?;
             me.task_id = region
                 .task_table()
-                .register(me.pid, me.pid, &comm, now)
+                .register(me.pid, me.pid, &me.comm, now)
                 .ok()?;
-            let task = CurrentTask {
-                task_id: me.task_id,
-                pid: me.pid,
-                tgid: me.pid,
-                flags: 0,
-                comm,
-            };
-            region.vcpu_writer(me.vcpu).ok()?.switch_to(&task, now);
             Some(())
         })?;
         Some(me)
+    }
+
+    /// Names this task in its vCPU's slot (a context switch) and starts its CPU clock.
+    pub fn switch_in(&mut self) {
+        let task = CurrentTask {
+            task_id: self.task_id,
+            pid: self.pid,
+            tgid: self.pid,
+            flags: 0,
+            comm: self.comm,
+        };
+        let now = self.now_ns();
+        locked(|| {
+            if let Some(mut slot) = self.region().and_then(|r| r.vcpu_writer(self.vcpu).ok()) {
+                slot.switch_to(&task, now);
+            }
+        });
+        self.since_tsc = rdtsc();
+    }
+
+    /// Stops this task's CPU clock (it is switched out).
+    pub fn switch_out(&mut self) {
+        self.cpu_tsc = self
+            .cpu_tsc
+            .wrapping_add(rdtsc().wrapping_sub(self.since_tsc));
+    }
+
+    /// Clears the slot of `vcpu` (nothing runs there any more).
+    pub fn idle(&self) {
+        locked(|| {
+            if let Some(mut slot) = self.region().and_then(|r| r.vcpu_writer(self.vcpu).ok()) {
+                slot.clear();
+            }
+        });
     }
 
     /// Appends a sample (CPU time so far; `exited` marks the last one).
@@ -96,8 +128,7 @@ impl Profile {
         let cpu_ns = if self.tsc_khz == 0 {
             0
         } else {
-            (u128::from(rdtsc().wrapping_sub(self.started_tsc)) * 1_000_000
-                / u128::from(self.tsc_khz)) as u64
+            (u128::from(self.cpu_tsc) * 1_000_000 / u128::from(self.tsc_khz)) as u64
         };
         let sample = GuestSample {
             timestamp_ns: now,
@@ -119,16 +150,13 @@ impl Profile {
         });
     }
 
-    /// Unregisters the task and clears its vCPU slot.
+    /// Writes the final sample and unregisters the task.
     pub fn finish(&self) {
         self.sample(true);
         let now = self.now_ns();
         locked(|| {
             if let Some(region) = self.region() {
                 let _ = region.task_table().unregister(self.task_id, now);
-                if let Ok(mut slot) = region.vcpu_writer(self.vcpu) {
-                    slot.clear();
-                }
             }
         });
     }

@@ -2,20 +2,36 @@
 //!
 //! The guest has no operating system. The VMM loads the image, writes a [`Params`] block at
 //! [`PARAMS_GPA`], identity-maps guest memory and starts every vCPU directly in user mode (CPL3)
-//! at the image's entry point with `rdi` = task index and `rsi` = [`PARAMS_GPA`]. Each vCPU runs
-//! one task: the classic MP3 `work` program over its own memory region. Progress goes to the VMM
-//! through an MMIO doorbell ([`DOORBELL_GPA`], a 32-bit store encoded by [`Event`]) at an address
-//! with no memory behind it, so every store exits to the VMM; the VMM timestamps every event, so
-//! the guest needs no clock. (MMIO rather than port I/O: a user-mode `out` needs RFLAGS.IOPL = 3,
+//! at the image's entry point with `rdi` = vCPU index and `rsi` = [`PARAMS_GPA`]. Each task is
+//! the classic MP3 `work` program over its own memory region, and names the vCPU it runs on; a
+//! vCPU with several tasks runs them in turns, one iteration each (a context switch the profiler
+//! sees). Progress goes to the VMM through an MMIO doorbell: a 32-bit store encoded by [`Event`]
+//! to [`doorbell_gpa`] of the task, an address with no memory behind it, so every store exits to
+//! the VMM; the VMM timestamps every event, so the guest needs no clock. (MMIO rather than port I/O: a user-mode `out` needs RFLAGS.IOPL = 3,
 //! which not every hypervisor preserves for user mode — PVM does not.)
 //!
 //! This crate is `no_std` so the guest image and the host share one definition, and the access
 //! patterns can be unit-tested on the host.
 #![no_std]
 
-/// Guest-physical (= virtual) address the guest stores 32-bit [`Event`]s to. It lies in the
-/// device hole below 4 GiB: mapped by the guest's page tables, backed by no memory.
+/// Guest-physical (= virtual) address of task 0's doorbell, where the guest stores 32-bit
+/// [`Event`]s. It lies in the device hole below 4 GiB: mapped by the guest's page tables, backed
+/// by no memory. Task `i` uses [`doorbell_gpa`]`(i)`.
 pub const DOORBELL_GPA: u64 = 0xc000_0000;
+/// Bytes between two tasks' doorbells.
+pub const DOORBELL_STRIDE: u64 = 8;
+
+/// The doorbell address of task `task`.
+pub const fn doorbell_gpa(task: usize) -> u64 {
+    DOORBELL_GPA + task as u64 * DOORBELL_STRIDE
+}
+
+/// The task whose doorbell `addr` is, if it is one.
+pub fn doorbell_task(addr: u64) -> Option<usize> {
+    let offset = addr.checked_sub(DOORBELL_GPA)?;
+    let task = offset / DOORBELL_STRIDE;
+    (offset % DOORBELL_STRIDE == 0 && task < MAX_TASKS as u64).then_some(task as usize)
+}
 /// Guest-physical address of the [`Params`] block.
 pub const PARAMS_GPA: u64 = 0x0001_0000;
 /// Guest-physical base of the per-vCPU stacks; stack `i` ends at `STACKS_GPA + (i + 1) * STACK_BYTES`.
@@ -28,12 +44,14 @@ pub const IMAGE_GPA: u64 = 0x0020_0000;
 pub const IMAGE_END_GPA: u64 = 0x0040_0000;
 /// First guest-physical address available for task memory regions.
 pub const TASK_REGION_BASE_GPA: u64 = 0x0100_0000;
-/// Most tasks one guest runs (one per vCPU).
+/// Most tasks one guest runs.
 pub const MAX_TASKS: usize = 64;
+/// Most tasks one vCPU runs.
+pub const MAX_TASKS_PER_VCPU: usize = 16;
 /// `Params::magic`: "MBWL".
 pub const PARAMS_MAGIC: u32 = 0x4c57_424d;
 /// `Params::version` of this layout.
-pub const PARAMS_VERSION: u32 = 2;
+pub const PARAMS_VERSION: u32 = 3;
 /// Guest-physical address where the VMM maps the profiler's guest region (in the device hole).
 pub const PROFILER_REGION_GPA: u64 = 0xe000_0000;
 /// Iterations of the classic `work` program.
@@ -76,6 +94,10 @@ pub struct TaskParams {
     pub iterations: u32,
     /// A [`Pattern`] as `u32`.
     pub pattern: u32,
+    /// vCPU the task runs on.
+    pub vcpu: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// The block at [`PARAMS_GPA`].
@@ -96,7 +118,7 @@ pub struct Params {
     pub profiler_len: u64,
     /// TSC frequency in kHz (0 if unknown): guest timestamps are TSC-derived.
     pub tsc_khz: u64,
-    /// Per-task parameters, indexed by vCPU.
+    /// Per-task parameters.
     pub tasks: [TaskParams; MAX_TASKS],
 }
 
@@ -132,7 +154,7 @@ pub enum Event {
 pub mod bad_params {
     /// The magic or version of [`super::Params`] is wrong.
     pub const HEADER: u32 = 1;
-    /// The task index is not below `task_count`.
+    /// The task index is not below `task_count`, or a vCPU has no task.
     pub const TASK_INDEX: u32 = 2;
     /// The region is empty or the pattern unknown.
     pub const TASK: u32 = 3;
@@ -298,6 +320,15 @@ mod tests {
     }
 
     #[test]
+    fn doorbells_name_their_task() {
+        assert_eq!(doorbell_task(DOORBELL_GPA), Some(0));
+        assert_eq!(doorbell_task(doorbell_gpa(5)), Some(5));
+        assert_eq!(doorbell_task(doorbell_gpa(5) + 4), None);
+        assert_eq!(doorbell_task(doorbell_gpa(MAX_TASKS)), None);
+        assert_eq!(doorbell_task(DOORBELL_GPA - 8), None);
+    }
+
+    #[test]
     fn random_stream_stays_in_bounds_and_spreads() {
         let len = 1 << 20;
         let mut s = AccessStream::new(Pattern::Random, len, 7);
@@ -361,6 +392,8 @@ mod tests {
             seed: 1,
             iterations: 1,
             pattern: 1,
+            vcpu: 0,
+            reserved: 0,
         };
         assert!(validate(&p, 0).is_ok());
         p.tasks[0].pattern = 9;

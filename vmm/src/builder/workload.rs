@@ -18,17 +18,19 @@ use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadMonitor};
 
 use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest, Profiling, MAX_VCPUS};
 
-/// Builds the workload guest with one task (and vCPU) per spec, in `mem_bytes` of RAM or just
-/// as much as the tasks need; with `profile_period`, publishes the profiler regions in
+/// Builds the workload guest: the tasks of `specs` on `vcpu_count` vCPUs (task `i` on vCPU
+/// `i % vcpu_count`, taking turns by iteration), in `mem_bytes` of RAM or just as much as the
+/// tasks need; with `profile_period`, publishes the profiler regions in
 /// `run_dir` and maps the guest region at [`PROFILER_REGION_GPA`].
 pub fn build(
     specs: Vec<TaskSpec>,
+    vcpu_count: usize,
     mem_bytes: Option<u64>,
     profile_period: Option<Duration>,
     run_dir: &Path,
 ) -> Result<BuiltVm, BuildError> {
-    check_vcpus(specs.len(), MAX_VCPUS.min(mirrorball_workload::MAX_TASKS))?;
-    let plan = workload::layout(&specs)?;
+    check_vcpus(vcpu_count, MAX_VCPUS.min(specs.len().max(1)))?;
+    let plan = workload::layout(&specs, vcpu_count)?;
     let ram_bytes = match mem_bytes {
         Some(given) if given < plan.ram_bytes => {
             return Err(BuildError::WorkloadMemory {
@@ -63,7 +65,7 @@ pub fn build(
     let regions = match profile_period {
         Some(period) => {
             let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-            let regions = ProfilerRegions::create(run_dir, specs.len() as u32, "workload", ns)?;
+            let regions = ProfilerRegions::create(run_dir, vcpu_count as u32, "workload", ns)?;
             // SAFETY: the mapping lives in `regions`, which the BuiltVm keeps (in `profiling`)
             // for as long as the VM.
             unsafe {
@@ -78,14 +80,17 @@ pub fn build(
         }
         None => None,
     };
-    let control = Arc::new(VmControl::new(specs.len()).map_err(BuildError::EventFd)?);
+    let control = Arc::new(VmControl::new(vcpu_count).map_err(BuildError::EventFd)?);
     let exits = Arc::new(BusExits::empty());
-    let monitor = Arc::new(WorkloadMonitor::new(specs.len(), exits.clone()));
-    let mut vcpus = Vec::with_capacity(specs.len());
+    let task_vcpus = (0..specs.len())
+        .map(|t| workload::task_vcpu(t, vcpu_count))
+        .collect();
+    let monitor = Arc::new(WorkloadMonitor::with_vcpus(task_vcpus, exits.clone()));
+    let mut vcpus = Vec::with_capacity(vcpu_count);
     let mut entry = None;
-    for index in 0..specs.len() {
+    for index in 0..vcpu_count {
         let fd = vm.create_vcpu(index)?;
-        configure_cpuid(&vm, &fd, index, specs.len(), host)?;
+        configure_cpuid(&vm, &fd, index, vcpu_count, host)?;
         let rip = match entry {
             Some(rip) => rip,
             None => {
@@ -111,13 +116,15 @@ pub fn build(
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
+    let mut vcpus = vcpus;
     let profiling = regions.map(|(regions, period)| Profiling {
         regions,
         vcpus: vcpus
-            .iter()
-            .map(|v| SampledVcpu {
-                stats: StatsFd::for_vcpu(v.fd()).ok(),
-                tid: v.tid_handle(),
+            .iter_mut()
+            .map(|v| {
+                let sampled = SampledVcpu::new(StatsFd::for_vcpu(v.fd()).ok(), v.tid_handle());
+                v.set_on_start(sampled.start_hook());
+                sampled
             })
             .collect(),
         period,

@@ -1,4 +1,5 @@
 //! The VMM's side of the two-level profiler: the guest and host regions published as files in
 //! the run directory (`regions`), and the host sampler that fills the host region (`sampler`).
+pub mod attribution;
 pub mod regions;
 pub mod sampler;

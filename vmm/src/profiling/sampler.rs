@@ -3,7 +3,7 @@
 //! time, attributes them to the guest task the vCPU's slot in the guest region names at that
 //! moment, and appends one record per vCPU to the host region's ring.
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,38 @@ pub struct SampledVcpu {
     pub stats: Option<StatsFd>,
     /// The vCPU thread's id, set by the thread when it starts (0 until then).
     pub tid: Arc<AtomicI32>,
+    /// The thread's counters when it started, published by [`SampledVcpu::start_hook`].
+    pub baseline: Arc<Mutex<Option<ThreadCounters>>>,
+}
+
+impl SampledVcpu {
+    /// For a vCPU whose thread will publish its id in `tid`.
+    pub fn new(stats: Option<StatsFd>, tid: Arc<AtomicI32>) -> Self {
+        Self {
+            stats,
+            tid,
+            baseline: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A hook for the vCPU thread to run before its first KVM_RUN: it records the thread's
+    /// counters, so the sampler charges every later fault even if its first tick comes late.
+    pub fn start_hook(&self) -> Box<dyn FnOnce() + Send> {
+        let baseline = self.baseline.clone();
+        Box::new(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            let counters = read_thread(tid, tick_ns());
+            *baseline.lock().unwrap_or_else(|p| p.into_inner()) = counters;
+        })
+    }
+}
+
+/// Nanoseconds per clock tick of /proc's CPU times.
+fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    1_000_000_000 / ticks_per_s
 }
 
 /// Counters of the vCPU thread read from `/proc/self/task/<tid>/stat`.
@@ -79,7 +111,8 @@ struct VcpuState {
     indexes: [Option<usize>; 3],
     stats_buf: Vec<u64>,
     last_stats: [u64; 3],
-    last_thread: ThreadCounters,
+    /// `None` until the thread's counters were read once (its id may not be known yet).
+    last_thread: Option<ThreadCounters>,
     last_switch_count: Option<u64>,
     last_ns: u64,
 }
@@ -131,9 +164,7 @@ fn run(
     stop: &AtomicBool,
 ) -> SamplerReport {
     let mut report = SamplerReport::default();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let tick_ns = 1_000_000_000 / ticks_per_s;
+    let tick_ns = tick_ns();
     let Ok(host_mut) = regions.host.region_mut() else {
         return report;
     };
@@ -153,7 +184,7 @@ fn run(
                 indexes,
                 stats_buf: Vec::new(),
                 last_stats: [0; 3],
-                last_thread: ThreadCounters::default(),
+                last_thread: None,
                 last_switch_count: None,
                 last_ns: monotonic_ns(),
             }
@@ -184,8 +215,12 @@ fn run(
         for (index, s) in states.iter_mut().enumerate() {
             let now_ns = monotonic_ns();
             let stats = read_stats(s);
-            let thread =
-                read_thread(s.vcpu.tid.load(Ordering::Relaxed), tick_ns).unwrap_or(s.last_thread);
+            let thread = read_thread(s.vcpu.tid.load(Ordering::Acquire), tick_ns).or(s.last_thread);
+            // Before the first reading, the thread's own start-up counters are the baseline
+            // (or, without them, this reading: nothing before it is charged).
+            let published = *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner());
+            let base = s.last_thread.or(published).or(thread).unwrap_or_default();
+            let thread = thread.unwrap_or_default();
             let slot = match &guest_view {
                 Some(view) => view.vcpu(index as u32),
                 None => Err(ReadError::OutOfRange),
@@ -198,10 +233,10 @@ fn run(
                 pf_taken: stats[0].saturating_sub(s.last_stats[0]),
                 pf_fixed: stats[1].saturating_sub(s.last_stats[1]),
                 exits: stats[2].saturating_sub(s.last_stats[2]),
-                host_min_flt: thread.min_flt.saturating_sub(s.last_thread.min_flt),
-                host_maj_flt: thread.maj_flt.saturating_sub(s.last_thread.maj_flt),
-                vcpu_utime_ns: thread.utime_ns.saturating_sub(s.last_thread.utime_ns),
-                vcpu_stime_ns: thread.stime_ns.saturating_sub(s.last_thread.stime_ns),
+                host_min_flt: thread.min_flt.saturating_sub(base.min_flt),
+                host_maj_flt: thread.maj_flt.saturating_sub(base.maj_flt),
+                vcpu_utime_ns: thread.utime_ns.saturating_sub(base.utime_ns),
+                vcpu_stime_ns: thread.stime_ns.saturating_sub(base.stime_ns),
                 ..Default::default()
             };
             sample.set_attribution(&attribution);
@@ -211,7 +246,9 @@ fn run(
                 s.last_switch_count = Some(attribution.guest_switch_count);
             }
             s.last_stats = stats;
-            s.last_thread = thread;
+            if thread != ThreadCounters::default() {
+                s.last_thread = Some(thread);
+            }
             s.last_ns = now_ns;
         }
         if stopping {

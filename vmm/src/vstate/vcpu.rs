@@ -99,6 +99,7 @@ pub struct Vcpu {
     control: Arc<VmControl>,
     memory: GuestMemoryMmap,
     tid: Arc<AtomicI32>,
+    on_start: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -129,7 +130,13 @@ impl Vcpu {
             control,
             memory,
             tid: Arc::new(AtomicI32::new(0)),
+            on_start: None,
         }
+    }
+
+    /// Runs `hook` on the vCPU thread before its first KVM_RUN (e.g. to take baselines).
+    pub fn set_on_start(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.on_start = Some(hook);
     }
 
     /// The vCPU file descriptor (for stats and TSC queries before the vCPU runs).
@@ -144,8 +151,6 @@ impl Vcpu {
 
     /// Runs until the vCPU or the VM stops; returns the vCPU's accounting.
     pub fn run(mut self) -> VcpuReport {
-        // SAFETY: gettid has no preconditions.
-        self.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
         let stats = StatsFd::for_vcpu(&self.fd).ok();
         let mut acct = match VcpuAccounting::new(self.index, stats) {
             Ok(acct) => acct,
@@ -156,6 +161,11 @@ impl Vcpu {
                 return VcpuReport::default();
             }
         };
+        if let Some(hook) = self.on_start.take() {
+            hook();
+        }
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
         while !self.control.should_stop() {
             acct.enter_run();
             let (kind, action) = self.run_once();
