@@ -172,5 +172,8 @@ fn counts_split_between_tasks_that_share_a_vcpu() {
     // The sampler may also see the few faults the vCPU thread takes after its own final
     // accounting (building its report), never the guest's faults twice.
     let attributed = heavy.host_min_flt + light.host_min_flt;
-    assert!(attributed <= vcpu_total + 64, "attributed {attributed} > vCPU total {vcpu_total}");
+    assert!(
+        attributed <= vcpu_total + 64,
+        "attributed {attributed} > vCPU total {vcpu_total}"
+    );
 }

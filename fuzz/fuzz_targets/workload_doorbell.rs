@@ -229,7 +229,13 @@ fuzz_target!(|data: &[u8]| {
                 let vcpu = vcpu(&mut input);
                 let value = input.array::<4>();
                 let got = monitor.mmio_write(vcpu, doorbell_gpa(task), &value);
-                let want = model_event(&mut model, &task_vcpus, vcpu, task, u32::from_le_bytes(value));
+                let want = model_event(
+                    &mut model,
+                    &task_vcpus,
+                    vcpu,
+                    task,
+                    u32::from_le_bytes(value),
+                );
                 assert_eq!(got, want, "task {task} vCPU {vcpu} value {value:x?}");
             }
             3 => {
