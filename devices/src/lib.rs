@@ -12,6 +12,8 @@
 //! * [`i8042`]: the keyboard controller, only for its CPU-reset command.
 //! * [`terminal`]: the raw-mode guard for the host terminal.
 //! * [`legacy`]: which legacy ports Linux probes and why we leave them unmapped.
+//! * [`virtio_mmio`]: the virtio-mmio (version 2) transport without virtqueues:
+//!   registers, device status, feature negotiation, shared memory regions.
 //!
 //! Every device treats guest accesses as hostile: any offset, any size, any
 //! value must be handled without panicking.
@@ -59,6 +61,7 @@ pub mod legacy;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
+pub mod virtio_mmio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
@@ -79,5 +82,6 @@ mod tests {
         send::<super::I8042>();
         send_sync::<super::SharedBuffer>();
         send_sync::<super::serial::SerialMetrics>();
+        send_sync::<super::virtio_mmio::VirtioMmioMetrics>();
     }
 }
