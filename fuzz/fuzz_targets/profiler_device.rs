@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 use mirrorball_devices::bus::Bus;
 use mirrorball_devices::profiler_device::{
-    config, ProfilerDevice, ProfilerDeviceConfig, MAX_PERIOD_NS, MIN_PERIOD_NS,
-    PROFILER_DEVICE_ID, PROFILER_F_PERIOD_CONTROL, PROFILER_VENDOR_ID,
+    config, ProfilerDevice, ProfilerDeviceConfig, MAX_PERIOD_NS, MIN_PERIOD_NS, PROFILER_DEVICE_ID,
+    PROFILER_F_PERIOD_CONTROL, PROFILER_VENDOR_ID,
 };
 use mirrorball_devices::virtio_mmio::{
     regs, status as st, CONFIG_SPACE_OFFSET, INTERRUPT_CONFIG_CHANGE, MMIO_MAGIC_VALUE,
@@ -62,8 +62,7 @@ fn malformed(offset: u64, size: usize, write: bool) -> bool {
         let table = if write { WRITABLE } else { READABLE };
         return !(size == 4 && offset & 3 == 0 && table.contains(&offset));
     }
-    !(matches!(size, 1 | 2 | 4 | 8)
-        && offset + size <= CONFIG_SPACE_OFFSET + config::SIZE as u64)
+    !(matches!(size, 1 | 2 | 4 | 8) && offset + size <= CONFIG_SPACE_OFFSET + config::SIZE as u64)
 }
 
 /// Mostly registers and the config space, sometimes around the window or anywhere.
@@ -197,7 +196,11 @@ fuzz_target!(|data: &[u8]| {
             },
         }
 
-        assert_eq!(metrics.bad_accesses(), bad, "bad_accesses disagrees with the model");
+        assert_eq!(
+            metrics.bad_accesses(),
+            bad,
+            "bad_accesses disagrees with the model"
+        );
         assert_eq!(read32(&bus, regs::MAGIC_VALUE), MMIO_MAGIC_VALUE);
         assert_eq!(read32(&bus, regs::VERSION), MMIO_VERSION);
         assert_eq!(read32(&bus, regs::DEVICE_ID), PROFILER_DEVICE_ID);
@@ -205,7 +208,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(read32(&bus, regs::QUEUE_NUM_MAX), 0);
         let status = read32(&bus, regs::STATUS);
         let s = u8::try_from(status).expect("status fits in a byte");
-        assert_eq!(s & !(st::DRIVER_BITS | st::DEVICE_NEEDS_RESET), 0, "status {s:#x}");
+        assert_eq!(
+            s & !(st::DRIVER_BITS | st::DEVICE_NEEDS_RESET),
+            0,
+            "status {s:#x}"
+        );
         for (bit, needs) in [
             (st::DRIVER, st::ACKNOWLEDGE),
             (st::FEATURES_OK, st::DRIVER),
@@ -227,13 +234,19 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(dev.driver_ok(), control.driver_ok());
             assert_eq!(dev.requested_period_ns(), control.requested_period_ns());
             let space = dev.config_space();
-            assert_eq!(space.requested_period_ns, control.requested_period_ns().unwrap_or(0));
+            assert_eq!(
+                space.requested_period_ns,
+                control.requested_period_ns().unwrap_or(0)
+            );
             assert_eq!(space.default_period_ns, control.default_period_ns());
         }
         if let Some(ns) = control.requested_period_ns() {
             assert!((MIN_PERIOD_NS..=MAX_PERIOD_NS).contains(&ns), "period {ns}");
         }
-        assert_eq!(read32(&bus, regs::INTERRUPT_STATUS) & !INTERRUPT_CONFIG_CHANGE, 0);
+        assert_eq!(
+            read32(&bus, regs::INTERRUPT_STATUS) & !INTERRUPT_CONFIG_CHANGE,
+            0
+        );
         let g = read32(&bus, regs::CONFIG_GENERATION);
         assert!(g >= generation, "generation went down: {generation} -> {g}");
         generation = g;
