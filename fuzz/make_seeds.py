@@ -141,3 +141,35 @@ put("kernel_loader", "elf-low-entry", elf(entry=0x1000, paddr=0x1000))
 put("kernel_loader", "bzimage", bzimage())
 put("kernel_loader", "bzimage-old", bzimage(version=0x0206, xloadflags=0))
 put("kernel_loader", "bzimage-truncated", bzimage(syssize=0x1000))
+
+
+# ---- profiler_device: op (0|1 read, 2|3 write, 4 status, 5 features, 6 period, 7 host) ----
+REG = lambda off: [0, off // 4]             # selector 0: BASE + 4 * n
+CFG = lambda off: [4, off]                  # selector 4: BASE + 0x100 + n
+prd = lambda sel, size: [0] + sel + [size]
+pwr = lambda sel, data: [2] + sel + [len(data)] + list(data)
+le32 = lambda v: list(struct.pack("<I", v))
+le64 = lambda v: list(struct.pack("<Q", v))
+step = lambda n: [4, n]                     # 0 reset, 1 ACK, 2 +DRIVER, 3 +FEATURES_OK, 4 +DRIVER_OK
+feat = lambda sel, v: [5, sel] + le32(v)
+period = lambda ns, split: [6] + le64(ns) + [split]
+
+put("profiler_device", "bring-up",
+    prd(REG(0x000), 4) + prd(REG(0x004), 4) + prd(REG(0x008), 4) + prd(REG(0x00c), 4)
+    + step(0) + step(1) + step(2) + pwr(REG(0x014), le32(1)) + prd(REG(0x010), 4)
+    + feat(0, 1) + feat(1, 1) + step(3) + prd(REG(0x070), 4)
+    + period(1_000_000, 1) + step(4) + [7, 0] + le64(20_000_000) + prd(REG(0x060), 4)
+    + [7, 3] + le32(2) + prd(REG(0x0fc), 4) + prd(CFG(0x10), 8))
+put("profiler_device", "features-refused",
+    step(1) + step(2) + feat(0, 1) + feat(1, 0) + step(3) + step(4) + prd(REG(0x070), 4)
+    + period(5_000_000, 0) + feat(2, 1) + feat(1, 1) + step(3) + [4, 0x8f])
+put("profiler_device", "shm-and-config",
+    pwr(REG(0x0ac), le32(0)) + prd(REG(0x0b0), 4) + prd(REG(0x0b4), 4) + prd(REG(0x0b8), 4)
+    + prd(REG(0x0bc), 4) + pwr(REG(0x0ac), le32(5)) + prd(REG(0x0b0), 4) + prd(REG(0x0b8), 4)
+    + prd(CFG(0x00), 2) + prd(CFG(0x04), 4) + prd(CFG(0x08), 8) + prd(CFG(0x37), 1)
+    + prd(CFG(0x34), 8) + prd(CFG(0x20), 4))
+put("profiler_device", "malformed",
+    prd(REG(0x000), 1) + prd(REG(0x000), 2) + prd(REG(0x000), 8) + prd([6, 17, 0], 4)
+    + pwr(REG(0x000), le32(0)) + pwr(REG(0x018), le32(1)) + prd(REG(0x014), 4)
+    + prd([6, 0xfe, 0x0f], 4) + prd([7] + le64(0xffff_ffff_ffff_fffc), 8)
+    + pwr(CFG(0x10), [1, 2, 3]) + step(1) + [4, 0x90] + [7, 2] + [7, 1, 1] + step(0))

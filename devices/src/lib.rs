@@ -12,6 +12,11 @@
 //! * [`i8042`]: the keyboard controller, only for its CPU-reset command.
 //! * [`terminal`]: the raw-mode guard for the host terminal.
 //! * [`legacy`]: which legacy ports Linux probes and why we leave them unmapped.
+//! * [`virtio_mmio`]: the virtio-mmio (version 2) transport without virtqueues:
+//!   registers, device status, feature negotiation, shared memory regions.
+//! * [`profiler_device`]: the profiler device on that transport: the guest
+//!   finds the profiler's shared region through it and requests a sampling
+//!   period in its configuration space.
 //!
 //! Every device treats guest accesses as hostile: any offset, any size, any
 //! value must be handled without panicking.
@@ -56,12 +61,15 @@
 pub mod bus;
 pub mod i8042;
 pub mod legacy;
+pub mod profiler_device;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
+pub mod virtio_mmio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
+pub use profiler_device::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig};
 pub use serial::{SerialDevice, SerialInput, SharedBuffer};
 pub use terminal::RawTerminal;
 pub use trigger::EventFdTrigger;
@@ -79,5 +87,8 @@ mod tests {
         send::<super::I8042>();
         send_sync::<super::SharedBuffer>();
         send_sync::<super::serial::SerialMetrics>();
+        send::<super::ProfilerDevice>();
+        send_sync::<super::ProfilerControl>();
+        send_sync::<super::virtio_mmio::VirtioMmioMetrics>();
     }
 }
