@@ -39,8 +39,11 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
     } else {
         kernel
     };
+    let stats = common::temp_file("linux_boot", "stats.json", b"");
     let out = run_vmm(
         &[
+            "--stats",
+            stats.to_str().expect("utf-8"),
             "--kernel",
             kernel.to_str().expect("utf-8"),
             "--initrd",

@@ -133,6 +133,8 @@ impl Cli {
                 cmdline: self.cmdline.clone(),
                 mem_bytes: self.mem.unwrap_or(DEFAULT_MEM_BYTES),
                 vcpus: self.vcpus.unwrap_or(1),
+                profile_period: self.sample_period(),
+                run_dir: self.run_dir(),
             }));
         }
         let parse_default = || {

@@ -8,6 +8,8 @@ use mirrorball_devices::serial::{
     SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
 };
 use mirrorball_devices::trigger::EventFdTrigger;
+use mirrorball_devices::virtio_mmio::VIRTIO_MMIO_WINDOW;
+use mirrorball_devices::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::vcpu::{ExitHandler, VcpuAction};
@@ -25,8 +27,8 @@ pub enum DeviceError {
     /// Two devices overlap on a bus.
     #[error("device bus: {0}")]
     Bus(#[from] BusError),
-    /// KVM refused the serial interrupt's irqfd.
-    #[error("cannot register the serial interrupt with KVM: {0}")]
+    /// KVM refused a device interrupt's irqfd.
+    #[error("cannot register a device interrupt with KVM: {0}")]
     Irqfd(kvm_ioctls::Error),
 }
 
@@ -43,8 +45,9 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Creates COM1 (output to `out`, interrupt on GSI 4 through an irqfd) and the i8042.
-    pub fn new(vm: &Vm, out: SerialWriter) -> Result<Self, DeviceError> {
+    /// Creates COM1 (output to `out`, interrupt on GSI 4 through an irqfd) and the i8042, beside
+    /// the MMIO devices already on `mmio`.
+    pub fn new(vm: &Vm, out: SerialWriter, mmio: Bus) -> Result<Self, DeviceError> {
         let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
         vm.fd()
             .register_irqfd(irq.event_fd(), COM1_IRQ)
@@ -60,7 +63,7 @@ impl LegacyDevices {
         pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
         Ok(Self {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             serial,
             reset_evt,
         })
@@ -74,6 +77,37 @@ impl LegacyDevices {
         })
     }
 }
+
+/// Adds the profiler device at [`PROFILER_MMIO_BASE`] (interrupt on GSI [`PROFILER_IRQ`] through
+/// an irqfd) to `mmio`; returns its control block and the kernel command-line parameter that
+/// announces it to a guest without ACPI.
+pub fn add_profiler_device(
+    vm: &Vm,
+    mmio: &mut Bus,
+    config: ProfilerDeviceConfig,
+) -> Result<(Arc<ProfilerControl>, String), DeviceError> {
+    let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+    vm.fd()
+        .register_irqfd(irq.event_fd(), PROFILER_IRQ)
+        .map_err(DeviceError::Irqfd)?;
+    let device = ProfilerDevice::new(config, irq);
+    let control = device.control();
+    mmio.insert(
+        PROFILER_MMIO_BASE,
+        VIRTIO_MMIO_WINDOW,
+        Arc::new(Mutex::new(device)),
+    )?;
+    let param = format!(
+        "virtio_mmio.device={}K@{PROFILER_MMIO_BASE:#x}:{PROFILER_IRQ}",
+        VIRTIO_MMIO_WINDOW >> 10
+    );
+    Ok((control, param))
+}
+
+/// Guest-physical base of the profiler device's virtio-mmio window.
+pub const PROFILER_MMIO_BASE: u64 = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE;
+/// GSI of the profiler device's interrupt.
+pub const PROFILER_IRQ: u32 = 5;
 
 /// Routes port and MMIO exits to two buses. Unmapped accesses are counted by the buses;
 /// reads of them return all ones.

@@ -30,6 +30,17 @@ impl From<&VmEnd> for EndReport {
     }
 }
 
+/// The profiler device's state at the end of a run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DeviceReport {
+    /// virtio device status the driver reached (1 = ACKNOWLEDGE: the guest found the device).
+    pub status: u8,
+    /// Whether a driver set DRIVER_OK.
+    pub driver_ok: bool,
+    /// Period the guest's driver asked for, ns.
+    pub requested_period_ns: Option<u64>,
+}
+
 /// One workload task in the stats file.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskReport {
@@ -74,6 +85,9 @@ pub struct RunReport {
     /// Name of the profiler regions in the run directory (`vm-<pid>-<n>`), if published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiler: Option<String>,
+    /// The profiler device as the guest left it (Linux guests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiler_device: Option<DeviceReport>,
     /// What the host sampler did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampler: Option<crate::profiling::sampler::SamplerReport>,
@@ -196,6 +210,7 @@ mod tests {
             unhandled_exits: BTreeMap::new(),
             tasks: task_reports(&specs, progress, 2, None),
             profiler: None,
+            profiler_device: None,
             sampler: None,
             end_reason: VmEnd::WorkloadFinished,
         };

@@ -54,13 +54,16 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let running = runner::start(vcpus, control)?;
     let started = running.started();
     let mut profiler_name = None;
+    let mut device_control = None;
     let sampler = match profiling {
         Some(p) => {
             profiler_name = Some(p.regions.name.clone());
-            Some((
-                Sampler::spawn(p.regions.clone(), p.vcpus, p.period).map_err(RunError::Sampler)?,
-                p.regions,
-            ))
+            if let Some(control) = &p.control {
+                device_control = Some(control.clone());
+            }
+            let sampler = Sampler::spawn(p.regions.clone(), p.vcpus, p.period, p.control)
+                .map_err(RunError::Sampler)?;
+            Some((sampler, p.regions))
         }
         None => None,
     };
@@ -110,6 +113,11 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         unhandled_exits: [("pio", pio), ("mmio", mmio)].into_iter().collect(),
         tasks,
         profiler: profiler_name,
+        profiler_device: device_control.map(|c| crate::report::DeviceReport {
+            status: c.status(),
+            driver_ok: c.driver_ok(),
+            requested_period_ns: c.requested_period_ns(),
+        }),
         sampler,
         end_reason: end,
     })

@@ -46,6 +46,9 @@ fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
         cmdline: None,
         mem_bytes: TINY_MEM_BYTES,
         vcpus: 1,
+        // The profiler is measured on its own; these rows are the VMM core.
+        profile_period: None,
+        run_dir: vmm::profiling::regions::run_dir(),
     };
     let built = linux::build(&config, Box::new(std::io::sink())).context("building the VM")?;
     let report = session::run(

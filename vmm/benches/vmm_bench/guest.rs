@@ -13,7 +13,7 @@ pub const EXIT_PORT: u16 = 0x1234;
 
 /// Guest-physical address the MMIO loop writes to: inside the 32-bit device hole, no memslot,
 /// no device, but mapped by the identity page tables.
-pub const MMIO_ADDR: u32 = 0xd000_0000;
+pub const MMIO_ADDR: u32 = 0xd010_0000;
 
 /// i8042 command port; writing 0xfe to it pulses the CPU reset line.
 pub const I8042_COMMAND_PORT: u16 = 0x64;

@@ -34,6 +34,9 @@ fn build(elf: &Path) -> Result<BuiltVm> {
         cmdline: None,
         mem_bytes: TINY_MEM_BYTES,
         vcpus: 1,
+        // The profiler is measured on its own; these rows are the VMM core.
+        profile_period: None,
+        run_dir: vmm::profiling::regions::run_dir(),
     };
     linux::build(&config, Box::new(std::io::sink())).context("building a VM")
 }

@@ -3,18 +3,26 @@
 //! interrupt chips, serial console and i8042.
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use mirrorball_devices::bus::Bus;
 use mirrorball_devices::serial::SerialWriter;
+use mirrorball_devices::ProfilerDeviceConfig;
+use mirrorball_profiler::kvm_stats::StatsFd;
+use mirrorball_profiler_abi::{ABI_VERSION_MAJOR, ABI_VERSION_MINOR};
+use mirrorball_workload::PROFILER_REGION_GPA;
 
 use crate::arch::x86_64::cpuid::{pvm_guest_kernel_args, HostKind};
 use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging, regs};
-use crate::devices::LegacyDevices;
+use crate::devices::{add_profiler_device, LegacyDevices};
 use crate::loader::{self, DEFAULT_CMDLINE};
+use crate::profiling::regions::ProfilerRegions;
+use crate::profiling::sampler::SampledVcpu;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
 
-use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest};
+use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest, Profiling};
 
 /// Default guest RAM for Linux.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
@@ -32,6 +40,10 @@ pub struct LinuxConfig {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: usize,
+    /// Profiler sampling period; `None` leaves the profiler (device and regions) out.
+    pub profile_period: Option<Duration>,
+    /// Where the profiler regions are published.
+    pub run_dir: PathBuf,
 }
 
 /// Builds the VM; guest serial output goes to `console`.
@@ -55,10 +67,38 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         None => None,
     };
 
-    let devices = LegacyDevices::new(&vm, console)?;
+    let mut mmio = Bus::new();
+    let mut profiler = None;
+    if let Some(period) = config.profile_period {
+        let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+        let regions = ProfilerRegions::create(&config.run_dir, config.vcpus as u32, "linux", ns)?;
+        let len = regions.guest.len() as u64;
+        // SAFETY: the mapping lives in `regions`, kept in the BuiltVm's `profiling` for as long
+        // as the VM.
+        unsafe {
+            vm.add_memslot(
+                vm.ram_slots(),
+                PROFILER_REGION_GPA,
+                regions.guest.host_addr(),
+                len,
+            )?
+        };
+        let device = ProfilerDeviceConfig {
+            shm_guest_base: PROFILER_REGION_GPA,
+            shm_len: len,
+            vcpu_count: config.vcpus as u32,
+            default_period_ns: ns,
+            host_region_id: regions.id,
+            abi_version: (ABI_VERSION_MAJOR, ABI_VERSION_MINOR),
+        };
+        let (control, param) = add_profiler_device(&vm, &mut mmio, device)?;
+        profiler = Some((Arc::new(regions), period, control, param));
+    }
+    let devices = LegacyDevices::new(&vm, console, mmio)?;
     let exits = devices.exit_handler();
     let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
     let mut vcpus = Vec::with_capacity(config.vcpus);
+    let mut sampled = Vec::with_capacity(config.vcpus);
     let mut guest_cpuid = None;
     for index in 0..config.vcpus {
         let fd = vm.create_vcpu(index)?;
@@ -73,7 +113,13 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
                 .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         }
         let handler: Arc<dyn ExitHandler> = exits.clone();
-        vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
+        let mut vcpu = Vcpu::new(index, fd, handler, control.clone(), mem.clone());
+        if profiler.is_some() {
+            let s = SampledVcpu::new(StatsFd::for_vcpu(vcpu.fd()).ok(), vcpu.tid_handle());
+            vcpu.set_on_start(s.start_hook());
+            sampled.push(s);
+        }
+        vcpus.push(vcpu);
     }
 
     let mut appended = String::new();
@@ -83,6 +129,9 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         if !cmdline.contains("clearcpuid=") {
             appended = pvm_guest_kernel_args(seen).args;
         }
+    }
+    if let Some((_, _, _, param)) = &profiler {
+        appended = format!("{appended} {param}").trim().to_string();
     }
     if !appended.is_empty() {
         cmdline = format!("{cmdline} {appended}");
@@ -110,6 +159,11 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         exits,
         guest: Guest::Linux { devices, cmdline },
         host,
-        profiling: None,
+        profiling: profiler.map(|(regions, period, control, _)| Profiling {
+            regions,
+            vcpus: sampled,
+            period,
+            control: Some(control),
+        }),
     })
 }

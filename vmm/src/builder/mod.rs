@@ -93,8 +93,10 @@ pub struct Profiling {
     pub regions: Arc<ProfilerRegions>,
     /// Per-vCPU stats fds and thread ids.
     pub vcpus: Vec<SampledVcpu>,
-    /// Sampling period.
+    /// Sampling period (the host's default).
     pub period: std::time::Duration,
+    /// The profiler device's control block (Linux guests): the guest may request a period.
+    pub control: Option<Arc<mirrorball_devices::ProfilerControl>>,
 }
 
 /// A VM ready to start.

@@ -128,6 +128,7 @@ pub fn build(
             })
             .collect(),
         period,
+        control: None,
     });
     Ok(BuiltVm {
         vm,

@@ -153,6 +153,8 @@ pub struct ProfilerRegions {
     meta_path: PathBuf,
     /// `vm-<pid>-<n>`.
     pub name: String,
+    /// `pid << 32 | n`: names the pair of regions (the device reports it to the guest).
+    pub id: u64,
     /// Initial sample period, ns.
     pub period_ns: u64,
 }
@@ -226,6 +228,7 @@ impl ProfilerRegions {
             host,
             meta_path,
             name,
+            id: (u64::from(pid) << 32) | u64::from(vm),
             period_ns,
         })
     }

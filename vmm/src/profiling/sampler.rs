@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mirrorball_devices::ProfilerControl;
 use mirrorball_profiler::kvm_stats::StatsFd;
 use mirrorball_profiler_abi::{
     validate_guest_region, Attribution, HostRegion, HostSample, ReadError,
@@ -135,18 +136,20 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Starts sampling `vcpus` of the VM whose regions are `regions`, every `period`.
+    /// Starts sampling `vcpus` of the VM whose regions are `regions`, every `period` — or, with
+    /// a profiler device, every period the guest's driver asked for (`control`).
     pub fn spawn(
         regions: Arc<ProfilerRegions>,
         vcpus: Vec<SampledVcpu>,
         period: Duration,
+        control: Option<Arc<ProfilerControl>>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let period = period.max(MIN_PERIOD);
         let handle = std::thread::Builder::new()
             .name("sampler".into())
-            .spawn(move || run(&regions, vcpus, period, &flag))?;
+            .spawn(move || run(&regions, vcpus, period, control.as_deref(), &flag))?;
         Ok(Self { stop, handle })
     }
 
@@ -160,9 +163,17 @@ impl Sampler {
 fn run(
     regions: &ProfilerRegions,
     vcpus: Vec<SampledVcpu>,
-    period: Duration,
+    default_period: Duration,
+    control: Option<&ProfilerControl>,
     stop: &AtomicBool,
 ) -> SamplerReport {
+    let period_now = || {
+        control
+            .map(|c| Duration::from_nanos(c.effective_period_ns()))
+            .filter(|p| !p.is_zero())
+            .unwrap_or(default_period)
+            .max(MIN_PERIOD)
+    };
     let mut report = SamplerReport::default();
     let tick_ns = tick_ns();
     let Ok(host_mut) = regions.host.region_mut() else {
@@ -193,13 +204,14 @@ fn run(
     for s in &mut states {
         s.last_stats = read_stats(s);
     }
-    let mut next = Instant::now() + period;
+    let mut next = Instant::now() + period_now();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let now = Instant::now();
         if !stopping && now < next {
             std::thread::sleep(next - now);
         }
+        let period = period_now();
         next += period;
         if Instant::now() > next {
             report.late_ticks += 1;
