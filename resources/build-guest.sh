@@ -204,7 +204,9 @@ run_logged() { # run_logged LOG CMD...: append output to LOG, show its tail on f
   if ! "$@" >>"$logf" 2>&1; then
     log "command failed: $*"
     tail -n 40 "$logf" >&2
-    log "full log: $logf"
+    # The build dir is removed on exit; keep the log where it can be read.
+    cp "$logf" "$CACHE_ROOT/tmp/failed-build.log"
+    log "full log: $CACHE_ROOT/tmp/failed-build.log"
     return 1
   fi
 }
