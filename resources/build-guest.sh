@@ -49,10 +49,13 @@ die() { log "error: $*"; exit 1; }
 # --- packages ---------------------------------------------------------------
 
 missing_packages() {
-  local p status
+  # One dpkg-query for all; unknown packages print nothing, so list the
+  # installed ones and report the rest.
+  local installed p
+  installed=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' "${PACKAGES[@]}" 2>/dev/null |
+    awk '$1 ~ /^ii/ { print $2 }' || true)
   for p in "${PACKAGES[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
-    [[ $status == ii* ]] || printf '%s\n' "$p"
+    [[ $'\n'$installed$'\n' == *$'\n'"$p"$'\n'* ]] || printf '%s\n' "$p"
   done
 }
 
@@ -121,6 +124,7 @@ cleanup() {
   for d in "${TMP_DIRS[@]+"${TMP_DIRS[@]}"}"; do rm -rf -- "$d"; done
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 
 new_tmp() { # new_tmp VAR NAME: VAR := a fresh dir under $CACHE_ROOT/tmp, removed at exit
   local d
@@ -204,7 +208,9 @@ run_logged() { # run_logged LOG CMD...: append output to LOG, show its tail on f
   if ! "$@" >>"$logf" 2>&1; then
     log "command failed: $*"
     tail -n 40 "$logf" >&2
-    log "full log: $logf"
+    # The build dir is removed on exit; keep the log where it can be read.
+    cp "$logf" "$CACHE_ROOT/tmp/failed-build.log"
+    log "full log: $CACHE_ROOT/tmp/failed-build.log"
     return 1
   fi
 }
@@ -301,6 +307,9 @@ main() {
       log "waiting for another build-guest.sh (lock $CACHE_ROOT/.lock)"
       flock 9
     fi
+    # Holding the lock, nothing else is building: leftovers in tmp/ come
+    # from runs that were killed.
+    find "$CACHE_ROOT/tmp" -mindepth 1 -maxdepth 1 -type d -exec rm -rf -- {} +
     # Another run may have finished the same key while we waited.
     if ! complete "$final" bzImage vmlinux initramfs.cpio; then
       build_kernel
