@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mirrorball_profiler::thread_usage::ThreadUsage;
-use vmm::builder::linux::{self, LinuxConfig};
+use vmm::builder::linux;
 use vmm::exit::VmEnd;
 use vmm::session::{self, SessionOptions};
 
@@ -40,16 +40,7 @@ fn process_cpu() -> Result<Duration> {
 fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
     let cpu0 = process_cpu()?;
     let start = Instant::now();
-    let config = LinuxConfig {
-        kernel: elf.to_path_buf(),
-        initrd: None,
-        cmdline: None,
-        mem_bytes: TINY_MEM_BYTES,
-        vcpus: 1,
-        // The profiler is measured on its own; these rows are the VMM core.
-        profile_period: None,
-        run_dir: vmm::profiling::regions::run_dir(),
-    };
+    let config = guest::tiny_linux_config(elf);
     let built = linux::build(&config, Box::new(std::io::sink())).context("building the VM")?;
     let report = session::run(
         built,

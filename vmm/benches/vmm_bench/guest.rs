@@ -90,6 +90,20 @@ pub fn exit_loop(kind: ExitKind, count: u32) -> Vec<u8> {
     code
 }
 
+/// The VMM configuration every in-process row boots a tiny guest ELF with: 1 vCPU, the tiny
+/// memory size, no profiler (it is measured on its own; these rows are the VMM core).
+pub fn tiny_linux_config(elf: &std::path::Path) -> vmm::builder::linux::LinuxConfig {
+    vmm::builder::linux::LinuxConfig {
+        kernel: elf.to_path_buf(),
+        initrd: None,
+        cmdline: None,
+        mem_bytes: super::launch::TINY_MEM_BYTES,
+        vcpus: 1,
+        profile_period: None,
+        run_dir: vmm::profiling::regions::run_dir(),
+    }
+}
+
 /// An ELF64 executable with one PT_LOAD segment holding `code` at [`CODE_ADDR`], entered there.
 pub fn elf(code: &[u8]) -> Vec<u8> {
     const EHDR: u16 = 64;

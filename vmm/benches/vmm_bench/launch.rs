@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vmm::builder::linux::{self, LinuxConfig};
+use vmm::builder::linux;
 use vmm::builder::{BuiltVm, Guest};
 use vmm::exit::VmEnd;
 use vmm::runner;
@@ -62,16 +62,7 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> Result<()> {
 /// measurement.
 pub fn vmm_first_exit(elf: &Path) -> Result<(Duration, Duration)> {
     let start = Instant::now();
-    let config = LinuxConfig {
-        kernel: elf.to_path_buf(),
-        initrd: None,
-        cmdline: None,
-        mem_bytes: TINY_MEM_BYTES,
-        vcpus: 1,
-        // The profiler is measured on its own; these rows are the VMM core.
-        profile_period: None,
-        run_dir: vmm::profiling::regions::run_dir(),
-    };
+    let config = guest::tiny_linux_config(elf);
     let BuiltVm {
         vm,
         vcpus,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mirrorball_profiler::thread_usage::ProcessMemory;
-use vmm::builder::linux::{self, LinuxConfig};
+use vmm::builder::linux;
 use vmm::builder::{BuiltVm, Guest};
 use vmm::exit::VmEnd;
 use vmm::runner::{self, RunningVcpus};
@@ -28,16 +28,7 @@ fn rss() -> Result<ProcessMemory> {
 }
 
 fn build(elf: &Path) -> Result<BuiltVm> {
-    let config = LinuxConfig {
-        kernel: elf.to_path_buf(),
-        initrd: None,
-        cmdline: None,
-        mem_bytes: TINY_MEM_BYTES,
-        vcpus: 1,
-        // The profiler is measured on its own; these rows are the VMM core.
-        profile_period: None,
-        run_dir: vmm::profiling::regions::run_dir(),
-    };
+    let config = guest::tiny_linux_config(elf);
     linux::build(&config, Box::new(std::io::sink())).context("building a VM")
 }
 
