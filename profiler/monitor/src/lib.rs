@@ -28,6 +28,51 @@ pub use model::{Model, ModelConfig, TaskKey, VmModel};
 pub use open::{Batch, Loss, OpenError, OpenVm, PollLimits, Ring, VcpuRow, VmStatus};
 pub use rundir::{discover, resolve_run_dir, scan, Scan, StaleVm, VmHandle, VmId, VmMeta};
 
+/// An error with a one-line message.
+#[derive(Debug)]
+pub struct Error {
+    message: String,
+    kind: Option<std::io::ErrorKind>,
+}
+
+impl Error {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: None,
+        }
+    }
+
+    /// True if it came from writing to a closed pipe.
+    pub fn is_broken_pipe(&self) -> bool {
+        self.kind == Some(std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self {
+            message: e.to_string(),
+            kind: Some(e.kind()),
+        }
+    }
+}
+
+impl From<OpenError> for Error {
+    fn from(e: OpenError) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
 /// Text from untrusted bytes, safe to print on a terminal or in a file: the bytes before the
 /// first NUL, invalid UTF-8 replaced, control characters (C0, DEL, C1) and bidirectional
 /// overrides replaced by `?`, at most `max_chars` characters.
