@@ -14,6 +14,7 @@
 //! - [`prometheus`]: `vmm prometheus` (text exposition, once or served on loopback).
 //! - [`publish`]: the publishing side of the convention (the `fake_vm` example, tests).
 
+pub mod fleet;
 pub mod mapping;
 pub mod model;
 pub mod open;
