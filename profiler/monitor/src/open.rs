@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use mirrorball_profiler_abi::{
     validate_guest_region, validate_host_region, AbiError, GuestRegionView, GuestSample,
-    HostRegionView, HostSample, Poll, ReadError, RingReader, SeqRecord, TaskInfo, VcpuState,
-    TASK_FREE,
+    HostRegionView, HostSample, Poll, ReadError, RingReader, RingView, SeqRecord, TaskInfo,
+    VcpuState, TASK_FREE,
 };
 
 use crate::mapping::Mapping;
@@ -168,7 +168,9 @@ impl std::fmt::Debug for OpenVm {
 
 impl OpenVm {
     /// Maps and validates both regions of `handle`. Readers start at the oldest record each ring
-    /// still holds.
+    /// still holds, but no further back than three quarters of its capacity: the quarter left
+    /// is slack for the writer while the first poll catches up, so a full ring does not start
+    /// with losses.
     pub fn open(handle: VmHandle) -> Result<Self, OpenError> {
         let io = |path: PathBuf| move |source| OpenError::Io { path, source };
         let guest_path = handle.guest_path();
@@ -194,8 +196,8 @@ impl OpenVm {
         })?;
         Ok(Self {
             handle,
-            guest_reader: guest_view.ring().reader(),
-            host_reader: host_view.ring().reader(),
+            guest_reader: start_reader(guest_view.ring()),
+            host_reader: start_reader(host_view.ring()),
             guest_view,
             host_view,
             guest_header_changes: 0,
@@ -375,6 +377,15 @@ impl OpenVm {
         self.regressed = self.regressed.saturating_add(batch.regressed);
         Ok(batch)
     }
+}
+
+fn start_reader<R: mirrorball_profiler_abi::SampleRecord>(
+    ring: RingView<'_, R>,
+) -> RingReader<'_, R> {
+    let head = ring.head();
+    let cap = u64::from(ring.capacity());
+    let start = ring.oldest(head).max(head.saturating_sub(cap - cap / 4));
+    RingReader::starting_at(ring, start)
 }
 
 /// Takes at most `steps` polls of `reader`: (records, records lost, hit the limit).

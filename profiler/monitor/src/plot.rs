@@ -161,7 +161,7 @@ struct Acc {
     points: Vec<(f64, f64)>,
 }
 
-/// Series in order of first appearance of their key.
+/// Series by task key (task id, pid).
 #[derive(Default)]
 struct Accs {
     order: Vec<(u32, u32)>,
@@ -182,6 +182,7 @@ impl Accs {
     }
 
     fn into_series(mut self) -> Vec<Series> {
+        self.order.sort_unstable();
         self.order
             .iter()
             .filter_map(|k| {
@@ -368,6 +369,7 @@ fn draw_panel<DB: DrawingBackend>(
     x_desc: &str,
     y_desc: &str,
     series: &[Series],
+    colors: &HashMap<String, usize>,
     text: bool,
 ) -> DrawResult {
     let x_max = series
@@ -403,7 +405,7 @@ fn draw_panel<DB: DrawingBackend>(
     by_total.sort_by(|&a, &b| series[b].last_y().total_cmp(&series[a].last_y()));
     let labelled: Vec<usize> = by_total.into_iter().take(MAX_LEGEND).collect();
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = Palette99::pick(colors.get(&s.label).copied().unwrap_or(i)).to_rgba();
         let drawn = chart
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),
@@ -429,7 +431,7 @@ fn draw_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// 12345 → "12.3k".
+/// A compact number: 12345 → "12k", 1234 → "1.2k", 128.4 → "128", 12.34 → "12.3", 0.5 → "0.50".
 pub fn short_number(v: f64) -> String {
     let a = v.abs();
     if a >= 1e9 {
@@ -440,8 +442,10 @@ pub fn short_number(v: f64) -> String {
         format!("{:.0}k", v / 1e3)
     } else if a >= 1e3 {
         format!("{:.1}k", v / 1e3)
-    } else if a == a.trunc() {
+    } else if a >= 100.0 || a == a.trunc() {
         format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}")
     } else {
         format!("{v:.2}")
     }
@@ -460,12 +464,19 @@ fn draw_faults<DB: DrawingBackend>(
         root
     };
     let (top, bottom) = root.split_vertically(root.relative_to_height(0.5));
+    // One colour per task in both panels.
+    let mut colors: HashMap<String, usize> = HashMap::new();
+    for s in data.guest.iter().chain(&data.host) {
+        let next = colors.len();
+        colors.entry(s.label.clone()).or_insert(next);
+    }
     draw_panel(
         &top,
         "Guest page faults (minor + major), accumulated per task",
         "guest time since the first sample (s)",
         "faults",
         &data.guest,
+        &colors,
         text,
     )?;
     draw_panel(
@@ -474,6 +485,7 @@ fn draw_faults<DB: DrawingBackend>(
         "host time since the first sample (s)",
         "pf_taken",
         &data.host,
+        &colors,
         text,
     )?;
     root.present().map_err(err)
