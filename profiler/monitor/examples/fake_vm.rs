@@ -367,11 +367,13 @@ fn scribble(vm: &PublishedVm, rng: &mut u64, count: &AtomicU64) -> std::io::Resu
     let region = vm.guest_raw()?.as_region();
     let words = region.len() / 8;
     let base = region.as_ptr().cast::<AtomicU64>();
-    for _ in 0..64 {
+    for k in 0..64 {
         *rng ^= *rng << 13;
         *rng ^= *rng >> 7;
         *rng ^= *rng << 17;
-        let i = (*rng % words as u64) as usize;
+        // Every 8th word lands in the first 4 KiB: header, vCPU slots, task table.
+        let span = if k % 8 == 0 { words.min(512) } else { words };
+        let i = (*rng % span as u64) as usize;
         // SAFETY: `i < words`, the mapping is live for the borrow of `vm`, 8-aligned, and this
         // process writes it only through atomics.
         let w = unsafe { &*base.add(i) };

@@ -323,11 +323,21 @@ impl App {
                         i.vcpus
                     )
                 });
-                let lost = if vm.lost_guest + vm.lost_host > 0 {
+                let mut lost = if vm.lost_guest + vm.lost_host > 0 {
                     format!(" lost {}/{}", vm.lost_guest, vm.lost_host)
                 } else {
                     String::new()
                 };
+                if self
+                    .fleet
+                    .vm(id)
+                    .is_some_and(|v| v.header_changes() != (0, 0))
+                {
+                    lost.push_str(" [header rewritten]");
+                }
+                if vm.dropped > 0 {
+                    lost.push_str(&format!(" dropped {}", vm.dropped));
+                }
                 cells = vec![
                     "VM".into(),
                     id.to_string(),
@@ -620,6 +630,13 @@ pub struct TopOptions {
 
 /// Runs `vmm top` on the terminal until the user quits.
 pub fn run(opts: &TopOptions) -> io::Result<()> {
+    use std::io::IsTerminal;
+    if !io::stdout().is_terminal() || !io::stdin().is_terminal() {
+        return Err(io::Error::other(
+            "needs a terminal (standard input and output must be a TTY); for scripts use \
+             `vmm record` or `vmm prometheus`",
+        ));
+    }
     let interval = opts.interval.max(Duration::from_millis(50));
     let mut app = App::new(&opts.run_dir, interval);
     let mut terminal = ratatui::try_init()?;
