@@ -10,6 +10,8 @@
 //! | `host` | one host sample: a vCPU's deltas over one interval | `vm`, `seq`, `read_ns`, `timestamp_ns` (host `CLOCK_MONOTONIC`), `task_id`, `pid`, `comm` (attributed task), `vcpu`, `attr_flags`, `interval_ns`, `pf_taken`, `pf_fixed`, `exits`, `host_min_flt`, `host_maj_flt`, `vcpu_utime_ns`, `vcpu_stime_ns`, `guest_switch_count` |
 //! | `lost` | records of a ring the recorder could not read | `vm`, `ring` (`guest`/`host`), `seq` (first lost), `count`, `read_ns` |
 //!
+//! Rows of one poll come as its `lost` rows, then its guest rows, then its host rows, each in
+//! sequence order (the two rings have different clocks; sort by `timestamp_ns` within a kind).
 //! `read_ns` is the recorder's host `CLOCK_MONOTONIC` when it read the record; `comm` is the
 //! task table's name for `task_id` if its entry has the same pid (sanitised). CSV has one header
 //! line and the union of the columns (`vcpu` goes in `cpu`, `attr_flags` in `flags`); columns a
