@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 use crate::builder::linux::{LinuxConfig, DEFAULT_MEM_BYTES};
 use crate::workload::TaskSpec;
@@ -14,10 +14,21 @@ pub const DEFAULT_WORKLOAD: [&str; 2] = ["work 64 R 100000", "work 64 L 100000"]
 /// Mirrorball: run a Linux guest or the embedded OS-less workload guest on KVM, and account for
 /// exits, faults and CPU time on the host side.
 ///
-/// With no --kernel and no --workload, runs the embedded default workload.
+/// With no --kernel and no --workload, runs the embedded default workload. The subcommands watch
+/// VMs that are already running (their profiler regions in the run directory).
 #[derive(Debug, Parser)]
-#[command(name = "vmm", version, about, long_about = None)]
+#[command(
+    name = "vmm",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    /// A profile consumer to run instead of a VM.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Linux kernel to boot: an ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -53,6 +64,89 @@ pub struct Cli {
     /// End the VM after this many seconds (exit code 7).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+}
+
+/// Profile consumers: they attach to running VMs through the run directory (default
+/// `/dev/shm/mirrorball`, or `$MIRRORBALL_RUN_DIR`).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write every guest and host profiler sample of a running VM (one row per sample).
+    Record(RecordArgs),
+    /// Plot records: faults vs time per task; utilisation vs number of tasks for several.
+    Plot(PlotArgs),
+    /// Live view of every running VM: per VM, vCPU and guest task fault and CPU rates.
+    Top(TopArgs),
+    /// Per VM / vCPU / task counters in the Prometheus text format (once, or served).
+    Prometheus(PrometheusArgs),
+}
+
+/// `vmm record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Run directory [default: $MIRRORBALL_RUN_DIR or /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// The VM to record, as PID-N (needed when several run).
+    #[arg(long, value_name = "PID-N")]
+    pub vm: Option<mirrorball_monitor::VmId>,
+    /// Output format: csv or jsonl.
+    #[arg(long, value_name = "FORMAT", default_value = "csv")]
+    pub format: mirrorball_monitor::record::Format,
+    /// Output file ("-" for standard output).
+    #[arg(long, short, value_name = "PATH", default_value = "-")]
+    pub output: PathBuf,
+    /// Stop after this many seconds [default: when the VM ends, or on Ctrl-C].
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub duration: Option<Duration>,
+}
+
+/// `vmm plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// A record written by `vmm record`; repeat for the utilisation-vs-tasks plot.
+    #[arg(long, short, value_name = "RECORD", required = true)]
+    pub input: Vec<PathBuf>,
+    /// Output prefix [default: the input without extension; "mirrorball" beside the first
+    /// input for several].
+    #[arg(long, short, value_name = "PREFIX")]
+    pub output: Option<PathBuf>,
+    /// png, svg or both.
+    #[arg(long, value_name = "FORMAT", default_value = "png")]
+    pub format: mirrorball_monitor::plot::ImageFormat,
+    /// TrueType font for the text [default: $MIRRORBALL_PLOT_FONT, else DejaVu Sans or
+    /// Liberation Sans if installed, else no text].
+    #[arg(long, value_name = "TTF")]
+    pub font: Option<PathBuf>,
+}
+
+/// `vmm top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Run directory [default: $MIRRORBALL_RUN_DIR or /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Refresh interval in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub interval: u64,
+}
+
+/// `vmm prometheus`.
+#[derive(Debug, Args)]
+pub struct PrometheusArgs {
+    /// Run directory [default: $MIRRORBALL_RUN_DIR or /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Write the exposition once to this file ("-" for standard output).
+    #[arg(long, short, value_name = "PATH", conflicts_with = "listen")]
+    pub output: Option<PathBuf>,
+    /// Serve /metrics on this loopback address, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// How often the VMs are polled while serving, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub interval: u64,
 }
 
 /// What the command line asks to run.
@@ -256,5 +350,57 @@ mod tests {
         assert!(cli(&["--workload", "work 0 R 1"]).is_err());
         assert!(cli(&["--timeout", "-3"]).is_err());
         assert!(cli(&["--mem", "0"]).is_err());
+    }
+
+    #[test]
+    fn no_subcommand_still_runs_a_vm() {
+        assert!(cli(&[]).expect("cli").command.is_none());
+        assert!(cli(&["--kernel", "/k"]).expect("cli").command.is_none());
+    }
+
+    #[test]
+    fn subcommands() {
+        let c = cli(&[
+            "record",
+            "--vm",
+            "12-0",
+            "--format",
+            "jsonl",
+            "-o",
+            "/tmp/x",
+            "--duration",
+            "2",
+        ])
+        .expect("cli");
+        let Some(Command::Record(r)) = c.command else {
+            panic!("expected record");
+        };
+        assert_eq!(r.vm, Some(mirrorball_monitor::VmId { pid: 12, n: 0 }));
+        assert_eq!(r.format, mirrorball_monitor::record::Format::Jsonl);
+        assert_eq!(r.duration, Some(Duration::from_secs(2)));
+        let c = cli(&[
+            "plot", "--input", "a.csv", "--input", "b.csv", "--format", "both",
+        ])
+        .expect("cli");
+        let Some(Command::Plot(p)) = c.command else {
+            panic!("expected plot");
+        };
+        assert_eq!(p.input.len(), 2);
+        let c = cli(&["top", "--interval", "250", "--run-dir", "/r"]).expect("cli");
+        let Some(Command::Top(t)) = c.command else {
+            panic!("expected top");
+        };
+        assert_eq!((t.interval, t.run_dir), (250, Some(PathBuf::from("/r"))));
+        let c = cli(&["prometheus", "--listen", "127.0.0.1:9477"]).expect("cli");
+        assert!(matches!(c.command, Some(Command::Prometheus(_))));
+        assert!(cli(&["plot"]).is_err(), "plot needs an input");
+        assert!(cli(&["record", "--vm", "x"]).is_err());
+        assert!(cli(&["record", "--format", "xml"]).is_err());
+        assert!(cli(&["top", "--interval", "1"]).is_err());
+        assert!(cli(&["prometheus", "-o", "-", "--listen", "127.0.0.1:1"]).is_err());
+        assert!(
+            cli(&["--mem", "1G", "top"]).is_err(),
+            "VM options do not mix with tools"
+        );
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
 use vmm::builder::{self, BuiltVm};
-use vmm::cli::{Cli, GuestChoice};
+use vmm::cli::{Cli, Command, GuestChoice};
 use vmm::exit::EXIT_VMM_ERROR;
 use vmm::report::workload_summary;
 use vmm::session::{self, SessionOptions};
@@ -45,12 +45,81 @@ fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
     })
 }
 
-fn run(cli: Cli) -> Result<i32> {
-    let choice = cli.guest().map_err(anyhow::Error::msg)?;
+fn install_interrupt_handlers() -> Result<()> {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(signal, on_terminate)
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
+    Ok(())
+}
+
+/// Runs a profile consumer (`vmm record|plot|top|prometheus`).
+fn run_tool(command: Command) -> Result<i32> {
+    use mirrorball_monitor::{plot, prometheus, record, resolve_run_dir, top};
+    use std::time::Duration;
+    match command {
+        Command::Record(a) => {
+            install_interrupt_handlers()?;
+            let summary = record::record(
+                &record::RecordOptions {
+                    run_dir: resolve_run_dir(a.run_dir.as_deref()),
+                    vm: a.vm,
+                    format: a.format,
+                    output: Some(a.output),
+                    duration: a.duration,
+                    poll_interval: Duration::from_millis(20),
+                },
+                &INTERRUPTED,
+            )?;
+            eprintln!("vmm: {summary}");
+        }
+        Command::Plot(a) => {
+            let font = a
+                .font
+                .map_or(plot::FontChoice::Auto, plot::FontChoice::File);
+            if !plot::load_font(&font)? {
+                eprintln!(
+                    "vmm: no TrueType font found (install fonts-dejavu-core or pass --font): \
+                     the plots have no text"
+                );
+            }
+            let written = plot::plot(&plot::PlotOptions {
+                inputs: a.input,
+                output: a.output,
+                format: a.format,
+                font,
+            })?;
+            for path in written {
+                println!("{}", path.display());
+            }
+        }
+        Command::Top(a) => top::run(&top::TopOptions {
+            run_dir: resolve_run_dir(a.run_dir.as_deref()),
+            interval: Duration::from_millis(a.interval),
+        })
+        .context("vmm top")?,
+        Command::Prometheus(a) => {
+            install_interrupt_handlers()?;
+            prometheus::run(
+                &prometheus::PromOptions {
+                    run_dir: resolve_run_dir(a.run_dir.as_deref()),
+                    output: a.output,
+                    listen: a.listen,
+                    interval: Duration::from_millis(a.interval),
+                },
+                &INTERRUPTED,
+            )?;
+        }
+    }
+    Ok(0)
+}
+
+fn run(mut cli: Cli) -> Result<i32> {
+    if let Some(command) = cli.command.take() {
+        return run_tool(command);
+    }
+    let choice = cli.guest().map_err(anyhow::Error::msg)?;
+    install_interrupt_handlers()?;
     let built = build(&choice, &cli)?;
     let is_linux = matches!(choice, GuestChoice::Linux(_));
     let terminal = if is_linux {

@@ -1,0 +1,469 @@
+//! `vmm prometheus`: per VM / vCPU / task counters in the Prometheus text exposition format
+//! (version 0.0.4), written once or served on a loopback address at `/metrics`.
+//!
+//! Guest counters (`mirrorball_guest_task_*`) are the guest's absolute per-task counters as
+//! last sampled: guest claims. Host counters (`mirrorball_vcpu_*`, `mirrorball_task_*`) are sums
+//! of the host sampler's deltas since the exporter attached to the VM (for a one-shot export:
+//! over the history the host ring still holds); those charged to a task follow the guest's
+//! claim of which task ran. Label values are sanitised and escaped; the number of tasks per VM
+//! is bounded by the model ([`crate::ModelConfig::max_tasks`]).
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::fleet::Fleet;
+use crate::model::{HostTotals, ModelConfig};
+use crate::Error;
+
+/// Escapes a label value.
+pub fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn begin<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
+            }
+            self.out.push('}');
+        }
+        let v = if value.is_finite() { value } else { 0.0 };
+        let _ = writeln!(self.out, " {v}");
+    }
+}
+
+/// The exposition of everything `fleet` holds.
+pub fn render(fleet: &Fleet) -> String {
+    let mut out = String::new();
+    let vms = &fleet.model.vms;
+    let vm_label = |id: &crate::VmId| ("vm", id.to_string());
+
+    {
+        let name = "mirrorball_vm_info";
+        let mut f = Family::begin(&mut out, name, "gauge", "A monitored VM (always 1).");
+        for id in vms.keys() {
+            let info = fleet.info.get(id);
+            f.sample(
+                name,
+                &[
+                    vm_label(id),
+                    ("name", info.map(|i| i.name.clone()).unwrap_or_default()),
+                    ("guest", info.map(|i| i.guest.clone()).unwrap_or_default()),
+                    ("vcpus", info.map_or(0, |i| i.vcpus).to_string()),
+                ],
+                1.0,
+            );
+        }
+    }
+    {
+        let name = "mirrorball_stale_vms";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "gauge",
+            "File sets in the run directory whose VMM process is gone (ignored).",
+        );
+        f.sample(name, &[], fleet.stale.len() as f64);
+    }
+    {
+        let name = "mirrorball_vm_samples_total";
+        let mut f = Family::begin(&mut out, name, "counter", "Ring records read, by ring.");
+        for (id, vm) in vms {
+            f.sample(
+                name,
+                &[vm_label(id), ("ring", "guest".into())],
+                vm.guest_samples as f64,
+            );
+            f.sample(
+                name,
+                &[vm_label(id), ("ring", "host".into())],
+                vm.host_samples as f64,
+            );
+        }
+    }
+    {
+        let name = "mirrorball_vm_records_lost_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "Ring records overwritten before the exporter read them, by ring.",
+        );
+        for (id, vm) in vms {
+            f.sample(
+                name,
+                &[vm_label(id), ("ring", "guest".into())],
+                vm.lost_guest as f64,
+            );
+            f.sample(
+                name,
+                &[vm_label(id), ("ring", "host".into())],
+                vm.lost_host as f64,
+            );
+        }
+    }
+
+    // Guest task counters (absolute, guest claims).
+    type TaskPick = fn(&crate::model::TaskStats) -> f64;
+    let guest_families: [(&str, &str, TaskPick); 2] = [
+        (
+            "mirrorball_guest_task_minor_faults_total",
+            "Minor page faults of a guest task since it started (guest counter, last sample).",
+            |t| t.min_flt as f64,
+        ),
+        (
+            "mirrorball_guest_task_major_faults_total",
+            "Major page faults of a guest task since it started (guest counter, last sample).",
+            |t| t.maj_flt as f64,
+        ),
+    ];
+    let task_labels = |id: &crate::VmId, t: &crate::model::TaskStats| {
+        if t.key.is_unattributed() {
+            vec![
+                vm_label(id),
+                ("task_id", "none".into()),
+                ("pid", "0".into()),
+                ("comm", String::new()),
+            ]
+        } else {
+            vec![
+                vm_label(id),
+                ("task_id", t.key.task_id.to_string()),
+                ("pid", t.key.pid.to_string()),
+                ("comm", t.comm.clone().unwrap_or_default()),
+            ]
+        }
+    };
+    for (name, help, pick) in guest_families {
+        let mut f = Family::begin(&mut out, name, "counter", help);
+        for (id, vm) in vms {
+            for t in vm.tasks.values().filter(|t| t.guest_samples > 0) {
+                f.sample(name, &task_labels(id, t), pick(t));
+            }
+        }
+    }
+    {
+        let name = "mirrorball_guest_task_cpu_seconds_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "CPU time of a guest task since it started, by mode (guest counter, last sample).",
+        );
+        for (id, vm) in vms {
+            for t in vm.tasks.values().filter(|t| t.guest_samples > 0) {
+                for (mode, ns) in [("user", t.utime_ns), ("system", t.stime_ns)] {
+                    let mut l = task_labels(id, t);
+                    l.push(("mode", mode.into()));
+                    f.sample(name, &l, ns as f64 / 1e9);
+                }
+            }
+        }
+    }
+
+    // Host figures charged to tasks.
+    type HostPick = fn(&HostTotals) -> f64;
+    let host_task: [(&str, &str, HostPick); 3] = [
+        (
+            "mirrorball_task_kvm_pf_taken_total",
+            "KVM pf_taken (EPT/MMU faults) of the vCPUs while the guest said this task ran.",
+            |h| h.pf_taken as f64,
+        ),
+        (
+            "mirrorball_task_host_faults_total",
+            "Host page faults (minor + major) of vCPU threads while the guest said this task ran.",
+            |h| h.host_flt() as f64,
+        ),
+        (
+            "mirrorball_task_vcpu_cpu_seconds_total",
+            "Host CPU time of vCPU threads while the guest said this task ran.",
+            |h| h.cpu_ns() as f64 / 1e9,
+        ),
+    ];
+    for (name, help, pick) in host_task {
+        let mut f = Family::begin(&mut out, name, "counter", help);
+        for (id, vm) in vms {
+            for t in vm.tasks.values().filter(|t| t.host.samples > 0) {
+                f.sample(name, &task_labels(id, t), pick(&t.host));
+            }
+        }
+    }
+
+    // Per-vCPU host counters.
+    let vcpu_families: [(&str, &str, HostPick); 3] = [
+        (
+            "mirrorball_vcpu_kvm_pf_taken_total",
+            "KVM pf_taken (all KVM MMU faults: EPT violations, shadow faults) of a vCPU.",
+            |h| h.pf_taken as f64,
+        ),
+        (
+            "mirrorball_vcpu_kvm_pf_fixed_total",
+            "KVM pf_fixed (mappings installed) of a vCPU.",
+            |h| h.pf_fixed as f64,
+        ),
+        (
+            "mirrorball_vcpu_kvm_exits_total",
+            "KVM exits of a vCPU.",
+            |h| h.exits as f64,
+        ),
+    ];
+    for (name, help, pick) in vcpu_families {
+        let mut f = Family::begin(&mut out, name, "counter", help);
+        for (id, vm) in vms {
+            for v in vm.vcpus.values() {
+                f.sample(
+                    name,
+                    &[vm_label(id), ("vcpu", v.index.to_string())],
+                    pick(&v.totals),
+                );
+            }
+        }
+    }
+    {
+        let name = "mirrorball_vcpu_host_faults_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "Host page faults of a vCPU thread, by kind.",
+        );
+        for (id, vm) in vms {
+            for v in vm.vcpus.values() {
+                for (kind, n) in [
+                    ("minor", v.totals.host_min_flt),
+                    ("major", v.totals.host_maj_flt),
+                ] {
+                    f.sample(
+                        name,
+                        &[
+                            vm_label(id),
+                            ("vcpu", v.index.to_string()),
+                            ("kind", kind.into()),
+                        ],
+                        n as f64,
+                    );
+                }
+            }
+        }
+    }
+    {
+        let name = "mirrorball_vcpu_cpu_seconds_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "CPU time of a vCPU thread on the host, by mode.",
+        );
+        for (id, vm) in vms {
+            for v in vm.vcpus.values() {
+                for (mode, ns) in [("user", v.totals.utime_ns), ("system", v.totals.stime_ns)] {
+                    f.sample(
+                        name,
+                        &[
+                            vm_label(id),
+                            ("vcpu", v.index.to_string()),
+                            ("mode", mode.into()),
+                        ],
+                        ns as f64 / 1e9,
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What `vmm prometheus` does.
+#[derive(Clone, Debug)]
+pub struct PromOptions {
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Write once to this file (`None` or `-`: standard output) ...
+    pub output: Option<PathBuf>,
+    /// ... or serve `/metrics` on this loopback address.
+    pub listen: Option<SocketAddr>,
+    /// How often the VMs are polled while serving.
+    pub interval: Duration,
+}
+
+/// Content type of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Writes the exposition once, or serves it until `stop` is set.
+pub fn run(opts: &PromOptions, stop: &AtomicBool) -> Result<(), Error> {
+    let mut fleet = Fleet::new(&opts.run_dir, ModelConfig::default());
+    match opts.listen {
+        None => {
+            fleet.refresh();
+            fleet.poll();
+            let text = render(&fleet);
+            match &opts.output {
+                Some(p) if p.as_os_str() != "-" => std::fs::write(p, text)
+                    .map_err(|e| Error::new(format!("{}: {e}", p.display())))?,
+                _ => {
+                    let mut out = io::stdout().lock();
+                    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some(addr) => serve(&mut fleet, addr, opts.interval, stop),
+    }
+}
+
+/// Binds `addr`, which must be a loopback address.
+pub fn bind_loopback(addr: SocketAddr) -> Result<TcpListener, Error> {
+    if !addr.ip().is_loopback() {
+        return Err(Error::new(format!(
+            "{addr} is not a loopback address: the exporter only listens on 127.0.0.0/8 or [::1]"
+        )));
+    }
+    TcpListener::bind(addr).map_err(|e| Error::new(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves `/metrics` on an already-bound listener until `stop` is set.
+pub fn serve_on(
+    fleet: &mut Fleet,
+    listener: TcpListener,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let interval = interval.max(Duration::from_millis(50));
+    fleet.tick();
+    let mut next = Instant::now() + interval;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= next {
+            fleet.tick();
+            next = (next + interval).max(now + interval / 2);
+            continue;
+        }
+        // Wait for a connection, the next tick, or at most 200 ms (to notice `stop`).
+        let wait = (next - now).min(Duration::from_millis(200));
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own, for the listener's open descriptor.
+        let r = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+        if r <= 0 {
+            continue;
+        }
+        if let Ok((stream, _)) = listener.accept() {
+            // Poll first so a scrape sees the latest samples.
+            fleet.poll();
+            let _ = answer(stream, fleet);
+        }
+    }
+    Ok(())
+}
+
+fn serve(
+    fleet: &mut Fleet,
+    addr: SocketAddr,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let listener = bind_loopback(addr)?;
+    let local = listener.local_addr().unwrap_or(addr);
+    eprintln!("vmm: serving http://{local}/metrics");
+    serve_on(fleet, listener, interval, stop)
+}
+
+/// Most bytes of a request read.
+const MAX_REQUEST: usize = 8192;
+
+fn answer(mut stream: TcpStream, fleet: &Fleet) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while req.len() < MAX_REQUEST && !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let line = req.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", CONTENT_TYPE, render(fleet)),
+        ("GET" | "HEAD", "/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "Mirrorball profiler exporter: see /metrics\n".to_string(),
+        ),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes())?;
+    }
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn only_loopback() {
+        assert!(bind_loopback("0.0.0.0:0".parse().unwrap()).is_err());
+        assert!(bind_loopback("192.0.2.1:0".parse().unwrap()).is_err());
+        let l = bind_loopback("127.0.0.1:0".parse().unwrap()).expect("loopback");
+        assert!(l.local_addr().unwrap().ip().is_loopback());
+    }
+}

@@ -1,0 +1,188 @@
+//! The publishing side of the run-directory convention: create, format and publish both regions
+//! and the metadata of one VM. Used by the `fake_vm` example and the tests; a VMM can use it too.
+//!
+//! Each file is created under a temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers
+//! ignore), filled, and renamed into place: the host region, then the guest region, then the
+//! metadata. Dropping the [`PublishedVm`] removes the three files.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use mirrorball_profiler_abi::{
+    GuestRegion, GuestRegionLayout, HostRegion, HostRegionLayout, RegionInit, CLOCK_MONOTONIC,
+};
+
+use crate::mapping::Mapping;
+use crate::rundir::{ensure_run_dir, VmId, VmMeta};
+
+/// What to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishSpec {
+    /// VM number within this process.
+    pub n: u32,
+    /// Name for the metadata.
+    pub name: String,
+    /// `"linux"` or `"workload"`.
+    pub guest: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Task-table entries.
+    pub tasks: u32,
+    /// Guest ring records.
+    pub guest_ring: u32,
+    /// Host ring records.
+    pub host_ring: u32,
+    /// Generation written in both headers.
+    pub generation: u64,
+    /// Guest sampler period, ns.
+    pub guest_period_ns: u64,
+    /// Host sampler period, ns.
+    pub host_period_ns: u64,
+}
+
+impl Default for PublishSpec {
+    fn default() -> Self {
+        Self {
+            n: 0,
+            name: "vm".into(),
+            guest: "workload".into(),
+            vcpus: 1,
+            tasks: 64,
+            guest_ring: 4096,
+            host_ring: 4096,
+            generation: 1,
+            guest_period_ns: 50_000_000,
+            host_period_ns: 50_000_000,
+        }
+    }
+}
+
+/// A VM's published files, owned by the publisher; removed on drop.
+#[derive(Debug)]
+pub struct PublishedVm {
+    id: VmId,
+    dir: PathBuf,
+    guest: Mapping,
+    host: Mapping,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn abi(e: mirrorball_profiler_abi::AbiError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+impl PublishedVm {
+    /// Publishes a VM of this process (`pid` = our pid) in `dir` (created 0700 if missing).
+    pub fn create(dir: &Path, spec: &PublishSpec) -> io::Result<Self> {
+        Self::create_as(dir, std::process::id(), spec)
+    }
+
+    /// Publishes a VM under another pid (tests: stale files).
+    pub fn create_as(dir: &Path, pid: u32, spec: &PublishSpec) -> io::Result<Self> {
+        ensure_run_dir(dir)?;
+        let id = VmId { pid, n: spec.n };
+        let glayout =
+            GuestRegionLayout::new(spec.vcpus, spec.tasks, spec.guest_ring).map_err(abi)?;
+        let hlayout = HostRegionLayout::new(spec.vcpus, spec.host_ring).map_err(abi)?;
+        let tmp = |ext: &str| dir.join(format!(".{}.{ext}.tmp", id.stem()));
+        let fin = |ext: &str| dir.join(format!("{}.{ext}", id.stem()));
+        for ext in ["guest", "host", "json"] {
+            let _ = fs::remove_file(tmp(ext));
+        }
+        let host = Mapping::create_rw(&tmp("host"), hlayout.size)?;
+        HostRegion::format(
+            host.region_mut()?,
+            &hlayout,
+            &RegionInit {
+                generation: spec.generation,
+                sample_period_ns: spec.host_period_ns,
+                clock_id: CLOCK_MONOTONIC,
+            },
+        )
+        .map_err(abi)?;
+        let guest = Mapping::create_rw(&tmp("guest"), glayout.size)?;
+        GuestRegion::format(
+            guest.region_mut()?,
+            &glayout,
+            &RegionInit {
+                generation: spec.generation,
+                sample_period_ns: spec.guest_period_ns,
+                clock_id: CLOCK_MONOTONIC,
+            },
+        )
+        .map_err(abi)?;
+        let meta = VmMeta {
+            pid,
+            vm: spec.n,
+            name: spec.name.clone(),
+            vcpus: spec.vcpus,
+            guest: spec.guest.clone(),
+            started_unix_ms: now_unix_ms(),
+        };
+        {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp("json"))?;
+            f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
+        }
+        let vm = Self {
+            id,
+            dir: dir.to_path_buf(),
+            guest,
+            host,
+        };
+        for ext in ["host", "guest", "json"] {
+            fs::rename(tmp(ext), fin(ext))?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> VmId {
+        self.id
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The guest region, for writing (what the guest driver does).
+    pub fn guest(&self) -> io::Result<GuestRegion<'_>> {
+        GuestRegion::attach(self.guest.region_mut()?).map_err(abi)
+    }
+
+    /// The host region, for writing (what the VMM's sampler does).
+    pub fn host(&self) -> io::Result<HostRegion<'_>> {
+        HostRegion::attach(self.host.region_mut()?).map_err(abi)
+    }
+
+    /// The whole guest mapping, writable, for tests that play a hostile guest (write it only
+    /// with atomics).
+    pub fn guest_raw(&self) -> io::Result<mirrorball_profiler_abi::RegionMut<'_>> {
+        self.guest.region_mut()
+    }
+
+    /// Removes the files now (also done on drop).
+    pub fn unpublish(&self) {
+        for ext in ["json", "guest", "host"] {
+            let _ = fs::remove_file(self.dir.join(format!("{}.{ext}", self.id.stem())));
+        }
+    }
+}
+
+impl Drop for PublishedVm {
+    fn drop(&mut self) {
+        self.unpublish();
+    }
+}

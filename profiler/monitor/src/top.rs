@@ -1,0 +1,674 @@
+//! `vmm top`: every running VM of the run directory, refreshed at an interval.
+//!
+//! One table: per VM a summary row, then its vCPUs (host figures: KVM `pf_taken` = EPT/MMU
+//! faults, host faults and CPU of the vCPU thread, the task it runs), then its guest tasks
+//! (guest minor and major faults from the guest's absolute counters, guest CPU, and the host
+//! costs charged to the task). The last column is a sparkline of the sort column's history.
+//! Below, sparklines of the selected VM. Keys: `q`/Esc/Ctrl-C quit, `s` next sort column,
+//! `r` reverse, `/` filter tasks by name (Enter applies, Esc clears), ↑/↓/PgUp/PgDn/Home/End
+//! move. The screen is redrawn once per interval (default 500 ms) and on a key.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Sparkline, Table, TableState};
+use ratatui::Frame;
+
+use crate::fleet::Fleet;
+use crate::model::{History, ModelConfig, TaskStats, VcpuStats, VmModel};
+use crate::plot::short_number;
+use crate::rundir::VmId;
+
+/// What the table is sorted by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    /// vCPU index / task id.
+    Id,
+    /// Guest minor faults/s.
+    MinFlt,
+    /// Guest major faults/s.
+    MajFlt,
+    /// KVM `pf_taken`/s.
+    Ept,
+    /// Host faults/s.
+    HostFlt,
+    /// CPU.
+    Cpu,
+}
+
+impl SortKey {
+    /// Every key, in the order `s` cycles through them.
+    pub const ALL: [SortKey; 6] = [
+        SortKey::Id,
+        SortKey::MinFlt,
+        SortKey::MajFlt,
+        SortKey::Ept,
+        SortKey::HostFlt,
+        SortKey::Cpu,
+    ];
+
+    /// Column title.
+    pub fn title(self) -> &'static str {
+        match self {
+            SortKey::Id => "ID",
+            SortKey::MinFlt => "MINFLT/s",
+            SortKey::MajFlt => "MAJFLT/s",
+            SortKey::Ept => "EPT/s",
+            SortKey::HostFlt => "HOSTFLT/s",
+            SortKey::Cpu => "CPU%",
+        }
+    }
+
+    fn next(self) -> Self {
+        let i = Self::ALL.iter().position(|k| *k == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+
+    fn task_value(self, t: &TaskStats) -> f64 {
+        match self {
+            SortKey::Id => f64::from(t.key.task_id),
+            SortKey::MinFlt => t.rates.min_flt,
+            SortKey::MajFlt => t.rates.maj_flt,
+            SortKey::Ept => t.rates.ept,
+            SortKey::HostFlt => t.rates.host_flt,
+            SortKey::Cpu => t.rates.cpu,
+        }
+    }
+
+    fn vcpu_value(self, v: &VcpuStats) -> f64 {
+        match self {
+            SortKey::Ept => v.rates.ept,
+            SortKey::HostFlt => v.rates.host_flt,
+            SortKey::Cpu => v.rates.util,
+            _ => f64::from(v.index),
+        }
+    }
+
+    fn task_history(self, t: &TaskStats) -> &History {
+        match self {
+            SortKey::MinFlt => &t.history.min_flt,
+            SortKey::MajFlt => &t.history.maj_flt,
+            SortKey::HostFlt => &t.history.host_flt,
+            SortKey::Cpu => &t.history.cpu,
+            SortKey::Id | SortKey::Ept => &t.history.ept,
+        }
+    }
+
+    fn vcpu_history(self, v: &VcpuStats) -> &History {
+        match self {
+            SortKey::HostFlt => &v.history.host_flt,
+            SortKey::Cpu => &v.history.util,
+            _ => &v.history.ept,
+        }
+    }
+
+    fn vm_history(self, vm: &VmModel) -> &History {
+        match self {
+            SortKey::MinFlt | SortKey::MajFlt => &vm.history.guest_flt,
+            SortKey::HostFlt => &vm.history.host_flt,
+            SortKey::Cpu => &vm.history.vcpu_util,
+            SortKey::Id | SortKey::Ept => &vm.history.ept,
+        }
+    }
+}
+
+/// What a row of the table shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowRef {
+    /// A VM's summary.
+    Vm(VmId),
+    /// A vCPU.
+    Vcpu(VmId, u32),
+    /// A guest task.
+    Task(VmId, crate::model::TaskKey),
+}
+
+/// What a key did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to redraw.
+    None,
+    /// Redraw.
+    Redraw,
+    /// Leave.
+    Quit,
+}
+
+/// The state of `vmm top`.
+pub struct App {
+    /// The VMs.
+    pub fleet: Fleet,
+    /// Sort column.
+    pub sort: SortKey,
+    /// Largest first (default) or smallest first.
+    pub descending: bool,
+    /// Task-name filter (case-insensitive substring).
+    pub filter: String,
+    /// Some while the filter is being typed.
+    pub editing: Option<String>,
+    /// Refresh interval.
+    pub interval: Duration,
+    /// Selected row.
+    pub table: TableState,
+}
+
+const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// A text sparkline of the last `width` values (blank for zero; scaled to their maximum).
+pub fn sparkline_text(h: &History, width: usize) -> String {
+    let values: Vec<f64> = h.values().collect();
+    let tail = &values[values.len().saturating_sub(width)..];
+    let max = tail.iter().copied().fold(0.0f64, f64::max);
+    tail.iter()
+        .map(|&v| {
+            if v <= 0.0 || max <= 0.0 {
+                ' '
+            } else {
+                let i = ((v / max) * (SPARKS.len() - 1) as f64).round() as usize;
+                SPARKS[i.min(SPARKS.len() - 1)]
+            }
+        })
+        .collect()
+}
+
+fn rate(v: f64) -> String {
+    short_number(if v.is_finite() { v } else { 0.0 })
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}", if v.is_finite() { v * 100.0 } else { 0.0 })
+}
+
+impl App {
+    /// Watches `run_dir`, refreshing every `interval`.
+    pub fn new(run_dir: &Path, interval: Duration) -> Self {
+        let cfg = ModelConfig {
+            history: 120,
+            ..ModelConfig::default()
+        };
+        let mut table = TableState::default();
+        table.select(Some(0));
+        Self {
+            fleet: Fleet::new(run_dir, cfg),
+            sort: SortKey::Ept,
+            descending: true,
+            filter: String::new(),
+            editing: None,
+            interval,
+            table,
+        }
+    }
+
+    fn matches(&self, t: &TaskStats) -> bool {
+        self.filter.is_empty()
+            || t.label()
+                .to_lowercase()
+                .contains(&self.filter.to_lowercase())
+    }
+
+    fn order(&self, a: f64, b: f64) -> std::cmp::Ordering {
+        if self.descending && self.sort != SortKey::Id {
+            b.total_cmp(&a)
+        } else {
+            a.total_cmp(&b)
+        }
+    }
+
+    /// The table's rows, in display order.
+    pub fn rows(&self) -> Vec<RowRef> {
+        let mut rows = Vec::new();
+        for (id, vm) in &self.fleet.model.vms {
+            rows.push(RowRef::Vm(*id));
+            let mut vcpus: Vec<&VcpuStats> = vm.vcpus.values().collect();
+            vcpus.sort_by(|a, b| {
+                self.order(self.sort.vcpu_value(a), self.sort.vcpu_value(b))
+                    .then(a.index.cmp(&b.index))
+            });
+            rows.extend(vcpus.iter().map(|v| RowRef::Vcpu(*id, v.index)));
+            let mut tasks: Vec<&TaskStats> =
+                vm.tasks.values().filter(|t| self.matches(t)).collect();
+            tasks.sort_by(|a, b| {
+                self.order(self.sort.task_value(a), self.sort.task_value(b))
+                    .then(a.key.cmp(&b.key))
+            });
+            rows.extend(tasks.iter().map(|t| RowRef::Task(*id, t.key)));
+        }
+        rows
+    }
+
+    /// Handles one key.
+    pub fn on_key(&mut self, key: KeyEvent) -> Action {
+        if key.kind != KeyEventKind::Press {
+            return Action::None;
+        }
+        if let Some(text) = &mut self.editing {
+            match key.code {
+                KeyCode::Enter => {
+                    self.filter = self.editing.take().unwrap_or_default();
+                }
+                KeyCode::Esc => {
+                    self.editing = None;
+                    self.filter.clear();
+                }
+                KeyCode::Backspace => {
+                    text.pop();
+                }
+                KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                    return Action::Quit
+                }
+                KeyCode::Char(c) if !c.is_control() && text.chars().count() < 32 => text.push(c),
+                _ => return Action::None,
+            }
+            self.table.select(Some(0));
+            return Action::Redraw;
+        }
+        let rows = self.rows().len();
+        let sel = self.table.selected().unwrap_or(0);
+        match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => return Action::Quit,
+            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                return Action::Quit
+            }
+            KeyCode::Char('s') => self.sort = self.sort.next(),
+            KeyCode::Char('r') => self.descending = !self.descending,
+            KeyCode::Char('/') => self.editing = Some(self.filter.clone()),
+            KeyCode::Down | KeyCode::Char('j') => self
+                .table
+                .select(Some((sel + 1).min(rows.saturating_sub(1)))),
+            KeyCode::Up | KeyCode::Char('k') => self.table.select(Some(sel.saturating_sub(1))),
+            KeyCode::PageDown => self
+                .table
+                .select(Some((sel + 10).min(rows.saturating_sub(1)))),
+            KeyCode::PageUp => self.table.select(Some(sel.saturating_sub(10))),
+            KeyCode::Home => self.table.select(Some(0)),
+            KeyCode::End => self.table.select(Some(rows.saturating_sub(1))),
+            _ => return Action::None,
+        }
+        Action::Redraw
+    }
+
+    fn selected_vm(&self, rows: &[RowRef]) -> Option<VmId> {
+        let sel = self
+            .table
+            .selected()
+            .unwrap_or(0)
+            .min(rows.len().saturating_sub(1));
+        rows.get(sel).map(|r| match r {
+            RowRef::Vm(id) | RowRef::Vcpu(id, _) | RowRef::Task(id, _) => *id,
+        })
+    }
+
+    fn table_row(&self, r: &RowRef, spark_width: usize) -> Option<Row<'static>> {
+        let dash = || "-".to_string();
+        let cells: Vec<String>;
+        let mut style = Style::default();
+        match *r {
+            RowRef::Vm(id) => {
+                let vm = self.fleet.model.vms.get(&id)?;
+                let info = self.fleet.info.get(&id);
+                let name = info.map_or_else(|| format!("vm-{id}"), |i| i.name.clone());
+                let what = info.map_or(String::new(), |i| {
+                    format!(
+                        " ({}{} vCPU)",
+                        if i.guest.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{}, ", i.guest)
+                        },
+                        i.vcpus
+                    )
+                });
+                let mut lost = if vm.lost_guest + vm.lost_host > 0 {
+                    format!(" lost {}/{}", vm.lost_guest, vm.lost_host)
+                } else {
+                    String::new()
+                };
+                if self
+                    .fleet
+                    .vm(id)
+                    .is_some_and(|v| v.header_changes() != (0, 0))
+                {
+                    lost.push_str(" [header rewritten]");
+                }
+                if vm.dropped > 0 {
+                    lost.push_str(&format!(" dropped {}", vm.dropped));
+                }
+                cells = vec![
+                    "VM".into(),
+                    id.to_string(),
+                    format!("{name}{what}{lost}"),
+                    rate(vm.rates.min_flt),
+                    rate(vm.rates.maj_flt),
+                    rate(vm.rates.ept),
+                    rate(vm.rates.host_flt),
+                    pct(vm.rates.guest_cpu),
+                    pct(vm.rates.vcpu_util),
+                    sparkline_text(self.sort.vm_history(vm), spark_width),
+                ];
+                style = style.add_modifier(Modifier::BOLD).fg(Color::Cyan);
+            }
+            RowRef::Vcpu(id, index) => {
+                let vm = self.fleet.model.vms.get(&id)?;
+                let v = vm.vcpus.get(&index)?;
+                let running = vm
+                    .tasks
+                    .get(&v.last_task)
+                    .map_or_else(|| "(no task)".to_string(), |t| t.label());
+                cells = vec![
+                    "vcpu".into(),
+                    index.to_string(),
+                    format!("→ {running}"),
+                    dash(),
+                    dash(),
+                    rate(v.rates.ept),
+                    rate(v.rates.host_flt),
+                    dash(),
+                    pct(v.rates.util),
+                    sparkline_text(self.sort.vcpu_history(v), spark_width),
+                ];
+                style = style.fg(Color::Yellow);
+            }
+            RowRef::Task(id, key) => {
+                let vm = self.fleet.model.vms.get(&id)?;
+                let t = vm.tasks.get(&key)?;
+                let idtext = if key.is_unattributed() {
+                    "-".to_string()
+                } else {
+                    format!("{}/{}", key.task_id, key.pid)
+                };
+                let name = if t.exited {
+                    format!("{} (exited)", t.label())
+                } else {
+                    t.label()
+                };
+                cells = vec![
+                    "task".into(),
+                    idtext,
+                    name,
+                    rate(t.rates.min_flt),
+                    rate(t.rates.maj_flt),
+                    rate(t.rates.ept),
+                    rate(t.rates.host_flt),
+                    pct(t.rates.cpu),
+                    pct(t.rates.vcpu),
+                    sparkline_text(self.sort.task_history(t), spark_width),
+                ];
+            }
+        }
+        Some(Row::new(cells.into_iter().map(Cell::from).collect::<Vec<_>>()).style(style))
+    }
+
+    /// Draws the whole screen.
+    pub fn render(&mut self, f: &mut Frame<'_>) {
+        let area = f.area();
+        let footer_lines = self.footer_lines();
+        let [head, body, sparks, foot] = Layout::vertical([
+            Constraint::Length(2),
+            Constraint::Min(4),
+            Constraint::Length(4),
+            Constraint::Length(footer_lines.len() as u16 + 1),
+        ])
+        .areas(area);
+        self.render_header(f, head);
+        let rows = self.rows();
+        if rows.is_empty() {
+            let msg = format!(
+                "no VM running in {} (waiting; VMs are picked up as they start)",
+                self.fleet.run_dir().display()
+            );
+            f.render_widget(Paragraph::new(msg).block(Block::bordered()), body);
+        } else {
+            self.render_table(f, body, &rows);
+        }
+        self.render_sparks(f, sparks, &rows);
+        let mut lines = footer_lines;
+        lines.push(Line::from(Span::styled(
+            match &self.editing {
+                Some(t) => format!("filter: {t}▏  (Enter apply, Esc clear)"),
+                None => "q quit  s sort  r reverse  / filter  ↑↓ PgUp PgDn move".into(),
+            },
+            Style::default().add_modifier(Modifier::REVERSED),
+        )));
+        f.render_widget(Paragraph::new(lines), foot);
+    }
+
+    fn render_header(&self, f: &mut Frame<'_>, area: Rect) {
+        let n = self.fleet.model.vms.len();
+        let line1 = format!(
+            "mirrorball top — {} — {} VM{}{} — every {} ms",
+            self.fleet.run_dir().display(),
+            n,
+            if n == 1 { "" } else { "s" },
+            if self.fleet.stale.is_empty() {
+                String::new()
+            } else {
+                format!(", {} stale", self.fleet.stale.len())
+            },
+            self.interval.as_millis()
+        );
+        let line2 = format!(
+            "sort: {} {}{}   rates per second over the last interval; CPU% = guest CPU \
+             (tasks), VCPU% = vCPU-thread CPU on the host",
+            self.sort.title(),
+            if self.descending && self.sort != SortKey::Id {
+                "▼"
+            } else {
+                "▲"
+            },
+            if self.filter.is_empty() {
+                String::new()
+            } else {
+                format!("   filter: \"{}\"", self.filter)
+            }
+        );
+        f.render_widget(
+            Paragraph::new(vec![
+                Line::from(Span::styled(
+                    line1,
+                    Style::default().add_modifier(Modifier::BOLD),
+                )),
+                Line::from(line2),
+            ]),
+            area,
+        );
+    }
+
+    fn render_table(&mut self, f: &mut Frame<'_>, area: Rect, rows: &[RowRef]) {
+        let widths = [
+            Constraint::Length(4),
+            Constraint::Length(11),
+            Constraint::Min(16),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Length(6),
+            Constraint::Length(6),
+            Constraint::Length(24),
+        ];
+        let header_titles = [
+            "KIND",
+            "ID",
+            "NAME",
+            SortKey::MinFlt.title(),
+            SortKey::MajFlt.title(),
+            SortKey::Ept.title(),
+            SortKey::HostFlt.title(),
+            SortKey::Cpu.title(),
+            "VCPU%",
+            "HISTORY",
+        ];
+        let sorted_col = match self.sort {
+            SortKey::Id => 1,
+            SortKey::MinFlt => 3,
+            SortKey::MajFlt => 4,
+            SortKey::Ept => 5,
+            SortKey::HostFlt => 6,
+            SortKey::Cpu => 7,
+        };
+        let header = Row::new(
+            header_titles
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let style = if i == sorted_col {
+                        Style::default().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
+                    } else {
+                        Style::default().add_modifier(Modifier::BOLD)
+                    };
+                    Cell::from(*t).style(style)
+                })
+                .collect::<Vec<_>>(),
+        );
+        let body: Vec<Row> = rows.iter().filter_map(|r| self.table_row(r, 24)).collect();
+        let n = body.len();
+        if let Some(sel) = self.table.selected() {
+            if sel >= n {
+                self.table.select(Some(n.saturating_sub(1)));
+            }
+        }
+        let table = Table::new(body, widths)
+            .header(header)
+            .block(Block::bordered())
+            .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED));
+        f.render_stateful_widget(table, area, &mut self.table);
+    }
+
+    fn render_sparks(&self, f: &mut Frame<'_>, area: Rect, rows: &[RowRef]) {
+        let Some(id) = self.selected_vm(rows) else {
+            return;
+        };
+        let Some(vm) = self.fleet.model.vms.get(&id) else {
+            return;
+        };
+        let halves = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
+            .split(area);
+        let to_u64 = |h: &History| -> Vec<u64> { h.values().map(|v| v.max(0.0) as u64).collect() };
+        let width = halves[0].width.saturating_sub(2) as usize;
+        let tail = |v: Vec<u64>| -> Vec<u64> { v[v.len().saturating_sub(width)..].to_vec() };
+        let guest = tail(to_u64(&vm.history.guest_flt));
+        let ept = tail(to_u64(&vm.history.ept));
+        f.render_widget(
+            Sparkline::default()
+                .block(Block::bordered().title(format!(
+                    "VM {id} guest faults/s (now {})",
+                    rate(vm.rates.min_flt + vm.rates.maj_flt)
+                )))
+                .style(Style::default().fg(Color::Green))
+                .data(&guest),
+            halves[0],
+        );
+        f.render_widget(
+            Sparkline::default()
+                .block(
+                    Block::bordered()
+                        .title(format!("VM {id} EPT faults/s (now {})", rate(vm.rates.ept))),
+                )
+                .style(Style::default().fg(Color::Magenta))
+                .data(&ept),
+            halves[1],
+        );
+    }
+
+    fn footer_lines(&self) -> Vec<Line<'static>> {
+        let mut lines = Vec::new();
+        let dim = Style::default().fg(Color::DarkGray);
+        if let Some(e) = &self.fleet.scan_error {
+            lines.push(Line::from(Span::styled(format!("error: {e}"), dim)));
+        }
+        for (id, why, _) in self.fleet.ended.iter().take(3) {
+            lines.push(Line::from(Span::styled(
+                format!("VM {id} ended: {why}"),
+                dim,
+            )));
+        }
+        for (id, e) in self.fleet.errors.iter().take(3) {
+            lines.push(Line::from(Span::styled(
+                format!("VM {id} unreadable: {e}"),
+                Style::default().fg(Color::Red),
+            )));
+        }
+        if !self.fleet.stale.is_empty() {
+            let list: Vec<String> = self
+                .fleet
+                .stale
+                .iter()
+                .take(4)
+                .map(|s| format!("vm-{} ({})", s.id, s.reason))
+                .collect();
+            let more = self.fleet.stale.len().saturating_sub(4);
+            lines.push(Line::from(Span::styled(
+                format!(
+                    "stale, ignored: {}{}",
+                    list.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+                dim,
+            )));
+        }
+        lines
+    }
+}
+
+/// Options of `vmm top`.
+#[derive(Clone, Debug)]
+pub struct TopOptions {
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Refresh interval.
+    pub interval: Duration,
+}
+
+/// Runs `vmm top` on the terminal until the user quits.
+pub fn run(opts: &TopOptions) -> io::Result<()> {
+    use std::io::IsTerminal;
+    if !io::stdout().is_terminal() || !io::stdin().is_terminal() {
+        return Err(io::Error::other(
+            "needs a terminal (standard input and output must be a TTY); for scripts use \
+             `vmm record` or `vmm prometheus`",
+        ));
+    }
+    let interval = opts.interval.max(Duration::from_millis(50));
+    let mut app = App::new(&opts.run_dir, interval);
+    let mut terminal = ratatui::try_init()?;
+    let result = (|| -> io::Result<()> {
+        app.fleet.tick();
+        let mut next = Instant::now() + interval;
+        let mut dirty = true;
+        loop {
+            if dirty {
+                terminal.draw(|f| app.render(f))?;
+                dirty = false;
+            }
+            let now = Instant::now();
+            if now >= next {
+                app.fleet.tick();
+                next = (next + interval).max(now + interval / 2);
+                dirty = true;
+                continue;
+            }
+            if event::poll(next - now)? {
+                match event::read()? {
+                    Event::Key(k) => match app.on_key(k) {
+                        Action::Quit => return Ok(()),
+                        Action::Redraw => dirty = true,
+                        Action::None => {}
+                    },
+                    Event::Resize(..) => dirty = true,
+                    _ => {}
+                }
+            }
+        }
+    })();
+    ratatui::restore();
+    result
+}
