@@ -32,6 +32,8 @@ mod launch;
 mod linux;
 #[path = "vmm_bench/memory.rs"]
 mod memory;
+#[path = "vmm_bench/profiler.rs"]
+mod profiler;
 #[path = "vmm_bench/report.rs"]
 mod report;
 
@@ -80,7 +82,8 @@ struct Args {
     /// VMs kept alive at once for the RSS benchmark.
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
-    /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux).
+    /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
+    /// profiler (6).
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
     /// Internal: bare VM setup + one exit, then exit (the process-level baseline).
@@ -192,6 +195,9 @@ fn run(args: &Args) -> Result<()> {
             group(&mut rows, 3, "exits", || {
                 exits::run(&scratch, args.exits, args.exit_runs)
             });
+        }
+        if args.wants("profiler") {
+            group(&mut rows, 6, "profiler", || profiler::run(args.exit_runs));
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {
