@@ -13,7 +13,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -258,7 +259,13 @@ static int find_task_id(int pid, uint32_t *id)
 
 /* ---- the child under test ------------------------------------------------- */
 
-static volatile int phase;
+/*
+ * The guest kernel may lack futexes (tinyconfig), so the child's second
+ * thread is a raw clone(CLONE_THREAD) that only makes system calls.
+ */
+static volatile int phase, worker_done, worker_slot_ok;
+static uint32_t child_task_id;
+static char worker_stack[1 << 16] __attribute__((aligned(16)));
 
 static void fault_pages(int pages)
 {
@@ -273,15 +280,51 @@ static void fault_pages(int pages)
 	munmap(p, pages * 4096L);
 }
 
-static void *worker(void *arg)
+/*
+ * While this thread runs, the slot of its CPU must name it: its thread id,
+ * its process, and the process's task id.
+ */
+static int own_slot_ok(void)
+{
+	int tries;
+
+	for (tries = 0; tries < 100; tries++) {
+		unsigned int cpu, cpu2;
+		const struct mb_vcpu_slot *s;
+		uint64_t a, b;
+		uint32_t id, pid, tgid;
+
+		if (syscall(SYS_getcpu, &cpu, NULL, NULL) || cpu >= hdr->vcpus.capacity)
+			return 0;
+		s = slot(cpu);
+		a = LOAD(s->seq);
+		ACQUIRE();
+		id = LOAD(s->task_id);
+		pid = LOAD(s->pid);
+		tgid = LOAD(s->tgid);
+		ACQUIRE();
+		b = LOAD(s->seq);
+		if (syscall(SYS_getcpu, &cpu2, NULL, NULL) || cpu2 != cpu || a != b || (a & 1))
+			continue;	/* migrated or preempted: again */
+		return id == child_task_id && pid == (uint32_t)syscall(SYS_gettid) &&
+		       tgid == (uint32_t)getpid();
+	}
+	return 0;
+}
+
+static int worker(void *arg)
 {
 	int i;
 
+	(void)arg;
+	worker_slot_ok = own_slot_ok();
 	for (i = 0; i < 40; i++) {
 		fault_pages(64);
 		sleep_ms(5);
 	}
-	return arg;
+	worker_done = 1;
+	syscall(SYS_exit, 0);	/* this thread only */
+	return 0;
 }
 
 static void on_usr1(int sig)
@@ -289,22 +332,35 @@ static void on_usr1(int sig)
 	phase = sig;
 }
 
-/* Faults in two threads for a while, then idles until SIGUSR1, then exits. */
-static void child_main(int wpipe)
+/*
+ * Reports 'r' (started), gets its task id, checks its own slot ('S'/'s'),
+ * faults in two threads ('W'/'w': the worker's slot check), reports 'd' and
+ * idles until SIGUSR1, then exits.
+ */
+static void child_main(int wpipe, int rpipe)
 {
-	pthread_t t;
+	char c;
 	int i;
 
 	signal(SIGUSR1, on_usr1);
-	if (write(wpipe, "r", 1) != 1)
+	if (write(wpipe, "r", 1) != 1 ||
+	    read(rpipe, &child_task_id, sizeof(child_task_id)) != sizeof(child_task_id))
 		_exit(2);
-	pthread_create(&t, NULL, worker, NULL);
+	c = own_slot_ok() ? 'S' : 's';
+	if (write(wpipe, &c, 1) != 1)
+		_exit(2);
+	if (clone(worker, worker_stack + sizeof(worker_stack),
+		  CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD |
+		  CLONE_SYSVSEM, NULL) < 0)
+		_exit(3);
 	for (i = 0; i < 40; i++) {
 		fault_pages(64);
 		sleep_ms(5);
 	}
-	pthread_join(t, NULL);
-	if (write(wpipe, "d", 1) != 1)
+	while (!worker_done)
+		sleep_ms(5);
+	c = worker_slot_ok ? 'W' : 'w';
+	if (write(wpipe, &c, 1) != 1 || write(wpipe, "d", 1) != 1)
 		_exit(2);
 	while (!phase)
 		pause();
@@ -406,47 +462,46 @@ static void check_sampling(void)
 {
 	struct mb_guest_sample r, last = { 0 };
 	struct mb_task_entry e;
-	uint64_t next, start, seen_slot = 0, records = 0, lost = 0, mine = 0;
-	uint64_t nonmono = 0, exited_seen = 0, deadline;
+	uint64_t next, records = 0, lost = 0, mine = 0;
+	uint64_t bad = 0, exited_seen = 0, deadline;
 	long long stat_flt = -1;
-	int p[2], final_ok = 0, usr1_sent = 0, idle_checked = 0;
-	uint32_t id = MB_TASK_NONE, i;
+	int up[2], down[2], idle_checked = 0, slot_ok = 0, worker_ok = 0;
+	uint32_t id = MB_TASK_NONE;
 	char c;
 	pid_t pid;
 
-	if (pipe(p))
+	if (pipe(up) || pipe(down))
 		return;
 	pid = fork();
 	if (pid == 0) {
-		close(p[0]);
-		child_main(p[1]);
+		close(up[0]);
+		close(down[1]);
+		child_main(up[1], down[0]);
 	}
-	close(p[1]);
-	if (read(p[0], &c, 1) != 1)
+	close(up[1]);
+	close(down[0]);
+	if (read(up[0], &c, 1) != 1)
 		return;
 	next = ring_head();
 	check(status_cmd('R', pid) == 0, "R faulting child %d", pid);
-	check(find_task_id(pid, &id) == 0, "child in the task table (id %u)", id);
+	find_task_id(pid, &id);
+	check(id != MB_TASK_NONE, "child in the task table (id %u)", id);
 	check(!task_read(id, &e) && e.tgid == (uint32_t)pid && e.registered_ns > 0 &&
 	      e.unregistered_ns == 0, "task entry fields");
-	fcntl(p[0], F_SETFL, O_NONBLOCK);
+	if (write(down[1], &id, sizeof(id)) != sizeof(id))
+		return;
+	fcntl(up[0], F_SETFL, O_NONBLOCK);
 
-	start = now_ns();
-	deadline = start + 20000000000ull;
+	deadline = now_ns() + 20000000000ull;
 	while (now_ns() < deadline) {
 		uint64_t head = ring_head();
 
-		for (i = 0; i < hdr->vcpus.capacity; i++)
-			if (LOAD(slot(i)->task_id) == id && id != MB_TASK_NONE)
-				seen_slot++;
 		if (head > next + hdr->ring.capacity) {
 			lost += head - hdr->ring.capacity - next;
 			next = head - hdr->ring.capacity;
 		}
 		for (; next < head; next++) {
-			int rc = ring_read(next, &r);
-
-			if (rc) {
+			if (ring_read(next, &r)) {
 				lost++;
 				continue;
 			}
@@ -455,18 +510,25 @@ static void check_sampling(void)
 				continue;
 			mine++;
 			if ((int)r.pid != pid)
-				nonmono++;
+				bad++;
 			if (r.min_flt < last.min_flt || r.maj_flt < last.maj_flt ||
-			    r.utime_ns < last.utime_ns || r.stime_ns < last.stime_ns)
-				nonmono++;
+			    r.utime_ns < last.utime_ns || r.stime_ns < last.stime_ns ||
+			    r.timestamp_ns < last.timestamp_ns)
+				bad++;
 			last = r;
 			if (r.flags & MB_SAMPLE_EXITED)
 				exited_seen++;
 		}
 		if (exited_seen)
 			break;
-		/* The child finished faulting and idles: counters must match. */
-		if (!usr1_sent && read(p[0], &c, 1) == 1 && c == 'd') {
+		while (read(up[0], &c, 1) == 1) {
+			if (c == 'S')
+				slot_ok = 1;
+			if (c == 'W')
+				worker_ok = 1;
+			if (c != 'd' || idle_checked)
+				continue;
+			/* The child finished faulting and idles: counters must match. */
 			sleep_ms(30);
 			stat_flt = stat_minflt(pid);
 			sleep_ms(30);
@@ -480,28 +542,30 @@ static void check_sampling(void)
 			      "idle child: ring min_flt %llu == /proc stat minflt %lld (both threads)",
 			      (unsigned long long)last.min_flt, stat_flt);
 			check(last.min_flt > 2 * 40 * 64, "min_flt covers both threads' faults");
+			check(last.utime_ns + last.stime_ns > 0, "CPU time %llu+%llu ns",
+			      (unsigned long long)last.utime_ns,
+			      (unsigned long long)last.stime_ns);
 			idle_checked = 1;
 			kill(pid, SIGUSR1);
-			usr1_sent = 1;
 			waitpid(pid, NULL, 0);
 		}
 		usleep(500);
 	}
+	check(slot_ok, "the child's vCPU slot named it (task id, pid, tgid)");
+	check(worker_ok, "the second thread's slot named it and the process's task id");
 	check(idle_checked, "child reached its idle phase");
 	check(mine > 100, "%llu samples of the child at 1 kHz (%llu records in all)",
 	      (unsigned long long)mine, (unsigned long long)records);
 	check(lost == 0, "no record lost or torn (%llu)", (unsigned long long)lost);
-	check(nonmono == 0, "counters absolute and monotonic, pid right");
+	check(bad == 0, "counters absolute and monotonic, pid right");
 	check(exited_seen == 1, "exactly one EXITED record (%llu)", (unsigned long long)exited_seen);
-	final_ok = stat_flt > 0 && last.min_flt >= (uint64_t)stat_flt;
-	check(final_ok, "final min_flt %llu >= last seen %lld",
+	check(stat_flt > 0 && last.min_flt >= (uint64_t)stat_flt, "final min_flt %llu >= last seen %lld",
 	      (unsigned long long)last.min_flt, stat_flt);
-	check(seen_slot > 0, "a vCPU slot named the child's task id (%llu polls)",
-	      (unsigned long long)seen_slot);
 	sleep_ms(20);
 	check(!status_lists(pid), "exited child unregistered by the sampler");
 	check(!task_read(id, &e) && e.state == MB_TASK_UNREGISTERED, "its entry is unregistered");
-	close(p[0]);
+	close(up[0]);
+	close(down[1]);
 }
 
 static void check_slots(void)

@@ -29,7 +29,7 @@ R=$W/root
 mkdir -p "$R/bin" "$R/proc" "$R/sys" "$R/dev" "$R/tmp"
 cp /bin/busybox "$R/bin/busybox"
 cp "$HERE/init" "$R/init"
-gcc -O2 -Wall -Wextra -Werror -static -pthread -o "$R/mbtest" "$HERE/mbtest.c"
+gcc -O2 -Wall -Wextra -Werror -static -o "$R/mbtest" "$HERE/mbtest.c"
 cp "$W/mod/test/mirrorball_fakedev.ko" "$R/"
 if grep -qx 'CONFIG_MIRRORBALL_PROFILER=m' "$OUT/.config"; then
 	cp "$OUT/drivers/virt/mirrorball/mirrorball.ko" "$R/"
