@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# run-qemu-test.sh KSRC KBUILD_OUT - TEST ONLY: boot a kernel under QEMU TCG
+# (no KVM needed) with the fake profiler device and run mbtest in it.
+#
+# KSRC:       kernel source tree the kernel was built from (make O=KBUILD_OUT)
+# KBUILD_OUT: its build directory, with CONFIG_MIRRORBALL_PROFILER=y or =m
+#             (=m: drivers/virt/mirrorball/mirrorball.ko is loaded too) and
+#             CONFIG_MODULES=y (the fake device is a module).
+#
+# Needs qemu-system-x86_64, busybox-static, cpio and a static-capable gcc.
+# Prints the guest's console; exits 0 if every check passed.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+(($# == 2)) || { echo "usage: $0 KSRC KBUILD_OUT" >&2; exit 2; }
+KSRC=$(cd "$1" && pwd)
+OUT=$(cd "$2" && pwd)
+W=$(mktemp -d "${TMPDIR:-/tmp}/mb-qemu.XXXXXX")
+trap 'rm -rf -- "$W"' EXIT
+
+# The fake device module, built in a scratch copy.
+mkdir -p "$W/mod/test"
+cp "$HERE/../mirrorball_abi.h" "$W/mod/"
+cp "$HERE/Kbuild" "$HERE/mirrorball_fakedev.c" "$W/mod/test/"
+make -s -C "$KSRC" O="$OUT" M="$W/mod/test" W=1 KCFLAGS=-Werror modules >&2
+
+# The initramfs: busybox, /init, mbtest, the modules.
+R=$W/root
+mkdir -p "$R/bin" "$R/proc" "$R/sys" "$R/dev" "$R/tmp"
+cp /bin/busybox "$R/bin/busybox"
+cp "$HERE/init" "$R/init"
+gcc -O2 -Wall -Wextra -Werror -static -o "$R/mbtest" "$HERE/mbtest.c"
+cp "$W/mod/test/mirrorball_fakedev.ko" "$R/"
+if grep -qx 'CONFIG_MIRRORBALL_PROFILER=m' "$OUT/.config"; then
+	cp "$OUT/drivers/virt/mirrorball/mirrorball.ko" "$R/"
+fi
+(cd "$R" && find . | cpio -o -H newc --quiet) >"$W/initramfs.cpio"
+
+timeout 600 qemu-system-x86_64 -M pc -accel tcg -cpu max -smp 2 -m 512 \
+	-nographic -no-reboot -kernel "$OUT/arch/x86/boot/bzImage" \
+	-initrd "$W/initramfs.cpio" -append "console=ttyS0 panic=-1 loglevel=4" |
+	tee "$W/console.log"
+
+fail=0
+grep -q 'MBTEST-RC=0' "$W/console.log" || fail=1
+grep -q 'MBTEST-REATTACH-RC=0' "$W/console.log" || fail=1
+grep -q 'MBTEST-DONE' "$W/console.log" || fail=1
+grep -qE 'FAIL|BUG:|WARNING:|Oops|Kernel panic|circular locking|sleeping function' \
+	"$W/console.log" && fail=1
+if ((fail)); then
+	echo "run-qemu-test: FAILED" >&2
+	exit 1
+fi
+echo "run-qemu-test: all checks passed" >&2
