@@ -8,7 +8,9 @@
 #             CONFIG_MODULES=y (the fake device is a module).
 #
 # microvm (acpi=off) because SeaBIOS on "pc" lists only one CPU in its MP
-# table; the kernel has no ACPI. Needs qemu-system-x86_64, busybox-static, cpio and a static-capable gcc.
+# table; the kernel has no ACPI. tsc=reliable: TCG vCPUs have unsynchronized
+# TSCs, and without a TSC clocksource hrtimers stay at 1/HZ (no 1 kHz).
+# Needs qemu-system-x86_64, busybox-static, cpio and a static-capable gcc.
 # Prints the guest's console; exits 0 if every check passed.
 set -euo pipefail
 
@@ -41,7 +43,7 @@ fi
 # on reboot (even with -no-reboot), so stop QEMU once the marker is there.
 qemu-system-x86_64 -M microvm,acpi=off -accel tcg -cpu max -smp 2 -m 512 \
 	-nographic -no-reboot -kernel "$OUT/arch/x86/boot/bzImage" \
-	-initrd "$W/initramfs.cpio" -append "console=ttyS0 panic=-1 loglevel=4" \
+	-initrd "$W/initramfs.cpio" -append "console=ttyS0 panic=-1 loglevel=4 tsc=reliable" \
 	</dev/null >"$W/console.log" 2>&1 &
 qemu=$!
 for ((i = 0; i < 600; i++)); do
