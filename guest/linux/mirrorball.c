@@ -905,6 +905,11 @@ static int mb_register(struct mb_dev *mb, const struct file *file, int vnr)
 		err = -ESRCH;
 		goto put_pid;
 	}
+	/* Kernel threads do not fault on user memory: nothing to profile. */
+	if (t->flags & PF_KTHREAD) {
+		err = -EINVAL;
+		goto put_task;
+	}
 	if (!mb_may_profile(file, t)) {
 		err = -EPERM;
 		goto put_task;
@@ -1053,6 +1058,10 @@ static int mb_request_period(struct mb_dev *mb, u64 ns)
 {
 	if (!mb_period_ok(ns))
 		return -EINVAL;
+	/* Without CONFIG_HIGH_RES_TIMERS, hrtimers tick at 1/HZ. */
+	if (ns < hrtimer_resolution)
+		pr_warn_once("period %llu ns is below the timer resolution (%u ns): CONFIG_HIGH_RES_TIMERS=y is needed\n",
+			     ns, hrtimer_resolution);
 	mutex_lock(&mb->lock);
 	mb->period_from_user = true;
 	mb_apply_period(mb, ns);

@@ -534,9 +534,14 @@ static void check_sampling(void)
 			sleep_ms(30);
 			head = ring_head();
 			for (; next < head; next++)
-				if (!ring_read(next, &r) && r.task_id == id) {
-					last = r;
-					mine++;
+				if (!ring_read(next, &r)) {
+					records++;
+					if (r.task_id == id) {
+						last = r;
+						mine++;
+					}
+				} else {
+					lost++;
 				}
 			check(stat_flt > 0 && (long long)last.min_flt == stat_flt,
 			      "idle child: ring min_flt %llu == /proc stat minflt %lld (both threads)",
@@ -575,6 +580,11 @@ static void check_slots(void)
 	for (i = 0; i < hdr->vcpus.capacity; i++) {
 		const struct mb_vcpu_slot *s = slot(i);
 		uint64_t seq = LOAD(s->seq);
+		int tries;
+
+		/* Odd only while its CPU is switching: look again. */
+		for (tries = 0; (seq & 1) && tries < 1000; tries++)
+			seq = LOAD(s->seq);
 
 		if (LOAD(s->flags) & MB_VCPU_IDLE)
 			idle++;
