@@ -7,6 +7,8 @@
 # MIRRORBALL-INIT-OK and reboots.
 #
 # stdout: the LAST TWO LINES are the bzImage path, then the initramfs path.
+# Next to bzImage: vmlinux, config, System.map, and build/ (the kernel build
+# tree, to build modules against; build/source is the source tree).
 # stderr: progress. Full build logs are kept next to the outputs.
 #
 # Cache: ${MIRRORBALL_CACHE_DIR:-$HOME/.cache/mirrorball}/guest (see README.md).
@@ -19,6 +21,7 @@ SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 CONFIG_FRAGMENT="$HERE/guest-kernel.config"
 PATCH_DIR="$HERE/patches"
 INIT_SCRIPT="$HERE/initramfs/init"
+DRIVER_DIR="$HERE/../guest/linux"
 
 CACHE_ROOT="${MIRRORBALL_CACHE_DIR:-$HOME/.cache/mirrorball}/guest"
 SRC_PKG=linux-source-6.1
@@ -32,6 +35,7 @@ REQUIRED_Y=(
   BINFMT_ELF BINFMT_SCRIPT PROC_FS SYSFS DEVTMPFS DEVTMPFS_MOUNT MODULES SMP
   X86_MPPARSE HYPERVISOR_GUEST PARAVIRT KVM_GUEST VIRTIO VIRTIO_MMIO
   VIRTIO_MMIO_CMDLINE_DEVICES TMPFS SHMEM UNIX NET KSM KERNEL_LZ4
+  VIRT_DRIVERS MIRRORBALL_PROFILER TRACEPOINTS HIGH_RES_TIMERS
 )
 REQUIRED_OFF=(RANDOMIZE_BASE KUNIT)
 MIN_NR_CPUS=8
@@ -69,10 +73,10 @@ ensure_packages() {
   fi
   log "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+  if ! apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >&2; then
     log "apt-get install failed; updating package lists and retrying"
-    apt-get update -qq >&2
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    apt-get -o DPkg::Lock::Timeout=900 update -qq >&2
+    apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >&2
   fi
   mapfile -t missing < <(missing_packages)
   ((${#missing[@]} == 0)) || die "still missing after apt-get: ${missing[*]}"
@@ -94,6 +98,18 @@ patches_digest() {
   done
 }
 
+# The profiler driver's files (what guest/linux/integrate.sh copies), with
+# their contents.
+driver_digest() {
+  local f
+  for f in "$DRIVER_DIR"/integrate.sh "$DRIVER_DIR"/Kbuild "$DRIVER_DIR"/Kconfig \
+    "$DRIVER_DIR"/*.c "$DRIVER_DIR"/*.h; do
+    [[ -e $f ]] || continue
+    printf 'driver %s\n' "$(basename "$f")"
+    cat "$f"
+  done
+}
+
 compute_keys() {
   SRC_VERSION=$(pkg_version "$SRC_PKG")
   SRC_KEY=$( { printf 'src %s\n' "$SRC_VERSION"; patches_digest; } | hash_stdin)
@@ -102,6 +118,7 @@ compute_keys() {
     cat "$SELF"
     printf 'src %s\n' "$SRC_KEY"
     cat "$CONFIG_FRAGMENT"
+    driver_digest
     gcc --version | head -n1
     ld --version | head -n1
     uname -m
@@ -220,6 +237,11 @@ build_kernel() {
   KERNEL_DIR=$out
   complete "$out" bzImage vmlinux config && return 0
   ensure_source
+  # The driver goes into the shared tree here, under the cache lock, so the
+  # tree always holds the driver of the build that is running (integrate.sh
+  # is idempotent and replaces files rather than writing through them).
+  log "adding the profiler driver (guest/linux) as drivers/virt/mirrorball"
+  bash "$DRIVER_DIR/integrate.sh" "$SRC_DIR" >&2 || die "guest/linux/integrate.sh failed"
   local b o jobs logf
   new_tmp b kbuild
   new_tmp o kout
@@ -246,8 +268,11 @@ build_kernel() {
   cp "$b/.config" "$o/config"
   cp "$b/System.map" "$o/System.map"
   printf '%s\n' "$SRC_VERSION" >"$o/linux-source-version"
+  # Keep the build tree (objects, Module.symvers, generated headers): modules
+  # for this exact kernel are built against it, e.g. the fake profiler device
+  # of guest/linux/test/run-qemu-test.sh. Its "source" link names the tree.
+  mv -T -- "$b" "$o/build"
   publish "$o" "$out"
-  rm -rf -- "$b"
 }
 
 # --- initramfs --------------------------------------------------------------
@@ -319,6 +344,7 @@ main() {
       for f in bzImage vmlinux config System.map build.log linux-source-version; do
         ln "$KERNEL_DIR/$f" "$t/$f" 2>/dev/null || cp "$KERNEL_DIR/$f" "$t/$f"
       done
+      ln -s "$KERNEL_DIR/build" "$t/build"
       for f in initramfs.cpio initramfs.list; do
         ln "$INITRAMFS_DIR/$f" "$t/$f" 2>/dev/null || cp "$INITRAMFS_DIR/$f" "$t/$f"
       done

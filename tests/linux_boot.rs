@@ -1,5 +1,7 @@
 //! Linux end to end with the reference guest (`resources/build-guest.sh`): the kernel boots to
-//! `/init` on both vCPUs, and the e820 map and command line it prints are the ones the VMM gave.
+//! `/init` on both vCPUs, the e820 map and command line it prints are the ones the VMM gave, and
+//! the built-in profiler driver (guest/linux) probes the profiler device during boot: it formats
+//! the shared region, and the host reader finds a valid guest header with the guest's boot id.
 //!
 //! On a PVM host guest user space cannot run, so the run ends at the kernel's panic after init
 //! faults (`panic=1` → reboot → i8042 reset); on a VT-x/AMD-V host init prints its marker and
@@ -102,5 +104,28 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
         Some(0),
         "the VM must end by itself:\n{}",
         context()
+    );
+    assert_profiler_probed(&console, &stats, &context);
+}
+
+/// The built-in driver found the device, formatted the region and set DRIVER_OK, and the host
+/// reader (the validation `vmm top` uses) sees the guest's header.
+fn assert_profiler_probed(console: &str, stats: &std::path::Path, context: &dyn Fn() -> String) {
+    assert!(
+        console.contains("mirrorball: profiler ready: region"),
+        "the profiler driver did not probe:\n{}",
+        context()
+    );
+    let stats = std::fs::read_to_string(stats).expect("stats file");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    let device = &stats["profiler_device"];
+    assert_eq!(device["driver_ok"], true, "device: {device}\n{}", context());
+    let region = &stats["guest_region"];
+    assert_eq!(region["valid"], true, "guest region: {region}");
+    assert_ne!(region["guest_boot_id"], 0, "guest region: {region}");
+    assert_eq!(region["vcpus"], 2, "guest region: {region}");
+    assert!(
+        region["sample_period_ns"].as_u64().is_some_and(|p| p > 0),
+        "guest region: {region}"
     );
 }

@@ -41,6 +41,49 @@ pub struct DeviceReport {
     pub requested_period_ns: Option<u64>,
 }
 
+/// The guest part of the profiler region as the host reader found it at the end of a run: the
+/// same validation `vmm top` and `vmm record` apply (every byte is guest-written).
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestRegionReport {
+    /// Whether the header validated (a guest driver formatted the region).
+    pub valid: bool,
+    /// Why not, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The guest's boot id (0: no driver ever published one).
+    pub guest_boot_id: u64,
+    /// The guest sampler's period as published, ns.
+    pub sample_period_ns: u64,
+    /// vCPU slots in the region.
+    pub vcpus: u32,
+    /// Samples the guest wrote to its ring (the ring's head).
+    pub samples_written: u64,
+}
+
+impl GuestRegionReport {
+    /// Reads `region` the way host readers do.
+    pub fn read(region: mirrorball_profiler_abi::Region<'_>) -> Self {
+        match mirrorball_profiler_abi::validate_guest_region(region) {
+            Ok(view) => Self {
+                valid: true,
+                error: None,
+                guest_boot_id: view.guest_boot_id(),
+                sample_period_ns: view.sample_period_ns(),
+                vcpus: view.vcpu_count(),
+                samples_written: view.ring().head(),
+            },
+            Err(e) => Self {
+                valid: false,
+                error: Some(e.to_string()),
+                guest_boot_id: 0,
+                sample_period_ns: 0,
+                vcpus: 0,
+                samples_written: 0,
+            },
+        }
+    }
+}
+
 /// One workload task in the stats file.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskReport {
@@ -88,6 +131,9 @@ pub struct RunReport {
     /// The profiler device as the guest left it (Linux guests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiler_device: Option<DeviceReport>,
+    /// The guest part of the profiler region at the end, as host readers see it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_region: Option<GuestRegionReport>,
     /// What the host sampler did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampler: Option<crate::profiling::sampler::SamplerReport>,
@@ -211,6 +257,7 @@ mod tests {
             tasks: task_reports(&specs, progress, 2, None),
             profiler: None,
             profiler_device: None,
+            guest_region: None,
             sampler: None,
             end_reason: VmEnd::WorkloadFinished,
         };

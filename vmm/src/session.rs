@@ -12,7 +12,7 @@ use crate::builder::{BuiltVm, Guest};
 use crate::profiling::attribution::totals_by_pid;
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::Sampler;
-use crate::report::{task_reports, RunReport};
+use crate::report::{task_reports, GuestRegionReport, RunReport};
 use crate::runner::{self, RunError, WaitOptions};
 
 /// How to run a built VM.
@@ -78,9 +78,11 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     );
     let elapsed_ns = started.elapsed().as_nanos() as u64;
     let mut attributed = None;
+    let mut guest_region = None;
     let sampler = sampler.map(|(s, regions)| {
         let report = s.stop();
         attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
+        guest_region = regions.guest.region().ok().map(GuestRegionReport::read);
         if let Some(keep) = options.keep_regions {
             keep(regions);
         }
@@ -118,6 +120,7 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
             driver_ok: c.driver_ok(),
             requested_period_ns: c.requested_period_ns(),
         }),
+        guest_region,
         sampler,
         end_reason: end,
     })
