@@ -13,7 +13,10 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${MIRRORBALL_DRIVER_OUT:-${TMPDIR:-/tmp}/mirrorball-driver-build}
 HEADERS_PKG=linux-headers-cloud-amd64
-SOURCES=(mirrorball.c mirrorball_abi.h Kbuild Makefile)
+# What the build needs from this directory, as globs (new, renamed or split
+# source files need no edit here).
+SOURCES=('*.c' '*.h' Kbuild Makefile)
+shopt -s nullglob
 
 log() { printf 'check-build: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -41,17 +44,26 @@ ensure_headers() {
 main() {
 	command -v dpkg-query >/dev/null || die "needs a Debian host (dpkg-query not found)"
 	ensure_headers
-	local kdir f stamp logf
+	local kdir f pat stamp logf
+	local -a files=()
 	kdir=$(headers_dir)
+	for pat in "${SOURCES[@]}"; do
+		# shellcheck disable=SC2206 # the glob is meant to expand
+		files+=("$HERE"/$pat)
+	done
 	mkdir -p "$OUT"
+	# Sources gone from here (removed, renamed, split) go from the copy too.
+	for f in "$OUT"/*.c "$OUT"/*.h; do
+		[[ $f == *.mod.c || -e $HERE/${f##*/} ]] || rm -f -- "$f"
+	done
 	# Copy only what changed, so make sees unchanged timestamps.
-	for f in "${SOURCES[@]}"; do
-		cmp -s "$HERE/$f" "$OUT/$f" || cp "$HERE/$f" "$OUT/$f"
+	for f in "${files[@]}"; do
+		cmp -s "$f" "$OUT/${f##*/}" || cp "$f" "$OUT/${f##*/}"
 	done
 	# Rebuild when the headers or the flags change, too.
 	stamp="kdir=$kdir $(stat -c %Y "$kdir/Module.symvers" 2>/dev/null) W=1 -Werror"
 	if [[ ! -f $OUT/.stamp || $(cat "$OUT/.stamp") != "$stamp" ]]; then
-		rm -f "$OUT/mirrorball.ko" "$OUT/mirrorball.o"
+		rm -f -- "$OUT/mirrorball.ko" "$OUT"/*.o
 		printf '%s\n' "$stamp" >"$OUT/.stamp"
 	fi
 	logf="$OUT/build.log"

@@ -11,7 +11,9 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-FILES=(mirrorball.c mirrorball_abi.h Kbuild Kconfig)
+# The driver's files, as globs in this directory (new, renamed or split source
+# files need no edit here). Not the out-of-tree Makefile, nor test/.
+FILES=('*.c' '*.h' Kbuild Kconfig)
 
 die() { printf 'integrate: error: %s\n' "$*" >&2; exit 1; }
 
@@ -30,11 +32,17 @@ replace() {
 	mv -f -- "$tmp" "$1"
 }
 
-# The driver's files.
+# The driver's files (a fresh directory: nothing stale stays behind).
 rm -rf -- "$VIRT/mirrorball"
 mkdir -p "$VIRT/mirrorball"
-for f in "${FILES[@]}"; do
-	cp -- "$HERE/$f" "$VIRT/mirrorball/$f"
+for pat in "${FILES[@]}"; do
+	n=0
+	for f in "$HERE"/$pat; do
+		[[ -f $f ]] || continue
+		cp -- "$f" "$VIRT/mirrorball/${f##*/}"
+		n=$((n + 1))
+	done
+	((n > 0)) || die "no $pat in $HERE"
 done
 
 # drivers/virt/Kconfig: source ours before the closing "endif" of the
