@@ -86,16 +86,20 @@ pub fn parse(args: Vec<String>) -> Result<Parsed, UsageError> {
             _ => positional.push(arg),
         }
     }
-    if !(3..=4).contains(&positional.len()) {
-        return Err(UsageError::Arity(format!(
-            "expected 3 or 4 arguments, got {}; {USAGE}",
-            positional.len()
-        )));
-    }
-    let mib = args::parse_u64("memory size (MiB)", &positional[0], 1, MAX_MIB)?;
-    let pattern = pattern(&positional[1])?;
-    let accesses = args::parse_u64("access count", &positional[2], 1, u64::MAX)?;
-    let iterations = match positional.get(3) {
+    let (mib, pat, acc, iters) = match positional.as_slice() {
+        [m, p, a] => (m, p, a, None),
+        [m, p, a, i] => (m, p, a, Some(i)),
+        _ => {
+            return Err(UsageError::Arity(format!(
+                "expected 3 or 4 arguments, got {}; {USAGE}",
+                positional.len()
+            )))
+        }
+    };
+    let mib = args::parse_u64("memory size (MiB)", mib, 1, MAX_MIB)?;
+    let pattern = pattern(pat)?;
+    let accesses = args::parse_u64("access count", acc, 1, u64::MAX)?;
+    let iterations = match iters {
         Some(text) => args::parse_u64("iteration count", text, 1, u64::from(u32::MAX))?,
         None => u64::from(DEFAULT_ITERATIONS),
     };
