@@ -3,7 +3,8 @@
 //! faults and KVM page faults to the task the vCPU's slot names, at 1 kHz, losing no record.
 mod common;
 
-use std::sync::atomic::AtomicBool;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +15,48 @@ use mirrorball_profiler_abi::{
 };
 use vmm::builder::workload;
 use vmm::profiling::regions::ProfilerRegions;
+use vmm::report::RunReport;
 use vmm::session::{self, SessionOptions};
 use vmm::workload::TaskSpec;
+
+/// A workload guest that ran to its end.
+struct Run {
+    report: RunReport,
+    /// Its profiler regions, kept past the end of the session.
+    regions: Arc<ProfilerRegions>,
+    /// Where the regions' files were.
+    dir: PathBuf,
+}
+
+/// Builds the workload guest running `specs` on `vcpus` vCPUs, profiled every `period`, and runs
+/// it until the workload finishes (at most 60 s), keeping its profiler regions.
+fn run_workload(specs: &[&str], vcpus: usize, period: Duration) -> Run {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mb-profiler-test-{}-{run}", std::process::id()));
+    let specs: Vec<TaskSpec> = specs.iter().map(|s| s.parse().expect("spec")).collect();
+    let built = workload::build(specs, vcpus, None, Some(period), &dir).expect("build");
+    let kept: Mutex<Option<Arc<ProfilerRegions>>> = Mutex::new(None);
+    let keep = |r: Arc<ProfilerRegions>| *kept.lock().expect("lock") = Some(r);
+    let interrupted = AtomicBool::new(false);
+    let report = session::run(
+        built,
+        SessionOptions {
+            timeout: Some(Duration::from_secs(60)),
+            interrupted: &interrupted,
+            console_input: false,
+            keep_regions: Some(&keep),
+        },
+    )
+    .expect("run");
+    assert_eq!(report.end.kind, "workload_finished");
+    let regions = kept.lock().expect("lock").take().expect("regions kept");
+    Run {
+        report,
+        regions,
+        dir,
+    }
+}
 
 fn drain<R: mirrorball_profiler_abi::SampleRecord + Copy>(
     ring: RingView<'_, R>,
@@ -38,28 +79,15 @@ fn host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss() {
     if !kvm_available("host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("mb-profiler-test-{}", std::process::id()));
-    let specs: Vec<TaskSpec> = ["work 16 R 200000 4", "work 1 L 100 4"]
-        .iter()
-        .map(|s| s.parse().expect("spec"))
-        .collect();
-    let built =
-        workload::build(specs, 2, None, Some(Duration::from_millis(1)), &dir).expect("build");
-    let kept: Mutex<Option<Arc<ProfilerRegions>>> = Mutex::new(None);
-    let keep = |r: Arc<ProfilerRegions>| *kept.lock().expect("lock") = Some(r);
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(60)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: Some(&keep),
-        },
-    )
-    .expect("run");
-    assert_eq!(report.end.kind, "workload_finished");
-    let regions = kept.lock().expect("lock").take().expect("regions kept");
+    let Run {
+        report,
+        regions,
+        dir,
+    } = run_workload(
+        &["work 16 R 200000 4", "work 1 L 100 4"],
+        2,
+        Duration::from_millis(1),
+    );
 
     // Guest side: both tasks registered, sampled every iteration, then unregistered.
     let guest =
@@ -136,27 +164,14 @@ fn counts_split_between_tasks_that_share_a_vcpu() {
     if !kvm_available("counts_split_between_tasks_that_share_a_vcpu") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("mb-profiler-split-{}", std::process::id()));
     // One vCPU, two tasks taking turns by iteration: the heavy one touches all 2,048 pages of
     // its 8 MiB in its first iteration; the light one a handful of pages of its own.
-    let specs: Vec<TaskSpec> = ["work 8 R 200000 6", "work 2 L 200 6"]
-        .iter()
-        .map(|s| s.parse().expect("spec"))
-        .collect();
-    let built =
-        workload::build(specs, 1, None, Some(Duration::from_micros(500)), &dir).expect("build");
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(60)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: None,
-        },
+    let report = run_workload(
+        &["work 8 R 200000 6", "work 2 L 200 6"],
+        1,
+        Duration::from_micros(500),
     )
-    .expect("run");
-    assert_eq!(report.end.kind, "workload_finished");
+    .report;
     let heavy = report.tasks[0].host.expect("heavy task attributed");
     let light = report.tasks[1].host.expect("light task attributed");
     let vcpu_total = report.vcpus[0].host_minor_faults;

@@ -11,11 +11,13 @@
 //! - [`vcpu_accounting`] — the per-vCPU picture: time in `KVM_RUN` vs in the VMM, exits, and
 //!   thread-usage and KVM-stat deltas over a run, as a serialisable [`VcpuReport`].
 //! - [`report`] — writing reports as JSON.
+//! - [`testing`] — what the workspace's test suites share (skipping without `/dev/kvm`).
 
 mod error;
 pub mod exits;
 pub mod kvm_stats;
 pub mod report;
+pub mod testing;
 pub mod thread_usage;
 pub mod vcpu_accounting;
 

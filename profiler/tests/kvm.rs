@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use mirrorball_profiler::testing::kvm_or_skip;
 use mirrorball_profiler::{ExitCounters, ExitKind, StatKind, StatsFd, VcpuAccounting};
 
 const MEM_SIZE: usize = 0x8000; // GPA 0..32 KiB; anything above is MMIO.
@@ -66,16 +67,6 @@ impl Drop for GuestMem {
     }
 }
 
-fn open_kvm() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm not available ({e})");
-            None
-        }
-    }
-}
-
 /// A VM with guest memory at GPA 0 holding the guest code, and vCPU 0 set up to run it.
 fn real_mode_vm(kvm: &Kvm, mem: &GuestMem) -> (VmFd, VcpuFd) {
     let code = guest_code();
@@ -118,7 +109,9 @@ fn names(stats: &StatsFd) -> Vec<&str> {
 
 #[test]
 fn vm_and_vcpu_stats_fds_have_the_expected_stats() {
-    let Some(kvm) = open_kvm() else { return };
+    let Some(kvm) = kvm_or_skip("vm_and_vcpu_stats_fds_have_the_expected_stats") else {
+        return;
+    };
     let mem = GuestMem::new();
     let (vm, vcpu) = real_mode_vm(&kvm, &mem);
 
@@ -154,7 +147,9 @@ fn vm_and_vcpu_stats_fds_have_the_expected_stats() {
 
 #[test]
 fn accounting_sees_the_exits_of_a_real_mode_guest() {
-    let Some(kvm) = open_kvm() else { return };
+    let Some(kvm) = kvm_or_skip("accounting_sees_the_exits_of_a_real_mode_guest") else {
+        return;
+    };
     let mem = GuestMem::new();
     let (vm, mut vcpu) = real_mode_vm(&kvm, &mem);
     let vm_stats = StatsFd::for_vm(&vm).expect("VM stats fd");

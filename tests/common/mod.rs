@@ -13,19 +13,7 @@ pub fn vmm_bin() -> PathBuf {
 }
 
 /// True when /dev/kvm can be opened; otherwise prints why the calling test skips.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
+pub use mirrorball_profiler::testing::kvm_available;
 
 /// Runs `vmm` with `args`, killing it after `deadline`. Panics if it had to be killed.
 pub fn run_vmm(args: &[&str], deadline: Duration) -> Output {

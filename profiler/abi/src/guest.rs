@@ -1,69 +1,18 @@
 //! The guest region: formatting and writing it (guest driver, VMM) and reading it (host).
 
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::abi::*;
-use crate::desc::Zero;
-use crate::error::{AbiError, Part, ReadError};
-use crate::layout::{GuestRegionLayout, RegionInfo, RingLayout, TableLayout};
+use crate::error::{AbiError, ReadError};
+use crate::layout::{self, zero_table, Attached, GuestRegionLayout, RegionInfo, RegionInit};
 use crate::region::{Region, RegionMut};
 use crate::ring::{GuestSample, RingView, RingWriter};
 use crate::tables::{read_task, read_vcpu, TaskInfo, TaskTableWriter, VcpuSlotWriter, VcpuState};
 
-/// What the formatter of a region chooses besides the layout.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RegionInit {
-    /// Generation (e.g. random per VMM start); readers start over when it changes.
-    pub generation: u64,
-    /// Initial sample period, ns (0 = unknown).
-    pub sample_period_ns: u64,
-    /// [`CLOCK_NONE`] or [`CLOCK_MONOTONIC`].
-    pub clock_id: u32,
-}
-
-pub(crate) fn zero_table<T: crate::desc::Shared>(region: &Region<'_>, table: &TableLayout) {
-    for i in 0..table.capacity as usize {
-        if let Some(entry) = region.entry::<T>(table.offset, table.stride, i) {
-            entry.zero();
-        }
-    }
-}
-
-pub(crate) fn write_ring_desc(desc: &RingDesc, ring: &RingLayout) {
-    let r = Ordering::Relaxed;
-    desc.ctl_offset.store(ring.ctl_offset as u64, r);
-    desc.slots_offset.store(ring.slots.offset as u64, r);
-    desc.capacity.store(ring.slots.capacity, r);
-    desc.stride.store(ring.slots.stride as u32, r);
-}
-
-/// Writes the common header except the magic.
-pub(crate) fn write_common(
-    c: &CommonHeader,
-    header_size: usize,
-    size: usize,
-    init: &RegionInit,
-    vcpus: u32,
-) {
-    let r = Ordering::Relaxed;
-    c.version_major.store(ABI_VERSION_MAJOR, r);
-    c.version_minor.store(ABI_VERSION_MINOR, r);
-    c.header_size.store(header_size as u32, r);
-    c.region_size.store(size as u64, r);
-    c.generation.store(init.generation, r);
-    c.sample_period_ns.store(init.sample_period_ns, r);
-    c.vcpu_count.store(vcpus, r);
-    c.clock_id.store(init.clock_id, r);
-}
-
 /// A guest region opened for writing: by the guest driver (vCPU slots, task table, samples) or by
 /// the VMM that formats it.
 #[derive(Debug)]
-pub struct GuestRegion<'a> {
-    region: Region<'a>,
-    layout: GuestRegionLayout,
-    info: RegionInfo,
-}
+pub struct GuestRegion<'a>(Attached<'a, GuestRegionLayout>);
 
 impl<'a> GuestRegion<'a> {
     /// Formats `region` as an empty guest region with `layout` (which must be one
@@ -76,82 +25,43 @@ impl<'a> GuestRegion<'a> {
         layout: &GuestRegionLayout,
         init: &RegionInit,
     ) -> Result<Self, AbiError> {
-        let canonical = GuestRegionLayout::new(
-            layout.vcpus.capacity,
-            layout.tasks.capacity,
-            layout.ring.slots.capacity,
-        )?;
-        if canonical != *layout {
-            return Err(AbiError::LayoutChanged);
-        }
-        let region = region.as_region();
-        if region.len() < layout.size {
-            return Err(AbiError::TooSmall {
-                needed: layout.size as u64,
-                available: region.len() as u64,
-            });
-        }
-        let h: &GuestHeader = region.get(0).ok_or(AbiError::OutOfBounds(Part::Header))?;
-        h.common.magic.store(0, Ordering::Relaxed);
-        fence(Ordering::Release);
-        h.zero();
-        zero_table::<VcpuSlot>(&region, &layout.vcpus);
-        zero_table::<TaskEntry>(&region, &layout.tasks);
-        zero_table::<GuestSampleSlot>(&region, &layout.ring.slots);
-        let ctl: &RingCtl = region
-            .get(layout.ring.ctl_offset)
-            .ok_or(AbiError::OutOfBounds(Part::RingCtl))?;
-        ctl.zero();
-        ctl.head.store(SEQ_FIRST, Ordering::Relaxed);
-        for i in 0..layout.vcpus.capacity as usize {
-            if let Some(slot) =
-                region.entry::<VcpuSlot>(layout.vcpus.offset, layout.vcpus.stride, i)
-            {
-                slot.task_id.store(TASK_NONE, Ordering::Relaxed);
+        let attached = layout::format(region, layout, init, |region, h: &GuestHeader| {
+            zero_table::<VcpuSlot>(region, &layout.vcpus);
+            zero_table::<TaskEntry>(region, &layout.tasks);
+            let r = Ordering::Relaxed;
+            for i in 0..layout.vcpus.capacity as usize {
+                if let Some(slot) =
+                    region.entry::<VcpuSlot>(layout.vcpus.offset, layout.vcpus.stride, i)
+                {
+                    slot.task_id.store(TASK_NONE, r);
+                }
             }
-        }
-
-        let r = Ordering::Relaxed;
-        write_common(
-            &h.common,
-            layout.header_size,
-            layout.size,
-            init,
-            layout.vcpu_count(),
-        );
-        for (desc, table) in [(&h.vcpus, &layout.vcpus), (&h.tasks, &layout.tasks)] {
-            desc.offset.store(table.offset as u64, r);
-            desc.capacity.store(table.capacity, r);
-            desc.stride.store(table.stride as u32, r);
-        }
-        write_ring_desc(&h.ring, &layout.ring);
-        h.common.magic.store(GUEST_MAGIC, Ordering::Release);
-        Self::attach(RegionMut::from_region(region))
+            for (desc, table) in [(&h.vcpus, &layout.vcpus), (&h.tasks, &layout.tasks)] {
+                desc.offset.store(table.offset as u64, r);
+                desc.capacity.store(table.capacity, r);
+                desc.stride.store(table.stride as u32, r);
+            }
+        })?;
+        Ok(Self(attached))
     }
 
     /// Opens a formatted guest region for writing (validating it like a reader would).
     pub fn attach(region: RegionMut<'a>) -> Result<Self, AbiError> {
-        let region = region.as_region();
-        let (layout, info) = GuestRegionLayout::from_region(&region)?;
-        Ok(Self {
-            region,
-            layout,
-            info,
-        })
+        layout::attach(region).map(Self)
     }
 
     /// The layout.
     pub fn layout(&self) -> &GuestRegionLayout {
-        &self.layout
+        &self.0.layout
     }
 
     /// Version and generation the region was validated with.
     pub fn info(&self) -> RegionInfo {
-        self.info
+        self.0.info
     }
 
     fn header(&self) -> Option<&'a GuestHeader> {
-        self.region.get(0)
+        self.0.region.get(0)
     }
 
     /// Publishes the guest sampler's period, ns.
@@ -174,13 +84,14 @@ impl<'a> GuestRegion<'a> {
     pub fn vcpu_writer(&self, index: u32) -> Result<VcpuSlotWriter<'a>, AbiError> {
         let out_of_range = AbiError::IndexOutOfRange {
             index,
-            capacity: self.layout.vcpus.capacity,
+            capacity: self.0.layout.vcpus.capacity,
         };
-        if index >= self.layout.vcpus.capacity {
+        if index >= self.0.layout.vcpus.capacity {
             return Err(out_of_range);
         }
-        let v = &self.layout.vcpus;
+        let v = &self.0.layout.vcpus;
         let slot = self
+            .0
             .region
             .entry(v.offset, v.stride, index as usize)
             .ok_or(out_of_range)?;
@@ -189,18 +100,18 @@ impl<'a> GuestRegion<'a> {
 
     /// The writer of the task table.
     pub fn task_table(&self) -> TaskTableWriter<'a> {
-        TaskTableWriter::new(self.region, self.layout.tasks)
+        TaskTableWriter::new(self.0.region, self.0.layout.tasks)
     }
 
     /// The writer of the guest sample ring, continuing at its head.
     pub fn ring_writer(&self) -> Result<RingWriter<'a, GuestSample>, AbiError> {
-        RingWriter::attach(RingView::new(self.region, self.layout.ring)?)
+        RingWriter::attach(RingView::new(self.0.region, self.0.layout.ring)?)
     }
 
     /// Clears every vCPU slot and the task table, keeping the ring (whose sequence numbers stay
     /// monotonic): what a driver does when it attaches to a region a previous boot used.
     pub fn clear_tables(&self) -> Result<(), AbiError> {
-        for i in 0..self.layout.vcpus.capacity {
+        for i in 0..self.0.layout.vcpus.capacity {
             self.vcpu_writer(i)?.clear();
         }
         self.task_table().clear();
@@ -209,7 +120,7 @@ impl<'a> GuestRegion<'a> {
 
     /// The region for reading.
     pub fn view(&self) -> Result<GuestRegionView<'a>, AbiError> {
-        validate_guest_region(self.region)
+        validate_guest_region(self.0.region)
     }
 }
 
@@ -317,10 +228,6 @@ impl<'a> GuestRegionView<'a> {
     /// Validates the header again; fails with [`AbiError::LayoutChanged`] if the layout or the
     /// generation differ from what this view validated (or with the validation error).
     pub fn revalidate(&self) -> Result<(), AbiError> {
-        let (layout, info) = GuestRegionLayout::from_region(&self.region)?;
-        if layout != self.layout || info.generation != self.info.generation {
-            return Err(AbiError::LayoutChanged);
-        }
-        Ok(())
+        layout::revalidate(&self.region, &self.layout, &self.info)
     }
 }

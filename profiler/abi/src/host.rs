@@ -1,23 +1,17 @@
 //! The host region: written by the VMM's sampler only, never mapped into the guest.
 
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::abi::*;
-use crate::desc::Zero;
-use crate::error::{AbiError, Part, ReadError};
-use crate::guest::{write_common, write_ring_desc, zero_table, RegionInit};
-use crate::layout::{HostRegionLayout, RegionInfo};
+use crate::error::{AbiError, ReadError};
+use crate::layout::{self, Attached, HostRegionLayout, RegionInfo, RegionInit};
 use crate::region::{Region, RegionMut};
 use crate::ring::{HostSample, RingView, RingWriter};
 use crate::tables::VcpuState;
 
 /// A host region opened for writing (the VMM).
 #[derive(Debug)]
-pub struct HostRegion<'a> {
-    region: Region<'a>,
-    layout: HostRegionLayout,
-    info: RegionInfo,
-}
+pub struct HostRegion<'a>(Attached<'a, HostRegionLayout>);
 
 impl<'a> HostRegion<'a> {
     /// Formats `region` as an empty host region with `layout` (one [`HostRegionLayout::new`]
@@ -27,63 +21,28 @@ impl<'a> HostRegion<'a> {
         layout: &HostRegionLayout,
         init: &RegionInit,
     ) -> Result<Self, AbiError> {
-        let canonical = HostRegionLayout::new(layout.vcpu_count, layout.ring.slots.capacity)?;
-        if canonical != *layout {
-            return Err(AbiError::LayoutChanged);
-        }
-        let region = region.as_region();
-        if region.len() < layout.size {
-            return Err(AbiError::TooSmall {
-                needed: layout.size as u64,
-                available: region.len() as u64,
-            });
-        }
-        let h: &HostHeader = region.get(0).ok_or(AbiError::OutOfBounds(Part::Header))?;
-        h.common.magic.store(0, Ordering::Relaxed);
-        fence(Ordering::Release);
-        h.zero();
-        zero_table::<HostSampleSlot>(&region, &layout.ring.slots);
-        let ctl: &RingCtl = region
-            .get(layout.ring.ctl_offset)
-            .ok_or(AbiError::OutOfBounds(Part::RingCtl))?;
-        ctl.zero();
-        ctl.head.store(SEQ_FIRST, Ordering::Relaxed);
-        write_common(
-            &h.common,
-            layout.header_size,
-            layout.size,
-            init,
-            layout.vcpu_count,
-        );
-        write_ring_desc(&h.ring, &layout.ring);
-        h.common.magic.store(HOST_MAGIC, Ordering::Release);
-        Self::attach(RegionMut::from_region(region))
+        // The host region has no tables besides the ring.
+        layout::format(region, layout, init, |_, _| {}).map(Self)
     }
 
     /// Opens a formatted host region for writing.
     pub fn attach(region: RegionMut<'a>) -> Result<Self, AbiError> {
-        let region = region.as_region();
-        let (layout, info) = HostRegionLayout::from_region(&region)?;
-        Ok(Self {
-            region,
-            layout,
-            info,
-        })
+        layout::attach(region).map(Self)
     }
 
     /// The layout.
     pub fn layout(&self) -> &HostRegionLayout {
-        &self.layout
+        &self.0.layout
     }
 
     /// Version and generation.
     pub fn info(&self) -> RegionInfo {
-        self.info
+        self.0.info
     }
 
     /// Publishes the host sampler's period, ns.
     pub fn set_sample_period_ns(&self, period_ns: u64) {
-        if let Some(h) = self.region.get::<HostHeader>(0) {
+        if let Some(h) = self.0.region.get::<HostHeader>(0) {
             h.common
                 .sample_period_ns
                 .store(period_ns, Ordering::Release);
@@ -92,12 +51,12 @@ impl<'a> HostRegion<'a> {
 
     /// The writer of the host sample ring (one per region), continuing at its head.
     pub fn ring_writer(&self) -> Result<RingWriter<'a, HostSample>, AbiError> {
-        RingWriter::attach(RingView::new(self.region, self.layout.ring)?)
+        RingWriter::attach(RingView::new(self.0.region, self.0.layout.ring)?)
     }
 
     /// The region for reading.
     pub fn view(&self) -> Result<HostRegionView<'a>, AbiError> {
-        validate_host_region(self.region)
+        validate_host_region(self.0.region)
     }
 }
 
@@ -153,11 +112,7 @@ impl<'a> HostRegionView<'a> {
 
     /// Validates the header again; [`AbiError::LayoutChanged`] if layout or generation differ.
     pub fn revalidate(&self) -> Result<(), AbiError> {
-        let (layout, info) = HostRegionLayout::from_region(&self.region)?;
-        if layout != self.layout || info.generation != self.info.generation {
-            return Err(AbiError::LayoutChanged);
-        }
-        Ok(())
+        layout::revalidate(&self.region, &self.layout, &self.info)
     }
 }
 

@@ -1,11 +1,17 @@
-//! Region layouts: computing them (writers) and validating them from a header (readers).
+//! Region layouts: computing them and formatting a region with one (writers), and validating
+//! them from a header (readers and writers attaching to a formatted region).
+//!
+//! The two region kinds share the common header, the ring and the checks on both; [`RegionKind`]
+//! names what differs, so formatting ([`format`]), attaching ([`attach`]) and revalidating
+//! ([`revalidate`]) are written once for both.
 
 use core::mem::size_of;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::abi::*;
+use crate::desc::{Shared, Zero};
 use crate::error::{AbiError, Part};
-use crate::region::Region;
+use crate::region::{Region, RegionMut};
 
 /// Where an array of fixed-size entries lies in a region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -193,12 +199,13 @@ struct CommonValues {
     vcpu_count: u32,
 }
 
-/// Checks magic, version and sizes of the common header; returns its values.
-fn validate_common(
-    region: &Region<'_>,
-    magic: u32,
-    known_header: usize,
-) -> Result<CommonValues, AbiError> {
+/// Checks magic, version and sizes of the common header of an `H` region; returns its values and
+/// the header.
+fn validate_common<'a, H: RegionHeader>(
+    region: &Region<'a>,
+) -> Result<(CommonValues, &'a H), AbiError> {
+    let known_header = size_of::<H>();
+    let magic = H::MAGIC;
     let mapping = region.len() as u64;
     let too_small = AbiError::TooSmall {
         needed: known_header as u64,
@@ -207,7 +214,8 @@ fn validate_common(
     if region.len() < known_header {
         return Err(too_small);
     }
-    let h: &CommonHeader = region.get(0).ok_or(too_small)?;
+    let header: &H = region.get(0).ok_or(too_small)?;
+    let h = header.common();
     let found = h.magic.load(Ordering::Relaxed);
     // Pairs with the formatter's release store of the magic: everything it wrote before is
     // visible to the loads below.
@@ -244,7 +252,7 @@ fn validate_common(
     if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
         return Err(AbiError::BadVcpuCount(vcpu_count));
     }
-    Ok(CommonValues {
+    let common = CommonValues {
         info: RegionInfo {
             version_major: major,
             version_minor: minor,
@@ -254,7 +262,8 @@ fn validate_common(
         header_size,
         region_size,
         vcpu_count,
-    })
+    };
+    Ok((common, header))
 }
 
 /// Checks one array described by a header against the region.
@@ -337,11 +346,7 @@ impl GuestRegionLayout {
     /// mapping), capacities (against the ABI limits), strides, offsets (alignment, inside the
     /// region, after the header, no overlap), with checked arithmetic throughout.
     pub fn from_region(region: &Region<'_>) -> Result<(Self, RegionInfo), AbiError> {
-        let common = validate_common(region, GUEST_MAGIC, size_of::<GuestHeader>())?;
-        let h: &GuestHeader = region.get(0).ok_or(AbiError::TooSmall {
-            needed: size_of::<GuestHeader>() as u64,
-            available: region.len() as u64,
-        })?;
+        let (common, h) = validate_common::<GuestHeader>(region)?;
         let vcpus = validate_table(
             Part::Vcpus,
             h.vcpus.offset.load(Ordering::Relaxed),
@@ -390,11 +395,7 @@ impl HostRegionLayout {
     /// Validates the header of a host region, returning its layout (same checks as
     /// [`GuestRegionLayout::from_region`]).
     pub fn from_region(region: &Region<'_>) -> Result<(Self, RegionInfo), AbiError> {
-        let common = validate_common(region, HOST_MAGIC, size_of::<HostHeader>())?;
-        let h: &HostHeader = region.get(0).ok_or(AbiError::TooSmall {
-            needed: size_of::<HostHeader>() as u64,
-            available: region.len() as u64,
-        })?;
+        let (common, h) = validate_common::<HostHeader>(region)?;
         let ring = validate_ring(&h.ring, size_of::<HostSampleSlot>(), &common)?;
         check_disjoint(&[
             (Part::Header, 0, common.header_size as usize),
@@ -413,4 +414,213 @@ impl HostRegionLayout {
         };
         Ok((layout, common.info))
     }
+}
+
+/// The header of a region kind: what its magic is and where its common prefix and ring
+/// descriptor are.
+pub(crate) trait RegionHeader: Shared {
+    /// The magic of this kind.
+    const MAGIC: u32;
+    /// The common prefix.
+    fn common(&self) -> &CommonHeader;
+    /// The ring descriptor.
+    fn ring(&self) -> &RingDesc;
+}
+
+impl RegionHeader for GuestHeader {
+    const MAGIC: u32 = GUEST_MAGIC;
+    fn common(&self) -> &CommonHeader {
+        &self.common
+    }
+    fn ring(&self) -> &RingDesc {
+        &self.ring
+    }
+}
+
+impl RegionHeader for HostHeader {
+    const MAGIC: u32 = HOST_MAGIC;
+    fn common(&self) -> &CommonHeader {
+        &self.common
+    }
+    fn ring(&self) -> &RingDesc {
+        &self.ring
+    }
+}
+
+/// A region kind, by its layout: what [`format`], [`attach`] and [`revalidate`] need to know.
+pub(crate) trait RegionKind: Sized + Copy + PartialEq {
+    /// The header.
+    type Header: RegionHeader;
+    /// A record of the ring.
+    type Slot: Shared;
+    /// The layout `new` computes for this layout's capacities (the only one formatting accepts).
+    fn canonical(&self) -> Result<Self, AbiError>;
+    /// Bytes of the header.
+    fn header_size(&self) -> usize;
+    /// Bytes of the region.
+    fn size(&self) -> usize;
+    /// vCPUs of the VM.
+    fn vcpus(&self) -> u32;
+    /// The ring.
+    fn ring(&self) -> &RingLayout;
+    /// Validates the header of a region of this kind.
+    fn from_region(region: &Region<'_>) -> Result<(Self, RegionInfo), AbiError>;
+}
+
+impl RegionKind for GuestRegionLayout {
+    type Header = GuestHeader;
+    type Slot = GuestSampleSlot;
+    fn canonical(&self) -> Result<Self, AbiError> {
+        Self::new(
+            self.vcpus.capacity,
+            self.tasks.capacity,
+            self.ring.slots.capacity,
+        )
+    }
+    fn header_size(&self) -> usize {
+        self.header_size
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn vcpus(&self) -> u32 {
+        self.vcpus.capacity
+    }
+    fn ring(&self) -> &RingLayout {
+        &self.ring
+    }
+    fn from_region(region: &Region<'_>) -> Result<(Self, RegionInfo), AbiError> {
+        Self::from_region(region)
+    }
+}
+
+impl RegionKind for HostRegionLayout {
+    type Header = HostHeader;
+    type Slot = HostSampleSlot;
+    fn canonical(&self) -> Result<Self, AbiError> {
+        Self::new(self.vcpu_count, self.ring.slots.capacity)
+    }
+    fn header_size(&self) -> usize {
+        self.header_size
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn vcpus(&self) -> u32 {
+        self.vcpu_count
+    }
+    fn ring(&self) -> &RingLayout {
+        &self.ring
+    }
+    fn from_region(region: &Region<'_>) -> Result<(Self, RegionInfo), AbiError> {
+        Self::from_region(region)
+    }
+}
+
+/// What the formatter of a region chooses besides the layout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RegionInit {
+    /// Generation (e.g. random per VMM start); readers start over when it changes.
+    pub generation: u64,
+    /// Initial sample period, ns (0 = unknown).
+    pub sample_period_ns: u64,
+    /// [`CLOCK_NONE`] or [`CLOCK_MONOTONIC`].
+    pub clock_id: u32,
+}
+
+/// Stores zero into every entry of `table`.
+pub(crate) fn zero_table<T: Shared>(region: &Region<'_>, table: &TableLayout) {
+    for i in 0..table.capacity as usize {
+        if let Some(entry) = region.entry::<T>(table.offset, table.stride, i) {
+            entry.zero();
+        }
+    }
+}
+
+/// Formats `region` as an empty region of `layout`'s kind (`layout` must be one its `new`
+/// computes): zeroes the header and the ring, lets `fill` zero and describe the kind's own
+/// tables, writes the common header and the ring descriptor, and stores the magic last
+/// (release), so a reader that sees the magic sees a complete header. Then attaches to it.
+///
+/// Must not race with other writers of the region.
+pub(crate) fn format<'a, K: RegionKind>(
+    region: RegionMut<'a>,
+    layout: &K,
+    init: &RegionInit,
+    fill: impl FnOnce(&Region<'a>, &K::Header),
+) -> Result<Attached<'a, K>, AbiError> {
+    if layout.canonical()? != *layout {
+        return Err(AbiError::LayoutChanged);
+    }
+    let region = region.as_region();
+    if region.len() < layout.size() {
+        return Err(AbiError::TooSmall {
+            needed: layout.size() as u64,
+            available: region.len() as u64,
+        });
+    }
+    let h: &K::Header = region.get(0).ok_or(AbiError::OutOfBounds(Part::Header))?;
+    let r = Ordering::Relaxed;
+    h.common().magic.store(0, r);
+    fence(Ordering::Release);
+    h.zero();
+    let ring = layout.ring();
+    zero_table::<K::Slot>(&region, &ring.slots);
+    let ctl: &RingCtl = region
+        .get(ring.ctl_offset)
+        .ok_or(AbiError::OutOfBounds(Part::RingCtl))?;
+    ctl.zero();
+    ctl.head.store(SEQ_FIRST, r);
+    fill(&region, h);
+
+    let c = h.common();
+    c.version_major.store(ABI_VERSION_MAJOR, r);
+    c.version_minor.store(ABI_VERSION_MINOR, r);
+    c.header_size.store(layout.header_size() as u32, r);
+    c.region_size.store(layout.size() as u64, r);
+    c.generation.store(init.generation, r);
+    c.sample_period_ns.store(init.sample_period_ns, r);
+    c.vcpu_count.store(layout.vcpus(), r);
+    c.clock_id.store(init.clock_id, r);
+    let desc = h.ring();
+    desc.ctl_offset.store(ring.ctl_offset as u64, r);
+    desc.slots_offset.store(ring.slots.offset as u64, r);
+    desc.capacity.store(ring.slots.capacity, r);
+    desc.stride.store(ring.slots.stride as u32, r);
+    c.magic.store(K::Header::MAGIC, Ordering::Release);
+    attach(RegionMut::from_region(region))
+}
+
+/// A formatted region opened for writing, with the layout and header values it was validated
+/// with.
+#[derive(Debug)]
+pub(crate) struct Attached<'a, K> {
+    pub region: Region<'a>,
+    pub layout: K,
+    pub info: RegionInfo,
+}
+
+/// Opens a formatted region of kind `K` for writing, validating it like a reader would.
+pub(crate) fn attach<K: RegionKind>(region: RegionMut<'_>) -> Result<Attached<'_, K>, AbiError> {
+    let region = region.as_region();
+    let (layout, info) = K::from_region(&region)?;
+    Ok(Attached {
+        region,
+        layout,
+        info,
+    })
+}
+
+/// Validates `region`'s header again; fails with [`AbiError::LayoutChanged`] if the layout or the
+/// generation differ from what was validated before (or with the validation error).
+pub(crate) fn revalidate<K: RegionKind>(
+    region: &Region<'_>,
+    layout: &K,
+    info: &RegionInfo,
+) -> Result<(), AbiError> {
+    let (now, now_info) = K::from_region(region)?;
+    if now != *layout || now_info.generation != info.generation {
+        return Err(AbiError::LayoutChanged);
+    }
+    Ok(())
 }

@@ -48,9 +48,11 @@ mod tables;
 
 pub use abi::*;
 pub use error::{AbiError, Part, ReadError};
-pub use guest::{validate_guest_region, GuestRegion, GuestRegionView, RegionInit};
+pub use guest::{validate_guest_region, GuestRegion, GuestRegionView};
 pub use host::{validate_host_region, Attribution, HostRegion, HostRegionView};
-pub use layout::{GuestRegionLayout, HostRegionLayout, RegionInfo, RingLayout, TableLayout};
+pub use layout::{
+    GuestRegionLayout, HostRegionLayout, RegionInfo, RegionInit, RingLayout, TableLayout,
+};
 pub use region::{Region, RegionMut};
 pub use ring::{
     GuestSample, HostSample, Poll, RingReader, RingView, RingWriter, SampleRecord, SeqRecord,

@@ -30,7 +30,9 @@ use crate::open::{Batch, OpenVm, VmStatus};
 use crate::rundir::{scan, VmHandle, VmId};
 use crate::{comm_text, Error};
 
+mod csv;
 mod rows;
+pub use csv::CSV_COLUMNS;
 pub use rows::*;
 
 /// Names of tasks by task id, read from the task table when a sample names a task with a pid
@@ -273,7 +275,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, 
 
 #[cfg(test)]
 mod tests {
-    use super::rows::split_csv;
+    use super::csv::split_csv;
     use super::*;
 
     fn rows() -> Vec<Row> {

@@ -305,7 +305,7 @@ pub(super) mod tests {
     use super::pvm::PVM_HIDDEN;
     use super::*;
     use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-    use kvm_ioctls::Kvm;
+    use mirrorball_profiler::testing::kvm_or_skip;
 
     pub(super) fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
         let [eax, ebx, ecx, edx] = regs;
@@ -482,12 +482,8 @@ pub(super) mod tests {
 
     #[test]
     fn filtered_supported_cpuid_is_accepted_by_kvm() {
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping filtered_supported_cpuid_is_accepted_by_kvm: /dev/kvm: {e}");
-                return;
-            }
+        let Some(kvm) = kvm_or_skip("filtered_supported_cpuid_is_accepted_by_kvm") else {
+            return;
         };
         let kind = HostKind::detect();
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();

@@ -108,7 +108,7 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), LapicError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_ioctls::Kvm;
+    use mirrorball_profiler::testing::kvm_or_skip;
 
     #[test]
     fn reg_round_trip_is_little_endian() {
@@ -153,12 +153,8 @@ mod tests {
 
     #[test]
     fn setup_lint_on_kvm_vcpu() {
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping setup_lint_on_kvm_vcpu: cannot open /dev/kvm: {e}");
-                return;
-            }
+        let Some(kvm) = kvm_or_skip("setup_lint_on_kvm_vcpu") else {
+            return;
         };
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
@@ -179,8 +175,7 @@ mod tests {
 
     #[test]
     fn setup_lint_without_irqchip_is_an_error() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("skipping setup_lint_without_irqchip_is_an_error: cannot open /dev/kvm");
+        let Some(kvm) = kvm_or_skip("setup_lint_without_irqchip_is_an_error") else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

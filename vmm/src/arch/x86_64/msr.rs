@@ -196,7 +196,7 @@ where
 mod tests {
     use super::*;
     use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-    use kvm_ioctls::Kvm;
+    use mirrorball_profiler::testing::kvm_or_skip;
 
     /// A fake KVM_SET_MSRS that refuses the MSRs in `refuse` and records what it accepted.
     fn fake<'a>(
@@ -291,12 +291,8 @@ mod tests {
 
     #[test]
     fn setup_msrs_on_kvm_vcpu() {
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping setup_msrs_on_kvm_vcpu: cannot open /dev/kvm: {e}");
-                return;
-            }
+        let Some(kvm) = kvm_or_skip("setup_msrs_on_kvm_vcpu") else {
+            return;
         };
         let vm = kvm.create_vm().unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
