@@ -4,7 +4,9 @@
 # Produces (1) a minimal x86-64 kernel built from Debian's linux-source-6.1
 # package (bzImage, plus the ELF vmlinux next to it) and (2) an uncompressed
 # newc cpio initramfs holding busybox-static and a tiny /init that prints
-# MIRRORBALL-INIT-OK and reboots.
+# MIRRORBALL-INIT-OK and reboots, or runs the MP3 case study named on the
+# kernel command line (mirrorball.study=...), plus the guest tools (work,
+# monitor, register: guest/tools, static Rust binaries) in /bin.
 #
 # stdout: the LAST TWO LINES are the bzImage path, then the initramfs path.
 # Next to bzImage: vmlinux, config, System.map, and build/ (the kernel build
@@ -22,6 +24,9 @@ CONFIG_FRAGMENT="$HERE/guest-kernel.config"
 PATCH_DIR="$HERE/patches"
 INIT_SCRIPT="$HERE/initramfs/init"
 DRIVER_DIR="$HERE/../guest/linux"
+WORKSPACE="$(cd "$HERE/.." && pwd)"
+TOOLS_BUILD="$WORKSPACE/guest/tools/build-static.sh"
+GUEST_TOOLS=(work monitor register)
 
 CACHE_ROOT="${MIRRORBALL_CACHE_DIR:-$HOME/.cache/mirrorball}/guest"
 SRC_PKG=linux-source-6.1
@@ -110,6 +115,18 @@ driver_digest() {
   done
 }
 
+# The guest tools' sources (and what they build from), with their contents.
+tools_digest() {
+  local f
+  rustc --version
+  cat "$WORKSPACE/Cargo.lock" "$WORKSPACE/Cargo.toml"
+  while IFS= read -r f; do
+    printf 'tools %s\n' "${f#"$WORKSPACE"/}"
+    cat "$f"
+  done < <(find "$WORKSPACE/guest/tools" "$WORKSPACE/guest/workload" "$WORKSPACE/profiler/abi" \
+    -type f \( -name '*.rs' -o -name Cargo.toml -o -name '*.sh' \) -not -path '*/target/*' | LC_ALL=C sort)
+}
+
 compute_keys() {
   SRC_VERSION=$(pkg_version "$SRC_PKG")
   SRC_KEY=$( { printf 'src %s\n' "$SRC_VERSION"; patches_digest; } | hash_stdin)
@@ -129,6 +146,7 @@ compute_keys() {
     printf 'src %s\n' "$SRC_VERSION"   # gen_init_cpio comes from the source
     printf 'busybox %s\n' "$(pkg_version busybox-static)"
     cat "$INIT_SCRIPT"
+    tools_digest
   } | hash_stdin)
   KEY=$(printf '%s %s\n' "$KERNEL_KEY" "$INITRAMFS_KEY" | hash_stdin)
 }
@@ -285,8 +303,14 @@ build_initramfs() {
   [[ -x $BUSYBOX ]] || die "$BUSYBOX not found (is busybox-static installed?)"
   file_is_static "$BUSYBOX" || die "$BUSYBOX is not statically linked"
   log "building initramfs"
-  local o list applet
+  local o list applet tools t
   new_tmp o initramfs
+  log "building the guest tools (${GUEST_TOOLS[*]})"
+  tools=$(bash "$TOOLS_BUILD" "$CACHE_ROOT/tools-target" | tail -n 1) || die "guest/tools/build-static.sh failed"
+  for t in "${GUEST_TOOLS[@]}"; do
+    [[ -x $tools/$t ]] || die "guest tool $t missing in $tools"
+    file_is_static "$tools/$t" || die "guest tool $tools/$t is not statically linked"
+  done
   gcc -O2 -o "$o/gen_init_cpio" "$SRC_DIR/usr/gen_init_cpio.c"
   list="$o/initramfs.list"
   {
@@ -300,8 +324,12 @@ build_initramfs() {
     printf 'nod /dev/null 0666 0 0 c 1 3\n'
     printf 'file /bin/busybox %s 0755 0 0\n' "$BUSYBOX"
     printf 'file /init %s 0755 0 0\n' "$INIT_SCRIPT"
+    for t in "${GUEST_TOOLS[@]}"; do
+      printf 'file /bin/%s %s 0755 0 0\n' "$t" "$tools/$t"
+    done
     "$BUSYBOX" --list-full | sort | while read -r applet; do
       [[ $applet == bin/busybox ]] && continue
+      [[ " ${GUEST_TOOLS[*]} " == *" ${applet##*/} "* ]] && continue
       printf 'slink /%s /bin/busybox 0777 0 0\n' "$applet"
     done
   } >"$list"

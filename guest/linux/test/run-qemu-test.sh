@@ -34,6 +34,12 @@ cp /bin/busybox "$R/bin/busybox"
 cp "$HERE/init" "$R/init"
 gcc -O2 -Wall -Wextra -Werror -static -o "$R/mbtest" "$HERE/mbtest.c"
 cp "$W/mod/test/mirrorball_fakedev.ko" "$R/"
+# The guest tools (work, register, monitor; static Rust binaries) as the
+# reference initramfs has them: init runs them against the driver too.
+tools=$(bash "$HERE/../../tools/build-static.sh" | tail -n 1)
+for t in work register monitor; do
+	cp "$tools/$t" "$R/bin/$t"
+done
 if grep -qx 'CONFIG_MIRRORBALL_PROFILER=m' "$OUT/.config"; then
 	cp "$OUT/drivers/virt/mirrorball/mirrorball.ko" "$R/"
 fi
@@ -60,6 +66,9 @@ fail=0
 grep -q 'MBTEST-RC=0' "$W/console.log" || fail=1
 grep -q 'MBTEST-REATTACH-RC=0' "$W/console.log" || fail=1
 grep -q 'MBTEST-DONE' "$W/console.log" || fail=1
+for m in TOOLS-WORK-RC=0 TOOLS-REGISTER-LIST-OK TOOLS-MONITOR-RC=0 TOOLS-MONITOR-ROWS-OK; do
+	grep -q "$m" "$W/console.log" || { echo "run-qemu-test: no $m" >&2; fail=1; }
+done
 grep -qE 'FAIL|BUG:|WARNING:|Oops|Kernel panic|circular locking|sleeping function|INFO: ' \
 	"$W/console.log" && fail=1
 if ((fail)); then
