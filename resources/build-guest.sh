@@ -23,6 +23,7 @@ SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 CONFIG_FRAGMENT="$HERE/guest-kernel.config"
 PATCH_DIR="$HERE/patches"
 INIT_SCRIPT="$HERE/initramfs/init"
+STUDY_SCRIPT="$HERE/initramfs/mirrorball-study"
 DRIVER_DIR="$HERE/../guest/linux"
 WORKSPACE="$(cd "$HERE/.." && pwd)"
 TOOLS_BUILD="$WORKSPACE/guest/tools/build-static.sh"
@@ -145,7 +146,7 @@ compute_keys() {
     cat "$SELF"
     printf 'src %s\n' "$SRC_VERSION"   # gen_init_cpio comes from the source
     printf 'busybox %s\n' "$(pkg_version busybox-static)"
-    cat "$INIT_SCRIPT"
+    cat "$INIT_SCRIPT" "$STUDY_SCRIPT"
     tools_digest
   } | hash_stdin)
   KEY=$(printf '%s %s\n' "$KERNEL_KEY" "$INITRAMFS_KEY" | hash_stdin)
@@ -324,6 +325,7 @@ build_initramfs() {
     printf 'nod /dev/null 0666 0 0 c 1 3\n'
     printf 'file /bin/busybox %s 0755 0 0\n' "$BUSYBOX"
     printf 'file /init %s 0755 0 0\n' "$INIT_SCRIPT"
+    printf 'file /bin/mirrorball-study %s 0755 0 0\n' "$STUDY_SCRIPT"
     for t in "${GUEST_TOOLS[@]}"; do
       printf 'file /bin/%s %s 0755 0 0\n' "$t" "$tools/$t"
     done
@@ -347,7 +349,7 @@ file_is_static() {
 
 main() {
   (($# == 0)) || die "usage: $0   (no arguments; set MIRRORBALL_CACHE_DIR to move the cache)"
-  for f in "$CONFIG_FRAGMENT" "$INIT_SCRIPT"; do [[ -f $f ]] || die "$f missing"; done
+  for f in "$CONFIG_FRAGMENT" "$INIT_SCRIPT" "$STUDY_SCRIPT"; do [[ -f $f ]] || die "$f missing"; done
 
   ensure_packages
   compute_keys

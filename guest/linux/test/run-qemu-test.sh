@@ -40,6 +40,7 @@ tools=$(bash "$HERE/../../tools/build-static.sh" | tail -n 1)
 for t in work register monitor; do
 	cp "$tools/$t" "$R/bin/$t"
 done
+cp "$HERE/../../../resources/initramfs/mirrorball-study" "$R/bin/mirrorball-study"
 if grep -qx 'CONFIG_MIRRORBALL_PROFILER=m' "$OUT/.config"; then
 	cp "$OUT/drivers/virt/mirrorball/mirrorball.ko" "$R/"
 fi
@@ -66,7 +67,8 @@ fail=0
 grep -q 'MBTEST-RC=0' "$W/console.log" || fail=1
 grep -q 'MBTEST-REATTACH-RC=0' "$W/console.log" || fail=1
 grep -q 'MBTEST-DONE' "$W/console.log" || fail=1
-for m in TOOLS-WORK-RC=0 TOOLS-REGISTER-LIST-OK TOOLS-MONITOR-RC=0 TOOLS-MONITOR-ROWS-OK; do
+for m in TOOLS-WORK-RC=0 TOOLS-REGISTER-LIST-OK TOOLS-MONITOR-RC=0 TOOLS-MONITOR-ROWS-OK \
+	STUDY-BAD-RC=2 STUDY-RC=0 STUDY-WORKER-DONE; do
 	grep -q "$m" "$W/console.log" || { echo "run-qemu-test: no $m" >&2; fail=1; }
 done
 grep -qE 'FAIL|BUG:|WARNING:|Oops|Kernel panic|circular locking|sleeping function|INFO: ' \
