@@ -280,7 +280,9 @@ build_kernel() {
   fi
   log "building kernel with -j$jobs (log: $logf)"
   local t0=$SECONDS
-  run_logged "$logf" "${mk[@]}" -j"$jobs" bzImage
+  # "modules" too: it writes Module.symvers, which module builds against
+  # build/ need (there are no modules of our own; the driver is built in).
+  run_logged "$logf" "${mk[@]}" -j"$jobs" bzImage modules
   log "kernel built in $((SECONDS - t0)) s"
   cp "$b/arch/x86/boot/bzImage" "$o/bzImage"
   cp "$b/vmlinux" "$o/vmlinux"
