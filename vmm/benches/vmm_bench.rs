@@ -22,6 +22,9 @@ use clap::Parser;
 
 #[path = "vmm_bench/bare.rs"]
 mod bare;
+/// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
+#[path = "../../tests/common/mod.rs"]
+mod common;
 #[path = "vmm_bench/exits.rs"]
 mod exits;
 #[path = "vmm_bench/guest.rs"]
