@@ -4,7 +4,11 @@
 //! 2. launch → exit of the smallest OS-less workload, as a process;
 //! 3. exit round trip for port I/O and MMIO;
 //! 4. resident memory per VM;
-//! 5. (opt-in, `--linux KERNEL INITRD`) Linux boot to init against QEMU.
+//! 5. (opt-in, `--linux KERNEL INITRD`) Linux boot to init against QEMU;
+//! 6. profiler overhead (profiler at 1 kHz vs off);
+//! 7. profiler latency: sample → dashboard reader, against the refresh interval and the period;
+//! 8. dashboard CPU with 10 VMs (fake and real);
+//! 9. host fault tracking on vs off on a fault-heavy run.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`); nothing here asserts on absolute times.
@@ -12,6 +16,7 @@
 //! ```text
 //! cargo bench -p vmm --bench vmm_bench --no-run   # builds target/release/vmm too
 //! target/release/deps/vmm_bench-<hash> [--json out.json] [--linux KERNEL INITRD]
+//! cargo bench -p vmm --bench vmm_bench -- latency dashboard   # only these groups
 //! ```
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,10 +27,17 @@ use clap::Parser;
 
 #[path = "vmm_bench/bare.rs"]
 mod bare;
+/// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+#[path = "vmm_bench/dashboard.rs"]
+mod dashboard;
 #[path = "vmm_bench/exits.rs"]
 mod exits;
 #[path = "vmm_bench/guest.rs"]
 mod guest;
+#[path = "vmm_bench/latency.rs"]
+mod latency;
 #[path = "vmm_bench/launch.rs"]
 mod launch;
 #[path = "vmm_bench/linux.rs"]
@@ -36,6 +48,8 @@ mod memory;
 mod profiler;
 #[path = "vmm_bench/report.rs"]
 mod report;
+#[path = "vmm_bench/tracking.rs"]
+mod tracking;
 
 use report::{Row, Target};
 
@@ -83,9 +97,19 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6).
+    /// profiler (6), latency (7), dashboard (8), tracking (9). Group names given as plain
+    /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
+    /// Seconds each reader cadence of the latency benchmark runs.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    latency_secs: f64,
+    /// Back-to-back pairs (tracking on, off) per vCPU count in the host-tracking benchmark.
+    #[arg(long, value_name = "N", default_value_t = 11)]
+    tracking_pairs: usize,
+    /// Seconds each dashboard measurement runs.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    dashboard_secs: f64,
     /// Internal: bare VM setup + one exit, then exit (the process-level baseline).
     #[arg(long, hide = true)]
     bare_first_exit: bool,
@@ -98,14 +122,15 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-    /// Filters passed by `cargo bench`; ignored.
+    /// Filters passed by `cargo bench`: group names, as with --only.
     #[arg(hide = true)]
-    _filters: Vec<String>,
+    filters: Vec<String>,
 }
 
 impl Args {
     fn wants(&self, group: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|g| g == group)
+        let mut chosen = self.only.iter().chain(&self.filters).peekable();
+        chosen.peek().is_none() || chosen.any(|g| g == group)
     }
 }
 
@@ -170,6 +195,12 @@ fn run(args: &Args) -> Result<()> {
         for (n, name) in [(1, "launch"), (3, "exits"), (4, "rss")] {
             rows.push(Row::skipped(n, name, name, Target::None, why.clone()));
         }
+        // The dashboard needs no KVM for its fake VMs.
+        if args.wants("dashboard") {
+            group(&mut rows, 8, "dashboard", || {
+                dashboard::run(None, args.dashboard_secs)
+            });
+        }
     } else {
         let vmm = find_vmm(args.vmm.as_deref())?;
         let me = std::env::current_exe().context("locating this benchmark binary")?;
@@ -198,6 +229,19 @@ fn run(args: &Args) -> Result<()> {
         }
         if args.wants("profiler") {
             group(&mut rows, 6, "profiler", || profiler::run(args.exit_runs));
+        }
+        if args.wants("latency") {
+            group(&mut rows, 7, "latency", || latency::run(args.latency_secs));
+        }
+        if args.wants("dashboard") {
+            group(&mut rows, 8, "dashboard", || {
+                dashboard::run(Some(vmm.as_path()), args.dashboard_secs)
+            });
+        }
+        if args.wants("tracking") {
+            group(&mut rows, 9, "tracking", || {
+                tracking::run(args.tracking_pairs)
+            });
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::comm_text;
 use crate::model::{Model, ModelConfig};
-use crate::open::{OpenVm, VmStatus};
+use crate::open::{Batch, OpenVm, VmStatus};
 use crate::rundir::{scan, StaleVm, VmId};
 
 /// How long an ended VM stays listed in [`Fleet::ended`].
@@ -132,12 +132,22 @@ impl Fleet {
     /// Polls every attached VM into the model, names new tasks, and detaches VMs that ended
     /// (after draining them).
     pub fn poll(&mut self) {
+        self.poll_observe(|_, _| {});
+    }
+
+    /// [`poll`](Self::poll), also handing each VM's [`Batch`] to `observe` right after it was
+    /// read and before the model ingests it (benchmarks time when samples reach the reader;
+    /// `poll` is this with an observer that does nothing).
+    pub fn poll_observe(&mut self, mut observe: impl FnMut(VmId, &Batch)) {
         let mut gone = Vec::new();
         for (id, vm) in self.vms.iter_mut() {
             let status = vm.status();
             let model = self.model.vm_mut(*id);
             match vm.poll() {
-                Ok(batch) => model.ingest_batch(&batch),
+                Ok(batch) => {
+                    observe(*id, &batch);
+                    model.ingest_batch(&batch);
+                }
                 Err(e) => {
                     gone.push((*id, e.to_string()));
                     continue;

@@ -7,6 +7,7 @@
 //! Below, sparklines of the selected VM. Keys: `q`/Esc/Ctrl-C quit, `s` next sort column,
 //! `r` reverse, `/` filter tasks by name (Enter applies, Esc clears), ↑/↓/PgUp/PgDn/Home/End
 //! move. The screen is redrawn once per interval (default 500 ms) and on a key.
+//! [`run_headless`] runs the same refresh loop without a terminal (benchmarks, tests).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -628,6 +629,105 @@ pub struct TopOptions {
     pub interval: Duration,
 }
 
+/// Shortest refresh interval `vmm top` accepts.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// When the refresh after the one due at `due` is due, at `now`: one interval later, but at
+/// least half an interval from now (a late refresh does not trigger a burst of catch-ups).
+fn next_refresh(due: Instant, now: Instant, interval: Duration) -> Instant {
+    (due + interval).max(now + interval / 2)
+}
+
+/// What [`run_headless`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadlessReport {
+    /// Refreshes done, each followed by a redraw.
+    pub frames: u64,
+    /// Bytes of terminal output (escape sequences and text) the redraws produced.
+    pub bytes: u64,
+    /// VMs attached at the end.
+    pub vms: usize,
+    /// Guest and host samples the model ingested from the VMs attached at the end.
+    pub samples: u64,
+}
+
+/// Counts what goes through it.
+struct Counting<W> {
+    inner: W,
+    bytes: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<W: io::Write> io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes.set(self.bytes.get() + n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Runs `vmm top`'s refresh loop without a terminal, for `duration`: the same [`App`], refresh
+/// ([`Fleet::tick`]) and drawing ([`App::render`] through ratatui's crossterm backend) every
+/// `opts.interval`, with the terminal output going to `out` (e.g. [`io::sink`]) for a screen of
+/// `width` × `height` cells. No keys are read. For benchmarks and tests: what the dashboard costs
+/// is the CPU time of the calling thread.
+pub fn run_headless(
+    opts: &TopOptions,
+    width: u16,
+    height: u16,
+    duration: Duration,
+    out: impl io::Write,
+) -> io::Result<HeadlessReport> {
+    use ratatui::backend::CrosstermBackend;
+    use ratatui::{Terminal, TerminalOptions, Viewport};
+    let interval = opts.interval.max(MIN_INTERVAL);
+    let mut app = App::new(&opts.run_dir, interval);
+    let bytes = std::rc::Rc::new(std::cell::Cell::new(0));
+    let mut terminal = Terminal::with_options(
+        CrosstermBackend::new(Counting {
+            inner: out,
+            bytes: bytes.clone(),
+        }),
+        TerminalOptions {
+            viewport: Viewport::Fixed(Rect::new(0, 0, width, height)),
+        },
+    )?;
+    let end = Instant::now() + duration;
+    let mut frames = 0;
+    let mut next = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if now >= next {
+            app.fleet.tick();
+            terminal.draw(|f| app.render(f))?;
+            frames += 1;
+            next = next_refresh(next, now, interval);
+            continue;
+        }
+        std::thread::sleep(next.min(end) - now);
+    }
+    // Dropping the terminal shows the cursor again: count that output too.
+    drop(terminal);
+    Ok(HeadlessReport {
+        frames,
+        bytes: bytes.get(),
+        vms: app.fleet.ids().count(),
+        samples: app
+            .fleet
+            .model
+            .vms
+            .values()
+            .map(|vm| vm.guest_samples + vm.host_samples)
+            .sum(),
+    })
+}
+
 /// Runs `vmm top` on the terminal until the user quits.
 pub fn run(opts: &TopOptions) -> io::Result<()> {
     use std::io::IsTerminal;
@@ -637,7 +737,7 @@ pub fn run(opts: &TopOptions) -> io::Result<()> {
              `vmm record` or `vmm prometheus`",
         ));
     }
-    let interval = opts.interval.max(Duration::from_millis(50));
+    let interval = opts.interval.max(MIN_INTERVAL);
     let mut app = App::new(&opts.run_dir, interval);
     let mut terminal = ratatui::try_init()?;
     let result = (|| -> io::Result<()> {
@@ -652,7 +752,7 @@ pub fn run(opts: &TopOptions) -> io::Result<()> {
             let now = Instant::now();
             if now >= next {
                 app.fleet.tick();
-                next = (next + interval).max(now + interval / 2);
+                next = next_refresh(next, now, interval);
                 dirty = true;
                 continue;
             }

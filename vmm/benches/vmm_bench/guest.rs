@@ -1,12 +1,13 @@
-//! Hand-assembled guest code shared by the VMM runs and the bare kvm-ioctls baseline, and the
-//! minimal ELF wrapper the VMM's Linux boot path accepts as a "kernel".
+//! Hand-assembled guest code shared by the VMM runs and the bare kvm-ioctls baseline; the
+//! minimal ELF wrapper the VMM's Linux boot path accepts as a "kernel" is the end-to-end tests'
+//! (`tests/common/mod.rs`, included as `common`).
 //!
 //! All code runs in 64-bit mode, ring 0, with paging on (an identity map of the first 4 GiB), and
 //! is position independent: only relative jumps; the one absolute address is the MMIO target.
 
-/// Guest-physical (and virtual) address where the code is loaded and entered: where a vmlinux
-/// would load.
-pub const CODE_ADDR: u64 = 0x100_0000;
+/// The ELF writer and load address the end-to-end tests use (`tests/common`): an ELF64
+/// executable with one PT_LOAD segment holding the code at [`CODE_ADDR`], entered there.
+pub use super::common::{tiny_elf as elf, TINY_GUEST_ADDR as CODE_ADDR};
 
 /// Unclaimed I/O port the exit loop writes to (no device of the VMM answers it).
 pub const EXIT_PORT: u16 = 0x1234;
@@ -102,38 +103,6 @@ pub fn tiny_linux_config(elf: &std::path::Path) -> vmm::builder::linux::LinuxCon
         profile_period: None,
         run_dir: vmm::profiling::regions::run_dir(),
     }
-}
-
-/// An ELF64 executable with one PT_LOAD segment holding `code` at [`CODE_ADDR`], entered there.
-pub fn elf(code: &[u8]) -> Vec<u8> {
-    const EHDR: u16 = 64;
-    const PHDR: u16 = 56;
-    let offset = u64::from(EHDR + PHDR);
-    let size = code.len() as u64;
-    let mut out = Vec::with_capacity(offset as usize + code.len());
-    // e_ident: magic, ELFCLASS64, little endian, version 1, System V ABI, padding.
-    out.extend(b"\x7fELF");
-    out.extend([2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    out.extend(2u16.to_le_bytes()); // e_type = ET_EXEC
-    out.extend(0x3eu16.to_le_bytes()); // e_machine = EM_X86_64
-    out.extend(1u32.to_le_bytes()); // e_version
-    out.extend(CODE_ADDR.to_le_bytes()); // e_entry
-    out.extend(u64::from(EHDR).to_le_bytes()); // e_phoff
-    out.extend(0u64.to_le_bytes()); // e_shoff
-    out.extend(0u32.to_le_bytes()); // e_flags
-    for half in [EHDR, PHDR, 1, 64, 0, 0] {
-        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-        out.extend(half.to_le_bytes());
-    }
-    out.extend(1u32.to_le_bytes()); // p_type = PT_LOAD
-    out.extend(5u32.to_le_bytes()); // p_flags = R + X
-    for word in [offset, CODE_ADDR, CODE_ADDR, size, size, 0x1000] {
-        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
-        out.extend(word.to_le_bytes());
-    }
-    debug_assert_eq!(out.len() as u64, offset);
-    out.extend_from_slice(code);
-    out
 }
 
 /// A scratch directory for this process's guest files, removed on drop.

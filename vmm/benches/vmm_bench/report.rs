@@ -87,6 +87,17 @@ impl Row {
         }
     }
 
+    /// The same row with `ratio` in place of `ours / baseline` (e.g. the median of per-pair
+    /// ratios of interleaved runs, steadier than the ratio of medians on a noisy machine); the
+    /// verdict follows the new ratio.
+    pub fn with_ratio(mut self, ratio: f64) -> Self {
+        self.ratio = Some(ratio);
+        if let Target::RatioAtMost { value } = self.target {
+            self.verdict = if ratio <= value { "pass" } else { "miss" };
+        }
+        self
+    }
+
     /// A row that could not be measured, with the reason.
     pub fn skipped(group: u8, id: &str, benchmark: &str, target: Target, why: String) -> Self {
         Self {
