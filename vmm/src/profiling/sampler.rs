@@ -87,11 +87,44 @@ pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
 }
 
 fn read_thread(tid: i32, tick_ns: u64) -> Option<ThreadCounters> {
-    if tid <= 0 {
-        return None;
+    ThreadStat::open(tid)?.read(tick_ns)
+}
+
+/// `/proc/self/task/<tid>/stat` kept open: every read is one `pread` from offset 0 (procfs
+/// regenerates the text), instead of an open, a read and a close per tick.
+struct ThreadStat {
+    tid: i32,
+    file: std::fs::File,
+}
+
+impl ThreadStat {
+    fn open(tid: i32) -> Option<Self> {
+        if tid <= 0 {
+            return None;
+        }
+        let file = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok()?;
+        Some(Self { tid, file })
     }
-    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    parse_task_stat(&text, tick_ns)
+
+    fn read(&self, tick_ns: u64) -> Option<ThreadCounters> {
+        use std::os::unix::fs::FileExt;
+        // A stat line is about 300 bytes; the command name is at most 64.
+        let mut buf = [0u8; 1024];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        parse_task_stat(std::str::from_utf8(buf.get(..n)?).ok()?, tick_ns)
+    }
+}
+
+/// The counters of thread `tid`, through `cache` (reopened when the thread id changes).
+fn read_thread_cached(
+    cache: &mut Option<ThreadStat>,
+    tid: i32,
+    tick_ns: u64,
+) -> Option<ThreadCounters> {
+    if cache.as_ref().map(|c| c.tid) != Some(tid) {
+        *cache = ThreadStat::open(tid);
+    }
+    cache.as_ref()?.read(tick_ns)
 }
 
 fn monotonic_ns() -> u64 {
@@ -114,6 +147,8 @@ struct VcpuState {
     last_stats: [u64; 3],
     /// `None` until the thread's counters were read once (its id may not be known yet).
     last_thread: Option<ThreadCounters>,
+    /// The thread's stat file, once its id is known.
+    thread_stat: Option<ThreadStat>,
     last_switch_count: Option<u64>,
     last_ns: u64,
 }
@@ -196,6 +231,7 @@ fn run(
                 stats_buf: Vec::new(),
                 last_stats: [0; 3],
                 last_thread: None,
+                thread_stat: None,
                 last_switch_count: None,
                 last_ns: monotonic_ns(),
             }
@@ -227,7 +263,8 @@ fn run(
         for (index, s) in states.iter_mut().enumerate() {
             let now_ns = monotonic_ns();
             let stats = read_stats(s);
-            let thread = read_thread(s.vcpu.tid.load(Ordering::Acquire), tick_ns).or(s.last_thread);
+            let tid = s.vcpu.tid.load(Ordering::Acquire);
+            let thread = read_thread_cached(&mut s.thread_stat, tid, tick_ns).or(s.last_thread);
             // Before the first reading, the thread's own start-up counters are the baseline
             // (or, without them, this reading: nothing before it is charged).
             let published = *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,7 +338,9 @@ mod tests {
     fn own_thread_faults_are_read_from_proc() {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let before = read_thread(tid, 10_000_000).expect("own thread");
+        // The sampler's way: one file kept open and read again each tick.
+        let mut cache = None;
+        let before = read_thread_cached(&mut cache, tid, 10_000_000).expect("own thread");
         let pages = 64;
         // SAFETY: a private anonymous mapping, touched once per page and unmapped below.
         unsafe {
@@ -319,10 +358,19 @@ mod tests {
             }
             libc::munmap(p, pages * 4096);
         }
-        let after = read_thread(tid, 10_000_000).expect("own thread");
+        let after = read_thread_cached(&mut cache, tid, 10_000_000).expect("own thread");
         assert!(
             after.min_flt >= before.min_flt + pages as u64,
             "{before:?} -> {after:?}"
         );
+        // A fresh open agrees with the kept one.
+        let fresh = read_thread(tid, 10_000_000).expect("own thread");
+        assert!(fresh.min_flt >= after.min_flt, "{after:?} vs {fresh:?}");
+        assert_eq!(
+            read_thread_cached(&mut cache, 0, 1),
+            None,
+            "no thread id yet"
+        );
+        assert!(cache.is_none());
     }
 }
