@@ -13,6 +13,7 @@ pub fn vmm_bin() -> PathBuf {
 }
 
 /// True when /dev/kvm can be opened; otherwise prints why the calling test skips.
+#[allow(unused_imports)] // not every suite that includes this module needs it
 pub use mirrorball_profiler::testing::kvm_available;
 
 /// Runs `vmm` with `args`, killing it after `deadline`. Panics if it had to be killed.
