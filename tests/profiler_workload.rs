@@ -1,8 +1,10 @@
 //! KVM tests of the profiler with the OS-less workload guest: the guest registers its tasks and
 //! writes samples into the shared guest region; the host sampler attributes each vCPU's host
-//! faults and KVM page faults to the task the vCPU's slot names, at 1 kHz, losing no record.
+//! faults and KVM page faults to the task the vCPU's slot names, at 1 kHz, losing no record; the
+//! guest's own minor faults (first touches of its pages) agree with the host's.
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,8 +13,9 @@ use std::time::Duration;
 use common::kvm_available;
 use mirrorball_profiler_abi::{
     comm_bytes, validate_guest_region, validate_host_region, GuestSample, HostSample, Poll,
-    RingView, TASK_UNREGISTERED,
+    RingView, SAMPLE_EXITED, TASK_UNREGISTERED,
 };
+use mirrorball_workload::{AccessStream, Pattern, PAGE_BYTES};
 use vmm::builder::workload;
 use vmm::profiling::regions::ProfilerRegions;
 use vmm::report::RunReport;
@@ -111,6 +114,17 @@ fn host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss() {
         2 * (4 + 1),
         "4 iterations + the exit sample per task"
     );
+    let last_r = guest_samples
+        .iter()
+        .rev()
+        .find(|(_, s)| s.task_id == task_r)
+        .expect("a work-R sample")
+        .1;
+    assert_eq!(
+        (last_r.min_flt, last_r.maj_flt),
+        (4096, 0),
+        "work-R first-touched all 4,096 pages: {last_r:?}"
+    );
 
     // Host side: contiguous sequence numbers (no loss at 1 kHz), and vCPU 0's faults land on
     // work-R: its 16 MiB are 4,096 pages, all touched by 800k random accesses.
@@ -191,4 +205,75 @@ fn counts_split_between_tasks_that_share_a_vcpu() {
         attributed <= vcpu_total + 64,
         "attributed {attributed} > vCPU total {vcpu_total}"
     );
+}
+
+/// Distinct pages the task of `plan.tasks[task]` touches over its whole run: the guest's streams
+/// are deterministic (the VMM picks the seeds), so the host can replay them.
+fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
+    let pattern = Pattern::from_raw(t.pattern).expect("pattern");
+    let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
+    let mut pages = BTreeSet::new();
+    for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
+        pages.insert(stream.next_offset() % t.region_bytes / PAGE_BYTES);
+    }
+    pages.len() as u64
+}
+
+#[test]
+fn guest_minor_faults_are_first_touches_and_host_faults_cover_them() {
+    if !kvm_available("guest_minor_faults_are_first_touches_and_host_faults_cover_them") {
+        return;
+    }
+    // Neither task touches its whole region: 3,000 uniform draws over 2,048 pages, and 10,000
+    // small steps (about 75 bytes on average) through 4 MiB.
+    let specs = ["work 8 R 1000 3", "work 4 L 5000 2"];
+    let parsed: Vec<TaskSpec> = specs.iter().map(|s| s.parse().expect("spec")).collect();
+    let plan = vmm::workload::layout(&parsed, 2).expect("layout");
+    let expected: Vec<u64> = plan.tasks.iter().map(distinct_pages).collect();
+    assert!(
+        expected[0] > 1000 && expected[0] < 2048 && expected[1] > 50 && expected[1] < 1024,
+        "{expected:?}"
+    );
+    let Run {
+        report, regions, ..
+    } = run_workload(&specs, 2, Duration::from_millis(1));
+    let guest =
+        validate_guest_region(regions.guest.region().expect("region")).expect("guest region");
+    let (samples, lost): (Vec<(u64, GuestSample)>, u64) = drain(guest.ring());
+    assert_eq!(lost, 0);
+    for (task, &pages) in expected.iter().enumerate() {
+        // The guest names task `i` pid `i + 1`.
+        let mine: Vec<GuestSample> = samples
+            .iter()
+            .map(|(_, s)| *s)
+            .filter(|s| s.pid == task as u32 + 1)
+            .collect();
+        assert_eq!(
+            mine.len() as u32,
+            plan.tasks[task].iterations + 1,
+            "{mine:?}"
+        );
+        assert!(
+            mine.windows(2).all(|w| w[0].min_flt <= w[1].min_flt),
+            "absolute counters never decrease: {mine:?}"
+        );
+        let last = mine.last().expect("samples");
+        assert_ne!(last.flags & SAMPLE_EXITED, 0, "{last:?}");
+        assert_eq!(
+            (last.min_flt, last.maj_flt),
+            (pages, 0),
+            "task {task}: guest minor faults = distinct pages touched"
+        );
+        let host = report.tasks[task].host.expect("task attributed");
+        assert!(
+            host.host_min_flt >= last.min_flt,
+            "task {task}: every guest first touch is a host fault, yet host {} < guest {}",
+            host.host_min_flt,
+            last.min_flt
+        );
+        eprintln!(
+            "task {task}: guest min_flt {}, host faults {}",
+            last.min_flt, host.host_min_flt
+        );
+    }
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use mirrorball_workload::{
-    doorbell_task, Event, Params, Pattern, TaskParams, DEFAULT_ITERATIONS, IMAGE_END_GPA,
-    IMAGE_GPA, MAX_TASKS, MAX_TASKS_PER_VCPU, PARAMS_GPA, STACKS_GPA, STACK_BYTES,
-    TASK_REGION_BASE_GPA,
+    doorbell_task, Event, PageTracker, Params, Pattern, TaskParams, DEFAULT_ITERATIONS,
+    IMAGE_END_GPA, IMAGE_GPA, MAX_TASKS, MAX_TASKS_PER_VCPU, PAGE_BYTES, PARAMS_GPA, STACKS_GPA,
+    STACK_BYTES, TASK_REGION_BASE_GPA,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -138,7 +138,9 @@ pub fn task_vcpu(task: usize, vcpus: usize) -> usize {
     task % vcpus.max(1)
 }
 
-/// Lays out `specs` in guest memory, task `i` on vCPU `i % vcpus`.
+/// Lays out `specs` in guest memory, task `i` on vCPU `i % vcpus`: the task regions (2 MiB
+/// aligned) from [`TASK_REGION_BASE_GPA`] up, then each task's page bitmap (the guest's
+/// minor-fault bookkeeping, one bit per page of its region) in whole pages of its own.
 pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, WorkloadError> {
     if specs.len() > MAX_TASKS {
         return Err(WorkloadError::TooManyTasks(specs.len()));
@@ -162,8 +164,16 @@ pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, Worklo
             pattern: spec.pattern as u32,
             vcpu: task_vcpu(i, vcpus) as u32,
             reserved: 0,
+            bitmap_gpa: 0,
+            bitmap_bytes: 0,
         });
         next += bytes.div_ceil(REGION_ALIGN) * REGION_ALIGN;
+    }
+    for task in &mut tasks {
+        let bytes = PageTracker::bitmap_bytes(task.region_bytes);
+        task.bitmap_gpa = next;
+        task.bitmap_bytes = bytes;
+        next += bytes.div_ceil(PAGE_BYTES) * PAGE_BYTES;
     }
     Ok(WorkloadLayout {
         tasks,
@@ -405,7 +415,29 @@ mod tests {
             Err(WorkloadError::Assignment { .. })
         ));
         assert_eq!(l.tasks[1].region_gpa, TASK_REGION_BASE_GPA + (4 << 20));
-        assert_eq!(l.ram_bytes, TASK_REGION_BASE_GPA + (8 << 20));
+        // Then a page of bitmap per task (3 MiB: 768 pages, 96 bytes; 4 MiB: 128 bytes).
+        let bitmaps = TASK_REGION_BASE_GPA + (8 << 20);
+        assert_eq!(
+            (l.tasks[0].bitmap_gpa, l.tasks[0].bitmap_bytes),
+            (bitmaps, 96)
+        );
+        assert_eq!(
+            (l.tasks[1].bitmap_gpa, l.tasks[1].bitmap_bytes),
+            (bitmaps + PAGE_BYTES, 128)
+        );
+        assert_eq!(l.ram_bytes, bitmaps + 2 * PAGE_BYTES);
+        let params = Params {
+            task_count: 2,
+            tasks: {
+                let mut t = [TaskParams::default(); MAX_TASKS];
+                t[..2].copy_from_slice(&l.tasks);
+                t
+            },
+            ..Default::default()
+        };
+        for i in 0..2 {
+            assert_eq!(mirrorball_workload::validate(&params, i), Ok(l.tasks[i]));
+        }
         assert_ne!(l.tasks[0].seed, l.tasks[1].seed);
         let many = vec![specs[0]; MAX_TASKS + 1];
         assert_eq!(

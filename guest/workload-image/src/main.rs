@@ -2,7 +2,9 @@
 //!
 //! The VMM enters [`_start`] in user mode on every vCPU (see `mirrorball_workload` for the
 //! contract). Each vCPU runs the `work` program over its own region and rings the doorbell after
-//! every iteration. There is no kernel, no interrupt and no page fault of the guest's own.
+//! every iteration. There is no kernel, no interrupt and no page fault of the guest's own: each
+//! task counts the first touch of every page of its region in a bitmap the VMM reserved for it
+//! ([`PageTracker`]), the demand-zero faults its own OS would take, as its guest minor faults.
 #![no_std]
 #![no_main]
 
@@ -11,8 +13,8 @@ mod profile;
 
 use core::panic::PanicInfo;
 use mirrorball_workload::{
-    bad_params, doorbell_gpa, run_iteration, validate, AccessStream, Event, Params, Pattern,
-    TaskParams, MAX_TASKS, MAX_TASKS_PER_VCPU,
+    bad_params, doorbell_gpa, run_iteration, run_iteration_tracked, validate, AccessStream, Event,
+    PageTracker, Params, Pattern, TaskParams, MAX_TASKS, MAX_TASKS_PER_VCPU,
 };
 
 fn ring(task: usize, event: Event) {
@@ -34,14 +36,37 @@ struct Running {
     stream: AccessStream,
     done: u32,
     checksum: u64,
+    /// Pages of the region touched so far (none without a bitmap).
+    pages: Option<PageTracker<'static>>,
     profile: Option<profile::Profile>,
+}
+
+impl Running {
+    /// Guest minor faults so far: first touches of the region's pages.
+    fn min_flt(&self) -> u64 {
+        self.pages.as_ref().map_or(0, PageTracker::touched)
+    }
+}
+
+/// The page tracker of task `t`, over the bitmap the VMM reserved for it (`validate` checked
+/// that it is large enough, does not wrap and lies outside the region).
+fn tracker(t: &TaskParams) -> Option<PageTracker<'static>> {
+    if t.bitmap_gpa == 0 {
+        return None;
+    }
+    let len = usize::try_from(t.bitmap_bytes).ok()?;
+    // SAFETY: the VMM reserved `bitmap_bytes` of identity-mapped RAM at `bitmap_gpa` for this
+    // task alone, outside every task region, for the guest's whole life; the address is non-null
+    // and any address is aligned for bytes.
+    let bits = unsafe { core::slice::from_raw_parts_mut(t.bitmap_gpa as *mut u8, len) };
+    PageTracker::new(bits, t.region_bytes).ok()
 }
 
 /// Entry point on every vCPU: `vcpu` is the vCPU index, `params` the VMM's parameter block.
 ///
 /// # Safety
 /// Called only by the VMM's initial register state, with `params` pointing at a [`Params`] block
-/// and task regions identity-mapped and owned by their task alone.
+/// and task regions and page bitmaps identity-mapped and owned by their task alone.
 #[no_mangle]
 #[link_section = ".text.entry"]
 pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
@@ -70,12 +95,18 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
         } else {
             b"work-L"
         };
+        let pages = tracker(&t);
+        if t.bitmap_gpa != 0 && pages.is_none() {
+            ring(index, Event::BadParams(bad_params::TASK));
+            idle();
+        }
         *slot = Some(Running {
             index,
             params: t,
             stream: AccessStream::new(pattern, t.region_bytes, t.seed),
             done: 0,
             checksum: 0,
+            pages,
             profile: profile::Profile::register(&params, index as u32, vcpu as u32, comm),
         });
         count += 1;
@@ -92,24 +123,32 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
                 p.switch_in();
             }
             let t = &task.params;
-            // SAFETY: the VMM gave this task `region_bytes` of identity-mapped memory of its own.
-            task.checksum = task.checksum.wrapping_add(unsafe {
-                run_iteration(
-                    t.region_gpa as *mut u8,
-                    t.region_bytes,
-                    &mut task.stream,
-                    t.accesses_per_iteration,
-                )
-            });
+            let (region, len, accesses) = (
+                t.region_gpa as *mut u8,
+                t.region_bytes,
+                t.accesses_per_iteration,
+            );
+            // SAFETY: the VMM gave this task `region_bytes` of identity-mapped memory of its own,
+            // disjoint from its bitmap.
+            let sum = unsafe {
+                match &mut task.pages {
+                    Some(pages) => {
+                        run_iteration_tracked(region, len, &mut task.stream, accesses, pages)
+                    }
+                    None => run_iteration(region, len, &mut task.stream, accesses),
+                }
+            };
+            task.checksum = task.checksum.wrapping_add(sum);
             task.done += 1;
+            let min_flt = task.min_flt();
             if let Some(p) = &mut task.profile {
                 p.switch_out();
-                p.sample(false);
+                p.sample(false, min_flt);
             }
             ring(task.index, Event::IterationDone(task.done));
             if task.done == task.params.iterations {
                 if let Some(p) = &task.profile {
-                    p.finish();
+                    p.finish(min_flt);
                 }
                 ring(task.index, Event::Finished(task.checksum as u32));
                 remaining -= 1;

@@ -3,9 +3,11 @@
 //! after every iteration.
 //!
 //! The region has one writer by contract; this guest has one task per vCPU running in
-//! parallel, so every write happens under a spinlock shared by all vCPUs. An OS-less guest has
-//! no page faults of its own, so the fault fields of its samples are 0: the host side (KVM
-//! and vCPU-thread faults, attributed through the vCPU slot) carries the story.
+//! parallel, so every write happens under a spinlock shared by all vCPUs. An OS-less guest takes
+//! no page fault of its own; its samples' `min_flt` is the task's count of first touches of the
+//! pages of its region (the demand-zero faults its own OS would take, see `PageTracker`), and
+//! `maj_flt` is 0 (there is no backing store). The host side (KVM and vCPU-thread faults,
+//! attributed through the vCPU slot) shows what those touches cost the host.
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use mirrorball_profiler_abi::{comm_from, Comm, CurrentTask, GuestRegion, GuestSample, RegionMut};
@@ -122,8 +124,9 @@ impl Profile {
         });
     }
 
-    /// Appends a sample (CPU time so far; `exited` marks the last one).
-    pub fn sample(&self, exited: bool) {
+    /// Appends a sample (CPU time and `min_flt` guest minor faults so far; `exited` marks the
+    /// last one).
+    pub fn sample(&self, exited: bool, min_flt: u64) {
         let now = self.now_ns();
         let cpu_ns = if self.tsc_khz == 0 {
             0
@@ -134,6 +137,7 @@ impl Profile {
             timestamp_ns: now,
             task_id: self.task_id,
             pid: self.pid,
+            min_flt,
             utime_ns: cpu_ns,
             cpu: self.vcpu,
             flags: if exited {
@@ -150,9 +154,9 @@ impl Profile {
         });
     }
 
-    /// Writes the final sample and unregisters the task.
-    pub fn finish(&self) {
-        self.sample(true);
+    /// Writes the final sample (`min_flt` guest minor faults in all) and unregisters the task.
+    pub fn finish(&self, min_flt: u64) {
+        self.sample(true, min_flt);
         let now = self.now_ns();
         locked(|| {
             if let Some(region) = self.region() {

@@ -14,6 +14,10 @@
 //! patterns can be unit-tested on the host.
 #![no_std]
 
+mod pages;
+
+pub use pages::{run_iteration_tracked, BitmapTooSmall, PageTracker, PAGE_BYTES};
+
 /// Guest-physical (= virtual) address of task 0's doorbell, where the guest stores 32-bit
 /// [`Event`]s. It lies in the device hole below 4 GiB: mapped by the guest's page tables, backed
 /// by no memory. Task `i` uses [`doorbell_gpa`]`(i)`.
@@ -51,7 +55,7 @@ pub const MAX_TASKS_PER_VCPU: usize = 16;
 /// `Params::magic`: "MBWL".
 pub const PARAMS_MAGIC: u32 = 0x4c57_424d;
 /// `Params::version` of this layout.
-pub const PARAMS_VERSION: u32 = 3;
+pub const PARAMS_VERSION: u32 = 4;
 /// Guest-physical address where the VMM maps the profiler's guest region (in the device hole).
 pub const PROFILER_REGION_GPA: u64 = 0xe000_0000;
 /// Iterations of the classic `work` program.
@@ -98,6 +102,12 @@ pub struct TaskParams {
     pub vcpu: u32,
     /// Reserved, zero.
     pub reserved: u32,
+    /// Guest-physical (= guest-virtual) start of the task's page bitmap, where the guest keeps
+    /// one bit per page of the region to count its guest minor faults ([`PageTracker`]); 0 if
+    /// there is none (the guest then reports no faults). Outside every task's region.
+    pub bitmap_gpa: u64,
+    /// Length of the bitmap in bytes, at least [`PageTracker::bitmap_bytes`]`(region_bytes)`.
+    pub bitmap_bytes: u64,
 }
 
 /// The block at [`PARAMS_GPA`].
@@ -156,7 +166,8 @@ pub mod bad_params {
     pub const HEADER: u32 = 1;
     /// The task index is not below `task_count`, or a vCPU has no task.
     pub const TASK_INDEX: u32 = 2;
-    /// The region is empty or the pattern unknown.
+    /// The region is empty or wraps, the pattern is unknown, or the page bitmap is too small,
+    /// wraps or overlaps the region.
     pub const TASK: u32 = 3;
 }
 
@@ -290,8 +301,23 @@ pub fn validate(params: &Params, task: usize) -> Result<TaskParams, u32> {
         return Err(bad_params::TASK_INDEX);
     }
     let t = params.tasks[task];
+    let Some(region_end) = t.region_gpa.checked_add(t.region_bytes) else {
+        return Err(bad_params::TASK);
+    };
     if t.region_bytes == 0 || Pattern::from_raw(t.pattern).is_none() {
         return Err(bad_params::TASK);
+    }
+    if t.bitmap_gpa != 0 {
+        let Some(bitmap_end) = t.bitmap_gpa.checked_add(t.bitmap_bytes) else {
+            return Err(bad_params::TASK);
+        };
+        let overlaps = t.bitmap_gpa < region_end && t.region_gpa < bitmap_end;
+        if t.bitmap_bytes < PageTracker::bitmap_bytes(t.region_bytes)
+            || overlaps
+            || usize::try_from(t.bitmap_bytes).is_err()
+        {
+            return Err(bad_params::TASK);
+        }
     }
     Ok(t)
 }
@@ -394,8 +420,42 @@ mod tests {
             pattern: 1,
             vcpu: 0,
             reserved: 0,
+            bitmap_gpa: 0,
+            bitmap_bytes: 0,
         };
+        assert!(validate(&p, 0).is_ok(), "no bitmap: no fault counting");
+        p.tasks[0].bitmap_gpa = TASK_REGION_BASE_GPA + 4096;
+        p.tasks[0].bitmap_bytes = 1;
         assert!(validate(&p, 0).is_ok());
+        p.tasks[0].bitmap_bytes = 0;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK), "bitmap too small");
+        p.tasks[0].bitmap_bytes = 1;
+        p.tasks[0].region_bytes = 4097;
+        assert_eq!(
+            validate(&p, 0),
+            Err(bad_params::TASK),
+            "bitmap in the region"
+        );
+        p.tasks[0].bitmap_gpa = TASK_REGION_BASE_GPA - 1;
+        p.tasks[0].bitmap_bytes = 2;
+        p.tasks[0].region_bytes = 4096;
+        assert_eq!(
+            validate(&p, 0),
+            Err(bad_params::TASK),
+            "bitmap overlaps its start"
+        );
+        p.tasks[0].bitmap_bytes = 1;
+        assert!(
+            validate(&p, 0).is_ok(),
+            "bitmap ends where the region starts"
+        );
+        p.tasks[0].bitmap_gpa = u64::MAX;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK), "bitmap wraps");
+        p.tasks[0].bitmap_gpa = TASK_REGION_BASE_GPA - 2;
+        assert!(validate(&p, 0).is_ok(), "bitmap just below the region");
+        p.tasks[0].region_gpa = u64::MAX - 100;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK), "region wraps");
+        p.tasks[0].region_gpa = TASK_REGION_BASE_GPA;
         p.tasks[0].pattern = 9;
         assert_eq!(validate(&p, 0), Err(bad_params::TASK));
         p.magic = 0;

@@ -117,6 +117,7 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         if profiler.is_some() {
             let s = SampledVcpu::new(StatsFd::for_vcpu(vcpu.fd()).ok(), vcpu.tid_handle());
             vcpu.set_on_start(s.start_hook());
+            vcpu.set_on_stop(s.stop_hook());
             sampled.push(s);
         }
         vcpus.push(vcpu);

@@ -124,6 +124,7 @@ pub fn build(
             .map(|v| {
                 let sampled = SampledVcpu::new(StatsFd::for_vcpu(v.fd()).ok(), v.tid_handle());
                 v.set_on_start(sampled.start_hook());
+                v.set_on_stop(sampled.stop_hook());
                 sampled
             })
             .collect(),

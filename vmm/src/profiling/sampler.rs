@@ -26,6 +26,10 @@ pub struct SampledVcpu {
     pub tid: Arc<AtomicI32>,
     /// The thread's counters when it started, published by [`SampledVcpu::start_hook`].
     pub baseline: Arc<Mutex<Option<ThreadCounters>>>,
+    /// The thread's counters after its last KVM_RUN, published by [`SampledVcpu::stop_hook`]:
+    /// once the thread has exited its stat file is gone, and the faults of its last interval
+    /// would be lost without them.
+    pub last: Arc<Mutex<Option<ThreadCounters>>>,
 }
 
 impl SampledVcpu {
@@ -35,7 +39,20 @@ impl SampledVcpu {
             stats,
             tid,
             baseline: Arc::new(Mutex::new(None)),
+            last: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// A hook for the vCPU thread to run after its last KVM_RUN: it records the thread's
+    /// counters, so the sampler still charges the last interval after the thread has exited.
+    pub fn stop_hook(&self) -> Box<dyn FnOnce() + Send> {
+        let last = self.last.clone();
+        Box::new(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            let counters = read_thread(tid, tick_ns());
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = counters;
+        })
     }
 
     /// A hook for the vCPU thread to run before its first KVM_RUN: it records the thread's
@@ -264,7 +281,11 @@ fn run(
             let now_ns = monotonic_ns();
             let stats = read_stats(s);
             let tid = s.vcpu.tid.load(Ordering::Acquire);
-            let thread = read_thread_cached(&mut s.thread_stat, tid, tick_ns).or(s.last_thread);
+            // A thread that has exited cannot be read: its published last counters stand in.
+            let exited = *s.vcpu.last.lock().unwrap_or_else(|p| p.into_inner());
+            let thread = read_thread_cached(&mut s.thread_stat, tid, tick_ns)
+                .or(exited)
+                .or(s.last_thread);
             // Before the first reading, the thread's own start-up counters are the baseline
             // (or, without them, this reading: nothing before it is charged).
             let published = *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner());

@@ -100,6 +100,7 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     tid: Arc<AtomicI32>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
+    on_stop: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -131,12 +132,19 @@ impl Vcpu {
             memory,
             tid: Arc::new(AtomicI32::new(0)),
             on_start: None,
+            on_stop: None,
         }
     }
 
     /// Runs `hook` on the vCPU thread before its first KVM_RUN (e.g. to take baselines).
     pub fn set_on_start(&mut self, hook: Box<dyn FnOnce() + Send>) {
         self.on_start = Some(hook);
+    }
+
+    /// Runs `hook` on the vCPU thread after its last KVM_RUN, before it reports itself stopped
+    /// (e.g. to publish final counters).
+    pub fn set_on_stop(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.on_stop = Some(hook);
     }
 
     /// The vCPU file descriptor (for stats and TSC queries before the vCPU runs).
@@ -178,6 +186,9 @@ impl Vcpu {
                     break;
                 }
             }
+        }
+        if let Some(hook) = self.on_stop.take() {
+            hook();
         }
         self.control.vcpu_stopped();
         acct.finish()
