@@ -111,6 +111,17 @@ fn memory_sizes_are_checked() {
         &["--workload", "work 64 R 10", "--mem", "8M"],
         &["too small"],
     );
+    assert_rejected(
+        &[
+            "--workload",
+            "work 2048 R 10",
+            "--workload",
+            "work 2048 R 10",
+            "--vcpus",
+            "2",
+        ],
+        &["device hole"],
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use mirrorball_workload::{
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::arch::x86_64::layout::MMIO_GAP_START;
 use crate::exit::VmEnd;
 use crate::vstate::vcpu::{ExitHandler, VcpuAction};
 
@@ -50,6 +51,14 @@ pub enum WorkloadError {
     /// The image could not be loaded.
     #[error("cannot load the workload image: {0}")]
     Load(String),
+    /// The tasks' regions do not fit in guest RAM below the 32-bit device hole.
+    #[error("the workload needs {needed_mib} MiB of guest memory; the OS-less guest has at most {limit_mib} MiB (RAM below the device hole at 3 GiB)")]
+    TooMuchMemory {
+        /// What the tasks' regions and bitmaps need, MiB (rounded up).
+        needed_mib: u64,
+        /// What fits, MiB.
+        limit_mib: u64,
+    },
 }
 
 /// One `work` task.
@@ -174,6 +183,14 @@ pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, Worklo
         task.bitmap_gpa = next;
         task.bitmap_bytes = bytes;
         next += bytes.div_ceil(PAGE_BYTES) * PAGE_BYTES;
+    }
+    // Regions are identity-mapped guest-physical ranges: they must stay below the device hole,
+    // where the doorbells and the profiler region live.
+    if next > MMIO_GAP_START {
+        return Err(WorkloadError::TooMuchMemory {
+            needed_mib: next.div_ceil(1 << 20),
+            limit_mib: MMIO_GAP_START >> 20,
+        });
     }
     Ok(WorkloadLayout {
         tasks,
@@ -387,6 +404,24 @@ mod tests {
             "work 99999999 R 1",
         ] {
             assert!(bad.parse::<TaskSpec>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn layout_stays_below_the_device_hole() {
+        let big: TaskSpec = "work 2048 R 1".parse().expect("spec");
+        // 2 GiB fits; 2 x 2 GiB would run into the hole at 3 GiB.
+        let one = layout(&[big], 1).expect("2 GiB fits");
+        assert!(one.ram_bytes <= MMIO_GAP_START);
+        match layout(&[big, big], 2) {
+            Err(WorkloadError::TooMuchMemory {
+                needed_mib,
+                limit_mib,
+            }) => {
+                assert!(needed_mib > 4096, "{needed_mib}");
+                assert_eq!(limit_mib, 3072);
+            }
+            other => panic!("expected TooMuchMemory, got {other:?}"),
         }
     }
 
