@@ -278,9 +278,25 @@ pub unsafe fn run_iteration(
     stream: &mut AccessStream,
     accesses: u64,
 ) -> u64 {
+    // SAFETY: the caller's guarantees are this function's.
+    unsafe { run_iteration_with(region, len, stream, accesses, |_| {}) }
+}
+
+/// [`run_iteration`] calling `before_access` with each offset just before it is accessed.
+///
+/// # Safety
+/// As for [`run_iteration`].
+pub(crate) unsafe fn run_iteration_with(
+    region: *mut u8,
+    len: u64,
+    stream: &mut AccessStream,
+    accesses: u64,
+    mut before_access: impl FnMut(u64),
+) -> u64 {
     let mut sum = 0u64;
     for _ in 0..accesses {
         let offset = stream.next_offset() % len.max(1);
+        before_access(offset);
         // SAFETY: offset < len and the caller guarantees `region` is valid for `len` bytes.
         unsafe {
             let byte = region.add(offset as usize);

@@ -109,20 +109,13 @@ pub unsafe fn run_iteration_tracked(
     accesses: u64,
     tracker: &mut PageTracker<'_>,
 ) -> u64 {
-    let mut sum = 0u64;
-    for _ in 0..accesses {
-        let offset = stream.next_offset() % len.max(1);
-        // The page is "faulted in" before the access, as a kernel would.
-        tracker.touch(offset);
-        // SAFETY: offset < len and the caller guarantees `region` is valid for `len` bytes.
-        unsafe {
-            let byte = region.add(offset as usize);
-            let value = core::ptr::read_volatile(byte);
-            core::ptr::write_volatile(byte, value.wrapping_add(1));
-            sum = sum.wrapping_add(u64::from(value));
-        }
+    // The page is "faulted in" before the access, as a kernel would.
+    // SAFETY: the caller's guarantees are run_iteration_with's.
+    unsafe {
+        crate::run_iteration_with(region, len, stream, accesses, |offset| {
+            tracker.touch(offset);
+        })
     }
-    sum
 }
 
 #[cfg(test)]
