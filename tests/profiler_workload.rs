@@ -111,8 +111,8 @@ fn host_faults_are_attributed_to_the_guest_task_at_1khz_without_loss() {
     assert_eq!(guest_lost, 0);
     assert_eq!(
         guest_samples.len(),
-        2 * (4 + 1),
-        "4 iterations + the exit sample per task"
+        2 * (1 + 4 + 1),
+        "the start sample, 4 iterations and the exit sample per task"
     );
     let last_r = guest_samples
         .iter()
@@ -250,8 +250,13 @@ fn guest_minor_faults_are_first_touches_and_host_faults_cover_them() {
             .collect();
         assert_eq!(
             mine.len() as u32,
-            plan.tasks[task].iterations + 1,
-            "{mine:?}"
+            1 + plan.tasks[task].iterations + 1,
+            "start, iterations, exit: {mine:?}"
+        );
+        assert_eq!(
+            (mine[0].min_flt, mine[0].flags),
+            (0, 0),
+            "the start sample is the zero baseline: {mine:?}"
         );
         assert!(
             mine.windows(2).all(|w| w[0].min_flt <= w[1].min_flt),

@@ -109,6 +109,11 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
             pages,
             profile: profile::Profile::register(&params, index as u32, vcpu as u32, comm),
         });
+        // A first sample at zero: the baseline every later (absolute) sample is measured
+        // against, as a Linux guest's driver samples a task from its registration on.
+        if let Some(Some(p)) = slot.as_ref().map(|r| r.profile.as_ref()) {
+            p.sample(false, 0);
+        }
         count += 1;
         ring(index, Event::Started);
     }

@@ -99,6 +99,16 @@ impl RegionFile {
         })
     }
 
+    /// Renames the file to `path` (same directory): how a formatted region is published.
+    pub fn rename_to(&mut self, path: &Path) -> Result<(), RegionError> {
+        std::fs::rename(&self.path, path).map_err(|source| RegionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.path = path.to_path_buf();
+        Ok(())
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -196,8 +206,11 @@ impl ProfilerRegions {
             .map_err(RegionError::Abi)?;
         let host_records = HOST_RING_RECORDS_PER_VCPU.saturating_mul(vcpus.max(1));
         let host_layout = HostRegionLayout::new(vcpus, host_records).map_err(RegionError::Abi)?;
-        let guest = RegionFile::create(&dir.join(format!("{name}.guest")), guest_layout.size)?;
-        let host = RegionFile::create(&dir.join(format!("{name}.host")), host_layout.size)?;
+        // Created and formatted under hidden names that readers skip (they only look at `vm-*`),
+        // then renamed into place: a reader never finds a region that is not formatted yet.
+        let hidden = |kind: &str| dir.join(format!(".{name}.{kind}.partial"));
+        let mut guest = RegionFile::create(&hidden("guest"), guest_layout.size)?;
+        let mut host = RegionFile::create(&hidden("host"), host_layout.size)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -223,6 +236,13 @@ impl ProfilerRegions {
             path: meta_path.clone(),
             source,
         })?;
+        let published = host
+            .rename_to(&dir.join(format!("{name}.host")))
+            .and_then(|()| guest.rename_to(&dir.join(format!("{name}.guest"))));
+        if let Err(e) = published {
+            let _ = std::fs::remove_file(&meta_path);
+            return Err(e);
+        }
         Ok(Self {
             guest,
             host,
@@ -260,7 +280,57 @@ mod tests {
         assert_eq!(view.sample_period_ns(), 50_000_000);
         let host_region = regions.host.region().expect("region");
         mirrorball_profiler_abi::validate_host_region(host_region).expect("host");
+        // Published under their final names; nothing hidden is left behind.
+        assert_eq!(
+            guest.file_name().and_then(|n| n.to_str()),
+            Some(format!("{}.guest", regions.name).as_str())
+        );
+        assert_eq!(
+            host.file_name().and_then(|n| n.to_str()),
+            Some(format!("{}.host", regions.name).as_str())
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
         drop(regions);
         assert!(!guest.exists() && !host.exists());
+    }
+
+    #[test]
+    fn a_reader_never_finds_an_unformatted_region() {
+        let dir = std::env::temp_dir().join(format!("mb-regions-race-{}", std::process::id()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (dir, stop) = (dir.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        if !(name.starts_with("vm-") && name.ends_with(".guest")) {
+                            continue;
+                        }
+                        // A region that vanished between listing and reading is fine.
+                        let Ok(bytes) = std::fs::read(entry.path()) else {
+                            continue;
+                        };
+                        assert!(
+                            bytes.len() >= 8 && bytes[..8] != [0u8; 8],
+                            "{name} was visible before it was formatted"
+                        );
+                        seen += 1;
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..200 {
+            drop(ProfilerRegions::create(&dir, 1, "workload", 1_000_000).expect("create"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().expect("reader saw only formatted regions");
     }
 }
