@@ -66,6 +66,24 @@ fn default_job_prints_a_summary_row_per_task() {
     let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("work 64")).collect();
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows.iter().all(|r| r.contains("20/20")), "{stdout}");
+    // Both layers: `work 64 …` touches all 16,384 pages of its 64 MiB, so the guest counts
+    // 16,384 first touches (guest_minflt) and the host at least as many faults (host_minflt).
+    let header: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.contains("guest_minflt"))
+        .expect("header")
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).expect(name);
+    for row in &rows {
+        // The spec column has spaces ("work 64 R 100000"): count fields from the right.
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let from_end = |name: &str| fields[fields.len() - (header.len() - column(name))];
+        let guest: u64 = from_end("guest_minflt").parse().expect("guest_minflt");
+        let host: u64 = from_end("host_minflt").parse().expect("host_minflt");
+        assert_eq!(guest, 16_384, "{row}");
+        assert!(host >= guest, "{row}");
+    }
     assert!(text(&out.stderr).contains("workload finished"));
 }
 

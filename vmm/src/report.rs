@@ -94,6 +94,10 @@ pub struct TaskReport {
     /// What the profiler's host sampler attributed to the task, if it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<TaskTotals>,
+    /// The guest's own count of the task's minor faults (first touches of its pages), from its
+    /// last guest sample, if the profiler ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_min_flt: Option<u64>,
     /// The `work` spec.
     pub spec: String,
     /// Iterations asked for.
@@ -149,6 +153,7 @@ pub fn task_reports(
     progress: Vec<TaskProgress>,
     vcpus: usize,
     attributed: Option<&BTreeMap<u32, TaskTotals>>,
+    guest_min_flt: Option<&BTreeMap<u32, u64>>,
 ) -> Vec<TaskReport> {
     specs
         .iter()
@@ -158,6 +163,7 @@ pub fn task_reports(
             task,
             vcpu: task_vcpu(task, vcpus),
             host: attributed.map(|a| a.get(&(task as u32 + 1)).copied().unwrap_or_default()),
+            guest_min_flt: guest_min_flt.map(|g| g.get(&(task as u32 + 1)).copied().unwrap_or(0)),
             spec: spec.to_string(),
             iterations_planned: spec.iterations,
             progress,
@@ -180,12 +186,13 @@ pub fn workload_summary(report: &RunReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>11} {:>11} {:>12} {:>7} {:>7}",
+        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7}",
         "task",
         "vcpu",
         "spec",
         "iters",
         "elapsed_s",
+        "guest_minflt",
         "host_minflt",
         "host_majflt",
         "kvm_pf_taken",
@@ -213,12 +220,14 @@ pub fn workload_summary(report: &RunReport) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>11} {:>11} {:>12} {:>7} {:>7.2}",
+            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2}",
             task.task,
             task.vcpu,
             task.spec,
             format!("{}/{}", task.progress.iterations, task.iterations_planned),
             seconds(task.progress.elapsed_ns),
+            task.guest_min_flt
+                .map_or("-".to_string(), |v| v.to_string()),
             minflt,
             majflt,
             pf.map_or("-".to_string(), |v| v.to_string()),
@@ -254,7 +263,13 @@ mod tests {
             vcpus,
             vm_kvm_stats: BTreeMap::new(),
             unhandled_exits: BTreeMap::new(),
-            tasks: task_reports(&specs, progress, 2, None),
+            tasks: task_reports(
+                &specs,
+                progress,
+                2,
+                None,
+                Some(&BTreeMap::from([(2, 987_654)])),
+            ),
             profiler: None,
             profiler_device: None,
             guest_region: None,
@@ -272,8 +287,18 @@ mod tests {
             lines[3].contains("1234") && lines[3].contains("1240"),
             "{text}"
         );
+        assert!(lines[1].contains("guest_minflt"), "{text}");
+        assert!(
+            lines[3].contains("987654"),
+            "the guest's count of task 1 (pid 2): {text}"
+        );
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["end"]["kind"], "workload_finished");
         assert_eq!(json["tasks"][1]["iterations"], 20);
+        assert_eq!(json["tasks"][1]["guest_min_flt"], 987_654);
+        assert_eq!(
+            json["tasks"][0]["guest_min_flt"], 0,
+            "pid 1 wrote no sample"
+        );
     }
 }

@@ -9,7 +9,7 @@ use mirrorball_devices::serial::SerialInput;
 use mirrorball_profiler::kvm_stats::StatsFd;
 
 use crate::builder::{BuiltVm, Guest};
-use crate::profiling::attribution::totals_by_pid;
+use crate::profiling::attribution::{guest_min_flt_by_pid, totals_by_pid};
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::Sampler;
 use crate::report::{task_reports, GuestRegionReport, RunReport};
@@ -79,10 +79,12 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let elapsed_ns = started.elapsed().as_nanos() as u64;
     let mut attributed = None;
     let mut guest_region = None;
+    let mut guest_min_flt = None;
     let sampler = sampler.map(|(s, regions)| {
         let report = s.stop();
         attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
         guest_region = regions.guest.region().ok().map(GuestRegionReport::read);
+        guest_min_flt = regions.guest.region().ok().map(guest_min_flt_by_pid);
         if let Some(keep) = options.keep_regions {
             keep(regions);
         }
@@ -101,7 +103,13 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         Guest::Linux { .. } => ("linux", Vec::new()),
         Guest::Workload { monitor, specs } => (
             "workload",
-            task_reports(specs, monitor.progress(), vcpu_count, attributed.as_ref()),
+            task_reports(
+                specs,
+                monitor.progress(),
+                vcpu_count,
+                attributed.as_ref(),
+                guest_min_flt.as_ref(),
+            ),
         ),
     };
     Ok(RunReport {

@@ -2,7 +2,9 @@
 //! (by the guest-claimed pid in the vCPU slot at sampling time).
 use std::collections::BTreeMap;
 
-use mirrorball_profiler_abi::{validate_host_region, Poll, Region, ATTR_SLOT_VALID};
+use mirrorball_profiler_abi::{
+    validate_guest_region, validate_host_region, Poll, Region, ATTR_SLOT_VALID,
+};
 
 /// What the host saw while one guest task ran.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -52,4 +54,28 @@ pub fn totals_by_pid(host: Region<'_>) -> (BTreeMap<u32, TaskTotals>, u64) {
         }
     }
     (totals, lost)
+}
+
+/// The guest's own minor-fault count per pid: the largest `min_flt` among the guest ring's
+/// records (its counters are absolute, so the latest is the largest; records already overwritten
+/// do not matter). Guest-written and so only as trustworthy as the guest; empty if the region
+/// does not validate.
+pub fn guest_min_flt_by_pid(guest: Region<'_>) -> BTreeMap<u32, u64> {
+    let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+    let Ok(view) = validate_guest_region(guest) else {
+        return out;
+    };
+    let ring = view.ring();
+    let mut reader = ring.reader();
+    for _ in 0..=u64::from(ring.capacity()).saturating_mul(2) {
+        match reader.poll() {
+            Poll::Record(r) if r.record.pid != 0 => {
+                let min_flt = out.entry(r.record.pid).or_default();
+                *min_flt = (*min_flt).max(r.record.min_flt);
+            }
+            Poll::Record(_) | Poll::Lost { .. } => {}
+            _ => break,
+        }
+    }
+    out
 }
