@@ -98,6 +98,9 @@ pub struct RecordArgs {
     /// Stop after this many seconds [default: when the VM ends, or on Ctrl-C].
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub duration: Option<Duration>,
+    /// Wait up to this many seconds for the VM to appear [default: it must be running].
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub wait: Option<Duration>,
 }
 
 /// `vmm plot`.

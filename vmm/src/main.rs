@@ -68,6 +68,7 @@ fn run_tool(command: Command) -> Result<i32> {
                     output: Some(a.output),
                     duration: a.duration,
                     poll_interval: Duration::from_millis(20),
+                    wait: a.wait,
                 },
                 &INTERRUPTED,
             )?;

@@ -128,6 +128,29 @@ pub fn pick_vm(run_dir: &Path, wanted: Option<VmId>) -> Result<VmHandle, Error> 
     }
 }
 
+/// [`pick_vm`], retried every 20 ms for up to `wait` (or until `stop` is set) while it fails:
+/// lets a recorder be started before the VM it records.
+pub fn wait_for_vm(
+    run_dir: &Path,
+    wanted: Option<VmId>,
+    wait: Option<Duration>,
+    stop: &AtomicBool,
+) -> Result<VmHandle, Error> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        match pick_vm(run_dir, wanted) {
+            Ok(handle) => return Ok(handle),
+            Err(e) => {
+                let waiting = deadline.is_some_and(|d| Instant::now() < d);
+                if !waiting || stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(e);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What `vmm record` does.
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -143,6 +166,8 @@ pub struct RecordOptions {
     pub duration: Option<Duration>,
     /// Time between polls.
     pub poll_interval: Duration,
+    /// How long to wait for the VM to appear in the run directory (`None`: it must be there).
+    pub wait: Option<Duration>,
 }
 
 impl Default for RecordOptions {
@@ -154,6 +179,7 @@ impl Default for RecordOptions {
             output: None,
             duration: None,
             poll_interval: Duration::from_millis(20),
+            wait: None,
         }
     }
 }
@@ -196,7 +222,7 @@ fn is_stdout(p: &Option<PathBuf>) -> bool {
 
 /// Records one VM until its files disappear, `duration` passes or `stop` is set.
 pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, Error> {
-    let handle = pick_vm(&opts.run_dir, opts.vm)?;
+    let handle = wait_for_vm(&opts.run_dir, opts.vm, opts.wait, stop)?;
     let mut vm = handle.open().map_err(|e| Error::new(e.to_string()))?;
     let out: Box<dyn Write> = if is_stdout(&opts.output) {
         Box::new(io::stdout().lock())

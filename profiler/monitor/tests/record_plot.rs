@@ -17,7 +17,44 @@ fn record_opts(dir: &std::path::Path, out: PathBuf, format: Format) -> RecordOpt
         output: Some(out),
         duration: None,
         poll_interval: Duration::from_millis(5),
+        wait: None,
     }
+}
+
+#[test]
+fn a_recorder_started_first_waits_for_the_vm() {
+    let dir = temp_dir("wait");
+    let run = dir.join("run");
+    let out = dir.join("rec.csv");
+    let stop = AtomicBool::new(false);
+    // Without --wait, no VM is an error at once.
+    let now = record::record(&record_opts(&run, out.clone(), Format::Csv), &stop);
+    assert!(now.is_err_and(|e| e.to_string().contains("no running VM")));
+    let opts = RecordOptions {
+        wait: Some(Duration::from_secs(30)),
+        ..record_opts(&run, out.clone(), Format::Csv)
+    };
+    let summary = std::thread::scope(|s| {
+        let rec = s.spawn(|| record::record(&opts, &stop));
+        std::thread::sleep(Duration::from_millis(200));
+        let mut vm = Synthetic::new(&run, 0, 1, 1);
+        for _ in 0..10 {
+            vm.step();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        vm.vm.unpublish();
+        rec.join().expect("recorder thread")
+    })
+    .expect("the recorder waited for the VM");
+    assert!(summary.guest > 0, "{summary}");
+    assert!(summary.stopped.contains("VM ended"), "{summary}");
+    // A wait that runs out gives the same error as no wait.
+    let short = RecordOptions {
+        wait: Some(Duration::from_millis(100)),
+        ..record_opts(&dir.join("empty"), out, Format::Csv)
+    };
+    assert!(record::record(&short, &stop).is_err_and(|e| e.to_string().contains("no running VM")));
 }
 
 #[test]
