@@ -4,7 +4,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use vmm::builder::workload;
+use vmm::builder::{workload, BuiltVm};
+use vmm::report::RunReport;
 use vmm::session::{self, SessionOptions};
 use vmm::workload::TaskSpec;
 
@@ -13,9 +14,9 @@ use super::report::{median, spread, Row, Target};
 /// The fault-heavy task both sides run: every page of 64 MiB first-touched, then random accesses.
 const SPEC: &str = "work 64 R 100000";
 
-fn elapsed_s(period: Option<Duration>, run_dir: &std::path::Path) -> Result<f64> {
-    let spec: TaskSpec = SPEC.parse().context("spec")?;
-    let built = workload::build(vec![spec], 1, None, period, run_dir).context("building")?;
+/// Runs a built workload VM in this process to its end (at most 120 s); fails unless every task
+/// finished.
+pub fn run_to_end(built: BuiltVm) -> Result<RunReport> {
     let interrupted = AtomicBool::new(false);
     let report = session::run(
         built,
@@ -32,6 +33,13 @@ fn elapsed_s(period: Option<Duration>, run_dir: &std::path::Path) -> Result<f64>
         "ended: {}",
         report.end.message
     );
+    Ok(report)
+}
+
+fn elapsed_s(period: Option<Duration>, run_dir: &std::path::Path) -> Result<f64> {
+    let spec: TaskSpec = SPEC.parse().context("spec")?;
+    let built = workload::build(vec![spec], 1, None, period, run_dir).context("building")?;
+    let report = run_to_end(built)?;
     let task = report.tasks.first().context("no task")?;
     Ok(task.progress.elapsed_ns as f64 / 1e9)
 }

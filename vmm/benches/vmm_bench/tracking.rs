@@ -17,14 +17,13 @@
 //! a CPU is not). Pairs of runs back to back, alternating which goes first; the ratio is the
 //! median of the pairs' ratios, which cancels most of the load other processes put on the
 //! machine, since both runs of a pair share it.
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use vmm::builder::workload;
-use vmm::session::{self, SessionOptions};
 use vmm::workload::TaskSpec;
 
+use super::profiler::run_to_end;
 use super::report::{median, spread, Row, Target};
 
 /// The fault-heavy task.
@@ -73,25 +72,11 @@ fn run_once(mode: Mode, hz: u64, vcpus: usize, dir: &std::path::Path) -> Result<
         Mode::Tracking => None,
         Mode::GuestOnly => built.profiling.take().map(|p| p.regions),
     };
-    let interrupted = AtomicBool::new(false);
     let cpu0 = process_cpu_s();
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(120)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: None,
-        },
-    )
-    .context("running")?;
+    let report = run_to_end(built);
     let cpu_s = process_cpu_s() - cpu0;
     drop(kept);
-    anyhow::ensure!(
-        report.end.kind == "workload_finished",
-        "ended: {}",
-        report.end.message
-    );
+    let report = report?;
     let longest = report
         .tasks
         .iter()
