@@ -46,26 +46,24 @@ impl SampledVcpu {
     /// A hook for the vCPU thread to run after its last KVM_RUN: it records the thread's
     /// counters, so the sampler still charges the last interval after the thread has exited.
     pub fn stop_hook(&self) -> Box<dyn FnOnce() + Send> {
-        let last = self.last.clone();
-        Box::new(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            let counters = read_thread(tid, tick_ns());
-            *last.lock().unwrap_or_else(|p| p.into_inner()) = counters;
-        })
+        publish_own_counters(self.last.clone())
     }
 
     /// A hook for the vCPU thread to run before its first KVM_RUN: it records the thread's
     /// counters, so the sampler charges every later fault even if its first tick comes late.
     pub fn start_hook(&self) -> Box<dyn FnOnce() + Send> {
-        let baseline = self.baseline.clone();
-        Box::new(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            let counters = read_thread(tid, tick_ns());
-            *baseline.lock().unwrap_or_else(|p| p.into_inner()) = counters;
-        })
+        publish_own_counters(self.baseline.clone())
     }
+}
+
+/// A hook that reads the calling thread's counters into `slot`.
+fn publish_own_counters(slot: Arc<Mutex<Option<ThreadCounters>>>) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let counters = read_thread(tid, tick_ns());
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = counters;
+    })
 }
 
 /// Nanoseconds per clock tick of /proc's CPU times.
@@ -282,14 +280,16 @@ fn run(
             let stats = read_stats(s);
             let tid = s.vcpu.tid.load(Ordering::Acquire);
             // A thread that has exited cannot be read: its published last counters stand in.
-            let exited = *s.vcpu.last.lock().unwrap_or_else(|p| p.into_inner());
             let thread = read_thread_cached(&mut s.thread_stat, tid, tick_ns)
-                .or(exited)
+                .or_else(|| *s.vcpu.last.lock().unwrap_or_else(|p| p.into_inner()))
                 .or(s.last_thread);
             // Before the first reading, the thread's own start-up counters are the baseline
             // (or, without them, this reading: nothing before it is charged).
-            let published = *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner());
-            let base = s.last_thread.or(published).or(thread).unwrap_or_default();
+            let base = s
+                .last_thread
+                .or_else(|| *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner()))
+                .or(thread)
+                .unwrap_or_default();
             let thread = thread.unwrap_or_default();
             let slot = match &guest_view {
                 Some(view) => view.vcpu(index as u32),
