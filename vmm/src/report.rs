@@ -61,9 +61,14 @@ pub struct GuestRegionReport {
 }
 
 impl GuestRegionReport {
-    /// Reads `region` the way host readers do.
-    pub fn read(region: mirrorball_profiler_abi::Region<'_>) -> Self {
-        match mirrorball_profiler_abi::validate_guest_region(region) {
+    /// From the host readers' validation of the region (`validate_guest_region`).
+    pub fn new(
+        validated: &Result<
+            mirrorball_profiler_abi::GuestRegionView<'_>,
+            mirrorball_profiler_abi::AbiError,
+        >,
+    ) -> Self {
+        match validated {
             Ok(view) => Self {
                 valid: true,
                 error: None,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use event_manager::MutEventSubscriber;
 use mirrorball_devices::serial::SerialInput;
 use mirrorball_profiler::kvm_stats::StatsFd;
+use mirrorball_profiler_abi::validate_guest_region;
 
 use crate::builder::{BuiltVm, Guest};
 use crate::profiling::attribution::{guest_min_flt_by_pid, totals_by_pid};
@@ -83,8 +84,15 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let sampler = sampler.map(|(s, regions)| {
         let report = s.stop();
         attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
-        guest_region = regions.guest.region().ok().map(GuestRegionReport::read);
-        guest_min_flt = regions.guest.region().ok().map(guest_min_flt_by_pid);
+        if let Ok(region) = regions.guest.region() {
+            let validated = validate_guest_region(region);
+            guest_region = Some(GuestRegionReport::new(&validated));
+            guest_min_flt = Some(
+                validated
+                    .map(|view| guest_min_flt_by_pid(&view))
+                    .unwrap_or_default(),
+            );
+        }
         if let Some(keep) = options.keep_regions {
             keep(regions);
         }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use mirrorball_profiler_abi::{
-    validate_guest_region, validate_host_region, Poll, Region, ATTR_SLOT_VALID,
+    validate_host_region, GuestRegionView, Poll, Region, ATTR_SLOT_VALID,
 };
 
 /// What the host saw while one guest task ran.
@@ -58,13 +58,9 @@ pub fn totals_by_pid(host: Region<'_>) -> (BTreeMap<u32, TaskTotals>, u64) {
 
 /// The guest's own minor-fault count per pid: the largest `min_flt` among the guest ring's
 /// records (its counters are absolute, so the latest is the largest; records already overwritten
-/// do not matter). Guest-written and so only as trustworthy as the guest; empty if the region
-/// does not validate.
-pub fn guest_min_flt_by_pid(guest: Region<'_>) -> BTreeMap<u32, u64> {
+/// do not matter). Guest-written and so only as trustworthy as the guest.
+pub fn guest_min_flt_by_pid(view: &GuestRegionView<'_>) -> BTreeMap<u32, u64> {
     let mut out: BTreeMap<u32, u64> = BTreeMap::new();
-    let Ok(view) = validate_guest_region(guest) else {
-        return out;
-    };
     let ring = view.ring();
     let mut reader = ring.reader();
     for _ in 0..=u64::from(ring.capacity()).saturating_mul(2) {
