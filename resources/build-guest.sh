@@ -294,6 +294,14 @@ build_kernel() {
   # of guest/linux/test/run-qemu-test.sh. Its "source" link names the tree.
   mv -T -- "$b" "$o/build"
   publish "$o" "$out"
+  # Build trees are large (~120 MB); keep only the newest kernel's, as with
+  # the source tree. Safe: we hold the cache lock.
+  local old
+  for old in "$CACHE_ROOT"/kernel/*/build; do
+    [[ -e $old && $old != "$out/build" ]] || continue
+    log "removing old build tree $old"
+    rm -rf -- "$old"
+  done
 }
 
 # --- initramfs --------------------------------------------------------------
