@@ -159,6 +159,15 @@ pub fn reference_guest() -> Result<(PathBuf, PathBuf), String> {
 }
 
 /// True where a missing prerequisite must fail the test instead of skipping it.
+/// For a test that cannot run for `why`: prints that it skips, or, under CI (where everything a
+/// test needs is installed), fails.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test} cannot run in CI: {why}");
+    }
+    eprintln!("skipped {test}: {why}");
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
