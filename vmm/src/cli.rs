@@ -5,6 +5,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::builder::linux::{LinuxConfig, DEFAULT_MEM_BYTES};
+use crate::builder::{GuestConfig, WorkloadConfig};
+use crate::fleet::ShareMode;
 use crate::workload::TaskSpec;
 
 /// Tasks of the embedded default job: one random-access and one locality task, so a first run
@@ -50,7 +52,23 @@ pub struct Cli {
     /// for N copies.
     #[arg(long, value_name = "SPEC", conflicts_with = "kernel")]
     pub workload: Vec<TaskSpec>,
-    /// Write per-vCPU exit, fault and CPU accounting as JSON at exit ("-" for stdout).
+    /// Run N copies of the guest in this process (named vm0, vm1, …), their memory private
+    /// copy-on-write views of one template unless --share none.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vms: usize,
+    /// How the VMs' memory is shared: template (the default for --vms > 1) or none.
+    #[arg(long, value_name = "MODE")]
+    pub share: Option<ShareMode>,
+    /// How the VMs run and report.
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// Options of every command that runs VMs (`vmm …` and `vmm fleet FILE`).
+#[derive(Debug, Args)]
+pub struct RunOptions {
+    /// Write per-vCPU exit, fault and CPU accounting as JSON at exit ("-" for stdout); a fleet
+    /// writes {"vms": [one object per VM]}.
     #[arg(long, value_name = "PATH")]
     pub stats: Option<String>,
     /// Profiler sampling rate in Hz (the host sampler, and the guest's default period); 0 turns
@@ -61,9 +79,15 @@ pub struct Cli {
     /// /dev/shm/mirrorball].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
-    /// End the VM after this many seconds (exit code 7).
+    /// End each VM after this many seconds (exit code 7).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Offer guest memory to the kernel's same-page merging (needs /sys/kernel/mm/ksm/run = 1).
+    #[arg(long)]
+    pub ksm: bool,
+    /// Where the serial consoles of several Linux VMs are logged, one NAME.log each.
+    #[arg(long, value_name = "DIR", default_value = "vmm-logs")]
+    pub log_dir: PathBuf,
 }
 
 /// Profile consumers: they attach to running VMs through the run directory (default
@@ -78,6 +102,19 @@ pub enum Command {
     Top(TopArgs),
     /// Per VM / vCPU / task counters in the Prometheus text format (once, or served).
     Prometheus(PrometheusArgs),
+    /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
+    Fleet(FleetArgs),
+}
+
+/// `vmm fleet`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// The fleet file.
+    #[arg(value_name = "FILE.toml")]
+    pub file: PathBuf,
+    /// How the VMs run and report.
+    #[command(flatten)]
+    pub run: RunOptions,
 }
 
 /// `vmm record`.
@@ -152,22 +189,6 @@ pub struct PrometheusArgs {
     pub interval: u64,
 }
 
-/// What the command line asks to run.
-#[derive(Debug, Clone)]
-pub enum GuestChoice {
-    /// Boot Linux.
-    Linux(LinuxConfig),
-    /// Run the OS-less workload.
-    Workload {
-        /// The tasks.
-        specs: Vec<TaskSpec>,
-        /// vCPUs; task `i` runs on vCPU `i % vcpus`.
-        vcpus: usize,
-        /// RAM, if given.
-        mem_bytes: Option<u64>,
-    },
-}
-
 /// Parses a size: a number with an optional K, M, G or T suffix (binary units, optional "iB"
 /// or "B"); a bare number means MiB.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -207,7 +228,7 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-impl Cli {
+impl RunOptions {
     /// The profiler's sampling period, `None` when it is off.
     pub fn sample_period(&self) -> Option<Duration> {
         (self.sample_hz > 0)
@@ -220,18 +241,19 @@ impl Cli {
             .clone()
             .unwrap_or_else(crate::profiling::regions::run_dir)
     }
+}
 
+impl Cli {
     /// Resolves the options into a guest to build.
-    pub fn guest(&self) -> Result<GuestChoice, String> {
+    pub fn guest(&self) -> Result<GuestConfig, String> {
         if let Some(kernel) = &self.kernel {
-            return Ok(GuestChoice::Linux(LinuxConfig {
+            return Ok(GuestConfig::Linux(LinuxConfig {
                 kernel: kernel.clone(),
                 initrd: self.initrd.clone(),
                 cmdline: self.cmdline.clone(),
                 mem_bytes: self.mem.unwrap_or(DEFAULT_MEM_BYTES),
                 vcpus: self.vcpus.unwrap_or(1),
-                profile_period: self.sample_period(),
-                run_dir: self.run_dir(),
+                profile_period: self.run.sample_period(),
             }));
         }
         let parse_default = || {
@@ -260,11 +282,12 @@ impl Cli {
             (many, Some(n)) => (many.to_vec(), n),
             (many, None) => (many.to_vec(), many.len()),
         };
-        Ok(GuestChoice::Workload {
+        Ok(GuestConfig::Workload(WorkloadConfig {
             specs,
             vcpus,
             mem_bytes: self.mem,
-        })
+            profile_period: self.run.sample_period(),
+        }))
     }
 }
 
@@ -290,15 +313,15 @@ mod tests {
 
     #[test]
     fn default_job_is_two_tasks() {
-        let GuestChoice::Workload {
+        let GuestConfig::Workload(WorkloadConfig {
             specs, mem_bytes, ..
-        } = cli(&[]).expect("cli").guest().expect("guest")
+        }) = cli(&[]).expect("cli").guest().expect("guest")
         else {
             panic!("expected the workload");
         };
         assert_eq!(specs.len(), 2);
         assert_eq!(mem_bytes, None);
-        let GuestChoice::Workload { specs, .. } =
+        let GuestConfig::Workload(WorkloadConfig { specs, .. }) =
             cli(&["--vcpus", "3"]).expect("cli").guest().expect("guest")
         else {
             panic!("expected the workload");
@@ -309,7 +332,7 @@ mod tests {
     #[test]
     fn one_spec_is_copied_per_vcpu_and_tasks_share_vcpus() {
         let c = cli(&["--workload", "work 8 L 100", "--vcpus", "4"]).expect("cli");
-        let GuestChoice::Workload { specs, .. } = c.guest().expect("guest") else {
+        let GuestConfig::Workload(WorkloadConfig { specs, .. }) = c.guest().expect("guest") else {
             panic!("expected the workload");
         };
         assert_eq!(specs.len(), 4);
@@ -332,7 +355,8 @@ mod tests {
             "1",
         ])
         .expect("cli");
-        let GuestChoice::Workload { specs, vcpus, .. } = c.guest().expect("guest") else {
+        let GuestConfig::Workload(WorkloadConfig { specs, vcpus, .. }) = c.guest().expect("guest")
+        else {
             panic!("expected the workload");
         };
         assert_eq!((specs.len(), vcpus), (2, 1));
@@ -344,7 +368,7 @@ mod tests {
             "--kernel", "/k", "--initrd", "/i", "--mem", "512M", "--vcpus", "2",
         ])
         .expect("cli");
-        let GuestChoice::Linux(l) = c.guest().expect("guest") else {
+        let GuestConfig::Linux(l) = c.guest().expect("guest") else {
             panic!("expected linux");
         };
         assert_eq!((l.mem_bytes, l.vcpus), (512 << 20, 2));
@@ -353,6 +377,23 @@ mod tests {
         assert!(cli(&["--workload", "work 0 R 1"]).is_err());
         assert!(cli(&["--timeout", "-3"]).is_err());
         assert!(cli(&["--mem", "0"]).is_err());
+    }
+
+    #[test]
+    fn fleets() {
+        let c = cli(&["--vms", "8", "--share", "none", "--ksm"]).expect("cli");
+        assert_eq!(
+            (c.vms, c.share, c.run.ksm),
+            (8, Some(ShareMode::None), true)
+        );
+        assert!(cli(&["--share", "some"]).is_err());
+        let c = cli(&["fleet", "f.toml", "--stats", "-", "--timeout", "5"]).expect("cli");
+        let Some(Command::Fleet(f)) = c.command else {
+            panic!("expected fleet");
+        };
+        assert_eq!(f.file, PathBuf::from("f.toml"));
+        assert_eq!(f.run.stats.as_deref(), Some("-"));
+        assert!(cli(&["fleet"]).is_err(), "fleet needs a file");
     }
 
     #[test]

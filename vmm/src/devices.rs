@@ -8,10 +8,10 @@ use mirrorball_devices::serial::{
     SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
 };
 use mirrorball_devices::trigger::EventFdTrigger;
-use mirrorball_devices::virtio_mmio::VIRTIO_MMIO_WINDOW;
 use mirrorball_devices::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::builder::platform::MmioSlot;
 use crate::vstate::vcpu::{ExitHandler, VcpuAction};
 use crate::vstate::vm::Vm;
 
@@ -78,36 +78,23 @@ impl LegacyDevices {
     }
 }
 
-/// Adds the profiler device at [`PROFILER_MMIO_BASE`] (interrupt on GSI [`PROFILER_IRQ`] through
-/// an irqfd) to `mmio`; returns its control block and the kernel command-line parameter that
-/// announces it to a guest without ACPI.
+/// Adds the profiler device in `window` (its interrupt through an irqfd on the window's GSI) to
+/// `mmio`; returns its control block.
 pub fn add_profiler_device(
     vm: &Vm,
     mmio: &mut Bus,
+    window: MmioSlot,
     config: ProfilerDeviceConfig,
-) -> Result<(Arc<ProfilerControl>, String), DeviceError> {
+) -> Result<Arc<ProfilerControl>, DeviceError> {
     let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
     vm.fd()
-        .register_irqfd(irq.event_fd(), PROFILER_IRQ)
+        .register_irqfd(irq.event_fd(), window.gsi)
         .map_err(DeviceError::Irqfd)?;
     let device = ProfilerDevice::new(config, irq);
     let control = device.control();
-    mmio.insert(
-        PROFILER_MMIO_BASE,
-        VIRTIO_MMIO_WINDOW,
-        Arc::new(Mutex::new(device)),
-    )?;
-    let param = format!(
-        "virtio_mmio.device={}K@{PROFILER_MMIO_BASE:#x}:{PROFILER_IRQ}",
-        VIRTIO_MMIO_WINDOW >> 10
-    );
-    Ok((control, param))
+    mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;
+    Ok(control)
 }
-
-/// Guest-physical base of the profiler device's virtio-mmio window.
-pub const PROFILER_MMIO_BASE: u64 = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE;
-/// GSI of the profiler device's interrupt.
-pub const PROFILER_IRQ: u32 = 5;
 
 /// Routes port and MMIO exits to two buses. Unmapped accesses are counted by the buses;
 /// reads of them return all ones.

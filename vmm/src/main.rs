@@ -5,10 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use std::sync::Arc;
+
 use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
-use vmm::builder::{self, BuiltVm};
-use vmm::cli::{Cli, Command, GuestChoice};
+use vmm::builder::ConsoleSink;
+use vmm::cli::{Cli, Command, RunOptions};
 use vmm::exit::EXIT_VMM_ERROR;
+use vmm::fleet::{self, FleetPlan};
+use vmm::host::HostContext;
+use vmm::ksm;
 use vmm::report::workload_summary;
 use vmm::session::{self, SessionOptions};
 
@@ -16,33 +21,6 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
-    Ok(match choice {
-        GuestChoice::Linux(config) => {
-            if HostKind::detect() == HostKind::Pvm {
-                eprintln!(
-                    "vmm: host KVM is PVM: guest kernel code is emulated (slow) and guest user \
-                     space cannot run on this host kind; up to {} CPU features the emulator lacks \
-                     are hidden (CPUID, plus noxsave/clearcpuid= on the kernel command line)",
-                    hidden_features_on_pvm().len()
-                );
-            }
-            builder::linux::build(config, Box::new(std::io::stdout()))?
-        }
-        GuestChoice::Workload {
-            specs,
-            vcpus,
-            mem_bytes,
-        } => builder::workload::build(
-            specs.clone(),
-            *vcpus,
-            *mem_bytes,
-            cli.sample_period(),
-            &cli.run_dir(),
-        )?,
-    })
 }
 
 fn install_interrupt_handlers() -> Result<()> {
@@ -53,11 +31,15 @@ fn install_interrupt_handlers() -> Result<()> {
     Ok(())
 }
 
-/// Runs a profile consumer (`vmm record|plot|top|prometheus`).
+/// Runs a subcommand: a fleet file, or a profile consumer (`vmm record|plot|top|prometheus`).
 fn run_tool(command: Command) -> Result<i32> {
     use mirrorball_monitor::{plot, prometheus, record, resolve_run_dir, top};
     use std::time::Duration;
     match command {
+        Command::Fleet(args) => {
+            let plan = fleet::file::load(&args.file, args.run.sample_hz)?;
+            return run_vms(plan, &args.run);
+        }
         Command::Record(a) => {
             install_interrupt_handlers()?;
             let summary = record::record(
@@ -116,14 +98,42 @@ fn run_tool(command: Command) -> Result<i32> {
 }
 
 fn run(mut cli: Cli) -> Result<i32> {
-    if let Some(command) = cli.command.take() {
-        return run_tool(command);
+    match cli.command.take() {
+        Some(command) => run_tool(command),
+        None => {
+            let config = cli.guest().map_err(anyhow::Error::msg)?;
+            let plan = FleetPlan::copies(config, cli.vms, cli.share)?;
+            run_vms(plan, &cli.run)
+        }
     }
-    let choice = cli.guest().map_err(anyhow::Error::msg)?;
+}
+
+/// Prints the one-line notices about the host that matter for these VMs.
+fn host_notices(plan: &FleetPlan, host: &HostContext) {
+    if plan.has_linux() && host.kind() == HostKind::Pvm {
+        eprintln!(
+            "vmm: host KVM is PVM: guest kernel code is emulated (slow) and guest user space \
+             cannot run on this host kind; up to {} CPU features the emulator lacks are hidden \
+             (CPUID, plus noxsave/clearcpuid= on the kernel command line)",
+            hidden_features_on_pvm().len()
+        );
+    }
+    if host.ksm() {
+        if let Some(line) = ksm::host_notice() {
+            eprintln!("vmm: {line}");
+        }
+    }
+}
+
+/// Builds, runs and reports the VMs of `plan`; returns the exit code.
+fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
+    plan.check()?;
     install_interrupt_handlers()?;
-    let built = build(&choice, &cli)?;
-    let is_linux = matches!(choice, GuestChoice::Linux(_));
-    let terminal = if is_linux {
+    let host =
+        Arc::new(HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?);
+    host_notices(&plan, &host);
+    let consoles = fleet::consoles(&plan, &options.log_dir)?;
+    let terminal = if consoles.contains(&ConsoleSink::Stdout) {
         Some(
             mirrorball_devices::terminal::RawTerminal::stdin()
                 .context("cannot set up the terminal")?,
@@ -131,26 +141,58 @@ fn run(mut cli: Cli) -> Result<i32> {
     } else {
         None
     };
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: cli.timeout,
+    let ksm_before = options.ksm.then(ksm::KsmFigures::read);
+    let started = fleet::launch(&plan, consoles, &host);
+    let results = session::run_all(
+        started,
+        &SessionOptions {
+            timeout: options.timeout,
             interrupted: &INTERRUPTED,
-            console_input: is_linux,
+            console_input: terminal.is_some(),
             keep_regions: None,
         },
-    )?;
+    );
     drop(terminal);
-    if !is_linux {
-        print!("{}", workload_summary(&report));
+    for report in results.iter().flatten() {
+        if !report.tasks.is_empty() {
+            print!("{}", workload_summary(report));
+        }
     }
-    if let Some(path) = &cli.stats {
-        mirrorball_profiler::report::write_json(path, &report)
-            .with_context(|| format!("cannot write the stats to {path}"))?;
+    if let Some(before) = ksm_before {
+        eprintln!("vmm: {}", ksm::KsmFigures::read().summary_since(&before));
     }
-    let code = report.end_reason.exit_code();
-    eprintln!("vmm: {} (exit code {code})", report.end_reason);
+    if let Some(path) = &options.stats {
+        write_stats(path, &results).with_context(|| format!("cannot write the stats to {path}"))?;
+    }
+    let code = fleet::summary::exit_code(&results);
+    match results.as_slice() {
+        [Ok(report)] => eprintln!("vmm: {} (exit code {code})", report.end_reason),
+        [Err((_, e))] => return Err(anyhow::anyhow!("{e}")),
+        _ => {
+            eprint!("{}", fleet::summary::table(&results));
+            eprintln!("vmm: {} VMs ended (exit code {code})", results.len());
+        }
+    }
     Ok(code)
+}
+
+/// `--stats`: one VM's report object, or {"vms": [...]} for a fleet (a VM that could not be
+/// built is {"name", "refused"}).
+fn write_stats(path: &str, results: &[fleet::summary::VmResult]) -> Result<()> {
+    let value = match results {
+        [Ok(report)] => serde_json::to_value(report)?,
+        _ => serde_json::json!({
+            "vms": results
+                .iter()
+                .map(|r| match r {
+                    Ok(report) => serde_json::to_value(report),
+                    Err((name, e)) => Ok(serde_json::json!({"name": name, "refused": e.to_string()})),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }),
+    };
+    mirrorball_profiler::report::write_json(path, &value)?;
+    Ok(())
 }
 
 /// Parses the command line; usage errors become one line and exit code 2.

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::exit::VmEnd;
 use crate::profiling::attribution::TaskTotals;
+use crate::profiling::sharing::{RangeReport, SharingReport};
 use crate::workload::{seconds, task_vcpu, TaskProgress, TaskSpec};
 
 /// How the VM ended, in the stats file.
@@ -103,6 +104,9 @@ pub struct TaskReport {
     /// last guest sample, if the profiler ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_min_flt: Option<u64>,
+    /// The task region's pages (shared with the template, private) and copy-on-write breaks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<RangeReport>,
     /// The `work` spec.
     pub spec: String,
     /// Iterations asked for.
@@ -112,9 +116,11 @@ pub struct TaskReport {
     pub progress: TaskProgress,
 }
 
-/// Everything `--stats` writes.
+/// Everything `--stats` writes about one VM.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
+    /// The VM's name.
+    pub name: String,
     /// Why the VM ended.
     pub end: EndReport,
     /// "linux" or "workload".
@@ -131,6 +137,9 @@ pub struct RunReport {
     pub vm_kvm_stats: BTreeMap<String, u64>,
     /// Port-I/O and MMIO accesses no device handled (counted and ignored).
     pub unhandled_exits: BTreeMap<&'static str, u64>,
+    /// The VM's RAM: pages shared with its template, private pages, copy-on-write breaks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<SharingReport>,
     /// Workload tasks (OS-less guest only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskReport>,
@@ -159,6 +168,7 @@ pub fn task_reports(
     vcpus: usize,
     attributed: Option<&BTreeMap<u32, TaskTotals>>,
     guest_min_flt: Option<&BTreeMap<u32, u64>>,
+    memory: Option<&SharingReport>,
 ) -> Vec<TaskReport> {
     specs
         .iter()
@@ -169,6 +179,7 @@ pub fn task_reports(
             vcpu: task_vcpu(task, vcpus),
             host: attributed.map(|a| a.get(&(task as u32 + 1)).copied().unwrap_or_default()),
             guest_min_flt: guest_min_flt.map(|g| g.get(&(task as u32 + 1)).copied().unwrap_or(0)),
+            memory: memory.and_then(|m| m.ranges.iter().find(|r| r.index == task).cloned()),
             spec: spec.to_string(),
             iterations_planned: spec.iterations,
             progress,
@@ -182,7 +193,8 @@ pub fn workload_summary(report: &RunReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "workload: {} task(s) on {} vCPU(s), {} MiB guest RAM, host KVM: {}, {:.3} s",
+        "{}: {} task(s) on {} vCPU(s), {} MiB guest RAM, host KVM: {}, {:.3} s",
+        report.name,
         report.tasks.len(),
         report.vcpus.len(),
         report.mem_bytes >> 20,
@@ -191,7 +203,7 @@ pub fn workload_summary(report: &RunReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7}",
+        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7} {:>9} {:>9}",
         "task",
         "vcpu",
         "spec",
@@ -202,7 +214,9 @@ pub fn workload_summary(report: &RunReport) -> String {
         "host_majflt",
         "kvm_pf_taken",
         "exits",
-        "cpu_s"
+        "cpu_s",
+        "shared_pg",
+        "private_pg"
     );
     for task in &report.tasks {
         let vcpu = report.vcpus.iter().find(|v| v.index == task.vcpu);
@@ -225,7 +239,7 @@ pub fn workload_summary(report: &RunReport) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2}",
+            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:>9} {:>9}",
             task.task,
             task.vcpu,
             task.spec,
@@ -238,6 +252,12 @@ pub fn workload_summary(report: &RunReport) -> String {
             pf.map_or("-".to_string(), |v| v.to_string()),
             exits,
             seconds(cpu_ns),
+            task.memory
+                .as_ref()
+                .map_or("-".to_string(), |m| m.pages.shared.to_string()),
+            task.memory
+                .as_ref()
+                .map_or("-".to_string(), |m| m.pages.private.to_string()),
         );
     }
     out
@@ -260,6 +280,7 @@ mod tests {
         vcpus[1].host_minor_faults = 1234;
         vcpus[1].kvm_stats.insert("pf_taken".into(), 1240);
         let report = RunReport {
+            name: "vm0".into(),
             end: (&VmEnd::WorkloadFinished).into(),
             guest: "workload",
             host: "pvm".into(),
@@ -274,7 +295,9 @@ mod tests {
                 2,
                 None,
                 Some(&BTreeMap::from([(2, 987_654)])),
+                None,
             ),
+            memory: None,
             profiler: None,
             profiler_device: None,
             guest_region: None,

@@ -1,15 +1,10 @@
-//! Runs a built VM: one thread per vCPU; the calling thread runs the event loop (console input,
-//! i8042 reset, the VM's end) until the VM ends, a timeout expires or the user interrupts, then
-//! kicks every vCPU out of KVM_RUN and collects their accounting.
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+//! A VM's vCPU threads: one thread per vCPU, started together; stopping kicks every vCPU out of
+//! KVM_RUN and collects their accounting. The event loop that decides when is the session's.
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use mirrorball_profiler::vcpu_accounting::VcpuReport;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::exit::VmEnd;
@@ -27,6 +22,12 @@ pub enum RunError {
     /// An eventfd could not be cloned.
     #[error("cannot clone an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The VM could not be built (refused alone; the other VMs of a fleet run).
+    #[error("{0}")]
+    Build(String),
+    /// The VM was never started.
+    #[error("the VM was not started")]
+    NotRun,
     /// The profiler's sampler thread could not start.
     #[error("cannot start the profiler sampler: {0}")]
     Sampler(std::io::Error),
@@ -72,19 +73,6 @@ impl RunningVcpus {
         self.started
     }
 
-    /// Whether `timeout` (if any) has expired; ends the VM with [`VmEnd::Timeout`] if so.
-    pub fn check_timeout(&self, timeout: Option<Duration>) -> bool {
-        match timeout {
-            Some(t) if self.started.elapsed() >= t => {
-                self.control.end(VmEnd::Timeout {
-                    seconds: t.as_secs_f64(),
-                });
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Stops every vCPU (if the VM has not ended yet, with `reason`) and returns their reports.
     pub fn stop(self, reason: VmEnd) -> (VmEnd, Vec<VcpuReport>) {
         self.control.end(reason);
@@ -107,89 +95,3 @@ impl RunningVcpus {
         (end, reports)
     }
 }
-
-/// Watches the VM's end eventfd and, for Linux, the i8042 reset eventfd, from the event loop.
-struct EndWatcher {
-    control: Arc<VmControl>,
-    wake: EventFd,
-    reset: Option<EventFd>,
-}
-
-impl MutEventSubscriber for EndWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in std::iter::once(&self.wake).chain(self.reset.as_ref()) {
-            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                self.control
-                    .end(VmEnd::VmmError(format!("cannot watch an eventfd: {e}")));
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        if self.reset.as_ref().is_some_and(|r| r.as_raw_fd() == fd) {
-            if let Some(r) = &self.reset {
-                let _ = r.read();
-            }
-            self.control.end(VmEnd::GuestReset);
-        } else if fd == self.wake.as_raw_fd() {
-            let _ = self.wake.read();
-        }
-    }
-}
-
-/// How the main thread waits for a VM.
-pub struct WaitOptions<'a> {
-    /// End the VM after this long.
-    pub timeout: Option<Duration>,
-    /// Set asynchronously (e.g. by a SIGINT handler) to end the VM as interrupted.
-    pub interrupted: &'a AtomicBool,
-    /// The i8042 reset eventfd, for Linux guests.
-    pub reset: Option<EventFd>,
-    /// Extra event sources (the serial console's input).
-    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-}
-
-/// Runs the event loop on the calling thread until the VM ends, then stops the vCPUs.
-pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<VcpuReport>) {
-    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        match EventManager::new() {
-            Ok(m) => m,
-            Err(e) => {
-                return running.stop(VmEnd::VmmError(format!(
-                    "cannot create the event loop: {e:?}"
-                )))
-            }
-        };
-    let control = running.control().clone();
-    match control.wake_fd().try_clone() {
-        Ok(wake) => {
-            let watcher = EndWatcher {
-                control: control.clone(),
-                wake,
-                reset: options.reset,
-            };
-            manager.add_subscriber(Arc::new(Mutex::new(watcher)));
-        }
-        Err(e) => return running.stop(VmEnd::VmmError(format!("cannot clone an eventfd: {e}"))),
-    }
-    for subscriber in options.subscribers {
-        manager.add_subscriber(subscriber);
-    }
-    while !control.should_stop() {
-        if let Err(e) = manager.run_with_timeout(EVENT_LOOP_TICK_MS) {
-            if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR)
-            {
-                control.end(VmEnd::VmmError(format!("event loop failed: {e:?}")));
-            }
-        }
-        if options.interrupted.load(Ordering::SeqCst) {
-            control.end(VmEnd::Interrupted);
-        }
-        running.check_timeout(options.timeout);
-    }
-    running.stop(VmEnd::Interrupted)
-}
-
-/// How often the event loop wakes up to check the timeout and the interrupt flag.
-const EVENT_LOOP_TICK_MS: i32 = 50;

@@ -9,7 +9,7 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use mirrorball_workload::{
     doorbell_task, Event, PageTracker, Params, Pattern, TaskParams, DEFAULT_ITERATIONS,
     IMAGE_END_GPA, IMAGE_GPA, MAX_TASKS, MAX_TASKS_PER_VCPU, PAGE_BYTES, PARAMS_GPA, STACKS_GPA,
-    STACK_BYTES, TASK_REGION_BASE_GPA,
+    STACK_BYTES, TASK_READ_ONLY, TASK_REGION_BASE_GPA,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -29,7 +29,7 @@ const REGION_ALIGN: u64 = 2 << 20;
 pub enum WorkloadError {
     /// The spec does not parse.
     #[error(
-        "bad workload spec {spec:?}: {why} (expected \"work <MiB> <R|L> <accesses> [iterations]\")"
+        "bad workload spec {spec:?}: {why} (expected \"work|read|update <MiB> <R|L> <accesses> [iterations]\")"
     )]
     Spec {
         /// The offending text.
@@ -61,9 +61,40 @@ pub enum WorkloadError {
     },
 }
 
-/// One `work` task.
+/// What a task does with its region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaskMode {
+    /// `work`: the classic read-modify-write, over memory that starts zeroed.
+    #[default]
+    Work,
+    /// `read`: reads only, over a data set the VMM prepared in the region (in a template,
+    /// shared by all clones).
+    Read,
+    /// `update`: read-modify-write over the prepared data set (every page it writes is copied).
+    Update,
+}
+
+impl TaskMode {
+    /// The spec verb.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Work => "work",
+            Self::Read => "read",
+            Self::Update => "update",
+        }
+    }
+
+    /// Whether the region holds a prepared data set.
+    pub fn has_data_set(self) -> bool {
+        self != Self::Work
+    }
+}
+
+/// One task of the OS-less guest (the MP3 `work` program and its variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskSpec {
+    /// What it does with its region.
+    pub mode: TaskMode,
     /// MiB of memory the task works over.
     pub mib: u64,
     /// Access pattern.
@@ -81,7 +112,14 @@ impl fmt::Display for TaskSpec {
         } else {
             'L'
         };
-        write!(f, "work {} {} {}", self.mib, p, self.accesses)?;
+        write!(
+            f,
+            "{} {} {} {}",
+            self.mode.verb(),
+            self.mib,
+            p,
+            self.accesses
+        )?;
         if self.iterations != DEFAULT_ITERATIONS {
             write!(f, " {}", self.iterations)?;
         }
@@ -92,14 +130,20 @@ impl fmt::Display for TaskSpec {
 impl std::str::FromStr for TaskSpec {
     type Err = WorkloadError;
 
-    /// Parses `work <MiB> <R|L> <accesses> [iterations]` (the leading `work` is optional).
+    /// Parses `work|read|update <MiB> <R|L> <accesses> [iterations]` (a missing verb means
+    /// `work`).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| WorkloadError::Spec {
             spec: text.to_string(),
             why: why.to_string(),
         };
         let mut words: Vec<&str> = text.split_whitespace().collect();
-        if words.first() == Some(&"work") {
+        let mode = match words.first() {
+            Some(&"read") => TaskMode::Read,
+            Some(&"update") => TaskMode::Update,
+            _ => TaskMode::Work,
+        };
+        if matches!(words.first(), Some(&"work" | &"read" | &"update")) {
             words.remove(0);
         }
         if !(3..=4).contains(&words.len()) {
@@ -125,6 +169,7 @@ impl std::str::FromStr for TaskSpec {
             return Err(bad("iterations must be 1..=16777215"));
         }
         Ok(Self {
+            mode,
             mib,
             pattern,
             accesses,
@@ -138,6 +183,8 @@ impl std::str::FromStr for TaskSpec {
 pub struct WorkloadLayout {
     /// Per-task parameters, as written to the guest.
     pub tasks: Vec<TaskParams>,
+    /// Per task: whether its region holds a prepared data set.
+    pub data_sets: Vec<bool>,
     /// Bytes of guest RAM that hold everything.
     pub ram_bytes: u64,
 }
@@ -172,7 +219,11 @@ pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, Worklo
             iterations: spec.iterations,
             pattern: spec.pattern as u32,
             vcpu: task_vcpu(i, vcpus) as u32,
-            reserved: 0,
+            flags: if spec.mode == TaskMode::Read {
+                TASK_READ_ONLY
+            } else {
+                0
+            },
             bitmap_gpa: 0,
             bitmap_bytes: 0,
         });
@@ -194,6 +245,7 @@ pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, Worklo
     }
     Ok(WorkloadLayout {
         tasks,
+        data_sets: specs.iter().map(|s| s.mode.has_data_set()).collect(),
         ram_bytes: next,
     })
 }
@@ -216,12 +268,8 @@ pub struct ProfilerParams {
     pub tsc_khz: u64,
 }
 
-/// Loads the image and writes the parameter block; returns the entry point.
-pub fn load(
-    mem: &GuestMemoryMmap,
-    layout: &WorkloadLayout,
-    profiler: ProfilerParams,
-) -> Result<u64, WorkloadError> {
+/// Loads the image; returns the entry point.
+pub fn load_image(mem: &GuestMemoryMmap) -> Result<u64, WorkloadError> {
     let loaded = Elf::load(mem, None, &mut Cursor::new(IMAGE), None)
         .map_err(|e| WorkloadError::Load(e.to_string()))?;
     if loaded.kernel_load.0 < IMAGE_GPA || loaded.kernel_end > IMAGE_END_GPA {
@@ -230,6 +278,15 @@ pub fn load(
             loaded.kernel_load.0, loaded.kernel_end
         )));
     }
+    Ok(loaded.kernel_load.0)
+}
+
+/// Writes the parameter block of `layout`.
+pub fn write_params(
+    mem: &GuestMemoryMmap,
+    layout: &WorkloadLayout,
+    profiler: ProfilerParams,
+) -> Result<(), WorkloadError> {
     let mut params = Params {
         task_count: layout.tasks.len() as u32,
         profiler_gpa: profiler.gpa,
@@ -239,8 +296,56 @@ pub fn load(
     };
     params.tasks[..layout.tasks.len()].copy_from_slice(&layout.tasks);
     mem.write_obj(ParamsBytes(params), GuestAddress(PARAMS_GPA))
-        .map_err(|e| WorkloadError::Load(e.to_string()))?;
-    Ok(loaded.kernel_load.0)
+        .map_err(|e| WorkloadError::Load(e.to_string()))
+}
+
+/// Loads the image and writes the parameter block; returns the entry point.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: &WorkloadLayout,
+    profiler: ProfilerParams,
+) -> Result<u64, WorkloadError> {
+    let entry = load_image(mem)?;
+    write_params(mem, layout, profiler)?;
+    Ok(entry)
+}
+
+/// The byte at `offset` of the data set of a `read` task with `seed`: what the VMM prepares and
+/// what a host-side replay of the task's reads expects.
+pub fn data_set_byte(seed: u64, offset: u64) -> u8 {
+    data_set_word(seed, offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// Eight bytes of a data set: word `index` (bytes `8 * index ..`), a hash of seed and index.
+fn data_set_word(seed: u64, index: u64) -> u64 {
+    let mut x = seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+/// Fills the regions of the `read` and `update` tasks of `layout` with their data sets.
+pub fn write_data_sets(
+    mem: &GuestMemoryMmap,
+    layout: &WorkloadLayout,
+) -> Result<(), WorkloadError> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let data_sets = layout.tasks.iter().zip(&layout.data_sets);
+    for t in data_sets.filter_map(|(t, &data)| data.then_some(t)) {
+        let mut done = 0;
+        while done < t.region_bytes {
+            let n = (t.region_bytes - done).min(CHUNK);
+            for (i, word) in buf[..n as usize].chunks_exact_mut(8).enumerate() {
+                word.copy_from_slice(&data_set_word(t.seed, done / 8 + i as u64).to_le_bytes());
+            }
+            mem.write_slice(&buf[..n as usize], GuestAddress(t.region_gpa + done))
+                .map_err(|e| WorkloadError::Load(e.to_string()))?;
+            done += n;
+        }
+    }
+    Ok(())
 }
 
 /// Initial stack pointer of task `index` (SysV: `rsp + 8` 16-byte aligned at entry).

@@ -14,7 +14,7 @@ mod profile;
 use core::panic::PanicInfo;
 use mirrorball_workload::{
     bad_params, doorbell_gpa, run_iteration, run_iteration_tracked, validate, AccessStream, Event,
-    PageTracker, Params, Pattern, TaskParams, MAX_TASKS, MAX_TASKS_PER_VCPU,
+    PageTracker, Params, Pattern, TaskParams, MAX_TASKS, MAX_TASKS_PER_VCPU, TASK_READ_ONLY,
 };
 
 fn ring(task: usize, event: Event) {
@@ -90,10 +90,11 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
             idle();
         };
         let pattern = Pattern::from_raw(t.pattern).unwrap_or(Pattern::Random);
-        let comm: &[u8] = if pattern == Pattern::Random {
-            b"work-R"
-        } else {
-            b"work-L"
+        let comm: &[u8] = match (pattern, t.flags & TASK_READ_ONLY != 0) {
+            (Pattern::Random, false) => b"work-R",
+            (Pattern::Locality, false) => b"work-L",
+            (Pattern::Random, true) => b"read-R",
+            (Pattern::Locality, true) => b"read-L",
         };
         let pages = tracker(&t);
         if t.bitmap_gpa != 0 && pages.is_none() {
@@ -103,7 +104,8 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
         *slot = Some(Running {
             index,
             params: t,
-            stream: AccessStream::new(pattern, t.region_bytes, t.seed),
+            stream: AccessStream::new(pattern, t.region_bytes, t.seed)
+                .with_writes(t.flags & TASK_READ_ONLY == 0),
             done: 0,
             checksum: 0,
             pages,

@@ -55,7 +55,10 @@ pub const MAX_TASKS_PER_VCPU: usize = 16;
 /// `Params::magic`: "MBWL".
 pub const PARAMS_MAGIC: u32 = 0x4c57_424d;
 /// `Params::version` of this layout.
-pub const PARAMS_VERSION: u32 = 4;
+pub const PARAMS_VERSION: u32 = 5;
+/// [`TaskParams::flags`]: the task only reads its region (a data set the VMM prepared, e.g. in a
+/// template shared by many VMs) instead of the classic read-modify-write.
+pub const TASK_READ_ONLY: u32 = 1;
 /// Guest-physical address where the VMM maps the profiler's guest region (in the device hole).
 pub const PROFILER_REGION_GPA: u64 = 0xe000_0000;
 /// Iterations of the classic `work` program.
@@ -100,8 +103,8 @@ pub struct TaskParams {
     pub pattern: u32,
     /// vCPU the task runs on.
     pub vcpu: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// [`TASK_READ_ONLY`] or 0; other bits must be zero.
+    pub flags: u32,
     /// Guest-physical (= guest-virtual) start of the task's page bitmap, where the guest keeps
     /// one bit per page of the region to count its guest minor faults ([`PageTracker`]); 0 if
     /// there is none (the guest then reports no faults). Outside every task's region.
@@ -235,6 +238,7 @@ pub struct AccessStream {
     pattern: Pattern,
     len: u64,
     previous: u64,
+    writes: bool,
 }
 
 impl AccessStream {
@@ -245,7 +249,14 @@ impl AccessStream {
             pattern,
             len: len.max(1),
             previous: 0,
+            writes: true,
         }
+    }
+
+    /// The same stream, with accesses that only read (`writes` false) or read-modify-write.
+    pub fn with_writes(mut self, writes: bool) -> Self {
+        self.writes = writes;
+        self
     }
 
     /// The next offset into the region.
@@ -266,7 +277,8 @@ impl AccessStream {
     }
 }
 
-/// Runs one iteration of `work` over `region`: `accesses` read-modify-writes of single bytes.
+/// Runs one iteration of `work` over `region`: `accesses` read-modify-writes of single bytes
+/// (reads only, for a read-only stream).
 /// Returns a checksum of the bytes read, so the accesses cannot be optimised away.
 ///
 /// # Safety
@@ -301,7 +313,9 @@ pub(crate) unsafe fn run_iteration_with(
         unsafe {
             let byte = region.add(offset as usize);
             let value = core::ptr::read_volatile(byte);
-            core::ptr::write_volatile(byte, value.wrapping_add(1));
+            if stream.writes {
+                core::ptr::write_volatile(byte, value.wrapping_add(1));
+            }
             sum = sum.wrapping_add(u64::from(value));
         }
     }
@@ -320,7 +334,10 @@ pub fn validate(params: &Params, task: usize) -> Result<TaskParams, u32> {
     let Some(region_end) = t.region_gpa.checked_add(t.region_bytes) else {
         return Err(bad_params::TASK);
     };
-    if t.region_bytes == 0 || Pattern::from_raw(t.pattern).is_none() {
+    if t.region_bytes == 0
+        || Pattern::from_raw(t.pattern).is_none()
+        || t.flags & !TASK_READ_ONLY != 0
+    {
         return Err(bad_params::TASK);
     }
     if t.bitmap_gpa != 0 {
@@ -435,11 +452,16 @@ mod tests {
             iterations: 1,
             pattern: 1,
             vcpu: 0,
-            reserved: 0,
+            flags: 0,
             bitmap_gpa: 0,
             bitmap_bytes: 0,
         };
         assert!(validate(&p, 0).is_ok(), "no bitmap: no fault counting");
+        p.tasks[0].flags = TASK_READ_ONLY;
+        assert!(validate(&p, 0).is_ok(), "read-only");
+        p.tasks[0].flags = 2;
+        assert_eq!(validate(&p, 0), Err(bad_params::TASK), "unknown flag");
+        p.tasks[0].flags = 0;
         p.tasks[0].bitmap_gpa = TASK_REGION_BASE_GPA + 4096;
         p.tasks[0].bitmap_bytes = 1;
         assert!(validate(&p, 0).is_ok());

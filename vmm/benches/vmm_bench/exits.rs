@@ -41,7 +41,12 @@ fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
     let cpu0 = process_cpu()?;
     let start = Instant::now();
     let config = guest::tiny_linux_config(elf);
-    let built = linux::build(&config, Box::new(std::io::sink())).context("building the VM")?;
+    let built = linux::build(
+        &config,
+        vmm::builder::ConsoleSink::Null,
+        &vmm::profiling::regions::run_dir(),
+    )
+    .context("building the VM")?;
     let report = session::run(
         built,
         SessionOptions {

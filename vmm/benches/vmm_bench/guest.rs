@@ -101,7 +101,6 @@ pub fn tiny_linux_config(elf: &std::path::Path) -> vmm::builder::linux::LinuxCon
         mem_bytes: super::launch::TINY_MEM_BYTES,
         vcpus: 1,
         profile_period: None,
-        run_dir: vmm::profiling::regions::run_dir(),
     }
 }
 

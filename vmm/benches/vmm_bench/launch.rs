@@ -69,7 +69,12 @@ pub fn vmm_first_exit(elf: &Path) -> Result<(Duration, Duration)> {
         control,
         guest,
         ..
-    } = linux::build(&config, Box::new(std::io::sink())).context("building the VM")?;
+    } = linux::build(
+        &config,
+        vmm::builder::ConsoleSink::Null,
+        &vmm::profiling::regions::run_dir(),
+    )
+    .context("building the VM")?;
     let built = start.elapsed();
     let Guest::Linux { devices, .. } = &guest else {
         bail!("the Linux builder returned another kind of guest");

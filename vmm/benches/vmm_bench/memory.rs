@@ -29,7 +29,12 @@ fn rss() -> Result<ProcessMemory> {
 
 fn build(elf: &Path) -> Result<BuiltVm> {
     let config = guest::tiny_linux_config(elf);
-    linux::build(&config, Box::new(std::io::sink())).context("building a VM")
+    linux::build(
+        &config,
+        vmm::builder::ConsoleSink::Null,
+        &vmm::profiling::regions::run_dir(),
+    )
+    .context("building a VM")
 }
 
 /// A VM whose vCPU has run to the guest's reset and now sits in `hlt`, with what must outlive

@@ -1,22 +1,36 @@
-//! From a configuration to a VM whose vCPUs are ready to run: `linux` boots a kernel,
-//! `workload` the embedded OS-less guest. Both produce a [`BuiltVm`].
+//! From a guest configuration and the resources a VM is given to a VM whose vCPUs are ready to
+//! run. One builder serves every guest: [`build`] takes a [`GuestConfig`] (a Linux kernel, or the
+//! embedded OS-less workload) and [`VmResources`] (memory backing, console sink, the process's
+//! [`HostContext`]); the guest kinds differ only in how they write their memory image (`linux`,
+//! `workload`) and which devices and registers they need. An image is written either into a VM's
+//! own fresh memory or once into a sealed template ([`prepare_shared_image`]) whose clones map it
+//! copy-on-write.
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::cpuid::{self, HostKind};
 use crate::devices::{BusExits, DeviceError, LegacyDevices};
+use crate::host::HostContext;
 use crate::loader::LoadError;
 use crate::profiling::regions::{ProfilerRegions, RegionError};
 use crate::profiling::sampler::SampledVcpu;
-use crate::vstate::memory::MemoryError;
+use crate::profiling::sharing::SharingScanner;
+use crate::vstate::memory::{GuestRam, MemoryError, Template, TemplateBuilder};
 use crate::vstate::vcpu::{Vcpu, VmControl};
 use crate::vstate::vm::{Vm, VmError};
 use crate::workload::{TaskSpec, WorkloadError, WorkloadMonitor};
 
+pub mod console;
 pub mod linux;
+pub mod platform;
 pub mod workload;
+
+pub use console::ConsoleSink;
+pub use linux::LinuxConfig;
+pub use workload::WorkloadConfig;
 
 /// Most vCPUs one VM may have.
 pub const MAX_VCPUS: usize = 64;
@@ -47,6 +61,9 @@ pub enum BuildError {
     /// Devices.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// Platform resources (MMIO windows, interrupt lines).
+    #[error(transparent)]
+    Platform(#[from] platform::PlatformError),
     /// Memory too small for the requested workload.
     #[error("--mem of {given} MiB is too small for the workload, which needs {needed} MiB")]
     WorkloadMemory {
@@ -67,6 +84,172 @@ pub enum BuildError {
     /// The wake-up eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The console sink could not be opened.
+    #[error("cannot open the console log {path}: {source}")]
+    Console {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A VM's guest does not match the template it was to be cloned from.
+    #[error("--share template needs identical guests: {0}")]
+    TemplateMismatch(String),
+}
+
+/// What to run in a VM.
+#[derive(Clone, Debug)]
+pub enum GuestConfig {
+    /// Boot a Linux kernel.
+    Linux(LinuxConfig),
+    /// Run the embedded OS-less workload.
+    Workload(WorkloadConfig),
+}
+
+impl GuestConfig {
+    /// "linux" or "workload".
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Linux(_) => "linux",
+            Self::Workload(_) => "workload",
+        }
+    }
+
+    /// vCPUs.
+    pub fn vcpus(&self) -> usize {
+        match self {
+            Self::Linux(c) => c.vcpus,
+            Self::Workload(c) => c.vcpus,
+        }
+    }
+
+    /// Profiler sampling period (`None`: profiler off).
+    pub fn profile_period(&self) -> Option<Duration> {
+        match self {
+            Self::Linux(c) => c.profile_period,
+            Self::Workload(c) => c.profile_period,
+        }
+    }
+
+    /// Bytes of guest RAM the VM gets.
+    pub fn ram_bytes(&self) -> Result<u64, BuildError> {
+        match self {
+            Self::Linux(c) => Ok(c.mem_bytes),
+            Self::Workload(c) => c.ram_bytes(),
+        }
+    }
+
+    /// Checks what can be checked before anything is created.
+    pub fn check(&self) -> Result<(), BuildError> {
+        match self {
+            Self::Linux(c) => c.check(),
+            Self::Workload(c) => c.check(),
+        }
+    }
+
+    /// What a template prepared for this guest depends on, as (what, value) pairs: VMs may share
+    /// a template only when these are equal.
+    pub fn template_key(&self) -> Result<Vec<(&'static str, String)>, BuildError> {
+        let mut key = vec![
+            ("guest", self.kind_name().to_string()),
+            ("memory size", format!("{} MiB", self.ram_bytes()? >> 20)),
+        ];
+        match self {
+            Self::Linux(c) => key.extend(c.template_key()),
+            Self::Workload(c) => key.extend(c.template_key()?),
+        }
+        Ok(key)
+    }
+
+    /// Writes what every VM of this configuration holds in memory (kernel, initramfs, boot
+    /// structures; or the workload image, page tables and data sets) into `ram`.
+    fn write_image(
+        &self,
+        mem: &vm_memory::GuestMemoryMmap,
+        ranges: &[(u64, u64)],
+        host: &HostContext,
+    ) -> Result<Image, BuildError> {
+        match self {
+            Self::Linux(c) => linux::write_image(c, mem, ranges, host).map(Image::Linux),
+            Self::Workload(c) => workload::write_image(c, mem).map(Image::Workload),
+        }
+    }
+}
+
+/// What writing a guest's image produced that building its VMs needs.
+#[derive(Clone, Debug)]
+pub enum Image {
+    /// A Linux guest.
+    Linux(linux::LinuxImage),
+    /// The OS-less workload.
+    Workload(workload::WorkloadImage),
+}
+
+/// A template prepared for one guest configuration, with what its clones need to know.
+#[derive(Debug)]
+pub struct SharedImage {
+    /// The sealed memory.
+    pub template: Arc<Template>,
+    /// What writing it produced.
+    pub image: Image,
+    key: Vec<(&'static str, String)>,
+}
+
+impl SharedImage {
+    /// Whether a VM of `config` may be cloned from this template; `Err` says what differs.
+    pub fn check_compatible(&self, config: &GuestConfig) -> Result<(), BuildError> {
+        let key = config.template_key()?;
+        for ((what, ours), (_, theirs)) in self.key.iter().zip(&key) {
+            if ours != theirs {
+                return Err(BuildError::TemplateMismatch(format!(
+                    "{what} {theirs} differs from the template's {ours}"
+                )));
+            }
+        }
+        if key.len() != self.key.len() {
+            return Err(BuildError::TemplateMismatch(
+                "the guest differs from the template's".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Prepares `config`'s memory image once in a template, sealed against writes.
+pub fn prepare_shared_image(
+    config: &GuestConfig,
+    host: &HostContext,
+) -> Result<SharedImage, BuildError> {
+    config.check()?;
+    let key = config.template_key()?;
+    let builder = TemplateBuilder::new(config.ram_bytes()?)?;
+    let image = config.write_image(builder.memory(), &builder.ranges(), host)?;
+    Ok(SharedImage {
+        template: Arc::new(builder.seal()?),
+        image,
+        key,
+    })
+}
+
+/// Where a VM's memory comes from.
+#[derive(Clone, Debug)]
+pub enum MemorySource {
+    /// Its own fresh memory, with the image written into it.
+    Fresh,
+    /// A copy-on-write clone of a prepared template.
+    Template(Arc<SharedImage>),
+}
+
+/// What a VM is built from, besides its guest configuration.
+pub struct VmResources {
+    /// The VM's name (unique within the process).
+    pub name: String,
+    /// Its memory backing.
+    pub memory: MemorySource,
+    /// Where its serial console goes.
+    pub console: ConsoleSink,
+    /// What all VMs of the process share.
+    pub host: Arc<HostContext>,
 }
 
 /// What kind of guest a [`BuiltVm`] runs, with what the VMM keeps to report on it.
@@ -84,6 +267,8 @@ pub enum Guest {
         monitor: Arc<WorkloadMonitor>,
         /// The tasks, one per vCPU.
         specs: Vec<TaskSpec>,
+        /// Where each task's region is, for per-task memory accounting.
+        layout: crate::workload::WorkloadLayout,
     },
 }
 
@@ -94,13 +279,15 @@ pub struct Profiling {
     /// Per-vCPU stats fds and thread ids.
     pub vcpus: Vec<SampledVcpu>,
     /// Sampling period (the host's default).
-    pub period: std::time::Duration,
+    pub period: Duration,
     /// The profiler device's control block (Linux guests): the guest may request a period.
     pub control: Option<Arc<mirrorball_devices::ProfilerControl>>,
 }
 
 /// A VM ready to start.
 pub struct BuiltVm {
+    /// Its name.
+    pub name: String,
     /// The VM.
     pub vm: Vm,
     /// Its vCPUs, not yet running.
@@ -115,24 +302,82 @@ pub struct BuiltVm {
     pub host: HostKind,
     /// The profiler, when its regions could be published.
     pub profiling: Option<Profiling>,
+    /// Counts the VM's shared and private pages.
+    pub sharing: SharingScanner,
+}
+
+/// Builds one VM of `config` from `resources`.
+pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, BuildError> {
+    config.check()?;
+    let host = resources.host.clone();
+    let (ram, image) = match &resources.memory {
+        MemorySource::Fresh => {
+            let size = config.ram_bytes()?;
+            // KSM merges only anonymous pages: with it, fresh memory is mapped privately.
+            let ram = if host.ksm() {
+                GuestRam::new_private(size)?
+            } else {
+                GuestRam::new(size)?
+            };
+            let image = config.write_image(ram.memory(), ram.ranges(), &host)?;
+            (ram, image)
+        }
+        MemorySource::Template(shared) => {
+            shared.check_compatible(config)?;
+            (GuestRam::clone_of(&shared.template)?, shared.image.clone())
+        }
+    };
+    if host.ksm() {
+        ram.mark_mergeable()?;
+    }
+    match (config, image) {
+        (GuestConfig::Linux(c), Image::Linux(image)) => linux::assemble(c, ram, &image, resources),
+        (GuestConfig::Workload(c), Image::Workload(image)) => {
+            workload::assemble(c, ram, &image, resources)
+        }
+        _ => Err(BuildError::TemplateMismatch(
+            "the guest kind differs from the template's".into(),
+        )),
+    }
+}
+
+/// Builds one VM of `config` with memory of its own, a console sink, and a host context of its
+/// own publishing profiler regions in `run_dir` (tests, benches and single-VM tools).
+pub fn build_single(
+    config: &GuestConfig,
+    console: ConsoleSink,
+    run_dir: &std::path::Path,
+) -> Result<BuiltVm, BuildError> {
+    let host = Arc::new(HostContext::new(run_dir, false)?);
+    build(
+        config,
+        VmResources {
+            name: "vm0".into(),
+            memory: MemorySource::Fresh,
+            console,
+            host,
+        },
+    )
 }
 
 /// Sets CPUID on a new vCPU (what KVM supports, filtered for the guest and the host kind) and
 /// returns what the guest will really see: a PVM host puts some host features back.
 pub(crate) fn configure_cpuid(
-    vm: &Vm,
+    host: &HostContext,
     vcpu: &VcpuFd,
     index: usize,
     count: usize,
-    host: HostKind,
 ) -> Result<CpuId, BuildError> {
     let err =
         |what: &str, e: &dyn std::fmt::Display| BuildError::Vcpu(index, format!("{what}: {e}"));
-    let mut cpuid = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let mut cpuid = host
+        .supported_cpuid()
         .map_err(|e| err("KVM_GET_SUPPORTED_CPUID", &e))?;
-    cpuid::filter_cpuid(&mut cpuid, index as u8, count as u8, host)
+    let (index8, count8) = (
+        u8::try_from(index).map_err(|e| err("vCPU index", &e))?,
+        u8::try_from(count).map_err(|e| err("vCPU count", &e))?,
+    );
+    cpuid::filter_cpuid(&mut cpuid, index8, count8, host.kind())
         .map_err(|e| err("CPUID filter", &e))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| err("KVM_SET_CPUID2", &e))?;
@@ -146,4 +391,51 @@ pub(crate) fn check_vcpus(count: usize, max: usize) -> Result<(), BuildError> {
         return Err(BuildError::VcpuCount { given: count, max });
     }
     Ok(())
+}
+
+/// The guest region of a VM's profiler, as a mapping the VM keeps alive.
+struct GuestRegionMapping(Arc<ProfilerRegions>);
+
+impl crate::vstate::vm::HostMapping for GuestRegionMapping {
+    fn host_addr(&self) -> *mut u8 {
+        self.0.guest.host_addr()
+    }
+
+    fn byte_len(&self) -> usize {
+        self.0.guest.len()
+    }
+}
+
+/// Publishes the profiler regions of a VM and maps the guest region into it at `gpa` in memory
+/// slot `slot`.
+pub(crate) fn publish_profiler_regions(
+    vm: &mut Vm,
+    host: &HostContext,
+    slot: u32,
+    gpa: u64,
+    vcpus: usize,
+    kind: &str,
+    period: Duration,
+) -> Result<Arc<ProfilerRegions>, BuildError> {
+    let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+    let vcpus = u32::try_from(vcpus).map_err(|e| BuildError::Boot(e.to_string()))?;
+    let regions = Arc::new(ProfilerRegions::create(host.run_dir(), vcpus, kind, ns)?);
+    vm.add_mapping(slot, gpa, Arc::new(GuestRegionMapping(regions.clone())))?;
+    Ok(regions)
+}
+
+/// Wires the sampler's start/stop hooks into each vCPU.
+pub(crate) fn sampled_vcpus(vcpus: &mut [Vcpu]) -> Vec<SampledVcpu> {
+    vcpus
+        .iter_mut()
+        .map(|v| {
+            let sampled = SampledVcpu::new(
+                mirrorball_profiler::kvm_stats::StatsFd::for_vcpu(v.fd()).ok(),
+                v.tid_handle(),
+            );
+            v.set_on_start(sampled.start_hook());
+            v.set_on_stop(sampled.stop_hook());
+            sampled
+        })
+        .collect()
 }

@@ -1,59 +1,121 @@
-//! Builds the embedded OS-less workload guest: one user-mode task per vCPU.
-use std::path::Path;
+//! A VM that runs the embedded OS-less workload guest: one user-mode task per vCPU (or several
+//! taking turns). Its memory image (the guest program, its page tables, GDT and the data sets of
+//! `read` tasks) is the same for every VM of one layout and can live in a template; each VM writes
+//! its own parameter block and gets its vCPUs and profiler regions.
 use std::sync::Arc;
 use std::time::Duration;
 
-use mirrorball_profiler::kvm_stats::StatsFd;
 use mirrorball_workload::PROFILER_REGION_GPA;
+use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::cpuid::HostKind;
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
-use crate::profiling::regions::ProfilerRegions;
-use crate::profiling::sampler::SampledVcpu;
+use crate::profiling::sharing::{AccountedRange, SharingScanner};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
-use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadMonitor};
+use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadLayout, WorkloadMonitor};
 
-use super::{check_vcpus, configure_cpuid, BuildError, BuiltVm, Guest, Profiling, MAX_VCPUS};
+use super::platform::PlatformAllocator;
+use super::{
+    check_vcpus, configure_cpuid, publish_profiler_regions, sampled_vcpus, BuildError, BuiltVm,
+    Guest, Profiling, VmResources, MAX_VCPUS,
+};
 
-/// Builds the workload guest: the tasks of `specs` on `vcpu_count` vCPUs (task `i` on vCPU
-/// `i % vcpu_count`, taking turns by iteration), in `mem_bytes` of RAM or just as much as the
-/// tasks need; with `profile_period`, publishes the profiler regions in
-/// `run_dir` and maps the guest region at [`PROFILER_REGION_GPA`].
+/// The OS-less workload: its tasks, on how many vCPUs, in how much RAM.
+#[derive(Clone, Debug)]
+pub struct WorkloadConfig {
+    /// The tasks; task `i` runs on vCPU `i % vcpus`, taking turns by iteration.
+    pub specs: Vec<TaskSpec>,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// RAM, if given (at least what the tasks need).
+    pub mem_bytes: Option<u64>,
+    /// Profiler sampling period; `None` leaves the profiler out.
+    pub profile_period: Option<Duration>,
+}
+
+impl WorkloadConfig {
+    pub(super) fn check(&self) -> Result<(), BuildError> {
+        check_vcpus(self.vcpus, MAX_VCPUS.min(self.specs.len().max(1)))?;
+        self.ram_bytes().map(|_| ())
+    }
+
+    fn layout(&self) -> Result<WorkloadLayout, BuildError> {
+        Ok(workload::layout(&self.specs, self.vcpus)?)
+    }
+
+    pub(super) fn ram_bytes(&self) -> Result<u64, BuildError> {
+        let needed = self.layout()?.ram_bytes;
+        match self.mem_bytes {
+            Some(given) if given < needed => Err(BuildError::WorkloadMemory {
+                given: given >> 20,
+                needed: needed.div_ceil(1 << 20),
+            }),
+            Some(given) => Ok(given),
+            None => Ok(needed),
+        }
+    }
+
+    /// The template holds the task regions (data sets for `read` tasks) where the layout puts
+    /// them; what each task does with its region is in the per-VM parameter block.
+    pub(super) fn template_key(&self) -> Result<Vec<(&'static str, String)>, BuildError> {
+        let layout = self.layout()?;
+        let regions: Vec<String> = layout
+            .tasks
+            .iter()
+            .zip(&layout.data_sets)
+            .map(|(t, &data)| {
+                let data = if data { " data set" } else { "" };
+                format!("{} MiB{data}", t.region_bytes >> 20)
+            })
+            .collect();
+        Ok(vec![("task regions", format!("[{}]", regions.join(", ")))])
+    }
+}
+
+/// Builds one workload VM of `specs` on `vcpus` vCPUs with memory of its own (`mem_bytes`, or
+/// what the tasks need), profiled every `profile_period`, its regions published in `run_dir`.
 pub fn build(
     specs: Vec<TaskSpec>,
-    vcpu_count: usize,
+    vcpus: usize,
     mem_bytes: Option<u64>,
     profile_period: Option<Duration>,
-    run_dir: &Path,
+    run_dir: &std::path::Path,
 ) -> Result<BuiltVm, BuildError> {
-    check_vcpus(vcpu_count, MAX_VCPUS.min(specs.len().max(1)))?;
-    let plan = workload::layout(&specs, vcpu_count)?;
-    let ram_bytes = match mem_bytes {
-        Some(given) if given < plan.ram_bytes => {
-            return Err(BuildError::WorkloadMemory {
-                given: given >> 20,
-                needed: plan.ram_bytes.div_ceil(1 << 20),
-            })
-        }
-        Some(given) => given,
-        None => plan.ram_bytes,
-    };
-    let host = HostKind::detect();
-    let vm = Vm::new(GuestRam::new(ram_bytes)?, false)?;
-    let mem = vm.ram().memory();
+    let config = super::GuestConfig::Workload(WorkloadConfig {
+        specs,
+        vcpus,
+        mem_bytes,
+        profile_period,
+    });
+    super::build_single(&config, super::ConsoleSink::Null, run_dir)
+}
+
+/// What writing a workload image produced.
+#[derive(Clone, Debug)]
+pub struct WorkloadImage {
+    /// Where everything is.
+    pub plan: WorkloadLayout,
+    /// The guest program's entry point.
+    pub entry: u64,
+}
+
+/// Writes the guest program, GDT, page tables and data sets into `mem`.
+pub(super) fn write_image(
+    config: &WorkloadConfig,
+    mem: &GuestMemoryMmap,
+) -> Result<WorkloadImage, BuildError> {
+    let plan = config.layout()?;
+    let ram_bytes = config.ram_bytes()?;
     let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
     gdt::write_gdt_and_tss(mem).map_err(|e| boot(&e))?;
-    let top = vm
-        .ram()
-        .ranges()
+    let top = crate::vstate::memory::ram_ranges(ram_bytes)
         .iter()
         .map(|(s, l)| s + l)
         .max()
         .unwrap_or(0);
-    let cr3 = paging::write_identity_map(
+    paging::write_identity_map(
         mem,
         layout::WORKLOAD_PAGE_TABLES,
         // At least 4 GiB so the doorbell in the device hole is mapped.
@@ -62,22 +124,51 @@ pub fn build(
         true,
     )
     .map_err(|e| boot(&e))?;
-    let regions = match profile_period {
-        Some(period) => {
-            let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-            let regions = ProfilerRegions::create(run_dir, vcpu_count as u32, "workload", ns)?;
-            // SAFETY: the mapping lives in `regions`, which the BuiltVm keeps (in `profiling`)
-            // for as long as the VM.
-            unsafe {
-                vm.add_memslot(
-                    vm.ram_slots(),
-                    PROFILER_REGION_GPA,
-                    regions.guest.host_addr(),
-                    regions.guest.len() as u64,
-                )?;
-            }
-            Some((Arc::new(regions), period))
-        }
+    let entry = workload::load_image(mem)?;
+    workload::write_data_sets(mem, &plan)?;
+    Ok(WorkloadImage { plan, entry })
+}
+
+/// The ranges the sharing accounting follows per task: its region.
+fn task_ranges(plan: &WorkloadLayout) -> Vec<AccountedRange> {
+    plan.tasks
+        .iter()
+        .enumerate()
+        .map(|(index, t)| AccountedRange {
+            index,
+            gpa: t.region_gpa,
+            len: t.region_bytes.div_ceil(4096) * 4096,
+        })
+        .collect()
+}
+
+/// Builds the VM around RAM that holds `image`.
+pub(super) fn assemble(
+    config: &WorkloadConfig,
+    ram: GuestRam,
+    image: &WorkloadImage,
+    resources: VmResources,
+) -> Result<BuiltVm, BuildError> {
+    let host = resources.host;
+    let vcpu_count = config.vcpus;
+    let specs = config.specs.clone();
+    // This VM's own tasks: the template fixed where their regions are (and their data sets), not
+    // what they do.
+    let plan = config.layout()?;
+    let sharing = SharingScanner::new(&ram, task_ranges(&plan));
+    let mem = ram.memory().clone();
+    let mut vm = Vm::new(host.kvm(), ram, false)?;
+    let mut platform = PlatformAllocator::new(vm.ram_slots());
+    let regions = match config.profile_period {
+        Some(period) => Some(publish_profiler_regions(
+            &mut vm,
+            &host,
+            platform.memslot(),
+            PROFILER_REGION_GPA,
+            vcpu_count,
+            "workload",
+            period,
+        )?),
         None => None,
     };
     let control = Arc::new(VmControl::new(vcpu_count).map_err(BuildError::EventFd)?);
@@ -87,57 +178,50 @@ pub fn build(
         .collect();
     let monitor = Arc::new(WorkloadMonitor::with_vcpus(task_vcpus, exits.clone()));
     let mut vcpus = Vec::with_capacity(vcpu_count);
-    let mut entry = None;
     for index in 0..vcpu_count {
         let fd = vm.create_vcpu(index)?;
-        configure_cpuid(&vm, &fd, index, vcpu_count, host)?;
-        let rip = match entry {
-            Some(rip) => rip,
-            None => {
-                let tsc_khz = fd.get_tsc_khz().map_or(0, u64::from);
-                let profiler = regions
-                    .as_ref()
-                    .map_or(ProfilerParams::default(), |(r, _)| ProfilerParams {
-                        gpa: PROFILER_REGION_GPA,
-                        len: r.guest.len() as u64,
-                        tsc_khz,
-                    });
-                *entry.insert(workload::load(mem, &plan, profiler)?)
-            }
-        };
+        configure_cpuid(&host, &fd, index, vcpu_count)?;
+        if index == 0 {
+            let tsc_khz = fd.get_tsc_khz().map_or(0, u64::from);
+            let profiler = regions
+                .as_ref()
+                .map_or(ProfilerParams::default(), |r| ProfilerParams {
+                    gpa: PROFILER_REGION_GPA,
+                    len: r.guest.len() as u64,
+                    tsc_khz,
+                });
+            workload::write_params(&mem, &plan, profiler)?;
+        }
         let state = regs::EntryState::UserMode {
-            rip,
+            rip: image.entry,
             rsp: workload::stack_top(index),
             arg0: index as u64,
             arg1: mirrorball_workload::PARAMS_GPA,
         };
-        regs::set_entry_state(&fd, state, cr3)
+        regs::set_entry_state(&fd, state, layout::WORKLOAD_PAGE_TABLES)
             .map_err(|e| BuildError::Vcpu(index, e.to_string()))?;
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
-    let mut vcpus = vcpus;
-    let profiling = regions.map(|(regions, period)| Profiling {
+    let profiling = regions.map(|regions| Profiling {
         regions,
-        vcpus: vcpus
-            .iter_mut()
-            .map(|v| {
-                let sampled = SampledVcpu::new(StatsFd::for_vcpu(v.fd()).ok(), v.tid_handle());
-                v.set_on_start(sampled.start_hook());
-                v.set_on_stop(sampled.stop_hook());
-                sampled
-            })
-            .collect(),
-        period,
+        vcpus: sampled_vcpus(&mut vcpus),
+        period: config.profile_period.unwrap_or_default(),
         control: None,
     });
     Ok(BuiltVm {
+        name: resources.name,
         vm,
         vcpus,
         control,
         exits,
-        guest: Guest::Workload { monitor, specs },
-        host,
+        guest: Guest::Workload {
+            monitor,
+            specs,
+            layout: plan,
+        },
+        host: host.kind(),
         profiling,
+        sharing,
     })
 }

@@ -1,5 +1,7 @@
 //! The VMM's side of the two-level profiler: the guest and host regions published as files in
-//! the run directory (`regions`), and the host sampler that fills the host region (`sampler`).
+//! the run directory (`regions`), the host sampler that fills the host region (`sampler`), and
+//! the memory-sharing accounting of a VM's RAM against its template (`sharing`).
 pub mod attribution;
 pub mod regions;
 pub mod sampler;
+pub mod sharing;

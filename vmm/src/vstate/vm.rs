@@ -2,6 +2,8 @@
 //!
 //! Holds no process-global state, so one process can host several VMs.
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -28,12 +30,23 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// Host memory mapped into a guest beside its RAM (e.g. a profiler region), owned by the VM
+/// for as long as KVM may access it.
+pub trait HostMapping: Send + Sync {
+    /// Start of the mapping in the VMM.
+    fn host_addr(&self) -> *mut u8;
+    /// Its length in bytes.
+    fn byte_len(&self) -> usize;
+}
+
 /// A VM with its guest RAM registered.
 pub struct Vm {
-    // Declared before `ram` so the VM (and its memory slots) goes away before the mapping.
+    // Declared before `ram` and `mappings` so the VM (and its memory slots) goes away before the
+    // memory KVM maps.
     fd: VmFd,
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     ram: GuestRam,
+    mappings: Vec<Arc<dyn HostMapping>>,
     irqchip: bool,
 }
 
@@ -41,8 +54,8 @@ impl Vm {
     /// Creates a VM over `ram`. With `irqchip`, KVM emulates the PIC, IOAPIC, local APICs and PIT
     /// (what Linux needs); without it `hlt` and interrupts are the VMM's business (the OS-less
     /// guest needs neither).
-    pub fn new(ram: GuestRam, irqchip: bool) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    pub fn new(kvm: &Arc<Kvm>, ram: GuestRam, irqchip: bool) -> Result<Self, VmError> {
+        let kvm = kvm.clone();
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -83,6 +96,7 @@ impl Vm {
             fd,
             kvm,
             ram,
+            mappings: Vec::new(),
             irqchip,
         })
     }
@@ -114,28 +128,28 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_VCPU"))
     }
 
-    /// Maps `len` bytes at host address `host` into guest physical memory at `gpa` as memory
-    /// slot `slot` (an extra slot beside RAM, e.g. a profiler region).
-    ///
-    /// # Safety
-    /// The host mapping must stay valid for as long as the VM exists.
-    pub unsafe fn add_memslot(
-        &self,
+    /// Maps `mapping` into guest physical memory at `gpa` as memory slot `slot` (an extra slot
+    /// beside RAM, e.g. a profiler region). The VM keeps the mapping alive until after its file
+    /// descriptor is closed.
+    pub fn add_mapping(
+        &mut self,
         slot: u32,
         gpa: u64,
-        host: *mut u8,
-        len: u64,
+        mapping: Arc<dyn HostMapping>,
     ) -> Result<(), VmError> {
         let desc = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: host as u64,
+            memory_size: mapping.byte_len() as u64,
+            userspace_addr: mapping.host_addr() as u64,
             flags: 0,
         };
-        // SAFETY: the caller keeps the mapping alive for the VM's life.
+        // SAFETY: `mapping` is kept in `self.mappings`, which is dropped after `self.fd`, so
+        // KVM never sees the memory unmapped while the slot exists.
         unsafe { self.fd.set_user_memory_region(desc) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        self.mappings.push(mapping);
+        Ok(())
     }
 
     /// Number of memory slots holding RAM (extra slots start after them).

@@ -1,0 +1,272 @@
+//! Fleet files: a TOML list of VMs, each with its own guest, memory, vCPUs, sampling rate and
+//! share mode. Unknown fields are errors, so a typo is never silently ignored.
+//!
+//! ```toml
+//! [defaults]            # optional: applies to every [[vm]] that does not say otherwise
+//! share = "template"    # or "none"
+//! sample_hz = 20
+//!
+//! [[vm]]
+//! name = "reader"
+//! workload = ["read 64 R 100000"]
+//! vcpus = 1
+//!
+//! [[vm]]
+//! name = "linux"
+//! kernel = "bzImage"    # relative paths are relative to the fleet file
+//! initrd = "rootfs.cpio"
+//! memory = "256M"
+//! ```
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{FleetError, FleetPlan, ShareMode, VmPlan, MAX_VMS};
+use crate::builder::{GuestConfig, LinuxConfig, WorkloadConfig};
+use crate::cli::parse_size;
+use crate::workload::TaskSpec;
+
+/// Largest fleet file read.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    share: Option<ShareMode>,
+    sample_hz: Option<u32>,
+    memory: Option<String>,
+    vcpus: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmEntry {
+    name: String,
+    workload: Option<Vec<String>>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    memory: Option<String>,
+    vcpus: Option<usize>,
+    sample_hz: Option<u32>,
+    share: Option<ShareMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetFile {
+    #[serde(default)]
+    defaults: Defaults,
+    #[serde(default)]
+    vm: Vec<VmEntry>,
+}
+
+/// Reads and checks a fleet file: every VM's guest resolved (kernel paths relative to the file),
+/// the fleet checked as a whole. `default_hz` is the command line's sampling rate.
+pub fn load(path: &Path, default_hz: u32) -> Result<FleetPlan, FleetError> {
+    let err = |why: String| FleetError::File {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(err(format!("larger than {MAX_FILE_BYTES} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base, default_hz).map_err(err)
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+/// Parses fleet-file text; paths are resolved against `base`.
+pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, String> {
+    let file: FleetFile = toml::from_str(text).map_err(|e| one_line(&e))?;
+    if file.vm.is_empty() {
+        return Err("no [[vm]] entries".into());
+    }
+    if file.vm.len() > MAX_VMS {
+        return Err(format!("{} VMs; at most {MAX_VMS}", file.vm.len()));
+    }
+    let d = &file.defaults;
+    let mut vms = Vec::with_capacity(file.vm.len());
+    for entry in file.vm {
+        let name = entry.name.clone();
+        let bad = |why: String| format!("VM {name:?}: {why}");
+        let hz = entry.sample_hz.or(d.sample_hz).unwrap_or(default_hz);
+        if hz > 10_000 {
+            return Err(bad(format!("sample_hz {hz} is above 10000")));
+        }
+        let period = (hz > 0).then(|| Duration::from_nanos(1_000_000_000 / u64::from(hz)));
+        let memory = match entry.memory.as_ref().or(d.memory.as_ref()) {
+            Some(text) => Some(parse_size(text).map_err(|e| bad(format!("memory: {e}")))?),
+            None => None,
+        };
+        let vcpus = entry.vcpus.or(d.vcpus);
+        let config = match (entry.workload, entry.kernel) {
+            (Some(_), Some(_)) => {
+                return Err(bad("give either workload or kernel, not both".into()))
+            }
+            (None, None) => return Err(bad("give a workload or a kernel".into())),
+            (Some(specs), None) => {
+                if entry.initrd.is_some() || entry.cmdline.is_some() {
+                    return Err(bad("initrd and cmdline go with a kernel".into()));
+                }
+                let specs = specs
+                    .iter()
+                    .map(|s| s.parse::<TaskSpec>().map_err(|e| bad(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if specs.is_empty() {
+                    return Err(bad("workload has no tasks".into()));
+                }
+                GuestConfig::Workload(WorkloadConfig {
+                    vcpus: vcpus.unwrap_or(specs.len()),
+                    specs,
+                    mem_bytes: memory,
+                    profile_period: period,
+                })
+            }
+            (None, Some(kernel)) => GuestConfig::Linux(LinuxConfig {
+                kernel: base.join(kernel),
+                initrd: entry.initrd.map(|p| base.join(p)),
+                cmdline: entry.cmdline,
+                mem_bytes: memory.unwrap_or(crate::builder::linux::DEFAULT_MEM_BYTES),
+                vcpus: vcpus.unwrap_or(1),
+                profile_period: period,
+            }),
+        };
+        let share = entry.share.or(d.share).unwrap_or(ShareMode::Template);
+        vms.push(VmPlan {
+            name,
+            config,
+            share,
+        });
+    }
+    Ok(FleetPlan { vms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = r#"
+[defaults]
+sample_hz = 50
+
+[[vm]]
+name = "a"
+workload = ["read 8 R 100", "work 8 L 100"]
+vcpus = 1
+
+[[vm]]
+name = "b"
+workload = ["read 8 R 100", "work 8 L 100"]
+share = "none"
+sample_hz = 0
+"#;
+
+    #[test]
+    fn parses_a_mixed_fleet() {
+        let plan = parse(TWO, Path::new("/f"), 20).expect("fleet");
+        assert_eq!(plan.vms.len(), 2);
+        assert_eq!(plan.vms[0].name, "a");
+        assert_eq!(plan.vms[0].share, ShareMode::Template);
+        assert_eq!(plan.vms[1].share, ShareMode::None);
+        let GuestConfig::Workload(a) = &plan.vms[0].config else {
+            panic!("workload");
+        };
+        assert_eq!(a.vcpus, 1);
+        assert_eq!(a.profile_period, Some(Duration::from_millis(20)));
+        let GuestConfig::Workload(b) = &plan.vms[1].config else {
+            panic!("workload");
+        };
+        assert_eq!((b.vcpus, b.profile_period), (2, None));
+        plan.check().expect("valid");
+    }
+
+    #[test]
+    fn linux_paths_are_relative_to_the_file() {
+        let plan = parse(
+            "[[vm]]\nname = \"l\"\nkernel = \"k/bzImage\"\ninitrd = \"/abs/i\"\n",
+            Path::new("/etc/fleets"),
+            20,
+        )
+        .expect("fleet");
+        let GuestConfig::Linux(l) = &plan.vms[0].config else {
+            panic!("linux");
+        };
+        assert_eq!(l.kernel, PathBuf::from("/etc/fleets/k/bzImage"));
+        assert_eq!(l.initrd, Some(PathBuf::from("/abs/i")));
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong_in_one_line() {
+        let cases = [
+            ("", "no [[vm]]"),
+            ("[[vm]]\nname = \"a\"\n", "give a workload or a kernel"),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\ncolour = 1\n",
+                "unknown field",
+            ),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 X 1\"]\n",
+                "pattern",
+            ),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\nmemory = \"1Q\"\n",
+                "unit",
+            ),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\nshare = \"all\"\n",
+                "unknown variant",
+            ),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\nkernel = \"k\"\n",
+                "not both",
+            ),
+            ("[[vm\n", "invalid"),
+        ];
+        for (text, expected) in cases {
+            let e = parse(text, Path::new("/"), 20).expect_err(text);
+            assert!(e.contains(expected), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn fleet_checks_catch_duplicates_and_template_mismatches() {
+        let dup = "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\n[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\n";
+        let e = parse(dup, Path::new("/"), 20)
+            .expect("parses")
+            .check()
+            .expect_err("dup");
+        assert!(e.to_string().contains("two VMs are named \"a\""), "{e}");
+        let sizes = "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\n[[vm]]\nname = \"b\"\nworkload = [\"work 2 R 1\"]\n";
+        let e = parse(sizes, Path::new("/"), 20)
+            .expect("parses")
+            .check()
+            .expect_err("mismatch");
+        assert!(e.to_string().contains("differs from a's"), "{e}");
+        let ok = "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\n[[vm]]\nname = \"b\"\nworkload = [\"work 2 R 1\"]\nshare = \"none\"\n";
+        parse(ok, Path::new("/"), 20)
+            .expect("parses")
+            .check()
+            .expect("a private VM may differ");
+        let bad_name = "[[vm]]\nname = \"../x\"\nworkload = [\"work 1 R 1\"]\n";
+        let e = parse(bad_name, Path::new("/"), 20)
+            .expect("parses")
+            .check()
+            .expect_err("name");
+        assert!(e.to_string().contains("not usable"), "{e}");
+    }
+}

@@ -1,0 +1,99 @@
+//! What every VM of one process shares: the `/dev/kvm` handle, the host kind, the run directory
+//! where profiler regions are published, what KVM supports (read once), and the host's memory
+//! policy (KSM). A process hosting many VMs builds one [`HostContext`] and hands it to the
+//! builder for each VM; nothing here is per VM, and nothing is process-global.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use crate::arch::x86_64::cpuid::{self, pvm_guest_kernel_args, HostKind};
+use crate::vstate::vm::VmError;
+
+/// Shared by all VMs of a process.
+pub struct HostContext {
+    kvm: Arc<Kvm>,
+    kind: HostKind,
+    run_dir: PathBuf,
+    ksm: bool,
+    supported_cpuid: OnceLock<Result<CpuId, String>>,
+    pvm_kernel_args: OnceLock<Result<String, String>>,
+}
+
+impl HostContext {
+    /// Opens `/dev/kvm`; profiler regions go to `run_dir`; with `ksm`, guest memory is offered to
+    /// the kernel's same-page merging.
+    pub fn new(run_dir: &Path, ksm: bool) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        Ok(Self {
+            kvm: Arc::new(kvm),
+            kind: HostKind::detect(),
+            run_dir: run_dir.to_path_buf(),
+            ksm,
+            supported_cpuid: OnceLock::new(),
+            pvm_kernel_args: OnceLock::new(),
+        })
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Arc<Kvm> {
+        &self.kvm
+    }
+
+    /// What kind of KVM this is.
+    pub fn kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// Where profiler regions are published.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Whether guest memory is marked mergeable for KSM.
+    pub fn ksm(&self) -> bool {
+        self.ksm
+    }
+
+    /// `KVM_GET_SUPPORTED_CPUID`, read once.
+    pub fn supported_cpuid(&self) -> Result<CpuId, String> {
+        self.supported_cpuid
+            .get_or_init(|| {
+                self.kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))
+            })
+            .clone()
+    }
+
+    /// On a PVM host, the kernel parameters (`noxsave clearcpuid=…`) that turn off what the
+    /// emulator cannot run, from the CPUID a guest really sees there (PVM puts some host
+    /// features back after `KVM_SET_CPUID2`, so a throw-away vCPU is configured and read back,
+    /// once per process). Empty elsewhere.
+    pub fn pvm_kernel_args(&self) -> Result<String, String> {
+        if self.kind != HostKind::Pvm {
+            return Ok(String::new());
+        }
+        self.pvm_kernel_args
+            .get_or_init(|| {
+                let vm = self
+                    .kvm
+                    .create_vm()
+                    .map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+                let vcpu = vm
+                    .create_vcpu(0)
+                    .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+                let mut table = self.supported_cpuid()?;
+                cpuid::filter_cpuid(&mut table, 0, 1, self.kind)
+                    .map_err(|e| format!("CPUID filter: {e}"))?;
+                vcpu.set_cpuid2(&table)
+                    .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+                let seen = vcpu
+                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| format!("KVM_GET_CPUID2: {e}"))?;
+                Ok(pvm_guest_kernel_args(&seen).args)
+            })
+            .clone()
+    }
+}
