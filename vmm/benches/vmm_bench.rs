@@ -8,7 +8,9 @@
 //! 6. profiler overhead (profiler at 1 kHz vs off);
 //! 7. profiler latency: sample → dashboard reader, against the refresh interval and the period;
 //! 8. dashboard CPU with 10 VMs (fake and real);
-//! 9. host fault tracking on vs off on a fault-heavy run.
+//! 9. host fault tracking on vs off on a fault-heavy run;
+//! 10. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
+//!     the sharing scan's cost.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`); nothing here asserts on absolute times.
@@ -48,6 +50,8 @@ mod memory;
 mod profiler;
 #[path = "vmm_bench/report.rs"]
 mod report;
+#[path = "vmm_bench/sharing.rs"]
+mod sharing;
 #[path = "vmm_bench/tracking.rs"]
 mod tracking;
 
@@ -97,7 +101,7 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6), latency (7), dashboard (8), tracking (9). Group names given as plain
+    /// profiler (6), latency (7), dashboard (8), tracking (9), sharing (10). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -242,6 +246,9 @@ fn run(args: &Args) -> Result<()> {
             group(&mut rows, 9, "tracking", || {
                 tracking::run(args.tracking_pairs)
             });
+        }
+        if args.wants("sharing") {
+            group(&mut rows, 10, "sharing", || sharing::run(&vmm, args.exit_runs));
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {

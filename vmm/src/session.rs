@@ -132,9 +132,9 @@ impl RunningVm {
         self.started.elapsed()
     }
 
-    /// Scans the VM's memory sharing now.
+    /// Scans the VM's memory sharing if its scan period has passed.
     pub fn scan_sharing(&mut self) {
-        let _ = self.sharing.scan();
+        self.sharing.scan_if_due();
     }
 
     /// Stops the vCPUs and the sampler (if still running) and reports what the VM did.

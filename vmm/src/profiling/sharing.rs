@@ -90,8 +90,13 @@ pub struct RangeReport {
     pub cow_breaks: u64,
 }
 
+/// How often a running VM's sharing is scanned by default (at its start and end too).
+pub const DEFAULT_SCAN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Scans one VM's RAM mappings through `/proc/self/pagemap`.
 pub struct SharingScanner {
+    period: Option<std::time::Duration>,
+    last_scan: Option<std::time::Instant>,
     pagemap: Option<File>,
     /// (guest start, host start, length) of each RAM mapping.
     mappings: Vec<(u64, usize, usize)>,
@@ -123,12 +128,31 @@ impl SharingScanner {
             ..Default::default()
         };
         Self {
+            period: Some(DEFAULT_SCAN_PERIOD),
+            last_scan: None,
             pagemap: File::open("/proc/self/pagemap").ok(),
             mappings,
             private_mapping: ram.is_private(),
             ranges,
             buf: Vec::new(),
             latest: Arc::new(Mutex::new(latest)),
+        }
+    }
+
+    /// Scans while the VM runs every `period` (`None`: only at its start and end).
+    pub fn set_period(&mut self, period: Option<std::time::Duration>) {
+        self.period = period;
+    }
+
+    /// Scans if the period has passed since the last scan.
+    pub fn scan_if_due(&mut self) {
+        let due = match (self.period, self.last_scan) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(p), Some(last)) => last.elapsed() >= p,
+        };
+        if due {
+            let _ = self.scan();
         }
     }
 
@@ -199,6 +223,7 @@ impl SharingScanner {
 
     /// Scans the RAM now and updates the latest report; returns it.
     pub fn scan(&mut self) -> std::io::Result<SharingReport> {
+        self.last_scan = Some(std::time::Instant::now());
         let mut total = PageCounts::default();
         for (_, host, len) in self.mappings.clone() {
             total.add(&self.count(host, len)?);

@@ -1,0 +1,355 @@
+//! Group 10, Disco memory: what template sharing saves and costs, measured in this process.
+//!
+//! - host memory of 8 clones × 256 MiB reading one data set, against one such VM (and the same
+//!   with memory of their own): private anonymous pages + the shmem pages of the template (or of
+//!   each VM's memfd) + page tables, never RSS (which counts a shared page once per mapping);
+//! - launching 8 clones (template prepared, VMs built, vCPU threads started) against one, in
+//!   process, and the `vmm --vms 8` command's start → exit of the smallest workload against
+//!   `--vms 1`;
+//! - a guest's copy-on-write break per page against a first touch of fresh memory and a read of
+//!   a template page (same task, same pages), and a plain 4 KiB copy on the host;
+//! - the sharing scan's cost per GiB of guest memory, and its effect on a workload's run time.
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
+use vmm::host::HostContext;
+use vmm::session::{self, SessionOptions};
+use vmm::vstate::memory::file_resident_bytes;
+
+use super::report::{median, spread, Row, Target};
+
+const MIB: f64 = (1u64 << 20) as f64;
+static NEVER: AtomicBool = AtomicBool::new(false);
+
+fn config(spec: &str, period: Option<Duration>) -> Result<GuestConfig> {
+    Ok(GuestConfig::Workload(WorkloadConfig {
+        specs: vec![spec.parse().context("spec")?],
+        vcpus: 1,
+        mem_bytes: None,
+        profile_period: period,
+    }))
+}
+
+fn options() -> SessionOptions<'static> {
+    SessionOptions {
+        timeout: Some(Duration::from_secs(300)),
+        interrupted: &NEVER,
+        console_input: false,
+        keep_regions: None,
+    }
+}
+
+/// A field of /proc/self/status in bytes.
+fn status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn build_vm(
+    config: &GuestConfig,
+    memory: MemorySource,
+    host: &Arc<HostContext>,
+    name: String,
+) -> Result<builder::BuiltVm> {
+    builder::build(
+        config,
+        VmResources {
+            name,
+            memory,
+            console: ConsoleSink::Null,
+            host: host.clone(),
+        },
+    )
+    .context("building a VM")
+}
+
+/// Runs `count` VMs of `spec` (cloned or with memory of their own) to their end and returns the
+/// host memory they held: their private pages (as their last scan found them) plus the shmem
+/// pages of the template, or of each VM's own memfd. Page tables are left out.
+fn memory_of(host: &Arc<HostContext>, spec: &str, count: usize, share: bool) -> Result<f64> {
+    let config = config(spec, None)?;
+    let shared = if share {
+        Some(Arc::new(builder::prepare_shared_image(&config, host)?))
+    } else {
+        None
+    };
+    let mut files = Vec::new();
+    let mut started = Vec::new();
+    for i in 0..count {
+        let memory = match &shared {
+            Some(s) => MemorySource::Template(s.clone()),
+            None => MemorySource::Fresh,
+        };
+        let built = build_vm(&config, memory, host, format!("m{i}"))?;
+        // Kept open, the memfd keeps its pages after the VM is gone, to be counted.
+        files.push(built.vm.ram().file().try_clone()?);
+        let name = built.name.clone();
+        started.push(session::start(built).map_err(|e| (name, e)));
+    }
+    let mut private = 0;
+    for r in session::run_all(started, &options()) {
+        match r {
+            Ok(report) => private += report.memory.map_or(0, |m| m.total.private),
+            Err((name, e)) => bail!("{name}: {e}"),
+        }
+    }
+    let files: u64 = match &shared {
+        Some(s) => s.template.resident_bytes(),
+        None => files.iter().map(file_resident_bytes).sum(),
+    };
+    // With memory of its own a VM's private pages are its memfd's pages: count them once.
+    let private = if share { private * 4096 } else { 0 };
+    Ok((private + files) as f64)
+}
+
+/// Per-page guest time of one `spec` task (its elapsed time over the pages it touched).
+fn per_page_ns(
+    host: &Arc<HostContext>,
+    spec: &str,
+    memory: MemorySource,
+    period: Option<Duration>,
+) -> Result<(f64, u64)> {
+    let config = config(spec, period)?;
+    let built = build_vm(&config, memory, host, "p".into())?;
+    let report = session::run(built, options()).context("running")?;
+    let task = report.tasks.first().context("no task")?;
+    let pages = task
+        .memory
+        .as_ref()
+        .map_or(0, |m| m.pages.private + m.pages.shared)
+        .max(1);
+    Ok((task.progress.elapsed_ns as f64 / pages as f64, pages))
+}
+
+fn memcpy_4k_ns() -> f64 {
+    let src = vec![7u8; 64 << 20];
+    let mut dst = vec![0u8; 64 << 20];
+    // Touch the destination first: this is the copy alone, not its faults.
+    dst.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    let start = Instant::now();
+    for (d, s) in dst.chunks_exact_mut(4096).zip(src.chunks_exact(4096)) {
+        d.copy_from_slice(s);
+    }
+    std::hint::black_box(&dst);
+    start.elapsed().as_nanos() as f64 / (16384.0)
+}
+
+/// Group 10.
+pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
+    let scratch = std::env::temp_dir().join(format!("mb-bench-sharing-{}", std::process::id()));
+    let host = Arc::new(HostContext::new(&scratch, false)?);
+    let mut rows = Vec::new();
+
+    // 1. Host memory: 8 clones vs one, and 8 with memory of their own.
+    let spec = "read 248 R 1000000 1";
+    let one = memory_of(&host, spec, 1, true)?;
+    let eight = memory_of(&host, spec, 8, true)?;
+    let eight_own = memory_of(&host, spec, 8, false)?;
+    rows.push(Row::measured(
+        10,
+        "share_memory_8",
+        "8 clones × 256 MiB reading one data set: host memory vs one such VM",
+        "MiB",
+        eight / MIB,
+        "one VM",
+        Some(one / MIB),
+        Target::RatioAtMost { value: 1.25 },
+        format!("`{spec}` per VM; private pages + template pages (st_blocks)"),
+    ));
+    rows.push(Row::measured(
+        10,
+        "share_memory_8_none",
+        "same, --share none",
+        "MiB",
+        eight_own / MIB,
+        "one VM",
+        Some(one / MIB),
+        Target::None,
+        "each VM's own memfd pages".into(),
+    ));
+
+    // 2. Launch: 8 clones vs 1, in process (prepare + build + start), and as a command.
+    let tiny = config("read 1 R 1 1", Some(Duration::from_millis(50)))?;
+    let mut launch = |count: usize| -> Result<f64> {
+        let start = Instant::now();
+        let plan = vmm::fleet::FleetPlan {
+            vms: (0..count)
+                .map(|i| vmm::fleet::VmPlan {
+                    name: format!("l{i}"),
+                    config: tiny.clone(),
+                    share: vmm::fleet::ShareMode::Template,
+                })
+                .collect(),
+        };
+        let started = vmm::fleet::launch(&plan, vec![ConsoleSink::Null; count], &host);
+        let elapsed = start.elapsed().as_secs_f64() * 1e3;
+        for r in session::run_all(started, &options()) {
+            if let Err((name, e)) = r {
+                bail!("{name}: {e}");
+            }
+        }
+        Ok(elapsed)
+    };
+    let (mut ones, mut eights) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(3) {
+        ones.push(launch(1)?);
+        eights.push(launch(8)?);
+    }
+    rows.push(Row::measured(
+        10,
+        "clone_launch_8",
+        "launch 8 clones (template, build, vCPU threads started) vs one",
+        "ms",
+        median(&eights),
+        "one",
+        Some(median(&ones)),
+        Target::OursAtMost { value: 30.0 },
+        format!(
+            "median of {}; 8: {} ms, 1: {} ms; target also ≤ 2× one",
+            eights.len(),
+            spread(&eights, 2),
+            spread(&ones, 2)
+        ),
+    ));
+    let command = |n: &str| -> Result<f64> {
+        let start = Instant::now();
+        let out = std::process::Command::new(vmm)
+            .args(["--vms", n, "--workload", "read 1 R 1 1"])
+            .env("MIRRORBALL_RUN_DIR", &scratch)
+            .output()?;
+        if !out.status.success() {
+            bail!("vmm --vms {n} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut c1, mut c8) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(3) {
+        c1.push(command("1")?);
+        c8.push(command("8")?);
+    }
+    rows.push(Row::measured(
+        10,
+        "clone_command_8",
+        "`vmm --vms 8` start → exit of the smallest workload vs `--vms 1`",
+        "ms",
+        median(&c8),
+        "--vms 1",
+        Some(median(&c1)),
+        Target::RatioAtMost { value: 2.0 },
+        format!("median of {}; profiler on (20 Hz)", c8.len()),
+    ));
+
+    // 3. Per page: CoW break vs first touch vs template read, and a host 4 KiB copy.
+    let data = Arc::new(builder::prepare_shared_image(
+        &config("update 64 L 900000 1", None)?,
+        &host,
+    )?);
+    let (cow, cow_pages) = per_page_ns(
+        &host,
+        "update 64 L 900000 1",
+        MemorySource::Template(data.clone()),
+        None,
+    )?;
+    let (read, _) = per_page_ns(
+        &host,
+        "read 64 L 900000 1",
+        MemorySource::Template(data),
+        None,
+    )?;
+    let (fresh, _) = per_page_ns(&host, "work 64 L 900000 1", MemorySource::Fresh, None)?;
+    let copy = memcpy_4k_ns();
+    rows.push(Row::measured(
+        10,
+        "cow_break_vs_first_touch",
+        "guest copy-on-write break per page vs first touch of fresh memory",
+        "µs",
+        cow / 1e3,
+        "first touch",
+        Some(fresh / 1e3),
+        Target::None,
+        format!(
+            "{cow_pages} pages, one pass; template read {:.2} µs/page; host 4 KiB copy {:.3} µs",
+            read / 1e3,
+            copy / 1e3
+        ),
+    ));
+
+    // 4. The scan: cost per GiB, and a workload's run time with scans on vs off.
+    let big = config("work 1024 R 400000 1", None)?;
+    let ram = build_vm(&big, MemorySource::Fresh, &host, "s".into())?;
+    let report = session::run(ram, options())?;
+    let touched = report.memory.as_ref().map_or(0, |m| m.total.private);
+    let mut scan_vm = build_vm(&big, MemorySource::Fresh, &host, "s2".into())?;
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = scan_vm.vm.ram().memory();
+        for page in 0..(1u64 << 30) / 4096 {
+            mem.write_obj(1u8, GuestAddress(page * 4096))?;
+        }
+    }
+    let mut scans = Vec::new();
+    for _ in 0..10 {
+        let start = Instant::now();
+        scan_vm.sharing.scan()?;
+        scans.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(scan_vm);
+    let per_gib = median(&scans) / (1024.0 / 1024.0);
+    let mut pairs = Vec::new();
+    for _ in 0..runs.max(3) {
+        let mut time = |scan: bool| -> Result<f64> {
+            let c = config("work 256 R 400000 3", Some(Duration::from_millis(50)))?;
+            let mut b = build_vm(&c, MemorySource::Fresh, &host, "t".into())?;
+            if !scan {
+                b.sharing.set_period(None);
+            }
+            let r = session::run(b, options())?;
+            Ok(r.elapsed_ns as f64)
+        };
+        let on = time(true)?;
+        let off = time(false)?;
+        pairs.push(on / off);
+    }
+    rows.push(Row::measured(
+        10,
+        "sharing_scan",
+        "sharing scan per GiB of guest memory (pagemap)",
+        "µs",
+        per_gib,
+        "",
+        None,
+        Target::None,
+        format!(
+            "1 GiB of guest RAM, every page present (a run of it touched {touched}); a running \
+             VM is scanned every 50 ms"
+        ),
+    ));
+    rows.push(
+        Row::measured(
+            10,
+            "sharing_scan_overhead",
+            "workload run time with sharing scans (every 50 ms) vs without",
+            "ratio",
+            median(&pairs),
+            "",
+            Some(1.0),
+            Target::RatioAtMost { value: 1.02 },
+            format!(
+                "`work 256 R 400000 3`, median of {} pairs ({})",
+                pairs.len(),
+                spread(&pairs, 3)
+            ),
+        )
+        .with_ratio(median(&pairs)),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(rows)
+}
