@@ -64,6 +64,9 @@ pub struct Cli {
     /// End the VM after this many seconds (exit code 7).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    // Gates (`vmm::gates`, README "Gates"): --expect, --baseline, --junit.
+    #[command(flatten)]
+    pub gates: crate::gates::GateArgs,
 }
 
 /// Profile consumers: they attach to running VMs through the run directory (default
@@ -78,6 +81,8 @@ pub enum Command {
     Top(TopArgs),
     /// Per VM / vCPU / task counters in the Prometheus text format (once, or served).
     Prometheus(PrometheusArgs),
+    /// Compare two --stats files figure by figure (exit code 12 when one regressed).
+    Diff(crate::gates::diff::DiffArgs),
 }
 
 /// `vmm record`.

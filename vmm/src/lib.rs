@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cli;
 pub mod devices;
 pub mod exit;
+pub mod gates;
 pub mod loader;
 pub mod profiling;
 pub mod report;

@@ -111,6 +111,7 @@ fn run_tool(command: Command) -> Result<i32> {
                 &INTERRUPTED,
             )?;
         }
+        Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
     }
     Ok(0)
 }
@@ -120,6 +121,10 @@ fn run(mut cli: Cli) -> Result<i32> {
         return run_tool(command);
     }
     let choice = cli.guest().map_err(anyhow::Error::msg)?;
+    let gates = match vmm::gates::Gates::prepare(&cli.gates) {
+        Ok(gates) => gates,
+        Err(code) => return Ok(code),
+    };
     install_interrupt_handlers()?;
     let built = build(&choice, &cli)?;
     let is_linux = matches!(choice, GuestChoice::Linux(_));
@@ -150,7 +155,7 @@ fn run(mut cli: Cli) -> Result<i32> {
     }
     let code = report.end_reason.exit_code();
     eprintln!("vmm: {} (exit code {code})", report.end_reason);
-    Ok(code)
+    Ok(gates.judge_report(&report, code))
 }
 
 /// Parses the command line; usage errors become one line and exit code 2.

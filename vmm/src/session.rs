@@ -82,8 +82,11 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
     let mut guest_region = None;
     let mut guest_min_flt = None;
     let sampler = sampler.map(|(s, regions)| {
-        let report = s.stop();
-        attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
+        let mut report = s.stop();
+        if let Some((totals, lost)) = regions.host.region().ok().map(totals_by_pid) {
+            attributed = Some(totals);
+            report.lost_records = lost;
+        }
         if let Ok(region) = regions.guest.region() {
             let validated = validate_guest_region(region);
             guest_region = Some(GuestRegionReport::new(&validated));
