@@ -96,8 +96,10 @@ mod tests {
         let lines = error_lines(&outcome, "gates/a,b.toml");
         assert_eq!(
             lines,
-            ["::error file=gates/a%2Cb.toml,title=Mirrorball gate::gate failed: vm0: exits: \
-              exits = 3, over by 1 (50.0%25)"]
+            [
+                "::error file=gates/a%2Cb.toml,title=Mirrorball gate::gate failed: vm0: exits: \
+              exits = 3, over by 1 (50.0%25)"
+            ]
         );
         let md = summary_markdown(&outcome, "a.toml");
         assert!(md.contains("| ❌ | vm0 | exits | 3 | <= 2 |"), "{md}");

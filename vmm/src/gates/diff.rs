@@ -4,7 +4,8 @@
 //!
 //! Each figure has a default tolerance from the run-to-run spread measured on the default
 //! workload (README "Gates"): page-fault counts of a known workload are exact, exits, CPU and
-//! wall time vary from run to run. `--tolerance PCT` replaces them all.
+//! wall time vary from run to run. `--tolerance PCT` replaces the percentages (each figure keeps
+//! its minimum amount, so that small counts do not flag on a sample's worth of attribution).
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -22,8 +23,8 @@ pub struct DiffArgs {
     /// The run to compare with it: a --stats JSON file.
     #[arg(value_name = "NEW.json")]
     pub new: PathBuf,
-    /// Mark changes beyond this many percent of the baseline (e.g. 5 or 5%) [default: per
-    /// figure, from the measured run-to-run spread]
+    /// Mark changes beyond this many percent of the baseline (e.g. 5 or 5%; each figure keeps
+    /// its minimum amount) [default: per figure, from the measured run-to-run spread]
     #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub tolerance: Option<f64>,
 }
@@ -53,23 +54,33 @@ pub struct Band {
     pub floor: f64,
 }
 
-/// The default tolerance of a figure, from the run-to-run spread measured over 20 runs of the
-/// default workload on a PVM machine (README "Gates": the measured spreads).
-pub fn default_band(figure: &Figure) -> Band {
+/// The default tolerance of a figure, VM-wide or per task (`per_task`), from the run-to-run
+/// spread measured over 20 runs of the default workload on a shared 2-CPU PVM machine (README
+/// "Gates": the measured spreads).
+pub fn default_band(figure: &Figure, per_task: bool) -> Band {
     let (percent, floor) = match figure {
-        // A known workload's first touches: exact.
+        // Exact in every run: a known workload's first touches, and what they cost the host
+        // VM-wide (the same pages fault the same number of times).
         Figure::GuestMinorFaults | Figure::GuestMajorFaults | Figure::Iterations => (0.0, 0.0),
-        Figure::HostMajorFaults => (0.0, 0.0),
-        // The guest's pages plus a handful of the VMM's own (stacks, buffers) on the vCPU threads.
-        Figure::HostMinorFaults | Figure::PfTaken | Figure::PfFixed => (1.0, 16.0),
-        // Exits follow the faults, plus timer and signal exits that depend on the run time.
-        Figure::Exits | Figure::VmmExits | Figure::Kvm(_) => (5.0, 16.0),
-        Figure::ExitsBy(_) => (10.0, 16.0),
-        // Times: what the machine was doing meanwhile.
-        Figure::CpuTime | Figure::UserTime | Figure::SystemTime | Figure::RunTime => (50.0, 0.05),
-        Figure::LostSamples => (0.0, 0.0),
-        Figure::LateTicks => (0.0, 3.0),
-        Figure::Samples => (50.0, 4.0),
+        Figure::HostMajorFaults | Figure::LostSamples | Figure::VmmExits => (0.0, 0.0),
+        Figure::ExitsBy(_) => (0.0, 0.0),
+        // Per task, host faults are what the sampler attributed: a page or two moves between
+        // tasks at the edges of a sample.
+        Figure::HostMinorFaults if per_task => (0.0, 8.0),
+        Figure::HostMinorFaults | Figure::PfTaken | Figure::PfFixed if !per_task => (0.5, 16.0),
+        // Attributed per task: 3 % spread on a quiet machine, up to 13 % when the sampler's
+        // ticks ran late under load.
+        Figure::PfTaken | Figure::PfFixed | Figure::Exits if per_task => (15.0, 64.0),
+        // VM-wide KVM exits: the faults plus timer interrupts that follow the run time (0.6 %).
+        Figure::Exits => (2.0, 64.0),
+        // Other KVM statistics: irq_exits varied by 68 %.
+        Figure::Kvm(_) => (100.0, 64.0),
+        // Times: what else the machine was doing (CPU time 31-35 %, wall time 3x here).
+        Figure::CpuTime | Figure::UserTime => (50.0, 0.05),
+        Figure::SystemTime => (100.0, 0.05),
+        Figure::RunTime | Figure::Samples => (200.0, 0.05),
+        Figure::LateTicks => (0.0, 10.0),
+        _ => (0.0, 0.0),
     };
     Band { percent, floor }
 }
@@ -125,7 +136,7 @@ pub fn compare(base: &[VmStats], new: &[VmStats], tolerance: Option<f64>) -> Vec
             figure: figure.clone(),
             base: bv,
             new: nv,
-            mark: judge(figure, bv, nv, tolerance),
+            mark: judge(figure, !task.is_empty(), bv, nv, tolerance),
         };
         for figure in stats::vm_table_figures() {
             let nv = figure.of_vm(&vm.doc).ok();
@@ -139,8 +150,10 @@ pub fn compare(base: &[VmStats], new: &[VmStats], tolerance: Option<f64>) -> Vec
             rows.push(row("", &figure, bv, nv));
         }
         let base_tasks = b.map_or(&[][..], |b| stats::tasks(&b.doc));
-        let mut labels: Vec<(Option<u64>, &str)> =
-            stats::tasks(&vm.doc).iter().map(stats::task_label).collect();
+        let mut labels: Vec<(Option<u64>, &str)> = stats::tasks(&vm.doc)
+            .iter()
+            .map(stats::task_label)
+            .collect();
         for t in base_tasks {
             let l = stats::task_label(t);
             if !labels.contains(&l) {
@@ -149,7 +162,10 @@ pub fn compare(base: &[VmStats], new: &[VmStats], tolerance: Option<f64>) -> Vec
         }
         for label in labels {
             let find = |tasks: &[Value]| -> Option<Value> {
-                tasks.iter().find(|t| stats::task_label(t) == label).cloned()
+                tasks
+                    .iter()
+                    .find(|t| stats::task_label(t) == label)
+                    .cloned()
             };
             let nt = find(stats::tasks(&vm.doc));
             let bt = find(base_tasks);
@@ -169,17 +185,23 @@ pub fn compare(base: &[VmStats], new: &[VmStats], tolerance: Option<f64>) -> Vec
     rows
 }
 
-fn judge(figure: &Figure, base: Option<f64>, new: Option<f64>, tolerance: Option<f64>) -> Mark {
+/// The band of a figure: its default, or `--tolerance` percent with the default's floor.
+pub fn band(figure: &Figure, per_task: bool, tolerance: Option<f64>) -> Band {
+    let default = default_band(figure, per_task);
+    tolerance.map_or(default, |percent| Band { percent, ..default })
+}
+
+fn judge(
+    figure: &Figure,
+    per_task: bool,
+    base: Option<f64>,
+    new: Option<f64>,
+    tolerance: Option<f64>,
+) -> Mark {
     let (Some(b), Some(n)) = (base, new) else {
         return Mark::Missing;
     };
-    let band = tolerance.map_or_else(
-        || default_band(figure),
-        |percent| Band {
-            percent,
-            floor: 0.0,
-        },
-    );
+    let band = band(figure, per_task, tolerance);
     let allowed = (b.abs() * band.percent / 100.0).max(band.floor);
     let delta = n - b;
     if delta.abs() <= allowed + f64::EPSILON * b.abs().max(1.0) {
@@ -232,13 +254,7 @@ pub fn render(rows: &[Row], tolerance: Option<f64>) -> String {
             }
             _ => ("-".to_string(), "-".to_string()),
         };
-        let band = tolerance.map_or_else(
-            || default_band(&r.figure),
-            |percent| Band {
-                percent,
-                floor: 0.0,
-            },
-        );
+        let band = band(&r.figure, !r.task.is_empty(), tolerance);
         let band_text = if band.floor > 0.0 {
             format!("{}% (min {})", band.percent, r.figure.show(band.floor))
         } else {
@@ -290,7 +306,11 @@ pub fn run(args: &DiffArgs) -> i32 {
             unmatched.join(", ")
         );
     }
-    let code = if regressed > 0 { EXIT_DIFF_REGRESSED } else { 0 };
+    let code = if regressed > 0 {
+        EXIT_DIFF_REGRESSED
+    } else {
+        0
+    };
     eprintln!(
         "vmm: diff: {} figure(s), {regressed} regressed, {improved} improved beyond tolerance \
          (exit code {code})",
@@ -327,12 +347,21 @@ mod tests {
 
     #[test]
     fn marks_follow_the_tolerances() {
-        let rows = compare(&vm(1000, 1_000_000_000, 256), &vm(1200, 400_000_000, 255), None);
-        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+20% > 5%");
+        let rows = compare(
+            &vm(1000, 1_000_000_000, 256),
+            &vm(1200, 400_000_000, 255),
+            None,
+        );
+        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+20% > 2%");
         assert_eq!(mark(&rows, false, "exits.mmio_write"), Mark::Regressed);
         assert_eq!(mark(&rows, false, "cpu_time_s"), Mark::Improved, "-60%");
         assert_eq!(mark(&rows, false, "host_minor_faults"), Mark::Same);
-        assert_eq!(mark(&rows, true, "guest_minor_faults"), Mark::Improved, "exact");
+        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Regressed, "exact");
+        assert_eq!(
+            mark(&rows, true, "guest_minor_faults"),
+            Mark::Improved,
+            "exact"
+        );
         assert_eq!(mark(&rows, true, "iterations"), Mark::Same);
         assert!(
             !rows.iter().any(|r| r.figure.to_string() == "exits.io_in"),

@@ -438,7 +438,8 @@ mod tests {
     #[test]
     fn a_vm_that_ended_badly_fails_its_end_case() {
         let mut vms = run();
-        vms[0].doc["end"] = json!({"kind": "timeout", "message": "timeout after 1 s", "exit_code": 7});
+        vms[0].doc["end"] =
+            json!({"kind": "timeout", "message": "timeout after 1 s", "exit_code": 7});
         let exp = parse("[[gate]]\nfigure = \"exits\"\nmax = 100\n", "t").expect("p");
         let o = evaluate(&exp, &vms, None);
         assert!(matches!(&o.cases[0].verdict, Verdict::Fail(w) if w[0].contains("code 7")));

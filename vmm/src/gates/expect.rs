@@ -274,7 +274,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Expectations, GateError> {
             )));
         }
         if task.is_none() && !figure.per_vm() {
-            return Err(fail(format!("{figure} is measured per task: name a `task`")));
+            return Err(fail(format!(
+                "{figure} is measured per task: name a `task`"
+            )));
         }
         let (mut min, mut max) = (g.min, g.max);
         if let Some(e) = g.equals {
@@ -293,8 +295,16 @@ pub fn parse(text: &str, origin: &str) -> Result<Expectations, GateError> {
                 return Err(fail(format!("`min` {lo} is above `max` {hi}")));
             }
         }
-        let max_increase = g.max_increase.map(TolDoc::resolve).transpose().map_err(fail)?;
-        let max_decrease = g.max_decrease.map(TolDoc::resolve).transpose().map_err(fail)?;
+        let max_increase = g
+            .max_increase
+            .map(TolDoc::resolve)
+            .transpose()
+            .map_err(fail)?;
+        let max_decrease = g
+            .max_decrease
+            .map(TolDoc::resolve)
+            .transpose()
+            .map_err(fail)?;
         if min.is_none() && max.is_none() && max_increase.is_none() && max_decrease.is_none() {
             return Err(fail(
                 "the gate sets no limit (equals, min, max, max_increase or max_decrease)".into(),
@@ -329,7 +339,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Expectations, GateError> {
 /// 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -371,10 +385,7 @@ max = 0
         assert_eq!(exp.baseline, Some(PathBuf::from("b.json")));
         assert_eq!(exp.gates.len(), 4);
         let g = &exp.gates[0];
-        assert_eq!(
-            g.task,
-            Some(TaskSelector::Spec("work 64 R 100000".into()))
-        );
+        assert_eq!(g.task, Some(TaskSelector::Spec("work 64 R 100000".into())));
         assert_eq!((g.min, g.max), (Some(16384.0), Some(16384.0)));
         assert_eq!(g.name, "guest_minor_faults");
         let g = &exp.gates[1];
@@ -391,16 +402,48 @@ max = 0
     #[test]
     fn mistakes_are_one_line_with_the_line_number() {
         let cases = [
-            ("[[gate]]\nfigure = \"exits\"\nmax = 1\nmaxx = 2\n", "unknown field", ":"),
-            ("[[gate]]\nfigure = \"exit\"\nmax = 1\n", "unknown figure \"exit\"", ":2"),
+            (
+                "[[gate]]\nfigure = \"exits\"\nmax = 1\nmaxx = 2\n",
+                "unknown field",
+                ":",
+            ),
+            (
+                "[[gate]]\nfigure = \"exit\"\nmax = 1\n",
+                "unknown figure \"exit\"",
+                ":2",
+            ),
             ("[[gate]]\nfigure = \"exits\"\n", "sets no limit", ":1"),
             ("[[gate]]\nfigure = \"exits\"\nmax = \"x\"\n", "", ":3"),
-            ("[[gate]]\nfigure = \"pf_fixed\"\ntask = 0\nmax = 1\n", "per VM", ":1"),
-            ("[[gate]]\nfigure = \"samples\"\nmax = 1\n", "per task", ":1"),
-            ("[[gate]]\nfigure = \"exits\"\nequals = 1\nmax = 2\n", "equals", ":1"),
-            ("[[gate]]\nfigure = \"exits\"\nmin = 3\nmax = 2\n", "above", ":1"),
-            ("[[gate]]\nfigure = \"exits\"\nmax_increase = \"ten%\"\n", "tolerance", ":1"),
-            ("[[gate]]\nfigure = \"exits\"\nmax_increase = -1\n", ">= 0", ":1"),
+            (
+                "[[gate]]\nfigure = \"pf_fixed\"\ntask = 0\nmax = 1\n",
+                "per VM",
+                ":1",
+            ),
+            (
+                "[[gate]]\nfigure = \"samples\"\nmax = 1\n",
+                "per task",
+                ":1",
+            ),
+            (
+                "[[gate]]\nfigure = \"exits\"\nequals = 1\nmax = 2\n",
+                "equals",
+                ":1",
+            ),
+            (
+                "[[gate]]\nfigure = \"exits\"\nmin = 3\nmax = 2\n",
+                "above",
+                ":1",
+            ),
+            (
+                "[[gate]]\nfigure = \"exits\"\nmax_increase = \"ten%\"\n",
+                "tolerance",
+                ":1",
+            ),
+            (
+                "[[gate]]\nfigure = \"exits\"\nmax_increase = -1\n",
+                ">= 0",
+                ":1",
+            ),
             ("gate = [\n", "", ":"),
             ("baseline = \"b\"\n", "no [[gate]]", ""),
         ];

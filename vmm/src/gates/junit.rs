@@ -117,10 +117,22 @@ mod tests {
             ],
         };
         let xml = render(&outcome, "g.toml", 1.5);
-        assert!(xml.contains("tests=\"3\" failures=\"1\" errors=\"1\""), "{xml}");
-        assert!(xml.contains("name=\"a &lt;b&gt; &amp; &quot;c&quot;\""), "{xml}");
-        assert!(xml.contains("<failure type=\"gate\" message=\"over by 1\">"), "{xml}");
-        assert!(xml.contains("<error type=\"gate\" message=\"no VM\">"), "{xml}");
+        assert!(
+            xml.contains("tests=\"3\" failures=\"1\" errors=\"1\""),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("name=\"a &lt;b&gt; &amp; &quot;c&quot;\""),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<failure type=\"gate\" message=\"over by 1\">"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<error type=\"gate\" message=\"no VM\">"),
+            "{xml}"
+        );
         assert!(xml.contains("classname=\"mirrorball\" name=\"x\""), "{xml}");
         assert_eq!(xml.matches("<testcase ").count(), 3);
         assert_eq!(xml.matches("</testcase>").count(), 3);

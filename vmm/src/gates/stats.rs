@@ -123,7 +123,10 @@ pub enum Figure {
 
 /// Names of the fixed figures, in table order, with what they measure.
 pub const FIXED_FIGURES: [(&str, &str); 17] = [
-    ("guest_minor_faults", "guest minor faults (the guest's own count)"),
+    (
+        "guest_minor_faults",
+        "guest minor faults (the guest's own count)",
+    ),
     ("guest_major_faults", "guest major faults"),
     ("host_minor_faults", "host minor faults of the vCPU threads"),
     ("host_major_faults", "host major faults of the vCPU threads"),
@@ -139,7 +142,10 @@ pub const FIXED_FIGURES: [(&str, &str); 17] = [
     ("late_ticks", "host-sampler ticks started late"),
     ("samples", "host-sampler records attributed to the task"),
     ("iterations", "iterations the task reported"),
-    ("exits.<reason>", "exits that reached the VMM for one reason; kvm.<stat>: a KVM statistic"),
+    (
+        "exits.<reason>",
+        "exits that reached the VMM for one reason; kvm.<stat>: a KVM statistic",
+    ),
 ];
 
 impl Figure {
@@ -326,9 +332,8 @@ impl Figure {
             Self::RunTime => number_at(task, &["elapsed_ns"])
                 .map(|n| n / 1e9)
                 .ok_or_else(|| "the task has no `elapsed_ns`".into()),
-            Self::Iterations => {
-                number_at(task, &["iterations"]).ok_or_else(|| "the task has no `iterations`".into())
-            }
+            Self::Iterations => number_at(task, &["iterations"])
+                .ok_or_else(|| "the task has no `iterations`".into()),
             _ => Err(format!("{self} is not measured per task, only per VM")),
         }
     }
