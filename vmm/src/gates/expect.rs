@@ -456,6 +456,20 @@ max = 0
     }
 
     #[test]
+    fn the_repository_gate_files_parse() {
+        let exp = parse(
+            include_str!("../../../resources/gates/default-workload.toml"),
+            "default-workload.toml",
+        )
+        .expect("resources/gates/default-workload.toml");
+        assert!(exp.gates.len() >= 10);
+        assert!(
+            exp.baseline.is_none(),
+            "absolute: it runs on PVM and on VT-x/AMD-V"
+        );
+    }
+
+    #[test]
     fn tolerances() {
         assert_eq!(Tolerance::parse("10%"), Ok(Tolerance::Percent(10.0)));
         assert_eq!(Tolerance::parse(" 2.5 %"), Ok(Tolerance::Percent(2.5)));
