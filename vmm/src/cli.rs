@@ -88,6 +88,9 @@ pub struct RunOptions {
     /// Where the serial consoles of several Linux VMs are logged, one NAME.log each.
     #[arg(long, value_name = "DIR", default_value = "vmm-logs")]
     pub log_dir: PathBuf,
+    // Gates (`vmm::gates`, README "Gates"): --expect, --baseline, --junit.
+    #[command(flatten)]
+    pub gates: crate::gates::GateArgs,
 }
 
 /// Profile consumers: they attach to running VMs through the run directory (default
@@ -102,6 +105,8 @@ pub enum Command {
     Top(TopArgs),
     /// Per VM / vCPU / task counters in the Prometheus text format (once, or served).
     Prometheus(PrometheusArgs),
+    /// Compare two --stats files figure by figure (exit code 12 when one regressed).
+    Diff(crate::gates::diff::DiffArgs),
     /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
     Fleet(FleetArgs),
 }

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod fleet;
 pub mod host;
 pub mod ksm;
+pub mod gates;
 pub mod loader;
 pub mod profiling;
 pub mod report;

@@ -93,6 +93,7 @@ fn run_tool(command: Command) -> Result<i32> {
                 &INTERRUPTED,
             )?;
         }
+        Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
     }
     Ok(0)
 }
@@ -128,6 +129,10 @@ fn host_notices(plan: &FleetPlan, host: &HostContext) {
 /// Builds, runs and reports the VMs of `plan`; returns the exit code.
 fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
     plan.check()?;
+    let gates = match vmm::gates::Gates::prepare(&options.gates) {
+        Ok(gates) => gates,
+        Err(code) => return Ok(code),
+    };
     install_interrupt_handlers()?;
     let host =
         Arc::new(HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?);
@@ -173,7 +178,17 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
             eprintln!("vmm: {} VMs ended (exit code {code})", results.len());
         }
     }
-    Ok(code)
+    let judged = results
+        .iter()
+        .flatten()
+        .map(|r| {
+            Ok(vmm::gates::stats::VmStats {
+                name: r.name.clone(),
+                doc: serde_json::to_value(r)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(gates.judge(&judged, code))
 }
 
 /// `--stats`: one VM's report object, or {"vms": [...]} for a fleet (a VM that could not be

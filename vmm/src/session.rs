@@ -153,9 +153,12 @@ impl RunningVm {
         let mut guest_min_flt = None;
         let mut profiler_name = None;
         let sampler = self.sampler.take().map(|(s, regions)| {
-            let report = s.stop();
+            let mut report = s.stop();
             profiler_name = Some(regions.name.clone());
-            attributed = regions.host.region().ok().map(|r| totals_by_pid(r).0);
+            if let Some((totals, lost)) = regions.host.region().ok().map(totals_by_pid) {
+                attributed = Some(totals);
+                report.lost_records = lost;
+            }
             if let Ok(region) = regions.guest.region() {
                 let validated = validate_guest_region(region);
                 guest_region = Some(GuestRegionReport::new(&validated));

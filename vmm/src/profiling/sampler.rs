@@ -177,6 +177,8 @@ pub struct SamplerReport {
     pub records: u64,
     /// Ticks that started more than a period late (the schedule skipped ahead).
     pub late_ticks: u64,
+    /// Host-ring records lost (overwritten) before the end-of-run attribution read them.
+    pub lost_records: u64,
 }
 
 /// A running sampler thread.
