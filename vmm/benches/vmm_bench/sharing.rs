@@ -43,16 +43,6 @@ fn options() -> SessionOptions<'static> {
     }
 }
 
-/// A field of /proc/self/status in bytes.
-fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
-}
-
 fn build_vm(
     config: &GuestConfig,
     memory: MemorySource,
@@ -178,7 +168,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
 
     // 2. Launch: 8 clones vs 1, in process (prepare + build + start), and as a command.
     let tiny = config("read 1 R 1 1", Some(Duration::from_millis(50)))?;
-    let mut launch = |count: usize| -> Result<f64> {
+    let launch = |count: usize| -> Result<f64> {
         let start = Instant::now();
         let plan = vmm::fleet::FleetPlan {
             vms: (0..count)
@@ -302,10 +292,11 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         scans.push(start.elapsed().as_secs_f64() * 1e6);
     }
     drop(scan_vm);
-    let per_gib = median(&scans) / (1024.0 / 1024.0);
+    // The scanned VM has 1 GiB of RAM.
+    let per_gib = median(&scans);
     let mut pairs = Vec::new();
     for _ in 0..runs.max(3) {
-        let mut time = |scan: bool| -> Result<f64> {
+        let time = |scan: bool| -> Result<f64> {
             let c = config("work 256 R 400000 3", Some(Duration::from_millis(50)))?;
             let mut b = build_vm(&c, MemorySource::Fresh, &host, "t".into())?;
             if !scan {
