@@ -1,0 +1,104 @@
+# tests.sh - the tests the nested test bed runs inside L1 (sourced by /init).
+# Each test_NAME runs in /results/NAME (its files come back to the host in
+# files/NAME/), prints what it saw and returns 0 when its own checks pass;
+# tests/nested_svm.rs asserts on the files in detail. Keep L2 consoles quiet
+# (`quiet`): every console byte is a VM exit.
+
+G=/guest
+CMD="console=ttyS0 reboot=k panic=1 quiet"
+
+# now: seconds of uptime (for durations inside L1).
+now() { cut -d' ' -f1 /proc/uptime; }
+# since T0: seconds since T0, one decimal.
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# linux NAME VMM-ARGS...: boot a Linux guest, console in NAME.console, rc in
+# NAME.rc, vmm's stderr in NAME.err, the time to the user-space marker in
+# NAME.secs (whole vmm run if none).
+linux() {
+	name=$1
+	shift
+	t0=$(now)
+	vmm "$@" >"$name.console" 2>"$name.err"
+	echo $? >"$name.rc"
+	since "$t0" >"$name.secs"
+	echo "$name: rc=$(cat "$name.rc") in $(cat "$name.secs") s; $(tail -n1 "$name.err")"
+}
+
+# 1. The OS-less workload (the README's main job) on a non-PVM KVM.
+test_osless() {
+	vmm --stats stats.json >out.txt 2>err.txt
+	rc=$?
+	cat out.txt err.txt
+	[ $rc = 0 ] && grep -q 'host KVM: amd' out.txt
+}
+
+# 2. The reference kernel to user space, 1 and 2 vCPUs, ending by reboot.
+test_linux1() {
+	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 1 --cmdline "$CMD" \
+		--stats stats.json --timeout 120
+	grep -q MIRRORBALL-INIT-OK boot.console && grep -q 'mirrorball: cpus 1$' boot.console &&
+		[ "$(cat boot.rc)" = 0 ]
+}
+test_linux2() {
+	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 2 --cmdline "$CMD" \
+		--stats stats.json --timeout 120
+	grep -q MIRRORBALL-INIT-OK boot.console && grep -q 'mirrorball: cpus 2$' boot.console &&
+		[ "$(cat boot.rc)" = 0 ]
+}
+
+# 3. The guest driver's user-space checks against the VMM's profiler device.
+test_mbtest() {
+	linux mbtest --kernel $G/bzImage --initrd $G/mbtest.cpio --vcpus 2 --mem 256M \
+		--cmdline "console=ttyS0 reboot=k panic=1 loglevel=4" --timeout 300
+	cat mbtest.console
+	grep -q 'MBTEST-RC=0' mbtest.console && grep -q 'MBTEST-DONE' mbtest.console
+}
+
+# study NAME MEM: an MP3 case study (scaled down by mbscale) with `vmm record`.
+study() {
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$2" --timeout 300 \
+		--cmdline "$CMD mirrorball.study=$1 mbscale=$STUDY_SCALE" >study.console 2>study.err &
+	vm=$!
+	vmm record --wait 20 -o record.csv 2>record.err
+	echo $? >record.rc
+	wait $vm
+	echo $? >study.rc
+	cat study.console study.err record.err
+	grep -q "MIRRORBALL-STUDY-DONE $1 rc=0" study.console && [ "$(cat study.rc)" = 0 ] &&
+		[ "$(cat record.rc)" = 0 ]
+}
+STUDY_SCALE=16
+
+# 4. MP3 case study 1 (two workers, random/random) and 2 (N copies), recorded.
+test_study1() { study mp3-1a 384M; }
+test_study2() { study mp3-2:3 384M; }
+
+# 5. A stock Debian cloud kernel (the L1 kernel itself) to user space.
+test_stock() {
+	linux stock --kernel $G/stock-vmlinuz --initrd $G/initramfs.cpio --mem 256M \
+		--cmdline "$CMD" --stats stats.json --timeout 120
+	grep -q MIRRORBALL-INIT-OK stock.console && [ "$(cat stock.rc)" = 0 ]
+}
+
+# 6. `vmm top` on a running Linux guest, in a pseudo-terminal (ptyrun).
+test_top() {
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --timeout 300 \
+		--cmdline "$CMD mirrorball.study=mp3-2:2 mbscale=2" >study.console 2>study.err &
+	vm=$!
+	# Until the guest's workers are registered (their task rows exist).
+	i=0
+	while [ $i -lt 60 ] && ! grep -q 'mirrorball: cpus' study.console; do
+		sleep 0.5
+		i=$((i + 1))
+	done
+	sleep 2
+	ptyrun 160 50 4 vmm top --interval 500 >top.raw 2>top.err
+	echo $? >top.rc
+	wait $vm
+	echo $? >study.rc
+	# The screen text without escape sequences.
+	sed 's/\x1b\[[0-9;?]*[A-Za-z]//g' top.raw | tr -c '[:print:]\n' ' ' >top.txt
+	grep -c work top.txt
+	grep -q ' work' top.txt && [ "$(cat top.rc)" = 0 ]
+}
