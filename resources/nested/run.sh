@@ -181,7 +181,7 @@ if [[ ! -f $L1/l1.cpio ]]; then
   mv "$x/l1.cpio" "$x/out/"
   mkdir -p "$CACHE/l1"
   # Keep only the newest few initramfs images (each is tens of MB).
-  ls -1dt "$CACHE"/l1/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf --
+  { ls -1dt "$CACHE"/l1/*/ 2>/dev/null || true; } | tail -n +4 | xargs -r rm -rf --
   mv -T "$x/out" "$L1"
   rm -rf "$x"
   trap - EXIT

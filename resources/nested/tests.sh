@@ -19,7 +19,7 @@ linux() {
 	name=$1
 	shift
 	t0=$(now)
-	vmm "$@" >"$name.console" 2>"$name.err"
+	vmm "$@" </dev/null >"$name.console" 2>"$name.err"
 	echo $? >"$name.rc"
 	since "$t0" >"$name.secs"
 	echo "$name: rc=$(cat "$name.rc") in $(cat "$name.secs") s; $(tail -n1 "$name.err")"
@@ -27,7 +27,7 @@ linux() {
 
 # 1. The OS-less workload (the README's main job) on a non-PVM KVM.
 test_osless() {
-	vmm --stats stats.json >out.txt 2>err.txt
+	vmm --stats stats.json </dev/null >out.txt 2>err.txt
 	rc=$?
 	cat out.txt err.txt
 	[ $rc = 0 ] && grep -q 'host KVM: amd' out.txt
@@ -36,14 +36,14 @@ test_osless() {
 # 2. The reference kernel to user space, 1 and 2 vCPUs, ending by reboot.
 test_linux1() {
 	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 1 --cmdline "$CMD" \
-		--stats stats.json --timeout 120
-	grep -q MIRRORBALL-INIT-OK boot.console && grep -q 'mirrorball: cpus 1$' boot.console &&
+		--stats stats.json --timeout 90
+	grep -q MIRRORBALL-INIT-OK boot.console && tr -d '\r' <boot.console | grep -q 'mirrorball: cpus 1$' &&
 		[ "$(cat boot.rc)" = 0 ]
 }
 test_linux2() {
 	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 2 --cmdline "$CMD" \
-		--stats stats.json --timeout 120
-	grep -q MIRRORBALL-INIT-OK boot.console && grep -q 'mirrorball: cpus 2$' boot.console &&
+		--stats stats.json --timeout 90
+	grep -q MIRRORBALL-INIT-OK boot.console && tr -d '\r' <boot.console | grep -q 'mirrorball: cpus 2$' &&
 		[ "$(cat boot.rc)" = 0 ]
 }
 
@@ -57,7 +57,7 @@ test_mbtest() {
 
 # study NAME MEM: an MP3 case study (scaled down by mbscale) with `vmm record`.
 study() {
-	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$2" --timeout 300 \
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$2" --timeout 300 </dev/null \
 		--cmdline "$CMD mirrorball.study=$1 mbscale=$STUDY_SCALE" >study.console 2>study.err &
 	vm=$!
 	vmm record --wait 20 -o record.csv 2>record.err
@@ -77,13 +77,13 @@ test_study2() { study mp3-2:3 384M; }
 # 5. A stock Debian cloud kernel (the L1 kernel itself) to user space.
 test_stock() {
 	linux stock --kernel $G/stock-vmlinuz --initrd $G/initramfs.cpio --mem 256M \
-		--cmdline "$CMD" --stats stats.json --timeout 120
+		--cmdline "$CMD" --stats stats.json --timeout 90
 	grep -q MIRRORBALL-INIT-OK stock.console && [ "$(cat stock.rc)" = 0 ]
 }
 
 # 6. `vmm top` on a running Linux guest, in a pseudo-terminal (ptyrun).
 test_top() {
-	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --timeout 300 \
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --timeout 300 </dev/null \
 		--cmdline "$CMD mirrorball.study=mp3-2:2 mbscale=2" >study.console 2>study.err &
 	vm=$!
 	# Until the guest's workers are registered (their task rows exist).
