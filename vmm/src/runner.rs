@@ -85,6 +85,23 @@ impl RunningVcpus {
         }
     }
 
+    /// One round of halt detection ([`crate::vstate::halt`]): ends the VM with
+    /// [`VmEnd::GuestHalted`] if every vCPU rested for good since the last round, else kicks
+    /// them all so that each records its state again.
+    pub fn check_halted(&self) {
+        let watch = self.control.halt_watch();
+        if watch.stopped_for_good() {
+            self.control.end(VmEnd::GuestHalted);
+            return;
+        }
+        watch.new_round();
+        for handle in &self.threads {
+            if !handle.is_finished() {
+                let _ = handle.kill(kick_signal());
+            }
+        }
+    }
+
     /// Stops every vCPU (if the VM has not ended yet, with `reason`) and returns their reports.
     pub fn stop(self, reason: VmEnd) -> (VmEnd, Vec<VcpuReport>) {
         self.control.end(reason);
@@ -176,7 +193,12 @@ pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<Vcpu
     for subscriber in options.subscribers {
         manager.add_subscriber(subscriber);
     }
+    let mut next_halt_check = Instant::now() + HALT_CHECK_INTERVAL;
     while !control.should_stop() {
+        if Instant::now() >= next_halt_check {
+            running.check_halted();
+            next_halt_check = Instant::now() + HALT_CHECK_INTERVAL;
+        }
         if let Err(e) = manager.run_with_timeout(EVENT_LOOP_TICK_MS) {
             if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR)
             {
@@ -193,3 +215,5 @@ pub fn wait(running: RunningVcpus, options: WaitOptions<'_>) -> (VmEnd, Vec<Vcpu
 
 /// How often the event loop wakes up to check the timeout and the interrupt flag.
 const EVENT_LOOP_TICK_MS: i32 = 50;
+/// How often the vCPUs are kicked to check whether they halted for good.
+const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
