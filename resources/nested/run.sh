@@ -169,6 +169,14 @@ if [[ ! -f $L1/l1.cpio ]]; then
   chmod 755 "$o/init" "$o/mbtest" "$o/bin/mirrorball-study"
   (cd "$o" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/overlay.cpio"
   cat "$GINITRD" "$x/overlay.cpio" >"$R/guest/mbtest.cpio"
+  # Power off: an /init that only runs `poweroff -f` (without ACPI Linux then
+  # halts every CPU with interrupts off).
+  o3=$x/overlay3
+  mkdir -p "$o3"
+  printf '#!/bin/sh\necho MIRRORBALL-POWEROFF\npoweroff -f\n' >"$o3/init"
+  chmod 755 "$o3/init"
+  (cd "$o3" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/overlay3.cpio"
+  cat "$GINITRD" "$x/overlay3.cpio" >"$R/guest/poweroff.cpio"
   # Same for the case studies: only the study script (it may be newer than
   # the cached reference initramfs's).
   o2=$x/overlay2
@@ -197,14 +205,15 @@ log "booting L1 ($(du -m "$L1/l1.cpio" | cut -f1) MB initramfs), tests: ${TESTS[
 tests_arg=$(IFS=,; echo "${TESTS[*]}")
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
 T1=$SECONDS
-# One TCG thread (the machine's cores are shared); the L1 console is ttyS0 on
-# stdout, ttyS1 is a raw byte channel into files.tar.
-qemu-system-x86_64 -accel tcg,thread=single -cpu EPYC,+svm,+npt -smp 2 -m "$L1_MEM" \
+# Multi-threaded TCG: with one TCG thread for both L1 CPUs, an L2 Linux on 2
+# vCPUs hangs in its first cross-CPU TLB flush (mark_rodata_ro). The L1
+# console goes to console.log; ttyS1 is a raw byte channel into files.tar.
+qemu-system-x86_64 -accel tcg,thread=${MIRRORBALL_NESTED_TCG_THREAD:-multi} -cpu EPYC,+svm,+npt -smp 2 -m "$L1_MEM" \
   -display none -monitor none -no-reboot -net none \
   -chardev file,id=con,path="$OUT/console.log" -serial chardev:con \
   -chardev file,id=files,path="$OUT/files.tar" -serial chardev:files \
   -kernel "$KDIR/vmlinuz" -initrd "$L1/l1.cpio" \
-  -append "console=ttyS0 panic=-1 quiet tsc=reliable${khz:+ tsc_early_khz=$khz} mb.tests=$tests_arg" \
+  -append "console=ttyS0 panic=-1 quiet tsc=reliable${khz:+ tsc_early_khz=$khz} mb.tests=$tests_arg${MIRRORBALL_NESTED_VERBOSE:+ mb.verbose=1}" \
   </dev/null 2> >(grep -v 'host doesn.t support requested feature' >&2) &
 qemu=$!
 deadline=$((SECONDS + TIMEOUT))
