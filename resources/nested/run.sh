@@ -128,7 +128,7 @@ fi
 mapfile -t LIBS < <(ldd "$VMM" | awk '/=> \// { print $3 } /^\t\/.*ld-linux/ { print $1 }' | sort -u)
 L1KEY=$( {
   printf 'l1 %s\n' "$KKEY"
-  cat "$HERE/run.sh" "$HERE/l1-init" "$HERE/tests.sh" "$HERE/l2-mbtest-init" "$HERE/ptyrun.c" \
+  cat "$HERE/run.sh" "$HERE/l1-init" "$HERE/tests.sh" "$HERE"/l2-*-init "$HERE/ptyrun.c" \
     "$WORKSPACE/guest/linux/test/mbtest.c" "$WORKSPACE/guest/linux/mirrorball_abi.h" \
     "$WORKSPACE/resources/initramfs/mirrorball-study" /bin/busybox "$VMM" "$GKERNEL" "$GINITRD" \
     "${LIBS[@]}"
@@ -158,32 +158,33 @@ if [[ ! -f $L1/l1.cpio ]]; then
   cp "$GKERNEL" "$R/guest/bzImage"
   cp "$GINITRD" "$R/guest/initramfs.cpio"
   cp "$KDIR/vmlinuz" "$R/guest/stock-vmlinuz"
-  # The driver checks: the reference initramfs with another /init and mbtest
-  # appended (the kernel unpacks concatenated archives in order, later wins).
-  o=$x/overlay
-  mkdir -p "$o/bin"
-  cp "$HERE/l2-mbtest-init" "$o/init"
-  cp "$WORKSPACE/resources/initramfs/mirrorball-study" "$o/bin/mirrorball-study"
-  gcc -O2 -Wall -Wextra -Werror -static -I"$WORKSPACE/guest/linux" -o "$o/mbtest" \
+  # L2 initramfs variants: the reference initramfs with a cpio appended that
+  # replaces /init (the kernel unpacks concatenated archives in order, later
+  # files win). overlay NAME INIT [SRC:DEST...]
+  overlay() {
+    local name=$1 init=$2 o=$x/overlay-$1 f
+    shift 2
+    mkdir -p "$o/bin"
+    cp "$WORKSPACE/resources/initramfs/mirrorball-study" "$o/bin/mirrorball-study"
+    [[ -n $init ]] && cp "$init" "$o/init"
+    for f in "$@"; do cp "${f%%:*}" "$o/${f#*:}"; done
+    chmod -R a+rX "$o"
+    (cd "$o" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/$name.overlay"
+    cat "$GINITRD" "$x/$name.overlay" >"$R/guest/$name.cpio"
+  }
+  # The driver checks run mbtest (guest/linux/test/mbtest.c) against our device.
+  gcc -O2 -Wall -Wextra -Werror -static -I"$WORKSPACE/guest/linux" -o "$x/mbtest" \
     "$WORKSPACE/guest/linux/test/mbtest.c"
-  chmod 755 "$o/init" "$o/mbtest" "$o/bin/mirrorball-study"
-  (cd "$o" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/overlay.cpio"
-  cat "$GINITRD" "$x/overlay.cpio" >"$R/guest/mbtest.cpio"
+  overlay mbtest "$HERE/l2-mbtest-init" "$x/mbtest:mbtest"
+  # The case studies: the reference /init, this tree's study script.
+  overlay study ""
+  # The stock kernel's /init reports brand, RTC and i8042.
+  overlay stock "$HERE/l2-stock-init"
   # Power off: an /init that only runs `poweroff -f` (without ACPI Linux then
   # halts every CPU with interrupts off).
-  o3=$x/overlay3
-  mkdir -p "$o3"
-  printf '#!/bin/sh\necho MIRRORBALL-POWEROFF\npoweroff -f\n' >"$o3/init"
-  chmod 755 "$o3/init"
-  (cd "$o3" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/overlay3.cpio"
-  cat "$GINITRD" "$x/overlay3.cpio" >"$R/guest/poweroff.cpio"
-  # Same for the case studies: only the study script (it may be newer than
-  # the cached reference initramfs's).
-  o2=$x/overlay2
-  mkdir -p "$o2/bin"
-  cp "$WORKSPACE/resources/initramfs/mirrorball-study" "$o2/bin/mirrorball-study"
-  (cd "$o2" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/overlay2.cpio"
-  cat "$GINITRD" "$x/overlay2.cpio" >"$R/guest/study.cpio"
+  printf '#!/bin/sh\necho MIRRORBALL-POWEROFF\npoweroff -f\n' >"$x/poweroff-init"
+  chmod 755 "$x/poweroff-init"
+  overlay poweroff "$x/poweroff-init"
   (cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/l1.cpio"
   mkdir -p "$x/out"
   mv "$x/l1.cpio" "$x/out/"
