@@ -5,6 +5,7 @@
 # results back.
 #
 #   resources/nested/run.sh [--out DIR] [--vmm PATH] [--timeout SECS] [TEST...]
+#   resources/nested/run.sh --prepare   # only check and fetch the L1 kernel
 #
 # TEST: names from tests.sh (default: all of them, in its order). Results go to
 # DIR (default: a new directory under ${TMPDIR:-/tmp}); its layout:
@@ -38,21 +39,23 @@ MIN_FREE_MB=1024
 
 log() { printf 'nested: %s\n' "$*" >&2; }
 fail_setup() { printf 'nested: cannot run the test bed: %s\n' "$*" >&2; exit 3; }
-usage() { sed -n '4,5p' "$0" | sed 's/^# //' >&2; exit 2; }
+usage() { sed -n '4,6p' "$0" | sed 's/^# //' >&2; exit 2; }
 
-OUT= VMM=${MIRRORBALL_VMM:-} TIMEOUT=900 TESTS=()
+OUT= VMM=${MIRRORBALL_VMM:-} TIMEOUT=900 TESTS=() PREPARE=0
 while (($#)); do
   case $1 in
     --out) OUT=${2:?}; shift 2 ;;
     --vmm) VMM=${2:?}; shift 2 ;;
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
+    --prepare) PREPARE=1; shift ;;
     -h | --help) usage ;;
     -*) log "unknown option $1"; usage ;;
     *) TESTS+=("$1"); shift ;;
   esac
 done
 mapfile -t ALL_TESTS < <(sed -n 's/^test_\([a-z0-9_]*\)() .*/\1/p' "$HERE/tests.sh")
-((${#TESTS[@]})) || TESTS=("${ALL_TESTS[@]}")
+# The default: every test but the benchmarks.
+((${#TESTS[@]})) || for t in "${ALL_TESTS[@]}"; do [[ $t == bench ]] || TESTS+=("$t"); done
 for t in "${TESTS[@]}"; do
   [[ " ${ALL_TESTS[*]} " == *" $t "* ]] || { log "unknown test '$t' (tests: ${ALL_TESTS[*]})"; exit 2; }
 done
@@ -108,6 +111,11 @@ if [[ ! -f $KDIR/vmlinuz ]]; then
   rm -rf "$x"
 fi
 
+if ((PREPARE)); then
+  log "prepared: $KDIR ($(cat "$KDIR/release"))"
+  exit 0
+fi
+
 # --- vmm and the reference guest ---------------------------------------------
 if [[ -z $VMM ]]; then
   log "building vmm (cargo build -p vmm)"
@@ -115,6 +123,18 @@ if [[ -z $VMM ]]; then
   VMM=$WORKSPACE/target/debug/vmm
 fi
 [[ -x $VMM ]] || fail_setup "no vmm binary at $VMM"
+# The benchmarks also run vmm_bench's exit round trip (a bare KVM_RUN loop vs vmm).
+BENCH_BIN=
+if [[ " ${TESTS[*]} " == *" bench "* ]]; then
+  BENCH_BIN=${MIRRORBALL_NESTED_BENCH_BIN:-}
+  if [[ -z $BENCH_BIN ]]; then
+    log "building vmm_bench (cargo bench --no-run)"
+    cargo bench -q -p vmm --bench vmm_bench --no-run --manifest-path "$WORKSPACE/Cargo.toml" >&2 ||
+      fail_setup "cargo bench --no-run failed"
+    BENCH_BIN=$(ls -t "$WORKSPACE"/target/release/deps/vmm_bench-* | grep -v '\.d$' | head -n1)
+  fi
+  [[ -x $BENCH_BIN ]] || fail_setup "no vmm_bench binary ($BENCH_BIN)"
+fi
 if [[ -n ${MIRRORBALL_KERNEL:-} && -n ${MIRRORBALL_INITRD:-} ]]; then
   GKERNEL=$MIRRORBALL_KERNEL GINITRD=$MIRRORBALL_INITRD
 else
@@ -131,7 +151,7 @@ L1KEY=$( {
   cat "$HERE/run.sh" "$HERE/l1-init" "$HERE/tests.sh" "$HERE"/l2-*-init "$HERE/ptyrun.c" \
     "$WORKSPACE/guest/linux/test/mbtest.c" "$WORKSPACE/guest/linux/mirrorball_abi.h" \
     "$WORKSPACE/resources/initramfs/mirrorball-study" /bin/busybox "$VMM" "$GKERNEL" "$GINITRD" \
-    "${LIBS[@]}"
+    "${LIBS[@]}" ${BENCH_BIN:+"$BENCH_BIN"}
   gcc --version | head -n1
 } | hash16)
 L1=$CACHE/l1/$L1KEY
@@ -150,6 +170,7 @@ if [[ ! -f $L1/l1.cpio ]]; then
   for m in "${MODULES[@]}"; do cp "$KDIR/$m.ko" "$R/modules/"; done
   # vmm without its debug info, and the libraries it links at their paths.
   objcopy --strip-debug "$VMM" "$R/bin/vmm"
+  [[ -n $BENCH_BIN ]] && objcopy --strip-debug "$BENCH_BIN" "$R/bin/vmm_bench"
   for l in "${LIBS[@]}"; do
     mkdir -p "$R$(dirname "$l")"
     cp -L "$l" "$R$l"
@@ -166,9 +187,12 @@ if [[ ! -f $L1/l1.cpio ]]; then
     shift 2
     mkdir -p "$o/bin"
     cp "$WORKSPACE/resources/initramfs/mirrorball-study" "$o/bin/mirrorball-study"
-    [[ -n $init ]] && cp "$init" "$o/init"
+    if [[ -n $init ]]; then
+      cp "$init" "$o/init"
+      chmod 755 "$o/init"
+    fi
     for f in "$@"; do cp "${f%%:*}" "$o/${f#*:}"; done
-    chmod -R a+rX "$o"
+    chmod 755 "$o/bin/mirrorball-study"
     (cd "$o" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$x/$name.overlay"
     cat "$GINITRD" "$x/$name.overlay" >"$R/guest/$name.cpio"
   }

@@ -110,3 +110,42 @@ test_top() {
 	# tests/nested_svm.rs reads the screen (top.raw) without its escape sequences.
 	grep -q work top.raw && [ "$(cat top.rc)" = 0 ]
 }
+
+# Benchmarks (not in the default list: `run.sh bench`). Ratios of medians
+# measured in this one run, interleaved on/off; bench.md is the table.
+# median: the median of the numbers on stdin.
+median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
+test_bench() {
+	for i in 1 2 3; do
+		for hz in 20 0; do
+			t0=$(now)
+			vmm --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --sample-hz $hz \
+				--timeout 120 </dev/null >boot.console 2>&1
+			grep -q MIRRORBALL-INIT-OK boot.console && echo "boot $hz $(since "$t0")" >>bench.raw
+		done
+	done
+	for i in 1 2; do
+		for hz in 20 0; do
+			t0=$(now)
+			vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --sample-hz $hz \
+				--timeout 300 --cmdline "$CMD mirrorball.study=mp3-1a mbscale=32" </dev/null >study.console 2>&1
+			grep -q 'STUDY-DONE mp3-1a rc=0' study.console && echo "study1 $hz $(since "$t0")" >>bench.raw
+		done
+	done
+	{
+		echo "| benchmark (inside L1) | profiler on (20 Hz) | off | ratio |"
+		echo "|---|---:|---:|---:|"
+		for what in boot study1; do
+			on=$(awk -v w=$what '$1 == w && $2 == 20 { print $3 }' bench.raw | median)
+			off=$(awk -v w=$what '$1 == w && $2 == 0 { print $3 }' bench.raw | median)
+			ratio=$(awk -v a="$on" -v b="$off" 'BEGIN { if (b > 0) printf "%.2f", a / b }')
+			echo "| $what | $on s | $off s | ${ratio}x |"
+		done
+	} >bench.md
+	if [ -x /bin/vmm_bench ]; then
+		vmm_bench --vmm /bin/vmm exits >exits.md 2>exits.err
+		echo "vmm_bench rc=$?" >>exits.err
+	fi
+	cat bench.raw bench.md exits.md exits.err 2>/dev/null
+	[ -s bench.md ]
+}
