@@ -172,7 +172,7 @@ fn case_study(test: &str, name: &str, workers: usize) {
         "host samples charged to the same work processes"
     );
     for (pid, faults) in &guest_faults {
-        // Each worker touches its whole region (at least 12 MiB here): thousands of faults.
+        // Each worker touches its whole region (at least 6 MiB here): thousands of faults.
         assert!(*faults >= 1000, "work {pid}: {faults} guest faults");
         assert!(host_pf[pid] > 0, "work {pid}: no host pf_taken");
     }
@@ -191,13 +191,13 @@ fn case_study(test: &str, name: &str, workers: usize) {
     assert!(size > 1000, "{} ({size} bytes)", png.display());
 }
 
-/// MP3 case study 1 (two workers, thrashing vs locality), scaled by 16, recorded.
+/// MP3 case study 1 (two workers, thrashing vs locality), scaled down by 64, recorded.
 #[test]
 fn case_study_1_both_layers_per_work_process() {
     case_study("case_study_1_both_layers_per_work_process", "study1", 2);
 }
 
-/// MP3 case study 2 (N = 3 copies of `work`), scaled by 16, recorded.
+/// MP3 case study 2 (N = 3 copies of `work`), scaled down by 32, recorded.
 #[test]
 fn case_study_2_both_layers_per_work_process() {
     case_study("case_study_2_both_layers_per_work_process", "study2", 3);
