@@ -1,28 +1,30 @@
-//! The i8042 keyboard controller, emulated only for its CPU-reset command.
+//! The i8042 keyboard controller: a controller with no keyboard or mouse attached that answers
+//! its own commands like real hardware, and resets the CPU on command `0xFE`.
 //!
-//! This module owns [`I8042`]: `vm_superio::I8042Device` behind the
-//! [`BusDevice`] interface. Writing `0xFE` to the command port (0x64) is how
-//! Linux resets the machine with `reboot=k`; the device then signals its reset
-//! [`EventFdTrigger`], which the VMM watches to end the VM.
+//! This module owns [`I8042`]. Linux's i8042 driver talks to the controller before it looks for
+//! devices: it reads and writes the command byte (CTR), runs the AUX loopback and the
+//! bit-assignment test, and enables the ports. A controller that never answers makes each of
+//! those commands wait for its timeout (about 0.5 s each, made of thousands of status reads,
+//! each a VM exit), so this one answers at once. It reports no AUX (mouse) port: enabling AUX
+//! leaves the command byte's "AUX disabled" bit set, which Linux reads as "no AUX port". Bytes
+//! for the keyboard (data port writes outside a controller command) are dropped, as a controller
+//! with nothing plugged in would send them nowhere; the keyboard driver's own probe times out
+//! asynchronously without holding up the boot. There are no interrupts: every answer is polled
+//! (status bit 0).
+//!
+//! Writing `0xFE` to the command port is how Linux resets the machine with `reboot=k`; the
+//! device then signals its reset [`EventFdTrigger`], which the VMM watches to end the VM.
 //!
 //! # Port window
 //!
-//! The device is inserted as one range of [`I8042_PORT_LEN`] ports starting at
-//! [`I8042_PORT_BASE`] (0x60..=0x64). Only two offsets are meaningful, and
-//! only for single-byte accesses:
-//!
-//! | offset | port | read                    | write                      |
-//! |--------|------|-------------------------|----------------------------|
-//! | 0      | 0x60 | data: always 0          | ignored                    |
-//! | 4      | 0x64 | status: always 0        | command: `0xFE` resets     |
-//!
-//! A status of 0 means "input buffer empty" (so Linux's reset path never waits)
-//! and "no output data" (so Linux's i8042 driver finds no working controller).
-//! Every other access (offsets 1..=3, which on a PC belong to other chips such
-//! as port B at 0x61, or a wider access) reads as all ones like an unmapped
-//! port and has no effect.
+//! One range of [`I8042_PORT_LEN`] ports starting at [`I8042_PORT_BASE`] (0x60..=0x64). Only
+//! single-byte accesses to offsets 0 (data, 0x60) and 4 (status/command, 0x64) mean anything;
+//! every other access (offsets 1..=3 belong to other chips on a PC, such as port B at 0x61, and
+//! wider accesses) reads as all ones and has no effect. The input buffer is never full (status
+//! bit 1 is always clear), so Linux's reset path never waits.
+use std::collections::VecDeque;
 
-use vm_superio::I8042Device;
+use vm_superio::Trigger;
 
 use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
@@ -38,11 +40,91 @@ pub const COMMAND_OFFSET: u64 = 4;
 /// The command that pulses the CPU reset line.
 pub const CMD_RESET_CPU: u8 = 0xfe;
 
-/// The i8042 controller as a bus device; see the module docs for its ports.
+/// Controller commands (port 0x64) this model answers.
+pub mod cmd {
+    /// Read the command byte.
+    pub const READ_CTR: u8 = 0x20;
+    /// Write the command byte (next data byte).
+    pub const WRITE_CTR: u8 = 0x60;
+    /// Disable the AUX port.
+    pub const AUX_DISABLE: u8 = 0xa7;
+    /// Enable the AUX port (there is none: no effect).
+    pub const AUX_ENABLE: u8 = 0xa8;
+    /// Test the AUX port lines.
+    pub const AUX_TEST: u8 = 0xa9;
+    /// Controller self-test.
+    pub const SELF_TEST: u8 = 0xaa;
+    /// Test the keyboard port lines.
+    pub const KBD_TEST: u8 = 0xab;
+    /// Disable the keyboard port.
+    pub const KBD_DISABLE: u8 = 0xad;
+    /// Enable the keyboard port.
+    pub const KBD_ENABLE: u8 = 0xae;
+    /// Read the output port.
+    pub const READ_OUTPUT: u8 = 0xd0;
+    /// Write the output port (next data byte).
+    pub const WRITE_OUTPUT: u8 = 0xd1;
+    /// Put the next data byte in the output buffer as if the keyboard sent it.
+    pub const KBD_LOOP: u8 = 0xd2;
+    /// Put the next data byte in the output buffer as if the AUX device sent it.
+    pub const AUX_LOOP: u8 = 0xd3;
+    /// Send the next data byte to the AUX device (there is none: dropped).
+    pub const AUX_SEND: u8 = 0xd4;
+}
+
+/// Status register bits.
+pub mod status {
+    /// Output buffer full: a byte waits at the data port.
+    pub const OBF: u8 = 0x01;
+    /// System flag: the self-test passed.
+    pub const SYSTEM: u8 = 0x04;
+    /// The last write was a command (port 0x64), not data.
+    pub const CMD: u8 = 0x08;
+    /// Keyboard not inhibited.
+    pub const UNLOCKED: u8 = 0x10;
+    /// The waiting byte comes from the AUX port.
+    pub const AUX_DATA: u8 = 0x20;
+}
+
+/// Command byte bits.
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM: u8 = 0x04;
+const CTR_KBD_DISABLED: u8 = 0x10;
+const CTR_AUX_DISABLED: u8 = 0x20;
+const CTR_TRANSLATE: u8 = 0x40;
+/// Command byte after reset: keyboard interrupt on, system flag, translation; AUX disabled.
+const CTR_RESET: u8 = CTR_KBD_INT | CTR_SYSTEM | CTR_AUX_DISABLED | CTR_TRANSLATE;
+/// Self-test and port-test results.
+const SELF_TEST_OK: u8 = 0x55;
+const PORT_TEST_OK: u8 = 0x00;
+/// Output port after reset: A20 on, CPU not in reset.
+const OUTPUT_PORT_RESET: u8 = 0x03;
+/// Most bytes the output buffer holds; more answers than that without a read are dropped.
+const OUT_CAPACITY: usize = 16;
+
+/// The data byte a pending command waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    Ctr,
+    OutputPort,
+    KbdLoop,
+    AuxLoop,
+    AuxSend,
+}
+
+/// The i8042 controller as a bus device; see the module docs for what it answers.
 #[derive(Debug)]
 pub struct I8042 {
-    device: I8042Device<EventFdTrigger>,
+    reset_evt: EventFdTrigger,
     reset_errors: u64,
+    ctr: u8,
+    output_port: u8,
+    last_was_command: bool,
+    pending: Pending,
+    /// (byte, from the AUX port).
+    out: VecDeque<(u8, bool)>,
+    last_read: u8,
 }
 
 impl I8042 {
@@ -50,14 +132,20 @@ impl I8042 {
     /// command. Keep a clone of it (or use [`Self::reset_evt`]) to watch.
     pub fn new(reset_evt: EventFdTrigger) -> Self {
         Self {
-            device: I8042Device::new(reset_evt),
+            reset_evt,
             reset_errors: 0,
+            ctr: CTR_RESET,
+            output_port: OUTPUT_PORT_RESET,
+            last_was_command: false,
+            pending: Pending::None,
+            out: VecDeque::with_capacity(OUT_CAPACITY),
+            last_read: 0,
         }
     }
 
     /// The trigger signalled when the guest requests a CPU reset.
     pub fn reset_evt(&self) -> &EventFdTrigger {
-        self.device.reset_evt()
+        &self.reset_evt
     }
 
     /// Reset requests whose eventfd could not be signalled.
@@ -65,112 +153,108 @@ impl I8042 {
         self.reset_errors
     }
 
-    /// The vm-superio register offset of a meaningful access.
-    fn register(offset: u64, len: usize) -> Option<u8> {
-        match offset {
-            DATA_OFFSET | COMMAND_OFFSET if len == 1 => u8::try_from(offset).ok(),
-            _ => None,
+    fn answer(&mut self, byte: u8, aux: bool) {
+        if self.out.len() < OUT_CAPACITY {
+            self.out.push_back((byte, aux));
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let mut s = status::UNLOCKED;
+        if self.ctr & CTR_SYSTEM != 0 {
+            s |= status::SYSTEM;
+        }
+        if self.last_was_command {
+            s |= status::CMD;
+        }
+        if let Some(&(_, aux)) = self.out.front() {
+            s |= status::OBF;
+            if aux {
+                s |= status::AUX_DATA;
+            }
+        }
+        s
+    }
+
+    fn read_data(&mut self) -> u8 {
+        if let Some((byte, _)) = self.out.pop_front() {
+            self.last_read = byte;
+        }
+        // An empty buffer repeats the last byte, like the hardware latch.
+        self.last_read
+    }
+
+    fn command(&mut self, c: u8) {
+        self.last_was_command = true;
+        self.pending = Pending::None;
+        match c {
+            cmd::READ_CTR => self.answer(self.ctr, false),
+            cmd::WRITE_CTR => self.pending = Pending::Ctr,
+            cmd::AUX_DISABLE => self.ctr |= CTR_AUX_DISABLED,
+            // No AUX port: it stays disabled.
+            cmd::AUX_ENABLE => {}
+            // "Clock line stuck low": no AUX device.
+            cmd::AUX_TEST => self.answer(0x01, false),
+            cmd::SELF_TEST => {
+                self.ctr |= CTR_SYSTEM;
+                self.answer(SELF_TEST_OK, false);
+            }
+            cmd::KBD_TEST => self.answer(PORT_TEST_OK, false),
+            cmd::KBD_DISABLE => self.ctr |= CTR_KBD_DISABLED,
+            cmd::KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLED,
+            cmd::READ_OUTPUT => self.answer(self.output_port, false),
+            cmd::WRITE_OUTPUT => self.pending = Pending::OutputPort,
+            cmd::KBD_LOOP => self.pending = Pending::KbdLoop,
+            cmd::AUX_LOOP => self.pending = Pending::AuxLoop,
+            cmd::AUX_SEND => self.pending = Pending::AuxSend,
+            CMD_RESET_CPU => self.reset(),
+            // Pulse-output-line commands other than the reset, and unknown ones: no effect.
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.reset_evt.trigger().is_err() {
+            self.reset_errors = self.reset_errors.saturating_add(1);
+        }
+    }
+
+    fn data(&mut self, byte: u8) {
+        self.last_was_command = false;
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::Ctr => self.ctr = byte,
+            Pending::OutputPort => {
+                self.output_port = byte;
+                // Bit 0 low holds the CPU in reset.
+                if byte & 0x01 == 0 {
+                    self.reset();
+                }
+            }
+            Pending::KbdLoop => self.answer(byte, false),
+            Pending::AuxLoop => self.answer(byte, true),
+            // Nothing is attached to either port.
+            Pending::AuxSend | Pending::None => {}
         }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match Self::register(offset, data.len()) {
-            Some(reg) => data[0] = self.device.read(reg),
-            None => data.fill(0xff),
+        match (offset, data.len()) {
+            (DATA_OFFSET, 1) => data[0] = self.read_data(),
+            (COMMAND_OFFSET, 1) => data[0] = self.status(),
+            _ => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some(reg) = Self::register(offset, data.len()) {
-            if self.device.write(reg, data[0]).is_err() {
-                self.reset_errors = self.reset_errors.saturating_add(1);
-            }
+        match (offset, data) {
+            (DATA_OFFSET, [b]) => self.data(*b),
+            (COMMAND_OFFSET, [c]) => self.command(*c),
+            _ => {}
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::bus::Bus;
-    use std::io;
-    use std::sync::{Arc, Mutex};
-    use vmm_sys_util::eventfd::EventFd;
-
-    fn setup() -> (Bus, EventFd) {
-        let trigger = EventFdTrigger::new().unwrap();
-        let watcher = trigger.try_clone_event_fd().unwrap();
-        let mut bus = Bus::new();
-        bus.insert(
-            I8042_PORT_BASE,
-            I8042_PORT_LEN,
-            Arc::new(Mutex::new(I8042::new(trigger))),
-        )
-        .unwrap();
-        (bus, watcher)
-    }
-
-    fn fired(evt: &EventFd) -> bool {
-        match evt.read() {
-            Ok(n) => n > 0,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => panic!("reset eventfd read: {e}"),
-        }
-    }
-
-    #[test]
-    fn reset_command_fires_the_reset_event() {
-        let (bus, reset) = setup();
-        assert!(!fired(&reset));
-        assert!(bus.write(0x64, &[CMD_RESET_CPU]));
-        assert!(fired(&reset));
-        // Consumed: no second report without a second command.
-        assert!(!fired(&reset));
-    }
-
-    #[test]
-    fn other_writes_do_not_reset() {
-        let (bus, reset) = setup();
-        // Other commands, the reset value on the wrong ports or with the
-        // wrong size.
-        for value in [0x00, 0x20, 0x60, 0xaa, 0xad, 0xd1, 0xff] {
-            bus.write(0x64, &[value]);
-        }
-        for port in 0x60..=0x63 {
-            bus.write(port, &[CMD_RESET_CPU]);
-        }
-        bus.write(0x64, &[]);
-        assert!(!fired(&reset));
-        let mut bus = Bus::new();
-        let dev = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new().unwrap())));
-        bus.insert(I8042_PORT_BASE, I8042_PORT_LEN, dev.clone())
-            .unwrap();
-        let wide = dev
-            .lock()
-            .unwrap()
-            .reset_evt()
-            .try_clone_event_fd()
-            .unwrap();
-        dev.lock()
-            .unwrap()
-            .write(COMMAND_OFFSET, &[CMD_RESET_CPU, 0]);
-        assert!(!fired(&wide));
-    }
-
-    #[test]
-    fn reads_give_idle_status_and_all_ones_elsewhere() {
-        let (bus, _reset) = setup();
-        let mut data = [0xaa];
-        assert!(bus.read(0x64, &mut data));
-        assert_eq!(data, [0]);
-        assert!(bus.read(0x60, &mut data));
-        assert_eq!(data, [0]);
-        assert!(bus.read(0x61, &mut data));
-        assert_eq!(data, [0xff]);
-        let mut wide = [0u8; 2];
-        assert!(bus.read(0x60, &mut wide));
-        assert_eq!(wide, [0xff; 2]);
-    }
-}
+mod tests;

@@ -9,12 +9,9 @@
 //!
 //! * **0x80 (POST code / I/O delay)**: only written, by `outb_p` delays. A
 //!   dropped write is exactly what a sink would do, so no sink is needed.
-//! * **0x70-0x71 (CMOS/RTC)**: with all ones, register A always shows
-//!   "update in progress", which Linux (`mc146818_does_rtc_work`) takes as "no
-//!   working RTC" and skips the clock after a short wait. A stub returning 0
-//!   would instead look like a working RTC set to an invalid date, which
-//!   `rtc_cmos` would register and could copy into the system time. The guest
-//!   gets its wall clock from kvmclock.
+//! * **0x70-0x71 (CMOS/RTC)**: no longer left unmapped: all ones there means
+//!   "update in progress" forever, and a stock kernel's RTC reads waited for
+//!   their timeouts at boot. [`crate::rtc::Rtc`] answers with the host's time.
 //! * **0xcf8-0xcff (PCI configuration mechanism #1)**: reading back all ones
 //!   after writing the address register fails Linux's type-1 probe, so it
 //!   concludes there is no PCI bus, which is true here (or boot with `pci=off`

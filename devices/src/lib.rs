@@ -9,7 +9,9 @@
 //!   signals an `EventFd` (an irqfd for interrupts, or a VMM-watched event).
 //! * [`serial`]: the COM1 16550 UART, its output writers and the
 //!   `event_manager` subscriber that feeds host input into it.
-//! * [`i8042`]: the keyboard controller, only for its CPU-reset command.
+//! * [`i8042`]: the keyboard controller (no keyboard or mouse attached), answering
+//!   its own commands at once, and the CPU reset.
+//! * [`rtc`]: the CMOS real-time clock (MC146818) with the host's time.
 //! * [`terminal`]: the raw-mode guard for the host terminal.
 //! * [`legacy`]: which legacy ports Linux probes and why we leave them unmapped.
 //! * [`virtio_mmio`]: the virtio-mmio (version 2) transport without virtqueues:
@@ -62,6 +64,7 @@ pub mod bus;
 pub mod i8042;
 pub mod legacy;
 pub mod profiler_device;
+pub mod rtc;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
@@ -70,6 +73,7 @@ pub mod virtio_mmio;
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
 pub use profiler_device::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig};
+pub use rtc::Rtc;
 pub use serial::{SerialDevice, SerialInput, SharedBuffer};
 pub use terminal::RawTerminal;
 pub use trigger::EventFdTrigger;
@@ -85,6 +89,7 @@ mod tests {
         send::<super::SerialDevice>();
         send::<super::SerialInput>();
         send::<super::I8042>();
+        send::<super::Rtc>();
         send_sync::<super::SharedBuffer>();
         send_sync::<super::serial::SerialMetrics>();
         send::<super::ProfilerDevice>();

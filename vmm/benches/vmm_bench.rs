@@ -248,7 +248,9 @@ fn run(args: &Args) -> Result<()> {
             });
         }
         if args.wants("sharing") {
-            group(&mut rows, 10, "sharing", || sharing::run(&vmm, args.exit_runs));
+            group(&mut rows, 10, "sharing", || {
+                sharing::run(&vmm, args.exit_runs)
+            });
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {

@@ -1,9 +1,10 @@
-//! The devices of a Linux VM (serial console, i8042) on their buses, and the exit handler that
+//! The devices of a Linux VM (serial console, i8042, RTC) on their buses, and the exit handler that
 //! routes vCPU port and MMIO exits to them. Accesses no device claims are counted and ignored.
 use std::sync::{Arc, Mutex};
 
 use mirrorball_devices::bus::{Bus, BusError};
 use mirrorball_devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use mirrorball_devices::rtc::{Rtc, RTC_PORT_BASE, RTC_PORT_LEN};
 use mirrorball_devices::serial::{
     SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
 };
@@ -45,7 +46,7 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Creates COM1 (output to `out`, interrupt on GSI 4 through an irqfd) and the i8042, beside
+    /// Creates COM1 (output to `out`, interrupt on GSI 4 through an irqfd), the i8042 and the RTC, beside
     /// the MMIO devices already on `mmio`.
     pub fn new(vm: &Vm, out: SerialWriter, mmio: Bus) -> Result<Self, DeviceError> {
         let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
@@ -61,6 +62,11 @@ impl LegacyDevices {
         let mut pio = Bus::new();
         pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())?;
         pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
+        pio.insert(
+            RTC_PORT_BASE,
+            RTC_PORT_LEN,
+            Arc::new(Mutex::new(Rtc::new())),
+        )?;
         Ok(Self {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),

@@ -2,7 +2,7 @@
 //!
 //! | code | meaning |
 //! |---|---|
-//! | 0 | the guest reset or powered off, its vCPUs all stopped, or the workload finished |
+//! | 0 | the guest reset, powered off or halted for good, its vCPUs all stopped, or the workload finished |
 //! | 1 | VMM error (bad input, setup failure, KVM_RUN failure) |
 //! | 2 | command-line usage error |
 //! | 3 | triple fault (KVM_EXIT_SHUTDOWN) |
@@ -25,6 +25,9 @@ pub enum VmEnd {
     GuestShutdown,
     /// Every vCPU stopped on its own (e.g. `hlt` without an in-kernel irqchip).
     AllVcpusStopped,
+    /// Every vCPU halted with interrupts off (or never started): how Linux halts or powers
+    /// off a machine without ACPI.
+    GuestHalted,
     /// Every task of the OS-less workload finished.
     WorkloadFinished,
     /// A workload task rejected its parameters.
@@ -79,6 +82,7 @@ impl VmEnd {
             Self::GuestReset
             | Self::GuestShutdown
             | Self::AllVcpusStopped
+            | Self::GuestHalted
             | Self::WorkloadFinished => 0,
             Self::VmmError(_) => EXIT_VMM_ERROR,
             Self::TripleFault { .. } => 3,
@@ -96,6 +100,7 @@ impl VmEnd {
             Self::GuestReset => "guest_reset",
             Self::GuestShutdown => "guest_shutdown",
             Self::AllVcpusStopped => "all_vcpus_stopped",
+            Self::GuestHalted => "guest_halted",
             Self::WorkloadFinished => "workload_finished",
             Self::WorkloadBadParams { .. } => "workload_bad_params",
             Self::TripleFault { .. } => "triple_fault",
@@ -122,6 +127,7 @@ impl fmt::Display for VmEnd {
             Self::GuestReset => write!(f, "guest reset"),
             Self::GuestShutdown => write!(f, "guest powered off"),
             Self::AllVcpusStopped => write!(f, "all vCPUs stopped"),
+            Self::GuestHalted => write!(f, "guest halted (every vCPU halted with interrupts off)"),
             Self::WorkloadFinished => write!(f, "workload finished"),
             Self::WorkloadBadParams { vcpu, code } => {
                 write!(

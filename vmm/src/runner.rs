@@ -73,6 +73,23 @@ impl RunningVcpus {
         self.started
     }
 
+    /// One round of halt detection ([`crate::vstate::halt`]): ends the VM with
+    /// [`VmEnd::GuestHalted`] if every vCPU rested for good since the last round, else kicks
+    /// them all so that each records its state again.
+    pub fn check_halted(&self) {
+        let watch = self.control.halt_watch();
+        if watch.stopped_for_good() {
+            self.control.end(VmEnd::GuestHalted);
+            return;
+        }
+        watch.new_round();
+        for handle in &self.threads {
+            if !handle.is_finished() {
+                let _ = handle.kill(kick_signal());
+            }
+        }
+    }
+
     /// Stops every vCPU (if the VM has not ended yet, with `reason`) and returns their reports.
     pub fn stop(self, reason: VmEnd) -> (VmEnd, Vec<VcpuReport>) {
         self.control.end(reason);
@@ -95,3 +112,6 @@ impl RunningVcpus {
         (end, reports)
     }
 }
+
+/// How often the vCPUs are kicked to check whether they halted for good.
+pub const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(500);

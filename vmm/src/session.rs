@@ -132,6 +132,14 @@ impl RunningVm {
         self.started.elapsed()
     }
 
+    /// One round of halt detection: ends the VM if every vCPU rested for good (halted with
+    /// interrupts off) since the last round.
+    pub fn check_halted(&self) {
+        if let Some(running) = &self.running {
+            running.check_halted();
+        }
+    }
+
     /// Scans the VM's memory sharing if its scan period has passed.
     pub fn scan_sharing(&mut self) {
         self.sharing.scan_if_due();
@@ -331,7 +339,14 @@ pub fn run_all(
         }
     }
     let tick_ms = i32::try_from(EVENT_LOOP_TICK.as_millis()).unwrap_or(50);
+    let mut next_halt_check = Instant::now() + runner::HALT_CHECK_INTERVAL;
     while !running.is_empty() {
+        if Instant::now() >= next_halt_check {
+            for (_, vm) in &running {
+                vm.check_halted();
+            }
+            next_halt_check = Instant::now() + runner::HALT_CHECK_INTERVAL;
+        }
         if let Err(e) = manager.run_with_timeout(tick_ms) {
             if !matches!(e, event_manager::Error::Epoll(ref errno) if errno.errno() == libc::EINTR)
             {

@@ -2,8 +2,9 @@
 //!
 //! - **Faults vs time** (case study 1), one image per record: the accumulated guest page faults
 //!   (minor + major) of each task over the guest clock, and below it the accumulated KVM
-//!   `pf_taken` (EPT/MMU faults) the host charged to each task over the host clock. Both time
-//!   axes start at the record's first sample of that kind.
+//!   `pf_taken` (EPT/MMU faults) the host charged to each task over the host clock. The guest
+//!   samples are put on the host clock too and both axes start at the record's first moment, so
+//!   the panels line up ([`timeline`]).
 //! - **Utilisation vs number of tasks** (case study 2), from several records: for each record,
 //!   the number of guest tasks it saw, the guest CPU of all tasks (`utime + stime` over guest
 //!   wall time) and the CPU of all vCPU threads (`user + sys` over host wall time), in percent of
@@ -28,6 +29,9 @@ use plotters::prelude::*;
 
 use crate::record::{read_record, Recording};
 use crate::Error;
+
+pub mod timeline;
+use timeline::Timeline;
 
 /// Fonts tried, in order, after `$MIRRORBALL_PLOT_FONT` (Debian: `fonts-dejavu-core`,
 /// `fonts-liberation2`, `fonts-liberation`, `fonts-freefont-ttf`).
@@ -120,10 +124,15 @@ impl Series {
 /// The series of the faults-vs-time plot.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FaultSeries {
-    /// Accumulated guest faults (minor + major) per task, x = seconds of guest clock.
+    /// Accumulated guest faults (minor + major) per task, x = seconds since the record's start
+    /// on the host clock (on the guest clock since its first sample when `shared_clock` is
+    /// false).
     pub guest: Vec<Series>,
-    /// Accumulated KVM `pf_taken` charged to each task, x = seconds of host clock.
+    /// Accumulated KVM `pf_taken` charged to each task, x = seconds of host clock since the
+    /// record's start.
     pub host: Vec<Series>,
+    /// Whether both panels share the host clock and origin ([`Timeline::shared`]).
+    pub shared_clock: bool,
 }
 
 /// Most points kept per series (the rest are thinned out evenly; the last point is kept).
@@ -198,7 +207,7 @@ impl Accs {
 
 /// Accumulated faults per task (positive deltas only, so a counter reset does not go down).
 pub fn accumulated_faults(rec: &Recording) -> FaultSeries {
-    let t0 = rec.guest().map(|g| g.timestamp_ns).min().unwrap_or(0);
+    let timeline = Timeline::of(rec);
     let mut guest = Accs::default();
     for g in rec.guest() {
         let e = guest.get((g.task_id, g.pid), &g.comm);
@@ -207,10 +216,8 @@ pub fn accumulated_faults(rec: &Recording) -> FaultSeries {
             e.total += v.saturating_sub(prev) as f64;
         }
         e.prev = Some(v);
-        let x = g.timestamp_ns.saturating_sub(t0) as f64 / 1e9;
-        e.points.push((x, e.total));
+        e.points.push((timeline.guest_x(g.timestamp_ns), e.total));
     }
-    let h0 = rec.host().map(|h| h.timestamp_ns).min().unwrap_or(0);
     let mut host = Accs::default();
     for h in rec.host() {
         let key = if h.task_id == TASK_NONE {
@@ -220,12 +227,12 @@ pub fn accumulated_faults(rec: &Recording) -> FaultSeries {
         };
         let e = host.get(key, &h.comm);
         e.total += h.pf_taken as f64;
-        let x = h.timestamp_ns.saturating_sub(h0) as f64 / 1e9;
-        e.points.push((x, e.total));
+        e.points.push((timeline.host_x(h.timestamp_ns), e.total));
     }
     FaultSeries {
         guest: guest.into_series(),
         host: host.into_series(),
+        shared_clock: timeline.shared(),
     }
 }
 
@@ -473,7 +480,11 @@ fn draw_faults<DB: DrawingBackend>(
     draw_panel(
         &top,
         "Guest page faults (minor + major), accumulated per task",
-        "guest time since the first sample (s)",
+        if data.shared_clock {
+            "host time since the record's start (s)"
+        } else {
+            "guest time since the first sample (s)"
+        },
         "faults",
         &data.guest,
         &colors,
@@ -482,7 +493,7 @@ fn draw_faults<DB: DrawingBackend>(
     draw_panel(
         &bottom,
         "Host KVM pf_taken (EPT/MMU faults) charged to each task, accumulated",
-        "host time since the first sample (s)",
+        "host time since the record's start (s)",
         "pf_taken",
         &data.host,
         &colors,

@@ -216,7 +216,10 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
             .env("MIRRORBALL_RUN_DIR", &scratch)
             .output()?;
         if !out.status.success() {
-            bail!("vmm --vms {n} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "vmm --vms {n} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::paging;
 use crate::exit::VmEnd;
+use crate::vstate::halt::{HaltWatch, VcpuRest};
 
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq)]
@@ -43,6 +44,7 @@ pub struct VmControl {
     stop: AtomicBool,
     running: AtomicUsize,
     wake: EventFd,
+    halt: HaltWatch,
 }
 
 impl VmControl {
@@ -53,6 +55,7 @@ impl VmControl {
             stop: AtomicBool::new(false),
             running: AtomicUsize::new(vcpus),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            halt: HaltWatch::new(vcpus),
         })
     }
 
@@ -82,6 +85,11 @@ impl VmControl {
     /// Readable when the VM ends.
     pub fn wake_fd(&self) -> &EventFd {
         &self.wake
+    }
+
+    /// Whether the vCPUs halted for good (see [`crate::vstate::halt`]).
+    pub fn halt_watch(&self) -> &HaltWatch {
+        &self.halt
     }
 
     fn vcpu_stopped(&self) {
@@ -178,6 +186,9 @@ impl Vcpu {
             acct.enter_run();
             let (kind, action) = self.run_once();
             acct.exit_run(kind);
+            if kind == ExitKind::Intr {
+                self.record_rest();
+            }
             match action {
                 VcpuAction::Continue => {}
                 VcpuAction::StopVcpu => break,
@@ -236,6 +247,15 @@ impl Vcpu {
                 (ExitKind::Other, VcpuAction::StopVm(end))
             }
         }
+    }
+
+    /// After a kick: tells the halt watch whether this vCPU rests for good.
+    fn record_rest(&self) {
+        let rest = match (self.fd.get_mp_state(), self.fd.get_regs()) {
+            (Ok(mp), Ok(regs)) => VcpuRest::classify(mp.mp_state, regs.rflags),
+            _ => VcpuRest::Unknown,
+        };
+        self.control.halt.record(self.index, rest);
     }
 
     fn internal_error(&mut self) -> VmEnd {

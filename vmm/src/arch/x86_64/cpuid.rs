@@ -6,7 +6,8 @@
 //! On every host it sets the hypervisor bit and a flat topology — `num_vcpus` cores of one thread
 //! each in one package, APIC id = vCPU index — in leaves 1, 4, 0xB and 0x1F (and, for an AMD
 //! vendor string, 0x80000008, 0x8000001D and 0x8000001E), matching the MP table of
-//! [`super::mptable`].
+//! [`super::mptable`]; and it fills the brand string (0x80000002–4) when KVM leaves it empty
+//! (`brand`).
 //!
 //! On a PVM host ([`HostKind::Pvm`]) guest kernel code is run by KVM's instruction emulator,
 //! which lacks XSAVE, POPCNT, the AVX family, BMI, CLAC/STAC and more. There it also hides every
@@ -32,7 +33,9 @@ use std::path::Path;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use thiserror::Error;
 
+mod brand;
 mod pvm;
+pub use brand::{brand_bytes, brand_text, FALLBACK_BRAND};
 use pvm::hide_for_pvm;
 pub use pvm::{
     hidden_features_on_pvm, pvm_guest_kernel_args, pvm_hidden_table, visible_pvm_hidden_features,
@@ -242,7 +245,7 @@ pub fn filter_cpuid(
     for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
         set_extended_topology(cpuid, leaf, apic_id, num_vcpus)?;
     }
-    Ok(())
+    brand::fill_brand_string(cpuid)
 }
 
 /// Sets the sharing fields of a deterministic cache parameters entry (leaf 4 or 0x8000001D):

@@ -1,0 +1,154 @@
+# tests.sh - the tests the nested test bed runs inside L1 (sourced by /init).
+# Each test_NAME runs in /results/NAME (its files come back to the host in
+# files/NAME/), prints what it saw and returns 0 when its own checks pass;
+# tests/nested_svm.rs asserts on the files in detail. Keep L2 consoles quiet
+# (`quiet`): every console byte is a VM exit.
+
+G=/guest
+# MIRRORBALL_NESTED_VERBOSE=1 (run.sh) shows the L2 kernels' messages.
+CMD="console=ttyS0 reboot=k panic=1 $([ -n "${MB_VERBOSE:-}" ] && echo loglevel=7 || echo quiet)"
+
+# now: seconds of uptime (for durations inside L1).
+now() { cut -d' ' -f1 /proc/uptime; }
+# since T0: seconds since T0, one decimal.
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# linux NAME VMM-ARGS...: boot a Linux guest, console in NAME.console, rc in
+# NAME.rc, vmm's stderr in NAME.err, the time to the user-space marker in
+# NAME.secs (whole vmm run if none).
+linux() {
+	name=$1
+	shift
+	t0=$(now)
+	vmm "$@" </dev/null >"$name.console" 2>"$name.err"
+	echo $? >"$name.rc"
+	since "$t0" >"$name.secs"
+	echo "$name: rc=$(cat "$name.rc") in $(cat "$name.secs") s; $(tail -n1 "$name.err")"
+}
+
+# 1. The OS-less workload (the README's main job) on a non-PVM KVM.
+test_osless() {
+	vmm --stats stats.json </dev/null >out.txt 2>err.txt
+	rc=$?
+	cat out.txt err.txt
+	[ $rc = 0 ] && grep -q 'host KVM: amd' out.txt
+}
+
+# 2. The reference kernel to user space, 1 and 2 vCPUs, ending by reboot.
+test_linux1() {
+	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 1 --cmdline "$CMD" \
+		--stats stats.json --timeout 60
+	grep -q MIRRORBALL-INIT-OK boot.console && tr -d '\r' <boot.console | grep -q 'mirrorball: cpus 1$' &&
+		[ "$(cat boot.rc)" = 0 ]
+}
+test_linux2() {
+	linux boot --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 2 --cmdline "$CMD" \
+		--stats stats.json --timeout 60
+	grep -q MIRRORBALL-INIT-OK boot.console && tr -d '\r' <boot.console | grep -q 'mirrorball: cpus 2$' &&
+		[ "$(cat boot.rc)" = 0 ]
+}
+
+# 2b. A guest that powers off (no ACPI: Linux halts its CPUs with interrupts
+# off) ends the VM with exit code 0.
+test_poweroff() {
+	linux off --kernel $G/bzImage --initrd $G/poweroff.cpio --vcpus 2 --cmdline "$CMD" \
+		--stats stats.json --timeout 60
+	grep -q MIRRORBALL-POWEROFF off.console && [ "$(cat off.rc)" = 0 ] && grep -q 'guest halted' off.err
+}
+
+# 3. The guest driver's user-space checks against the VMM's profiler device.
+test_mbtest() {
+	linux mbtest --kernel $G/bzImage --initrd $G/mbtest.cpio --vcpus 2 --mem 256M \
+		--cmdline "console=ttyS0 reboot=k panic=1 loglevel=4" --timeout 300
+	cat mbtest.console
+	grep -q 'MBTEST-RC=0' mbtest.console && grep -q 'MBTEST-DONE' mbtest.console
+}
+
+# study NAME MEM SCALE: an MP3 case study (sizes divided by SCALE, mbscale=) with
+# `vmm record` beside it.
+study() {
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$2" --timeout 300 </dev/null \
+		--cmdline "$CMD mirrorball.study=$1 mbscale=$3" >study.console 2>study.err &
+	vm=$!
+	vmm record --wait 20 -o record.csv 2>record.err
+	echo $? >record.rc
+	wait $vm
+	echo $? >study.rc
+	cat study.console study.err record.err
+	grep -q "MIRRORBALL-STUDY-DONE $1 rc=0" study.console && [ "$(cat study.rc)" = 0 ] &&
+		[ "$(cat record.rc)" = 0 ]
+}
+
+# 4. MP3 case study 1 (two workers, random/random; 16 MiB each) and 2 (3 copies
+# of 6 MiB), recorded.
+test_study1() { study mp3-1a 256M 64; }
+test_study2() { study mp3-2:3 256M 32; }
+
+# 5. A stock Debian cloud kernel (the L1 kernel itself) to user space.
+test_stock() {
+	linux stock --kernel $G/stock-vmlinuz --initrd $G/stock.cpio --mem 256M \
+		--cmdline "$CMD" --stats stats.json --timeout 60
+	grep -q MIRRORBALL-INIT-OK stock.console && [ "$(cat stock.rc)" = 0 ]
+}
+
+# 6. `vmm top` on a running Linux guest, in a pseudo-terminal (ptyrun).
+test_top() {
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --timeout 300 </dev/null \
+		--cmdline "$CMD mirrorball.study=mp3-2:2 mbscale=4" >study.console 2>study.err &
+	vm=$!
+	# Until the guest's workers are registered (their task rows exist).
+	i=0
+	while [ $i -lt 60 ] && ! grep -q 'mirrorball: cpus' study.console; do
+		sleep 0.5
+		i=$((i + 1))
+	done
+	sleep 2
+	ptyrun 160 50 4 vmm top --interval 500 >top.raw 2>top.err
+	echo $? >top.rc
+	# Seen enough: stop the guest (exit code 130).
+	kill $vm
+	wait $vm
+	echo $? >study.rc
+	# tests/nested_svm.rs reads the screen (top.raw) without its escape sequences.
+	# 124: ptyrun had to kill it (a slow L1 may not quit within 15 s of the "q").
+	grep -q work top.raw && { [ "$(cat top.rc)" = 0 ] || [ "$(cat top.rc)" = 124 ]; }
+}
+
+# Benchmarks (not in the default list: `run.sh bench`). Ratios of medians
+# measured in this one run, interleaved on/off; bench.md is the table.
+# median: the median of the numbers on stdin.
+median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
+test_bench() {
+	for i in 1 2 3; do
+		for hz in 20 0; do
+			t0=$(now)
+			vmm --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --sample-hz $hz \
+				--timeout 120 </dev/null >boot.console 2>&1
+			grep -q MIRRORBALL-INIT-OK boot.console && echo "boot $hz $(since "$t0")" >>bench.raw
+		done
+	done
+	for i in 1 2; do
+		for hz in 20 0; do
+			t0=$(now)
+			vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 256M --sample-hz $hz \
+				--timeout 300 --cmdline "$CMD mirrorball.study=mp3-1a mbscale=64" </dev/null >study.console 2>&1
+			grep -q 'STUDY-DONE mp3-1a rc=0' study.console && echo "study1 $hz $(since "$t0")" >>bench.raw
+		done
+	done
+	{
+		echo "| benchmark (inside L1) | profiler on (20 Hz) | off | ratio |"
+		echo "|---|---:|---:|---:|"
+		for what in boot study1; do
+			on=$(awk -v w=$what '$1 == w && $2 == 20 { print $3 }' bench.raw | median)
+			off=$(awk -v w=$what '$1 == w && $2 == 0 { print $3 }' bench.raw | median)
+			ratio=$(awk -v a="$on" -v b="$off" 'BEGIN { if (b > 0) printf "%.2f", a / b }')
+			echo "| $what | $on s | $off s | ${ratio}x |"
+		done
+	} >bench.md
+	if [ -x /bin/vmm_bench ]; then
+		vmm_bench --vmm /bin/vmm exits >exits.md 2>exits.err
+		echo "vmm_bench rc=$?" >>exits.err
+	fi
+	cat bench.raw bench.md exits.md exits.err 2>/dev/null
+	[ -s bench.md ]
+}

@@ -1,0 +1,277 @@
+//! Mirrorball on a real hardware-virtualization KVM: the nested-SVM test bed
+//! (`resources/nested/run.sh`) boots a Debian cloud kernel under QEMU TCG with emulated AMD SVM
+//! and nested paging, loads `kvm_amd` there (L1) and runs the VMM's end-to-end checks inside it,
+//! where Linux guests (L2) reach user space, which they cannot on our PVM machines. The test bed
+//! runs once for all the tests below; each asserts on what one test inside L1 left.
+//!
+//! Needs `qemu-system-x86_64`, apt (the cloud kernel is downloaded once and cached) and the
+//! reference guest; without them the tests skip with the reason, except under CI.
+mod common;
+mod nested;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use common::{text, vmm_bin};
+use mirrorball_monitor::record::read_record;
+use nested::{bed, line_after, task_rows};
+
+/// The README's main job (two 64 MiB `work` tasks on two vCPUs): each task's 16,384 first
+/// touches are 16,384 guest minor faults, and show up again on the host (host minor faults and
+/// KVM `pf_taken`) charged to the vCPU that ran that task.
+#[test]
+fn osless_workload_both_fault_layers_per_task_on_amd_kvm() {
+    let Some(bed) = bed("osless_workload_both_fault_layers_per_task_on_amd_kvm") else {
+        return;
+    };
+    bed.assert_passed("osless");
+    let out = bed.read("osless", "out.txt");
+    assert!(out.contains("host KVM: amd"), "{out}");
+    let rows = task_rows(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read("osless", "stats.json")).expect("stats.json");
+    for (i, r) in rows.iter().enumerate() {
+        // task vcpu work MiB R|L accesses iters elapsed guest_minflt host_minflt host_majflt
+        // kvm_pf_taken exits cpu_s
+        let n = |c: usize| r[c].parse::<u64>().unwrap_or_else(|_| panic!("{r:?}"));
+        assert_eq!(
+            (n(0), n(1)),
+            (i as u64, i as u64),
+            "task {i} on vCPU {i}: {r:?}"
+        );
+        assert_eq!(r[6], "20/20", "{r:?}");
+        let (guest, host, pf) = (n(8), n(9), n(11));
+        assert_eq!(guest, 16_384, "guest minor faults of task {i}: {r:?}");
+        assert!(
+            (16_384..=16_384 + 512).contains(&host),
+            "host faults: {r:?}"
+        );
+        assert!(
+            (16_384 - 512..=16_384 + 512).contains(&pf),
+            "pf_taken: {r:?}"
+        );
+        // The vCPU's own KVM counter covers what was charged to its task.
+        let vcpu_pf = stats["vcpus"][i]["kvm_stats"]["pf_taken"]
+            .as_u64()
+            .expect("per-vCPU pf_taken");
+        assert!(vcpu_pf >= pf, "vCPU {i} pf_taken {vcpu_pf} < task's {pf}");
+    }
+}
+
+fn reference_boot(test: &str, name: &str, cpus: u32) {
+    let Some(bed) = bed(test) else { return };
+    bed.assert_passed(name);
+    let console = bed.read(name, "boot.console");
+    assert!(console.contains("MIRRORBALL-INIT-OK"), "{console}");
+    assert_eq!(
+        line_after(&console, "mirrorball: cpus ").map(str::trim),
+        Some(cpus.to_string().as_str()),
+        "{console}"
+    );
+    assert_eq!(bed.read(name, "boot.rc").trim(), "0");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read(name, "stats.json")).expect("stats.json");
+    assert_eq!(
+        stats["end"]["kind"], "guest_reset",
+        "ends by the guest's reboot"
+    );
+    assert_eq!(stats["host"], "amd");
+    eprintln!(
+        "{name}: vmm start to end (user-space marker, reboot) {} s in L2",
+        bed.read(name, "boot.secs").trim()
+    );
+}
+
+/// The reference kernel reaches user space (`MIRRORBALL-INIT-OK`) on 1 vCPU and reboots.
+#[test]
+fn reference_kernel_reaches_user_space_on_1_vcpu() {
+    reference_boot("reference_kernel_reaches_user_space_on_1_vcpu", "linux1", 1);
+}
+
+/// The same on 2 vCPUs (L1 has 2 CPUs): both come up.
+#[test]
+fn reference_kernel_reaches_user_space_on_2_vcpus() {
+    reference_boot(
+        "reference_kernel_reaches_user_space_on_2_vcpus",
+        "linux2",
+        2,
+    );
+}
+
+/// `poweroff -f` in a guest without ACPI halts every CPU with interrupts off; the VMM sees it
+/// and exits 0 (it used to wait forever).
+#[test]
+fn guest_power_off_ends_the_vm_with_code_0() {
+    let Some(bed) = bed("guest_power_off_ends_the_vm_with_code_0") else {
+        return;
+    };
+    bed.assert_passed("poweroff");
+    let err = bed.read("poweroff", "off.err");
+    assert!(err.contains("guest halted"), "{err}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read("poweroff", "stats.json")).expect("stats.json");
+    assert_eq!(stats["end"]["kind"], "guest_halted");
+    assert_eq!(stats["end"]["exit_code"], 0);
+}
+
+/// The guest driver's user-space checks (`mbtest`, all of them) against the VMM's own profiler
+/// device, then the guest tools and a driver re-attach; the guest also sees a CPU brand.
+#[test]
+fn guest_driver_checks_pass_against_our_profiler_device() {
+    let Some(bed) = bed("guest_driver_checks_pass_against_our_profiler_device") else {
+        return;
+    };
+    let console = bed.read("mbtest", "mbtest.console");
+    for marker in [
+        "mirrorball: profiler ready",
+        "MBTEST-RC=0",
+        "TOOLS-REGISTER-LIST-OK",
+        "TOOLS-WORK-RC=0",
+        "TOOLS-MONITOR-RC=0",
+        "TOOLS-MONITOR-ROWS-OK",
+        "MBTEST-REATTACH-RC=0",
+        "MBTEST-DONE",
+    ] {
+        assert!(console.contains(marker), "no {marker}:\n{console}");
+    }
+    for bad in ["FAIL", "BUG:", "WARNING:", "Oops", "Kernel panic"] {
+        assert!(!console.contains(bad), "{bad} in:\n{console}");
+    }
+    let brand = line_after(&console, "mirrorball: model name:").unwrap_or_default();
+    assert!(!brand.trim().is_empty(), "empty CPU brand:\n{console}");
+    bed.assert_passed("mbtest");
+}
+
+/// A case study's record: every `work` process has guest faults (its own samples) and host
+/// `pf_taken` charged to it; `vmm plot` draws the record.
+fn case_study(test: &str, name: &str, workers: usize) {
+    let Some(bed) = bed(test) else { return };
+    bed.assert_passed(name);
+    let csv = bed.files(name).join("record.csv");
+    let rec = read_record(&csv).unwrap_or_else(|e| panic!("{}: {e}", csv.display()));
+    assert_eq!(rec.bad_lines, 0, "{:?}", rec.first_error);
+    let mut guest_faults: BTreeMap<u32, u64> = BTreeMap::new();
+    for g in rec.guest().filter(|g| g.comm == "work") {
+        let e = guest_faults.entry(g.pid).or_default();
+        *e = (*e).max(g.min_flt + g.maj_flt);
+    }
+    let mut host_pf: BTreeMap<u32, u64> = BTreeMap::new();
+    for h in rec.host().filter(|h| h.comm == "work") {
+        *host_pf.entry(h.pid).or_default() += h.pf_taken;
+    }
+    assert_eq!(
+        guest_faults.len(),
+        workers,
+        "work processes: {guest_faults:?}"
+    );
+    let pids: BTreeSet<u32> = guest_faults.keys().copied().collect();
+    assert_eq!(
+        pids,
+        host_pf.keys().copied().collect(),
+        "host samples charged to the same work processes"
+    );
+    for (pid, faults) in &guest_faults {
+        // Each worker touches its whole region (at least 6 MiB here): thousands of faults.
+        assert!(*faults >= 1000, "work {pid}: {faults} guest faults");
+        assert!(host_pf[pid] > 0, "work {pid}: no host pf_taken");
+    }
+    eprintln!("{name}: guest faults {guest_faults:?}, host pf_taken {host_pf:?}");
+    let prefix = bed.dir.join(format!("{name}-plot"));
+    let out = Command::new(vmm_bin())
+        .args(["plot", "-i"])
+        .arg(&csv)
+        .arg("-o")
+        .arg(&prefix)
+        .output()
+        .expect("vmm plot");
+    assert!(out.status.success(), "vmm plot: {}", text(&out.stderr));
+    let png = bed.dir.join(format!("{name}-plot-faults.png"));
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 1000, "{} ({size} bytes)", png.display());
+}
+
+/// MP3 case study 1 (two workers, thrashing vs locality), scaled down by 64, recorded.
+#[test]
+fn case_study_1_both_layers_per_work_process() {
+    case_study("case_study_1_both_layers_per_work_process", "study1", 2);
+}
+
+/// MP3 case study 2 (N = 3 copies of `work`), scaled down by 32, recorded.
+#[test]
+fn case_study_2_both_layers_per_work_process() {
+    case_study("case_study_2_both_layers_per_work_process", "study2", 3);
+}
+
+/// Debian's own cloud kernel reaches user space under the VMM; it sees the CPU brand, reads the
+/// RTC (the host's date) and finds the i8042 without timeouts.
+#[test]
+fn stock_debian_kernel_reaches_user_space() {
+    let Some(bed) = bed("stock_debian_kernel_reaches_user_space") else {
+        return;
+    };
+    bed.assert_passed("stock");
+    let console = bed.read("stock", "stock.console");
+    assert!(console.contains("MIRRORBALL-INIT-OK"), "{console}");
+    let brand = line_after(&console, "mirrorball: model name:").unwrap_or_default();
+    assert!(!brand.trim().is_empty(), "empty CPU brand:\n{console}");
+    // hwclock prints the RTC's time; it must be the host's date (the L1 guest's, which QEMU
+    // takes from the host).
+    let rtc = line_after(&console, "mirrorball: rtc ").unwrap_or_default();
+    let date = line_after(&console, "mirrorball: host-date ").unwrap_or_default();
+    let (y, m, d) = (&date.get(0..4), &date.get(5..7), &date.get(8..10));
+    assert!(
+        y.is_some_and(|y| rtc.contains(y)) && m.is_some() && d.is_some(),
+        "RTC {rtc:?} vs date {date:?}"
+    );
+    assert!(
+        !console.contains("Can't read CTR") && !console.contains("selftest timeout"),
+        "i8042 timeouts:\n{console}"
+    );
+    eprintln!(
+        "stock kernel: user space at {} s of guest uptime, vmm run {} s",
+        line_after(&console, "mirrorball: uptime ").unwrap_or("?"),
+        bed.read("stock", "stock.secs").trim()
+    );
+}
+
+/// `vmm top` on a running Linux guest, on a pseudo-terminal, shows the guest's `work` tasks.
+#[test]
+fn vmm_top_shows_a_running_guests_tasks() {
+    let Some(bed) = bed("vmm_top_shows_a_running_guests_tasks") else {
+        return;
+    };
+    bed.assert_passed("top");
+    let screen = strip_escapes(&bed.read("top", "top.raw"));
+    // A VM row, and task rows of the guest's two registered `work` processes.
+    assert!(screen.contains("(linux, 2 vCPU)"), "{screen}");
+    let tasks = screen
+        .split('│')
+        .filter(|cell| {
+            let words: Vec<&str> = cell.split_whitespace().collect();
+            words.first() == Some(&"task") && words.get(2) == Some(&"work")
+        })
+        .count();
+    assert!(tasks >= 2, "{tasks} work task rows in:\n{screen}");
+}
+
+/// Terminal output with its CSI escape sequences replaced by a space.
+fn strip_escapes(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
