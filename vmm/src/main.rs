@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use mirrorball_devices::serial::{buffered_console, SerialWriter, DEFAULT_CONSOLE_BUFFER};
 use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
 use vmm::builder::{self, BuiltVm};
 use vmm::cli::{Cli, Command, GuestChoice};
@@ -18,7 +19,7 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
+fn build(choice: &GuestChoice, cli: &Cli, console: SerialWriter) -> Result<BuiltVm> {
     Ok(match choice {
         GuestChoice::Linux(config) => {
             if HostKind::detect() == HostKind::Pvm {
@@ -29,7 +30,7 @@ fn build(choice: &GuestChoice, cli: &Cli) -> Result<BuiltVm> {
                     hidden_features_on_pvm().len()
                 );
             }
-            builder::linux::build(config, Box::new(std::io::stdout()))?
+            builder::linux::build(config, console)?
         }
         GuestChoice::Workload {
             specs,
@@ -121,7 +122,12 @@ fn run(mut cli: Cli) -> Result<i32> {
     }
     let choice = cli.guest().map_err(anyhow::Error::msg)?;
     install_interrupt_handlers()?;
-    let built = build(&choice, &cli)?;
+    // The guest console goes through a bounded buffer drained by its own thread: a stdout that
+    // nobody reads can never block a vCPU.
+    let (console_tx, mut console_drain) =
+        buffered_console(Box::new(std::io::stdout()), DEFAULT_CONSOLE_BUFFER)
+            .context("cannot start the console thread")?;
+    let built = build(&choice, &cli, Box::new(console_tx))?;
     let is_linux = matches!(choice, GuestChoice::Linux(_));
     let terminal = if is_linux {
         Some(
@@ -140,6 +146,16 @@ fn run(mut cli: Cli) -> Result<i32> {
             keep_regions: None,
         },
     )?;
+    let mut report = report;
+    if is_linux {
+        // Bounded: a stdout that takes nothing for a second is given up on.
+        console_drain.finish(std::time::Duration::from_secs(1));
+        let counters = console_drain.counters();
+        report.console = Some(vmm::report::ConsoleReport {
+            written_bytes: counters.written_bytes(),
+            dropped_bytes: counters.dropped_bytes(),
+        });
+    }
     drop(terminal);
     if !is_linux {
         print!("{}", workload_summary(&report));

@@ -138,6 +138,7 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         }),
         guest_region,
         sampler,
+        console: None,
         end_reason: end,
     })
 }
