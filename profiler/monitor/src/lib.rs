@@ -23,6 +23,7 @@ pub mod prometheus;
 pub mod publish;
 pub mod record;
 pub mod rundir;
+mod sigbus;
 pub mod top;
 
 pub use model::{Model, ModelConfig, TaskKey, VmModel};
