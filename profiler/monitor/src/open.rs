@@ -324,6 +324,9 @@ impl OpenVm {
         if !pid_alive(self.handle.id.pid) {
             return VmStatus::Ended(format!("process {} exited", self.handle.id.pid));
         }
+        if !crate::rundir::lock_held(self.host_map.file()) {
+            return VmStatus::Ended("no VMM holds its host region any more".into());
+        }
         VmStatus::Running
     }
 
