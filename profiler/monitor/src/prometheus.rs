@@ -328,8 +328,8 @@ pub fn run(opts: &PromOptions, stop: &AtomicBool) -> Result<(), Error> {
             fleet.poll();
             let text = render(&fleet);
             match &opts.output {
-                Some(p) if p.as_os_str() != "-" => std::fs::write(p, text)
-                    .map_err(|e| Error::new(format!("{}: {e}", p.display())))?,
+                Some(p) if p.as_os_str() != "-" => crate::userfile::create_output(p)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))?,
                 _ => {
                     let mut out = io::stdout().lock();
                     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {

@@ -18,7 +18,6 @@
 //! kind does not have are empty.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -228,9 +227,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, 
         Box::new(io::stdout().lock())
     } else {
         let path = opts.output.as_ref().expect("not stdout");
-        Box::new(
-            fs::File::create(path).map_err(|e| Error::new(format!("{}: {e}", path.display())))?,
-        )
+        Box::new(crate::userfile::create_output(path)?)
     };
     let mut w = RowWriter::new(BufWriter::new(out), opts.format);
     let mut summary = RecordSummary {
