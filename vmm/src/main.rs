@@ -72,8 +72,17 @@ fn run_tool(command: Command) -> Result<i32> {
                     wait: a.wait,
                 },
                 &INTERRUPTED,
-            )?;
-            eprintln!("vmm: {summary}");
+            );
+            // Interrupted (even while waiting for a VM) is exit code 130, as documented.
+            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            match summary {
+                Ok(summary) => eprintln!("vmm: {summary}"),
+                Err(_) if interrupted => eprintln!("vmm: interrupted"),
+                Err(e) => return Err(e.into()),
+            }
+            if interrupted {
+                return Ok(vmm::exit::VmEnd::Interrupted.exit_code());
+            }
         }
         Command::Plot(a) => {
             let font = a
@@ -121,6 +130,11 @@ fn run(mut cli: Cli) -> Result<i32> {
         return run_tool(command);
     }
     let choice = cli.guest().map_err(anyhow::Error::msg)?;
+    if let Some(path) = cli.stats.as_deref().filter(|p| *p != "-") {
+        // Checked (and created) before the run, not after it.
+        mirrorball_monitor::userfile::create_output(std::path::Path::new(path))
+            .context("--stats")?;
+    }
     install_interrupt_handlers()?;
     // The guest console goes through a bounded buffer drained by its own thread: a stdout that
     // nobody reads can never block a vCPU.
@@ -190,6 +204,23 @@ fn parse_cli() -> Result<Cli, ExitCode> {
     })
 }
 
+/// The error and its causes on one line, leaving out a cause whose text the line already holds
+/// (many errors quote their source, e.g. an OS error, in their own message).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let cli = match parse_cli() {
         Ok(cli) => cli,
@@ -198,7 +229,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", one_line(&e));
             ExitCode::from(EXIT_VMM_ERROR as u8)
         }
     }

@@ -134,10 +134,10 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
     if let Some((_, _, _, param)) = &profiler {
         appended = format!("{appended} {param}").trim().to_string();
     }
+    let cmdline_len = loader::load_cmdline_with(mem, &cmdline, &appended, limit)?;
     if !appended.is_empty() {
         cmdline = format!("{cmdline} {appended}");
     }
-    let cmdline_len = loader::load_cmdline(mem, &cmdline, limit)?;
 
     let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
     let info = boot_params::BootInfo {
