@@ -86,6 +86,20 @@ pub fn render(fleet: &Fleet) -> String {
         }
     }
     {
+        let name = "mirrorball_vm_guest_region_valid";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "gauge",
+            "1 if the VM's guest region validated, 0 if the guest broke it (host figures are \
+             exported either way).",
+        );
+        for id in vms.keys() {
+            let valid = fleet.info.get(id).is_none_or(|i| i.guest_error.is_none());
+            f.sample(name, &[vm_label(id)], if valid { 1.0 } else { 0.0 });
+        }
+    }
+    {
         let name = "mirrorball_stale_vms";
         let mut f = Family::begin(
             &mut out,
@@ -326,6 +340,9 @@ pub fn run(opts: &PromOptions, stop: &AtomicBool) -> Result<(), Error> {
         None => {
             fleet.refresh();
             fleet.poll();
+            for w in fleet.take_warnings() {
+                eprintln!("vmm: warning: {w}");
+            }
             let text = render(&fleet);
             match &opts.output {
                 Some(p) if p.as_os_str() != "-" => crate::userfile::create_output(p)

@@ -336,6 +336,14 @@ impl App {
                 {
                     lost.push_str(" [header rewritten]");
                 }
+                if self
+                    .fleet
+                    .info
+                    .get(&id)
+                    .is_some_and(|i| i.guest_error.is_some())
+                {
+                    lost.push_str(" [guest region invalid: host figures only]");
+                }
                 if vm.dropped > 0 {
                     lost.push_str(&format!(" dropped {}", vm.dropped));
                 }
