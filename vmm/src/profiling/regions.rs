@@ -32,6 +32,9 @@ pub enum RegionError {
         /// The error.
         source: std::io::Error,
     },
+    /// Publishing in the run directory failed (the error names the file or directory).
+    #[error("cannot publish the profiler regions: {0}")]
+    Publish(std::io::Error),
     /// The ABI refused the layout.
     #[error("profiler region layout: {0:?}")]
     Abi(mirrorball_profiler_abi::AbiError),
@@ -150,13 +153,7 @@ impl ProfilerRegions {
             guest_period_ns: period_ns,
             host_period_ns: period_ns,
         };
-        let published =
-            Arc::new(
-                PublishedVm::create(dir, &spec).map_err(|source| RegionError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?,
-            );
+        let published = Arc::new(PublishedVm::create(dir, &spec).map_err(RegionError::Publish)?);
         Ok(Self {
             guest: RegionFile {
                 vm: Arc::clone(&published),
