@@ -105,3 +105,75 @@ fn timeout_ends_a_spinning_guest() {
     let out = boot("timeout", &[0xeb, 0xfe], &["--timeout", "1"]);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
 }
+
+/// Machine code: `mov dx, 0x3f8; mov al, 'x'; 1: out dx, al; jmp 1b` — a console flood.
+fn serial_flood() -> Vec<u8> {
+    vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xeb, 0xfd]
+}
+
+/// Starts `vmm` on a flooding guest with a stdout pipe that nobody reads; returns the child and
+/// the unread pipe (kept open so writes block instead of failing).
+fn flood_with_stalled_reader(
+    test: &str,
+    extra: &[&str],
+) -> (std::process::Child, Option<std::process::ChildStdout>) {
+    let path = temp_file(test, "guest.elf", &tiny_elf(&serial_flood()));
+    let stats = path.with_file_name("stats.json");
+    let mut child = std::process::Command::new(common::vmm_bin())
+        .args(["--kernel", path.to_str().expect("utf-8"), "--mem", "64M"])
+        .args(["--stats", stats.to_str().expect("utf-8")])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning vmm");
+    let stdout = child.stdout.take();
+    (child, stdout)
+}
+
+fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm did not end within {limit:?} (a stalled console blocked it)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_console_flood_into_a_stalled_pipe_cannot_outlive_the_timeout() {
+    if !kvm_available("a_console_flood_into_a_stalled_pipe_cannot_outlive_the_timeout") {
+        return;
+    }
+    let (mut child, pipe) = flood_with_stalled_reader("flood-timeout", &["--timeout", "2"]);
+    let status = wait_within(&mut child, Duration::from_secs(20));
+    drop(pipe);
+    assert_eq!(status.code(), Some(7), "ended by the timeout");
+    let stats = temp_file("flood-timeout", "unused", b"").with_file_name("stats.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats).expect("stats file")).expect("stats json");
+    let dropped = json["console"]["dropped_bytes"].as_u64().unwrap_or(0);
+    assert!(dropped > 0, "overflow is counted: {}", json["console"]);
+}
+
+#[test]
+fn sigterm_ends_a_console_flood_into_a_stalled_pipe() {
+    if !kvm_available("sigterm_ends_a_console_flood_into_a_stalled_pipe") {
+        return;
+    }
+    let (mut child, pipe) = flood_with_stalled_reader("flood-sigterm", &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = wait_within(&mut child, Duration::from_secs(15));
+    drop(pipe);
+    assert_eq!(status.code(), Some(130), "ended as interrupted");
+}

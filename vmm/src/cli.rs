@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::builder::linux::{LinuxConfig, DEFAULT_MEM_BYTES};
+use crate::builder::MAX_VCPUS;
 use crate::builder::{GuestConfig, WorkloadConfig};
 use crate::fleet::ShareMode;
 use crate::workload::TaskSpec;
@@ -42,10 +43,10 @@ pub struct Cli {
     pub cmdline: Option<String>,
     /// Guest RAM, e.g. 256M or 1G (a bare number is MiB) [default: 256M for Linux, what the
     /// workload needs otherwise].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub mem: Option<u64>,
     /// Number of vCPUs [default: 1 for Linux; one per workload task].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_vcpus)]
     pub vcpus: Option<usize>,
     /// OS-less workload task "work <MiB> <R|L> <accesses> [iterations]"; repeat for several
     /// tasks (one vCPU each, or shared round robin on --vcpus N), or give one with --vcpus N
@@ -223,6 +224,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses `--mem`: a size of at least 1 MiB (guest RAM is counted in MiB).
+fn parse_mem(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes < 1 << 20 {
+        return Err(format!("{text:?} is less than 1 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Parses `--vcpus`: checked against [`MAX_VCPUS`] before anything is sized by it.
+fn parse_vcpus(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(format!("must be between 1 and {MAX_VCPUS}")),
+    }
+}
+
 fn parse_timeout(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
         .parse()
@@ -260,6 +278,11 @@ impl Cli {
                 vcpus: self.vcpus.unwrap_or(1),
                 profile_period: self.run.sample_period(),
             }));
+        }
+        if self.initrd.is_some() || self.cmdline.is_some() {
+            return Err(
+                "--initrd and --cmdline need --kernel (the workload guest has neither)".into(),
+            );
         }
         let parse_default = || {
             DEFAULT_WORKLOAD
@@ -313,6 +336,27 @@ mod tests {
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         for bad in ["", "0", "0M", "x", "12Q", "-1G", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ranges_are_checked_before_anything_is_sized() {
+        for bad in ["0", "65", "1000000000", "4294967296", "x"] {
+            let e = cli(&["--vcpus", bad]).expect_err(bad).to_string();
+            assert!(e.contains("between 1 and 64"), "{bad}: {e}");
+        }
+        assert!(cli(&["--vcpus", "64"]).is_ok());
+        let e = cli(&["--mem", "1K"]).expect_err("1K").to_string();
+        assert!(e.contains("less than 1 MiB"), "{e}");
+        for args in [
+            &["--workload", "work 1 R 1", "--cmdline", "x"][..],
+            &["--workload", "work 1 R 1", "--initrd", "/i"][..],
+            &["--cmdline", "x"][..],
+        ] {
+            let e = cli(args)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.guest().map(|_| ()));
+            assert!(e.is_err_and(|e| e.contains("--kernel")), "{args:?}");
         }
     }
 

@@ -35,6 +35,22 @@ pub enum LoadError {
         /// The error.
         source: std::io::Error,
     },
+    /// A boot file is not a regular file.
+    #[error("{what} {} is not a regular file (a device, FIFO or directory cannot be loaded)", path.display())]
+    NotRegular {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// An ELF kernel that cannot be loaded as it is.
+    #[error("kernel {} is not a loadable x86-64 ELF: {why}", path.display())]
+    BadElf {
+        /// Path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The kernel is neither format.
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)")]
     UnknownFormat(PathBuf),
@@ -79,6 +95,21 @@ pub enum LoadError {
         /// The limit.
         max: usize,
     },
+    /// The command line fits, but not with what the VMM appends to it.
+    #[error(
+        "kernel command line is {len} bytes with the {added} bytes the VMM appends \
+         ({appended:?}); at most {max} fit: shorten --cmdline"
+    )]
+    CmdlineTooLongWithAdded {
+        /// Its length with the appended part.
+        len: usize,
+        /// Bytes appended by the VMM.
+        added: usize,
+        /// What was appended.
+        appended: String,
+        /// The limit.
+        max: usize,
+    },
     /// The ELF entry point lies beyond everything the image loads.
     #[error("kernel {path} has its entry point {entry:#x} outside its loaded segments")]
     EntryOutsideImage {
@@ -106,12 +137,102 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(path).map_err(|source| LoadError::Read {
+/// Reads a boot file that must fit in `max` bytes of guest RAM, doing bounded work before any
+/// check: it is opened without blocking (a FIFO cannot hang us), must be a regular file (not
+/// `/dev/zero`, a directory or a FIFO), and its size is checked before a byte is read.
+fn read(what: &'static str, path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| LoadError::Read {
         what,
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(LoadError::NotRegular {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() > max {
+        return Err(LoadError::TooSmall {
+            what: if what == "kernel" {
+                "the kernel"
+            } else {
+                "kernel plus initrd"
+            },
+            mem_mib: max >> 20,
+            needed_mib: meta.len().div_ceil(1 << 20),
+        });
+    }
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // The file may grow after the check: never read more than `max` + 1 bytes.
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(err)?;
+    if data.len() as u64 > max {
+        return Err(LoadError::TooSmall {
+            what: "a boot file that grew while it was read",
+            mem_mib: max >> 20,
+            needed_mib: (data.len() as u64).div_ceil(1 << 20),
+        });
+    }
+    Ok(data)
+}
+
+/// `e_machine` of x86-64.
+const EM_X86_64: u16 = 62;
+
+/// Refuses an ELF image for another machine, or with a loadable segment whose file part is
+/// larger than its memory part (the loader would copy more than the segment holds).
+fn check_elf(image: &[u8], path: &Path) -> Result<(), LoadError> {
+    let bad = |why: String| LoadError::BadElf {
+        path: path.to_path_buf(),
+        why,
+    };
+    let word = |off: usize, len: usize| -> Option<u64> {
+        let b = image.get(off..off.checked_add(len)?)?;
+        let mut v = [0u8; 8];
+        v[..len].copy_from_slice(b);
+        Some(u64::from_le_bytes(v))
+    };
+    if image.get(4) != Some(&2) {
+        return Err(bad("not a 64-bit ELF file".into()));
+    }
+    let machine = word(0x12, 2).unwrap_or(0) as u16;
+    if machine != EM_X86_64 {
+        return Err(bad(format!(
+            "built for machine {machine} (e_machine), not x86-64 (62)"
+        )));
+    }
+    let (Some(phoff), Some(phnum)) = (word(0x20, 8), word(0x38, 2)) else {
+        return Err(bad("its header is truncated".into()));
+    };
+    for i in 0..phnum {
+        let Some(ph) = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i as usize * 56))
+        else {
+            return Err(bad("its program headers lie outside the file".into()));
+        };
+        let (Some(kind), Some(filesz), Some(memsz)) =
+            (word(ph, 4), word(ph + 0x20, 8), word(ph + 0x28, 8))
+        else {
+            return Err(bad("its program headers lie outside the file".into()));
+        };
+        if kind == 1 && filesz > memsz {
+            return Err(bad(format!(
+                "loadable segment {i} has p_filesz {filesz:#x} > p_memsz {memsz:#x}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parses and checks a bzImage's setup header without loading it.
@@ -151,7 +272,7 @@ pub fn load_kernel(
     low_ram_end: u64,
     path: &Path,
 ) -> Result<LoadedKernel, LoadError> {
-    let image = read("kernel", path)?;
+    let image = read("kernel", path, low_ram_end)?;
     let kernel_err = |source| LoadError::Kernel {
         path: path.to_path_buf(),
         source,
@@ -162,6 +283,7 @@ pub fn load_kernel(
         needed_mib: needed.div_ceil(1 << 20),
     };
     if image.starts_with(b"\x7fELF") {
+        check_elf(&image, path)?;
         let end = elf_end(&image);
         if end > low_ram_end {
             return Err(too_small(end));
@@ -243,7 +365,11 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     low_ram_end: u64,
 ) -> Result<(u64, u64), LoadError> {
-    let data = read("initrd", path)?;
+    let data = read(
+        "initrd",
+        path,
+        low_ram_end.saturating_sub(kernel.end.min(low_ram_end)),
+    )?;
     let size = data.len() as u64;
     let addr_max = kernel
         .setup_header
@@ -280,6 +406,29 @@ pub fn check_cmdline(cmdline: &str, kernel_limit: Option<u32>) -> Result<(), Loa
         return Err(LoadError::CmdlineNul);
     }
     Ok(())
+}
+
+/// Writes `user` followed by ` appended` (what the VMM adds: PVM CPU-feature switches, the
+/// profiler device); a line too long says how much of it the VMM added. Returns its length.
+pub fn load_cmdline_with(
+    mem: &GuestMemoryMmap,
+    user: &str,
+    appended: &str,
+    kernel_limit: Option<u32>,
+) -> Result<usize, LoadError> {
+    if appended.is_empty() {
+        return load_cmdline(mem, user, kernel_limit);
+    }
+    let full = format!("{user} {appended}");
+    match load_cmdline(mem, &full, kernel_limit) {
+        Err(LoadError::CmdlineTooLong { len, max }) => Err(LoadError::CmdlineTooLongWithAdded {
+            len,
+            added: len - user.len(),
+            appended: appended.to_string(),
+            max,
+        }),
+        other => other,
+    }
 }
 
 /// Checks and writes the command line; returns its length without the NUL.
@@ -435,6 +584,84 @@ mod tests {
         );
     }
 
+    fn tiny_elf(machine: u16, filesz: u64, memsz: u64) -> Vec<u8> {
+        let mut elf = vec![0u8; 0x200];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4..8].copy_from_slice(&[2, 1, 1, 0]);
+        elf[0x10..0x12].copy_from_slice(&2u16.to_le_bytes());
+        elf[0x12..0x14].copy_from_slice(&machine.to_le_bytes());
+        elf[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        elf[0x18..0x20].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        elf[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        elf[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 0x40;
+        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        elf[ph + 8..ph + 16].copy_from_slice(&0x100u64.to_le_bytes());
+        elf[ph + 0x18..ph + 0x20].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        elf[ph + 0x20..ph + 0x28].copy_from_slice(&filesz.to_le_bytes());
+        elf[ph + 0x28..ph + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn foreign_or_inconsistent_elf_is_refused() {
+        let ok = temp("elf-ok", &tiny_elf(62, 0x10, 0x10));
+        load_kernel(&mem(32 << 20), 32 << 20, &ok).expect("a good tiny ELF loads");
+        let arm = temp("elf-arm", &tiny_elf(183, 0x10, 0x10));
+        let err = load_kernel(&mem(32 << 20), 32 << 20, &arm).unwrap_err();
+        assert!(err.to_string().contains("not x86-64"), "{err}");
+        let fat = temp("elf-fat", &tiny_elf(62, 0x100, 0x10));
+        let err = load_kernel(&mem(32 << 20), 32 << 20, &fat).unwrap_err();
+        assert!(err.to_string().contains("p_filesz"), "{err}");
+    }
+
+    #[test]
+    fn boot_files_must_be_regular_and_fit_before_they_are_read() {
+        let start = std::time::Instant::now();
+        // A FIFO nobody writes would block a plain open or read forever.
+        let fifo =
+            std::env::temp_dir().join(format!("mirrorball-loader-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+        // SAFETY: creates a FIFO at a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for path in [fifo.as_path(), Path::new("/dev/zero"), Path::new("/tmp")] {
+            let err = load_kernel(&mem(16 << 20), 16 << 20, path).unwrap_err();
+            assert!(matches!(err, LoadError::NotRegular { .. }), "{err}");
+        }
+        let _ = std::fs::remove_file(&fifo);
+        // A 4 GiB sparse file is refused on its size, without reading it.
+        let sparse = temp("sparse", b"");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sparse)
+            .expect("open")
+            .set_len(4 << 30)
+            .expect("sparse");
+        let err = load_kernel(&mem(16 << 20), 16 << 20, &sparse).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadError::TooSmall {
+                    needed_mib: 4096,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let kernel = LoadedKernel {
+            entry: 0x100_0000,
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let err = load_initrd(&mem(16 << 20), &sparse, &kernel, 16 << 20).unwrap_err();
+        assert!(matches!(err, LoadError::TooSmall { .. }), "{err}");
+        let _ = std::fs::remove_file(&sparse);
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
     #[test]
     fn initrd_goes_high_and_must_fit() {
         let m = mem(32 << 20);
@@ -453,6 +680,17 @@ mod tests {
             load_initrd(&m, &big, &kernel, 32 << 20),
             Err(LoadError::TooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn a_line_too_long_with_the_vmms_additions_says_so() {
+        let user = "x".repeat(2040);
+        let err = load_cmdline_with(&mem(1 << 20), &user, "noxsave clearcpuid=1", Some(2047))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the 21 bytes the VMM appends"), "{err}");
+        assert!(err.contains("2061 bytes") && err.contains("2047"), "{err}");
+        load_cmdline_with(&mem(1 << 20), "console=ttyS0", "noxsave", None).expect("fits");
     }
 
     #[test]

@@ -53,8 +53,17 @@ fn run_tool(command: Command) -> Result<i32> {
                     wait: a.wait,
                 },
                 &INTERRUPTED,
-            )?;
-            eprintln!("vmm: {summary}");
+            );
+            // Interrupted (even while waiting for a VM) is exit code 130, as documented.
+            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            match summary {
+                Ok(summary) => eprintln!("vmm: {summary}"),
+                Err(_) if interrupted => eprintln!("vmm: interrupted"),
+                Err(e) => return Err(e.into()),
+            }
+            if interrupted {
+                return Ok(vmm::exit::VmEnd::Interrupted.exit_code());
+            }
         }
         Command::Plot(a) => {
             let font = a
@@ -129,6 +138,11 @@ fn host_notices(plan: &FleetPlan, host: &HostContext) {
 /// Builds, runs and reports the VMs of `plan`; returns the exit code.
 fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
     plan.check()?;
+    if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
+        // Checked (and created) before the run, not after it.
+        mirrorball_monitor::userfile::create_output(std::path::Path::new(path))
+            .context("--stats")?;
+    }
     let gates = match vmm::gates::Gates::prepare(&options.gates) {
         Ok(gates) => gates,
         Err(code) => return Ok(code),
@@ -231,6 +245,23 @@ fn parse_cli() -> Result<Cli, ExitCode> {
     })
 }
 
+/// The error and its causes on one line, leaving out a cause whose text the line already holds
+/// (many errors quote their source, e.g. an OS error, in their own message).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let cli = match parse_cli() {
         Ok(cli) => cli,
@@ -239,7 +270,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", one_line(&e));
             ExitCode::from(EXIT_VMM_ERROR as u8)
         }
     }

@@ -116,6 +116,16 @@ pub struct TaskReport {
     pub progress: TaskProgress,
 }
 
+/// The serial console's output: bytes written to stdout and bytes dropped because stdout did
+/// not take them (a full buffer, or a failed or stalled write).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ConsoleReport {
+    /// Bytes that reached the console sink (the terminal or the log file).
+    pub written_bytes: u64,
+    /// Bytes dropped.
+    pub dropped_bytes: u64,
+}
+
 /// Everything `--stats` writes about one VM.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
@@ -155,6 +165,9 @@ pub struct RunReport {
     /// What the host sampler did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampler: Option<crate::profiling::sampler::SamplerReport>,
+    /// What happened to the guest's console output (Linux guests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleReport>,
     /// The end itself, for the caller's exit code and message.
     #[serde(skip)]
     pub end_reason: VmEnd,
@@ -302,6 +315,7 @@ mod tests {
             profiler_device: None,
             guest_region: None,
             sampler: None,
+            console: None,
             end_reason: VmEnd::WorkloadFinished,
         };
         let text = workload_summary(&report);

@@ -189,6 +189,21 @@ impl RunningVm {
                 .unwrap_or_default(),
             None => Default::default(),
         };
+        let console = match &mut self.guest {
+            Guest::Linux {
+                console: Some(drain),
+                ..
+            } => {
+                // Bounded: a sink that takes nothing for a second is given up on.
+                drain.finish(Duration::from_secs(1));
+                let counters = drain.counters();
+                Some(crate::report::ConsoleReport {
+                    written_bytes: counters.written_bytes(),
+                    dropped_bytes: counters.dropped_bytes(),
+                })
+            }
+            _ => None,
+        };
         let (pio, mmio) = self.exits.unhandled();
         let vcpu_count = vcpu_reports.len();
         let (guest_name, tasks) = match &self.guest {
@@ -228,6 +243,7 @@ impl RunningVm {
                 }),
             guest_region,
             sampler,
+            console,
             end_reason: end,
         }
     }

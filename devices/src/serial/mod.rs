@@ -7,6 +7,8 @@
 //! * [`SharedBuffer`]: a cloneable in-memory writer to capture guest output.
 //! * [`SerialInput`] (in `input.rs`): the event-loop subscriber that moves host
 //!   input (stdin) into the UART's receive FIFO with backpressure.
+//! * [`console`] (in `console.rs`): the bounded, non-blocking output buffer the
+//!   VMM puts between the UART and stdout, so a guest never waits on the host.
 //!
 //! # Access sizes
 //!
@@ -24,9 +26,11 @@
 //! reaches the terminal at once, which keeps prompts without a trailing newline
 //! (`login: `, `# `) visible, at the cost of one `write(2)` per byte. That cost
 //! is small next to the port-I/O VM exit the guest already paid for the same
-//! byte, so no extra buffering is added here. A writer that wants batching can
-//! implement its own `flush` policy.
+//! byte. The VMM gives the UART a [`ConsoleBuffer`], whose `write` and `flush`
+//! only copy into memory: a terminal or pipe that stops reading can never block
+//! a vCPU (see `console.rs`).
 
+mod console;
 mod input;
 
 use std::io::{self, Write};
@@ -39,6 +43,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
 pub use crate::trigger::EventFdTrigger;
+pub use console::{
+    buffered_console, ConsoleBuffer, ConsoleCounters, ConsoleDrain, DEFAULT_CONSOLE_BUFFER,
+};
 pub use input::{InputState, SerialInput};
 
 /// First I/O port of COM1.

@@ -25,6 +25,8 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// Wall-clock start, ms since the epoch (0 if unknown).
     pub started_unix_ms: u64,
+    /// Why its guest region did not validate (the VM is shown from its host region only).
+    pub guest_error: Option<String>,
 }
 
 /// Every VM of a run directory.
@@ -45,6 +47,8 @@ pub struct Fleet {
     pub scan_error: Option<String>,
     /// Windows closed.
     pub ticks: u64,
+    /// Warnings not yet shown (e.g. a VM whose guest region is invalid), oldest first.
+    pub warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -69,6 +73,7 @@ impl Fleet {
             ended: Vec::new(),
             scan_error: None,
             ticks: 0,
+            warnings: Vec::new(),
         }
     }
 
@@ -116,8 +121,18 @@ impl Fleet {
                             guest: crate::sanitize(meta.guest.as_bytes(), 16),
                             vcpus: vm.vcpu_count(),
                             started_unix_ms: meta.started_unix_ms,
+                            guest_error: vm.guest_error().map(str::to_string),
                         },
                     );
+                    if let Some(e) = vm.guest_error() {
+                        self.warnings.push(format!(
+                            "VM {id}: guest region invalid, showing host figures only: {e}"
+                        ));
+                        // Bounded: a directory of broken VMs cannot grow it without limit.
+                        if self.warnings.len() > 100 {
+                            self.warnings.remove(0);
+                        }
+                    }
                     self.model.vm_mut(id);
                     self.vms.insert(id, vm);
                 }
@@ -173,6 +188,11 @@ impl Fleet {
         }
         self.ended
             .retain(|(_, _, at)| now.duration_since(*at) < ENDED_KEEP);
+    }
+
+    /// Takes the warnings not yet shown.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// Closes the model's window (rates, histories).

@@ -12,7 +12,8 @@
 //! - [`plot`]: `vmm plot` (PNG and SVG through `plotters`).
 //! - [`top`]: `vmm top` (ratatui).
 //! - [`prometheus`]: `vmm prometheus` (text exposition, once or served on loopback).
-//! - [`publish`]: the publishing side of the convention (the `fake_vm` example, tests).
+//! - [`publish`]: the publishing side of the run-directory protocol (the VMM, `fake_vm`, tests).
+//! - [`userfile`]: opening the files a user names without blocking or unbounded reads.
 
 pub mod fleet;
 pub mod mapping;
@@ -23,7 +24,9 @@ pub mod prometheus;
 pub mod publish;
 pub mod record;
 pub mod rundir;
+mod sigbus;
 pub mod top;
+pub mod userfile;
 
 pub use model::{Model, ModelConfig, TaskKey, VmModel};
 pub use open::{Batch, Loss, OpenError, OpenVm, PollLimits, Ring, VcpuRow, VmStatus};

@@ -1,4 +1,6 @@
-//! File mappings: read-only (`PROT_READ`, `MAP_SHARED`) for readers, read-write for publishers.
+//! File mappings: read-only (`PROT_READ`, `MAP_SHARED`) for readers, read-write for publishers
+//! (the VMM among them). Every mapping is registered with [`crate::sigbus`], so a file that
+//! shrinks under it never kills the process: [`Mapping::check`] reports it instead.
 
 use std::fs::File;
 use std::io;
@@ -19,6 +21,7 @@ pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     file: File,
+    guard: Option<crate::sigbus::MappingGuard>,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through the ABI crate's atomics;
@@ -27,7 +30,7 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
-fn map(file: &File, len: usize, prot: libc::c_int) -> io::Result<NonNull<u8>> {
+fn map(file: File, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
     // SAFETY: a fresh mapping chosen by the kernel; the result is checked.
     let ptr = unsafe {
         libc::mmap(
@@ -42,7 +45,17 @@ fn map(file: &File, len: usize, prot: libc::c_int) -> io::Result<NonNull<u8>> {
     if ptr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+    let ptr =
+        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    let mut mapping = Mapping {
+        ptr,
+        len,
+        file,
+        guard: None,
+    };
+    // On failure, dropping `mapping` unmaps it.
+    mapping.guard = Some(crate::sigbus::register(ptr.as_ptr(), len)?);
+    Ok(mapping)
 }
 
 impl Mapping {
@@ -64,8 +77,7 @@ impl Mapping {
             ));
         }
         let len = usize::try_from(size).map_err(io::Error::other)?;
-        let ptr = map(&file, len, libc::PROT_READ)?;
-        Ok(Self { ptr, len, file })
+        map(file, len, libc::PROT_READ)
     }
 
     /// Creates (exclusively, mode 0600) a file of `len` bytes and maps it read-write.
@@ -79,8 +91,27 @@ impl Mapping {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)?;
         file.set_len(len as u64)?;
-        let ptr = map(&file, len, libc::PROT_READ | libc::PROT_WRITE)?;
-        Ok(Self { ptr, len, file })
+        map(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// The mapped file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Start of the mapping.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Takes an exclusive `flock` on the file, held until the mapping is dropped: what marks a
+    /// published host region as belonging to a running VMM.
+    pub(crate) fn lock_exclusive(&self) -> io::Result<()> {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Bytes mapped.
@@ -112,6 +143,12 @@ impl Mapping {
     /// Checks that the file still covers the whole mapping (reading past the end of a shrunk
     /// file would raise SIGBUS). Returns the file's link count: 0 once it has been removed.
     pub(crate) fn check(&self) -> io::Result<u64> {
+        if self.guard.as_ref().is_some_and(|g| g.faulted()) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank under its mapping (its pages now read as zeros)",
+            ));
+        }
         let meta = self.file.metadata()?;
         if meta.len() < self.len as u64 {
             return Err(io::Error::new(
@@ -125,9 +162,45 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // Unregistered before it is unmapped.
+        self.guard = None;
         // SAFETY: unmaps exactly the mapping this value owns; nothing uses it afterwards.
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_truncated_under_its_mappings_does_not_kill_the_process() {
+        let dir = std::env::temp_dir().join(format!("mb-mapping-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("region");
+        let _ = std::fs::remove_file(&path);
+        let writer = Mapping::create_rw(&path, 64 << 10).expect("create");
+        let reader = Mapping::open_read(&path).expect("map");
+        // SAFETY: in bounds of a live mapping.
+        unsafe { writer.as_ptr().add(8192).write_volatile(7) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { reader.as_ptr().add(8192).read_volatile() }, 7);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+            .set_len(0)
+            .expect("truncate");
+        // Without the SIGBUS guard each of these accesses kills the test process.
+        // SAFETY: in bounds of a live mapping (now past the file's end).
+        assert_eq!(unsafe { reader.as_ptr().add(8192).read_volatile() }, 0);
+        // SAFETY: as above.
+        unsafe { writer.as_ptr().add(16384).write_volatile(1) };
+        assert!(reader.check().is_err());
+        assert!(writer.check().is_err());
+        drop((reader, writer));
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -136,17 +136,25 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// The validated guest region and its ring reader.
+struct GuestSide {
+    view: GuestRegionView<'static>,
+    reader: RingReader<'static, GuestSample>,
+}
+
 /// A running VM's two regions, mapped read-only and validated.
 ///
 /// Every value read from the guest region is a guest claim: consistent (seqlock and sequence
 /// checked by the ABI crate) but not trustworthy. Reads are bounds-checked and bounded in time.
+/// A guest region that does not validate (the guest broke its own header) does not hide the VM:
+/// it opens with the host side only, and [`OpenVm::guest_error`] says why.
 pub struct OpenVm {
     handle: VmHandle,
     // The views and readers point into the mappings below. They are private, only lent out with
     // the lifetime of `&self`, and the mappings are dropped after them (field order).
-    guest_view: GuestRegionView<'static>,
+    guest: Option<GuestSide>,
+    guest_error: Option<String>,
     host_view: HostRegionView<'static>,
-    guest_reader: RingReader<'static, GuestSample>,
     host_reader: RingReader<'static, HostSample>,
     guest_header_changes: u64,
     host_header_changes: u64,
@@ -183,12 +191,26 @@ impl OpenVm {
         let guest_region = unsafe { guest_map.region_static() }.map_err(io(guest_path.clone()))?;
         // SAFETY: as above.
         let host_region = unsafe { host_map.region_static() }.map_err(io(host_path.clone()))?;
-        let guest_view =
-            validate_guest_region(guest_region).map_err(|error| OpenError::Invalid {
-                path: guest_path,
-                kind: "guest",
-                error,
-            })?;
+        let (guest, guest_error) = match validate_guest_region(guest_region) {
+            Ok(view) => (
+                Some(GuestSide {
+                    view,
+                    reader: start_reader(view.ring()),
+                }),
+                None,
+            ),
+            Err(error) => (
+                None,
+                Some(
+                    OpenError::Invalid {
+                        path: guest_path,
+                        kind: "guest",
+                        error,
+                    }
+                    .to_string(),
+                ),
+            ),
+        };
         let host_view = validate_host_region(host_region).map_err(|error| OpenError::Invalid {
             path: host_path,
             kind: "host",
@@ -196,9 +218,9 @@ impl OpenVm {
         })?;
         Ok(Self {
             handle,
-            guest_reader: start_reader(guest_view.ring()),
+            guest,
+            guest_error,
             host_reader: start_reader(host_view.ring()),
-            guest_view,
             host_view,
             guest_header_changes: 0,
             host_header_changes: 0,
@@ -224,9 +246,15 @@ impl OpenVm {
         self.handle.meta.as_ref()
     }
 
-    /// The validated guest region (guest-writable).
-    pub fn guest_view(&self) -> GuestRegionView<'_> {
-        self.guest_view
+    /// The validated guest region (guest-writable), `None` if it did not validate.
+    pub fn guest_view(&self) -> Option<GuestRegionView<'_>> {
+        self.guest.as_ref().map(|g| g.view)
+    }
+
+    /// Why the guest region did not validate at open (the VM is then read from its host region
+    /// only), or `None` when it did.
+    pub fn guest_error(&self) -> Option<&str> {
+        self.guest_error.as_deref()
     }
 
     /// The validated host region.
@@ -241,7 +269,7 @@ impl OpenVm {
 
     /// The guest sampler's period as the guest publishes it, ns (0 = unknown).
     pub fn guest_period_ns(&self) -> u64 {
-        self.guest_view.sample_period_ns()
+        self.guest.as_ref().map_or(0, |g| g.view.sample_period_ns())
     }
 
     /// The host sampler's period, ns (0 = unknown).
@@ -251,22 +279,31 @@ impl OpenVm {
 
     /// Every vCPU slot of the guest region, read now.
     pub fn vcpus(&self) -> Vec<VcpuRow> {
-        (0..self.guest_view.vcpu_count())
+        let Some(g) = &self.guest else {
+            return Vec::new();
+        };
+        (0..g.view.vcpu_count())
             .map(|index| VcpuRow {
                 index,
-                state: self.guest_view.vcpu(index),
+                state: g.view.vcpu(index),
             })
             .collect()
     }
 
     /// Task-table entry `task_id`, read now (bounds-checked).
     pub fn task(&self, task_id: u32) -> Result<TaskInfo, ReadError> {
-        self.guest_view.task(task_id)
+        match &self.guest {
+            Some(g) => g.view.task(task_id),
+            None => Err(ReadError::OutOfRange),
+        }
     }
 
     /// Every task-table entry that is in use and was read consistently, in task-id order.
     pub fn tasks(&self) -> Vec<(u32, TaskInfo)> {
-        self.guest_view
+        let Some(g) = &self.guest else {
+            return Vec::new();
+        };
+        g.view
             .tasks()
             .filter_map(|(id, t)| t.ok().filter(|t| t.state != TASK_FREE).map(|t| (id, t)))
             .collect()
@@ -275,7 +312,7 @@ impl OpenVm {
     /// Records read from each ring so far: (guest, host).
     pub fn read_counts(&self) -> (u64, u64) {
         (
-            self.guest_reader.read_count(),
+            self.guest.as_ref().map_or(0, |g| g.reader.read_count()),
             self.host_reader.read_count(),
         )
     }
@@ -283,7 +320,7 @@ impl OpenVm {
     /// Records lost on each ring so far: (guest, host).
     pub fn lost_counts(&self) -> (u64, u64) {
         (
-            self.guest_reader.lost_count(),
+            self.guest.as_ref().map_or(0, |g| g.reader.lost_count()),
             self.host_reader.lost_count(),
         )
     }
@@ -324,6 +361,9 @@ impl OpenVm {
         if !pid_alive(self.handle.id.pid) {
             return VmStatus::Ended(format!("process {} exited", self.handle.id.pid));
         }
+        if !crate::rundir::lock_held(self.host_map.file()) {
+            return VmStatus::Ended("no VMM holds its host region any more".into());
+        }
         VmStatus::Running
     }
 
@@ -342,7 +382,7 @@ impl OpenVm {
             map.check()
                 .map_err(|source| OpenError::Io { path, source })?;
         }
-        if let Err(e) = self.guest_view.revalidate() {
+        if let Some(Err(e)) = self.guest.as_ref().map(|g| g.view.revalidate()) {
             self.guest_header_changes += 1;
             self.last_header_error = Some(format!("guest header: {e}"));
         }
@@ -354,16 +394,18 @@ impl OpenVm {
             read_ns: monotonic_ns(),
             ..Batch::default()
         };
-        let (guest, lost, truncated) = drain(
-            &mut self.guest_reader,
-            limits.guest_steps,
-            Ring::Guest,
-            &mut batch.losses,
-            &mut batch.regressed,
-        );
-        batch.guest = guest;
-        batch.lost_guest = lost;
-        batch.truncated |= truncated;
+        if let Some(g) = self.guest.as_mut() {
+            let (guest, lost, truncated) = drain(
+                &mut g.reader,
+                limits.guest_steps,
+                Ring::Guest,
+                &mut batch.losses,
+                &mut batch.regressed,
+            );
+            batch.guest = guest;
+            batch.lost_guest = lost;
+            batch.truncated |= truncated;
+        }
         let (host, lost, truncated) = drain(
             &mut self.host_reader,
             limits.host_steps,

@@ -316,8 +316,9 @@ pub fn load_font(choice: &FontChoice) -> Result<bool, Error> {
             .unwrap_or_else(|e| e.into_inner());
         let data: &'static [u8] = match bytes.get(path) {
             Some(d) => d,
-            None => match std::fs::read(path) {
-                Ok(d) if d.len() < 64 << 20 => {
+            // A regular file of at most 64 MiB, checked before it is read (not /dev/zero, a FIFO).
+            None => match read_font(path) {
+                Ok(d) => {
                     let d: &'static [u8] = Box::leak(d.into_boxed_slice());
                     bytes.insert(path.to_path_buf(), d);
                     d
@@ -354,6 +355,14 @@ pub fn load_font(choice: &FontChoice) -> Result<bool, Error> {
 }
 
 type DrawResult = Result<(), String>;
+
+/// Reads a font file the user named: a regular file under 64 MiB, checked before reading.
+fn read_font(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    crate::userfile::open_input(path, 64 << 20)?.read_to_end(&mut data)?;
+    Ok(data)
+}
 
 fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")

@@ -6,12 +6,13 @@
 //! of the host sampler's deltas since the exporter attached to the VM (for a one-shot export:
 //! over the history the host ring still holds); those charged to a task follow the guest's
 //! claim of which task ran. Label values are sanitised and escaped; the number of tasks per VM
-//! is bounded by the model ([`crate::ModelConfig::max_tasks`]).
+//! is bounded by the model ([`crate::ModelConfig::max_tasks`]). Scrapes are served
+//! concurrently by a bounded pool ([`http`]); a VM whose guest region is invalid is exported from
+//! its host region, with `mirrorball_vm_guest_region_valid 0` and a warning on stderr.
 
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 use crate::fleet::Fleet;
 use crate::model::{HostTotals, ModelConfig};
 use crate::Error;
+
+pub mod http;
 
 /// Escapes a label value.
 pub fn escape_label(v: &str) -> String {
@@ -83,6 +86,20 @@ pub fn render(fleet: &Fleet) -> String {
                 ],
                 1.0,
             );
+        }
+    }
+    {
+        let name = "mirrorball_vm_guest_region_valid";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "gauge",
+            "1 if the VM's guest region validated, 0 if the guest broke it (host figures are \
+             exported either way).",
+        );
+        for id in vms.keys() {
+            let valid = fleet.info.get(id).is_none_or(|i| i.guest_error.is_none());
+            f.sample(name, &[vm_label(id)], if valid { 1.0 } else { 0.0 });
         }
     }
     {
@@ -326,10 +343,11 @@ pub fn run(opts: &PromOptions, stop: &AtomicBool) -> Result<(), Error> {
         None => {
             fleet.refresh();
             fleet.poll();
+            print_warnings(&mut fleet);
             let text = render(&fleet);
             match &opts.output {
-                Some(p) if p.as_os_str() != "-" => std::fs::write(p, text)
-                    .map_err(|e| Error::new(format!("{}: {e}", p.display())))?,
+                Some(p) if p.as_os_str() != "-" => crate::userfile::create_output(p)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))?,
                 _ => {
                     let mut out = io::stdout().lock();
                     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
@@ -354,7 +372,9 @@ pub fn bind_loopback(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).map_err(|e| Error::new(format!("cannot listen on {addr}: {e}")))
 }
 
-/// Serves `/metrics` on an already-bound listener until `stop` is set.
+/// Serves `/metrics` on an already-bound listener until `stop` is set: the fleet is ticked every
+/// `interval` and polled about ten times a second, and each time the exposition is rendered
+/// for the HTTP workers ([`http`]), which answer scrapes concurrently.
 pub fn serve_on(
     fleet: &mut Fleet,
     listener: TcpListener,
@@ -362,34 +382,35 @@ pub fn serve_on(
     stop: &AtomicBool,
 ) -> Result<(), Error> {
     let interval = interval.max(Duration::from_millis(50));
+    let exposition = http::Exposition::default();
     fleet.tick();
+    print_warnings(fleet);
+    exposition.set(render(fleet));
+    let server = http::Server::start(listener, exposition.clone())?;
     let mut next = Instant::now() + interval;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= next {
             fleet.tick();
             next = (next + interval).max(now + interval / 2);
-            continue;
-        }
-        // Wait for a connection, the next tick, or at most 200 ms (to notice `stop`).
-        let wait = (next - now).min(Duration::from_millis(200));
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd we own, for the listener's open descriptor.
-        let r = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
-        if r <= 0 {
-            continue;
-        }
-        if let Ok((stream, _)) = listener.accept() {
-            // Poll first so a scrape sees the latest samples.
+        } else {
+            std::thread::sleep((next - now).min(POLL_EVERY));
             fleet.poll();
-            let _ = answer(stream, fleet);
         }
+        print_warnings(fleet);
+        exposition.set(render(fleet));
     }
+    server.shutdown();
     Ok(())
+}
+
+/// How often a serving exporter polls the VMs between ticks (what a scrape can lag behind).
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+fn print_warnings(fleet: &mut Fleet) {
+    for w in fleet.take_warnings() {
+        eprintln!("vmm: warning: {w}");
+    }
 }
 
 fn serve(
@@ -402,52 +423,6 @@ fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     eprintln!("vmm: serving http://{local}/metrics");
     serve_on(fleet, listener, interval, stop)
-}
-
-/// Most bytes of a request read.
-const MAX_REQUEST: usize = 8192;
-
-fn answer(mut stream: TcpStream, fleet: &Fleet) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while req.len() < MAX_REQUEST && !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-            Err(_) => break,
-        }
-    }
-    let line = req.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", CONTENT_TYPE, render(fleet)),
-        ("GET" | "HEAD", "/") => (
-            "200 OK",
-            "text/plain; charset=utf-8",
-            "Mirrorball profiler exporter: see /metrics\n".to_string(),
-        ),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes())?;
-    }
-    stream.flush()
 }
 
 #[cfg(test)]

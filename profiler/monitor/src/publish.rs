@@ -1,9 +1,13 @@
-//! The publishing side of the run-directory convention: create, format and publish both regions
-//! and the metadata of one VM. Used by the `fake_vm` example and the tests; a VMM can use it too.
+//! The publishing side of the run-directory protocol ([`crate::rundir`]): create, format and
+//! publish both regions and the metadata of one VM. The VMM (`vmm/src/profiling/regions.rs`),
+//! the `fake_vm` example and the tests all publish through it.
 //!
-//! Each file is created under a temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers
-//! ignore), filled, and renamed into place: the host region, then the guest region, then the
-//! metadata. Dropping the [`PublishedVm`] removes the three files.
+//! The run directory must pass [`ensure_run_dir`]; stale sets in it are removed first
+//! ([`sweep_stale`]). Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600) under
+//! a hidden temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers ignore), filled, and renamed
+//! into place: the host region (already locked, see [`crate::rundir`]), then the guest region,
+//! then the metadata. Dropping the [`PublishedVm`] removes the three files, then releases the
+//! lock.
 
 use std::fs;
 use std::io::{self, Write};
@@ -15,7 +19,7 @@ use mirrorball_profiler_abi::{
 };
 
 use crate::mapping::Mapping;
-use crate::rundir::{ensure_run_dir, VmId, VmMeta};
+use crate::rundir::{ensure_run_dir, sweep_stale, VmId, VmMeta};
 
 /// What to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +92,7 @@ impl PublishedVm {
     /// Publishes a VM under another pid (tests: stale files).
     pub fn create_as(dir: &Path, pid: u32, spec: &PublishSpec) -> io::Result<Self> {
         ensure_run_dir(dir)?;
+        sweep_stale(dir);
         let id = VmId { pid, n: spec.n };
         let glayout =
             GuestRegionLayout::new(spec.vcpus, spec.tasks, spec.guest_ring).map_err(abi)?;
@@ -98,6 +103,7 @@ impl PublishedVm {
             let _ = fs::remove_file(tmp(ext));
         }
         let host = Mapping::create_rw(&tmp("host"), hlayout.size)?;
+        host.lock_exclusive()?;
         HostRegion::format(
             host.region_mut()?,
             &hlayout,
@@ -126,12 +132,14 @@ impl PublishedVm {
             vcpus: spec.vcpus,
             guest: spec.guest.clone(),
             started_unix_ms: now_unix_ms(),
+            period_ns: spec.host_period_ns,
         };
         {
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(tmp("json"))?;
             f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
         }
@@ -142,7 +150,12 @@ impl PublishedVm {
             host,
         };
         for ext in ["host", "guest", "json"] {
-            fs::rename(tmp(ext), fin(ext))?;
+            if let Err(e) = fs::rename(tmp(ext), fin(ext)) {
+                for ext in ["guest", "host", "json"] {
+                    let _ = fs::remove_file(tmp(ext));
+                }
+                return Err(e);
+            }
         }
         Ok(vm)
     }
@@ -165,6 +178,32 @@ impl PublishedVm {
     /// The host region, for writing (what the VMM's sampler does).
     pub fn host(&self) -> io::Result<HostRegion<'_>> {
         HostRegion::attach(self.host.region_mut()?).map_err(abi)
+    }
+
+    /// The guest region, for the ABI crate's writers (a VMM formats and reads it).
+    pub fn guest_region_mut(&self) -> io::Result<mirrorball_profiler_abi::RegionMut<'_>> {
+        self.guest.region_mut()
+    }
+
+    /// The host region, for the ABI crate's writers (the VMM's sampler).
+    pub fn host_region_mut(&self) -> io::Result<mirrorball_profiler_abi::RegionMut<'_>> {
+        self.host.region_mut()
+    }
+
+    /// Start and length of the guest region's shared mapping: the VMM maps it into guest
+    /// memory. Valid while `self` lives.
+    pub fn guest_mapping(&self) -> (*mut u8, usize) {
+        (self.guest.as_ptr(), self.guest.len())
+    }
+
+    /// Path of the published guest region.
+    pub fn guest_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.guest", self.id.stem()))
+    }
+
+    /// Path of the published host region.
+    pub fn host_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.host", self.id.stem()))
     }
 
     /// The whole guest mapping, writable, for tests that play a hostile guest (write it only

@@ -18,7 +18,6 @@
 //! kind does not have are empty.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use mirrorball_profiler_abi::TASK_NONE;
 
-use crate::open::{Batch, OpenVm, VmStatus};
+use crate::open::{Batch, OpenVm, Ring, VmStatus};
 use crate::rundir::{scan, VmHandle, VmId};
 use crate::{comm_text, Error};
 
@@ -72,13 +71,19 @@ impl CommCache {
 /// The rows of one batch.
 pub fn batch_rows(vm: &OpenVm, batch: &Batch, names: &mut CommCache) -> Vec<Row> {
     let id = vm.id();
-    let mut rows = Vec::with_capacity(batch.guest.len() + batch.host.len() + batch.losses.len());
-    for l in &batch.losses {
+    let mut rows = Vec::with_capacity(batch.guest.len() + batch.host.len() + 2);
+    // At most one `lost` row per ring and poll (its first lost sequence and the total): a guest
+    // that scribbles over every slot of its ring makes as many gaps as there are slots, and must
+    // not make the recorder write a row for each.
+    for ring in [Ring::Guest, Ring::Host] {
+        let mut gaps = batch.losses.iter().filter(|l| l.ring == ring);
+        let Some(first) = gaps.next() else { continue };
+        let count = gaps.fold(first.count, |n, l| n.saturating_add(l.count));
         rows.push(Row::Lost(LostRow {
             vm: id.to_string(),
-            ring: l.ring.as_str().into(),
-            seq: l.first,
-            count: l.count,
+            ring: ring.as_str().into(),
+            seq: first.first,
+            count,
             read_ns: batch.read_ns,
         }));
     }
@@ -199,6 +204,8 @@ pub struct RecordSummary {
     pub lost_host: u64,
     /// Why it stopped.
     pub stopped: String,
+    /// Why the guest region was invalid (only host samples were recorded), if it was.
+    pub guest_error: Option<String>,
 }
 
 impl std::fmt::Display for RecordSummary {
@@ -212,7 +219,11 @@ impl std::fmt::Display for RecordSummary {
             self.lost_guest,
             self.lost_host,
             self.stopped
-        )
+        )?;
+        if let Some(e) = &self.guest_error {
+            write!(f, "; warning: guest region invalid, host samples only: {e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -228,13 +239,12 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, 
         Box::new(io::stdout().lock())
     } else {
         let path = opts.output.as_ref().expect("not stdout");
-        Box::new(
-            fs::File::create(path).map_err(|e| Error::new(format!("{}: {e}", path.display())))?,
-        )
+        Box::new(crate::userfile::create_output(path)?)
     };
     let mut w = RowWriter::new(BufWriter::new(out), opts.format);
     let mut summary = RecordSummary {
         vm: Some(vm.id()),
+        guest_error: vm.guest_error().map(str::to_string),
         ..RecordSummary::default()
     };
     let start = Instant::now();

@@ -7,12 +7,19 @@
 //! - `vm-<pid>-<n>.host`: the host region (written only by the VMM), mode 0600;
 //! - `vm-<pid>-<n>.json`: metadata ([`VmMeta`]).
 //!
-//! The files are removed when the VM ends. A set whose `pid` is not a live process is stale: it
-//! is reported ([`Scan::stale`]) and never opened.
+//! The files are removed when the VM ends. While it runs, the VMM holds an exclusive `flock` on
+//! its host region file: that lock, not the pid alone (pids are reused; anyone who can write the
+//! directory can name a file after a live pid), is what makes a set live. A set whose lock is
+//! free or whose `pid` is not a live process is stale: it is reported ([`Scan::stale`]), never
+//! opened, and removed by the next publisher ([`sweep_stale`]), so a VMM killed by SIGKILL
+//! leaves its tmpfs pages behind only until the next VM starts.
 //!
-//! A publisher should create each file under a temporary name, fill it and `rename` it into
-//! place (the region files first, the metadata last), so a reader never sees a half-written
-//! file under its final name; [`crate::publish`] does that.
+//! This module and [`crate::publish`] are the one implementation of this protocol: the VMM
+//! publishes through [`crate::publish::PublishedVm`], the tools read through [`scan`]. A
+//! publisher creates each file exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600) under a hidden
+//! temporary name, fills it and `rename`s it into place (the region files first, the metadata
+//! last), so a reader never sees a half-written file under its final name. The directory itself
+//! must be private ([`ensure_run_dir`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,28 +52,77 @@ pub fn resolve_run_dir(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Creates the run directory (and its parents) if it does not exist, with mode 0700.
+/// Creates the run directory if it does not exist (its parents as needed, itself mode 0700),
+/// and refuses one that others could plant files in: it must be a directory (not a symlink
+/// owned by someone else) owned by this user and writable by no one else. Errors are one line
+/// naming the directory and the fix.
 pub fn ensure_run_dir(dir: &Path) -> io::Result<()> {
-    match fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::create_dir_all(parent).map_err(|e| refuse(dir, &format!("cannot create: {e}")))?;
+        }
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(refuse(dir, &format!("cannot create it: {e}"))),
     }
-    let meta = fs::metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a directory", dir.display()),
+    check_run_dir(dir)
+}
+
+fn refuse(dir: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("run directory {}: {why}", dir.display()),
+    )
+}
+
+/// The checks of [`ensure_run_dir`] on an existing directory.
+pub fn check_run_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let link = fs::symlink_metadata(dir).map_err(|e| refuse(dir, &e.to_string()))?;
+    if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+        return Err(refuse(
+            dir,
+            &format!(
+                "a symbolic link owned by uid {}, not you: remove it or choose another \
+                 directory (--run-dir or {RUN_DIR_ENV})",
+                link.uid()
+            ),
         ));
     }
-    // `recursive(true)` leaves an existing directory's mode alone; only tighten our own.
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    let meta = fs::metadata(dir).map_err(|e| refuse(dir, &e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(refuse(
+            dir,
+            &format!(
+                "exists and is not a directory: remove it or choose another directory \
+                 (--run-dir or {RUN_DIR_ENV})"
+            ),
+        ));
+    }
+    if meta.uid() != me {
+        return Err(refuse(
+            dir,
+            &format!(
+                "owned by uid {}, not you (uid {me}): others could plant files there; remove it \
+                 or choose another directory (--run-dir or {RUN_DIR_ENV})",
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            dir,
+            &format!(
+                "writable by others (mode {mode:04o}): run `chmod 700 {}` or choose another \
+                 directory (--run-dir or {RUN_DIR_ENV})",
+                dir.display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -146,6 +202,9 @@ pub struct VmMeta {
     /// Wall-clock start, ms since the Unix epoch.
     #[serde(default)]
     pub started_unix_ms: u64,
+    /// The sampling period the VM started with, ns (0 = not given).
+    #[serde(default)]
+    pub period_ns: u64,
 }
 
 /// Opens a file for reading without following a symlink and without blocking on a FIFO, and
@@ -180,6 +239,25 @@ pub fn read_meta(path: &Path) -> Result<VmMeta, String> {
         ));
     }
     serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// True if another open file description holds a lock on `file` (a VMM's exclusive lock on its
+/// host region).
+pub(crate) fn lock_held(file: &fs::File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: flock on a descriptor we own; a shared lock that succeeds is released at once.
+    if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        return false;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// True while a running VMM holds the lock on the host region at `path`.
+pub fn host_region_locked(path: &Path) -> bool {
+    open_regular(path).is_ok_and(|f| lock_held(&f))
 }
 
 /// True if a process with this id exists (it may belong to another user).
@@ -260,9 +338,9 @@ impl VmHandle {
         }
     }
 
-    /// True while the VMM process is alive.
+    /// True while the VMM process is alive and holds its host region's lock.
     pub fn is_alive(&self) -> bool {
-        pid_alive(self.id.pid)
+        pid_alive(self.id.pid) && host_region_locked(&self.host_path())
     }
 
     /// Maps both regions read-only and validates them.
@@ -337,12 +415,54 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
                 id,
                 reason: format!("{missing} missing"),
             });
+        } else if !host_region_locked(&dir.join(format!("{}.host", id.stem()))) {
+            out.stale.push(StaleVm {
+                id,
+                reason: "no running VMM holds its host region (left behind or planted)".into(),
+            });
         } else {
             let _ = f.meta;
             out.live.push(VmHandle::new(dir, id));
         }
     }
     Ok(out)
+}
+
+/// Removes the files of stale sets in `dir`: sets whose process is gone, or whose host region
+/// no VMM holds, and hidden temporary files of processes that are gone. A set whose process is
+/// alive but lacks its host region is being removed by its owner and left alone. Returns the
+/// number of files removed. Only a publisher calls this, on a directory [`ensure_run_dir`]
+/// accepted (so every file in it is this user's).
+pub fn sweep_stale(dir: &Path) -> usize {
+    let Ok(found) = scan(dir) else { return 0 };
+    let mut removed = 0;
+    for stale in &found.stale {
+        let host = dir.join(format!("{}.host", stale.id.stem()));
+        let host_present = fs::symlink_metadata(&host).is_ok();
+        if pid_alive(stale.id.pid) && (!host_present || host_region_locked(&host)) {
+            continue;
+        }
+        for ext in ["json", "guest", "host"] {
+            if fs::remove_file(dir.join(format!("{}.{ext}", stale.id.stem()))).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.take(MAX_SCAN_ENTRIES).flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(hidden) = name.strip_prefix('.').filter(|n| n.ends_with(".tmp")) else {
+            continue;
+        };
+        let dead = VmId::parse_file_name(hidden).is_some_and(|(id, _)| !pid_alive(id.pid));
+        if dead && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// The live VMs in `run_dir` (stale sets and unreadable directories yield nothing).

@@ -336,6 +336,14 @@ impl App {
                 {
                     lost.push_str(" [header rewritten]");
                 }
+                if self
+                    .fleet
+                    .info
+                    .get(&id)
+                    .is_some_and(|i| i.guest_error.is_some())
+                {
+                    lost.push_str(" [guest region invalid: host figures only]");
+                }
                 if vm.dropped > 0 {
                     lost.push_str(&format!(" dropped {}", vm.dropped));
                 }
@@ -728,9 +736,35 @@ pub fn run_headless(
     })
 }
 
-/// Runs `vmm top` on the terminal until the user quits.
+/// Set by SIGTERM, SIGHUP and SIGINT while [`run`] owns the terminal.
+static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGTERM, SIGHUP and SIGINT end the loop (so the terminal is restored) instead of
+/// killing the process with the terminal left raw.
+fn catch_termination() {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: installs a handler that only stores to an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_terminate as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Longest wait for a key before the termination flag is looked at again.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// Runs `vmm top` on the terminal until the user quits, or SIGTERM/SIGHUP/SIGINT arrives (the
+/// terminal is restored either way).
 pub fn run(opts: &TopOptions) -> io::Result<()> {
     use std::io::IsTerminal;
+    use std::sync::atomic::Ordering;
     if !io::stdout().is_terminal() || !io::stdin().is_terminal() {
         return Err(io::Error::other(
             "needs a terminal (standard input and output must be a TTY); for scripts use \
@@ -739,12 +773,16 @@ pub fn run(opts: &TopOptions) -> io::Result<()> {
     }
     let interval = opts.interval.max(MIN_INTERVAL);
     let mut app = App::new(&opts.run_dir, interval);
+    catch_termination();
     let mut terminal = ratatui::try_init()?;
     let result = (|| -> io::Result<()> {
         app.fleet.tick();
         let mut next = Instant::now() + interval;
         let mut dirty = true;
         loop {
+            if TERMINATED.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             if dirty {
                 terminal.draw(|f| app.render(f))?;
                 dirty = false;
@@ -756,7 +794,7 @@ pub fn run(opts: &TopOptions) -> io::Result<()> {
                 dirty = true;
                 continue;
             }
-            if event::poll(next - now)? {
+            if event::poll((next - now).min(SIGNAL_CHECK))? {
                 match event::read()? {
                     Event::Key(k) => match app.on_key(k) {
                         Action::Quit => return Ok(()),

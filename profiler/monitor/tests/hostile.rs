@@ -53,7 +53,7 @@ fn hostile_guest_region_cannot_hang_or_crash_the_reader() {
     // SAFETY: the mapping lives as long as `vm`; 8-aligned; this test writes it only through
     // atomics (the ABI crate's writers use atomics too).
     let word = |i: usize| unsafe { &*base.add(i % words) };
-    let layout = *reader.guest_view().layout();
+    let layout = *reader.guest_view().expect("valid at open").layout();
     let head_word = layout.ring.ctl_offset / 8;
     let hot: Vec<usize> = (0..layout.ring.slots.offset.min(words * 8) / 8).collect();
 

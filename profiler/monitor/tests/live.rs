@@ -215,3 +215,37 @@ fn prometheus_exposition_once_and_served() {
         server.join().unwrap().expect("server");
     });
 }
+
+/// Issue 8 §5: ten clients that connect and say nothing do not delay a scrape (the old server
+/// gave each 2 s in turn), and a flood of connections is refused without growing the server.
+#[test]
+fn idle_connections_do_not_delay_a_scrape() {
+    let dir = temp_dir("prom-idle");
+    let listener = prometheus::bind_loopback("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let server = s.spawn(|| {
+            let mut fleet = Fleet::new(&dir, ModelConfig::default());
+            prometheus::serve_on(&mut fleet, listener, Duration::from_millis(100), &stop)
+        });
+        let idle: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let start = std::time::Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut page = String::new();
+        c.read_to_string(&mut page).unwrap();
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        // Served while all ten idle clients still held their connections (each has 2 s).
+        assert!(
+            start.elapsed() < prometheus::http::REQUEST_DEADLINE,
+            "{:?}",
+            start.elapsed()
+        );
+        drop(idle);
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap().expect("server");
+    });
+}

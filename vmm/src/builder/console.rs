@@ -1,9 +1,13 @@
-//! Where a VM's serial console goes: the terminal, a log file of its own, or nowhere.
+//! Where a VM's serial console goes: the terminal, a log file of its own, or nowhere. Output to
+//! the terminal or a file goes through a bounded buffer drained by a thread of its own, so a
+//! sink that does not take it (a pipe nobody reads) never blocks a vCPU.
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use mirrorball_devices::serial::SerialWriter;
+use mirrorball_devices::serial::{
+    buffered_console, ConsoleDrain, SerialWriter, DEFAULT_CONSOLE_BUFFER,
+};
 
 use super::BuildError;
 
@@ -19,11 +23,11 @@ pub enum ConsoleSink {
 }
 
 impl ConsoleSink {
-    /// Opens the sink for the serial device.
-    pub fn open(&self) -> Result<SerialWriter, BuildError> {
-        Ok(match self {
+    /// Opens the sink for the serial device: the writer, and the thread that drains it.
+    pub fn open(&self) -> Result<(SerialWriter, Option<ConsoleDrain>), BuildError> {
+        let out: SerialWriter = match self {
             Self::Stdout => Box::new(std::io::stdout()),
-            Self::Null => Box::new(std::io::sink()),
+            Self::Null => return Ok((Box::new(std::io::sink()), None)),
             Self::File(path) => {
                 let file = OpenOptions::new()
                     .write(true)
@@ -37,7 +41,10 @@ impl ConsoleSink {
                     })?;
                 Box::new(std::io::LineWriter::new(file))
             }
-        })
+        };
+        let (buffer, drain) = buffered_console(out, DEFAULT_CONSOLE_BUFFER)
+            .map_err(|e| BuildError::Boot(format!("cannot start the console thread: {e}")))?;
+        Ok((Box::new(buffer), Some(drain)))
     }
 }
 
@@ -54,9 +61,12 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("vm0.log");
         let sink = ConsoleSink::File(path.clone());
-        let mut w = sink.open().expect("open");
+        let (mut w, drain) = sink.open().expect("open");
         w.write_all(b"hello\n").expect("write");
         drop(w);
+        drain
+            .expect("a drain")
+            .finish(std::time::Duration::from_secs(1));
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "hello\n");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

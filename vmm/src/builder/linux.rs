@@ -160,10 +160,10 @@ pub(super) fn write_image(
         .cloned()
         .collect::<Vec<_>>()
         .join(" ");
+    let cmdline_len = loader::load_cmdline_with(mem, &cmdline, &appended, limit)?;
     if !appended.is_empty() {
         cmdline = format!("{cmdline} {appended}");
     }
-    let cmdline_len = loader::load_cmdline(mem, &cmdline, limit)?;
 
     let boot = |e: &dyn std::fmt::Display| BuildError::Boot(e.to_string());
     let info = boot_params::BootInfo {
@@ -221,7 +221,8 @@ pub(super) fn assemble(
         let control = add_profiler_device(&vm, &mut mmio, window, device)?;
         profiler = Some((regions, period, control));
     }
-    let devices = LegacyDevices::new(&vm, resources.console.open()?, mmio)?;
+    let (console_out, console) = resources.console.open()?;
+    let devices = LegacyDevices::new(&vm, console_out, mmio)?;
     let exits = devices.exit_handler();
     let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
     let mut vcpus = Vec::with_capacity(config.vcpus);
@@ -254,6 +255,7 @@ pub(super) fn assemble(
         guest: Guest::Linux {
             devices,
             cmdline: image.cmdline.clone(),
+            console,
         },
         host: host.kind(),
         profiling,

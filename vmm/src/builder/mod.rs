@@ -260,6 +260,8 @@ pub enum Guest {
         devices: LegacyDevices,
         /// The command line given to the kernel (with what the VMM appended).
         cmdline: String,
+        /// The thread that drains the console's buffer into its sink, if it has one.
+        console: Option<mirrorball_devices::serial::ConsoleDrain>,
     },
     /// The OS-less workload.
     Workload {

@@ -234,7 +234,7 @@ sample_hz = 0
                 "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\nkernel = \"k\"\n",
                 "not both",
             ),
-            ("[[vm\n", "invalid"),
+            ("[[vm\n", "unclosed"),
         ];
         for (text, expected) in cases {
             let e = parse(text, Path::new("/"), 20).expect_err(text);

@@ -99,6 +99,7 @@ mod tests {
             profiler_device: None,
             guest_region: None,
             sampler: None,
+            console: None,
             end_reason: end,
         })
     }

@@ -2,20 +2,18 @@
 //! memory), `vm-<pid>-<n>.host` (only the VMM writes it; never guest-mapped) and
 //! `vm-<pid>-<n>.json` (metadata), in the run directory (default `/dev/shm/mirrorball`, or
 //! `MIRRORBALL_RUN_DIR`). Files are mode 0600 and removed when the VM's regions are dropped.
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+//!
+//! The protocol itself (safe creation, the private run directory, the lock that marks a VM
+//! live, the sweep of stale sets) is `mirrorball_monitor::{rundir, publish}`, shared with the
+//! readers; this module only sizes the regions and names the VM.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
-use mirrorball_profiler_abi::{
-    GuestRegion, GuestRegionLayout, HostRegion, HostRegionLayout, Region, RegionInit, RegionMut,
-    CLOCK_MONOTONIC,
-};
+use mirrorball_monitor::publish::{PublishSpec, PublishedVm};
+use mirrorball_profiler_abi::{GuestRegionLayout, HostRegionLayout, Region, RegionMut};
 
-/// Default run directory.
-pub const DEFAULT_RUN_DIR: &str = "/dev/shm/mirrorball";
-/// Environment variable that overrides the run directory.
-pub const RUN_DIR_ENV: &str = "MIRRORBALL_RUN_DIR";
+pub use mirrorball_monitor::rundir::{DEFAULT_RUN_DIR, RUN_DIR_ENV};
 /// Tasks the guest region's task table holds.
 pub const TASK_CAPACITY: u32 = 256;
 /// Guest sample records (10 minutes at 20 Hz, as in the MP3 profiler).
@@ -34,6 +32,9 @@ pub enum RegionError {
         /// The error.
         source: std::io::Error,
     },
+    /// Publishing in the run directory failed (the error names the file or directory).
+    #[error("cannot publish the profiler regions: {0}")]
+    Publish(std::io::Error),
     /// The ABI refused the layout.
     #[error("profiler region layout: {0:?}")]
     Abi(mirrorball_profiler_abi::AbiError),
@@ -41,103 +42,61 @@ pub enum RegionError {
 
 /// The run directory: `MIRRORBALL_RUN_DIR` or [`DEFAULT_RUN_DIR`].
 pub fn run_dir() -> PathBuf {
-    std::env::var_os(RUN_DIR_ENV).map_or_else(|| PathBuf::from(DEFAULT_RUN_DIR), PathBuf::from)
+    mirrorball_monitor::resolve_run_dir(None)
 }
 
-/// A file of `len` bytes mapped shared and writable; removed and unmapped on drop.
+/// Which of a VM's two regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Guest,
+    Host,
+}
+
+/// One published region file, mapped shared and writable; the files are removed (and the
+/// mappings unmapped) when the last handle of the VM's regions is dropped.
 pub struct RegionFile {
-    path: PathBuf,
-    file: File,
-    ptr: *mut u8,
-    len: usize,
+    vm: Arc<PublishedVm>,
+    kind: Kind,
 }
-
-// SAFETY: the mapping is process-wide shared memory; every access to it goes through the ABI
-// crate's atomics, so moving or sharing the owner between threads is sound.
-unsafe impl Send for RegionFile {}
-// SAFETY: see above.
-unsafe impl Sync for RegionFile {}
 
 impl RegionFile {
-    /// Creates `path` (must not exist), sized `len` bytes, mode 0600, and maps it.
-    pub fn create(path: &Path, len: usize) -> Result<Self, RegionError> {
-        let io = |source| RegionError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        let cleanup = |e| {
-            let _ = std::fs::remove_file(path);
-            io(e)
-        };
-        file.set_len(len as u64).map_err(cleanup)?;
-        // SAFETY: a fresh shared mapping of a file we own, of its full length; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(cleanup(std::io::Error::last_os_error()));
-        }
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    /// Renames the file to `path` (same directory): how a formatted region is published.
-    pub fn rename_to(&mut self, path: &Path) -> Result<(), RegionError> {
-        std::fs::rename(&self.path, path).map_err(|source| RegionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.path = path.to_path_buf();
-        Ok(())
-    }
-
     /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        match self.kind {
+            Kind::Guest => self.vm.guest_path(),
+            Kind::Host => self.vm.host_path(),
+        }
     }
 
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// Host address of the mapping.
+    /// Host address of the mapping (the guest region only: the host region is never
+    /// guest-mapped, and its address is not handed out).
     pub fn host_addr(&self) -> *mut u8 {
-        self.ptr
+        match self.kind {
+            Kind::Guest => self.vm.guest_mapping().0,
+            Kind::Host => std::ptr::null_mut(),
+        }
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.region_mut().map_or(0, |r| r.len())
     }
 
     /// Whether the mapping is empty (never: regions have headers).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The mapping for the ABI crate's writers.
     pub fn region_mut(&self) -> Result<RegionMut<'_>, RegionError> {
-        // SAFETY: the mapping is live, `len` bytes, page-aligned, for as long as `self`.
-        unsafe { RegionMut::from_raw(self.ptr, self.len) }.map_err(RegionError::Abi)
+        let region = match self.kind {
+            Kind::Guest => self.vm.guest_region_mut(),
+            Kind::Host => self.vm.host_region_mut(),
+        };
+        region.map_err(|source| RegionError::Io {
+            path: self.path(),
+            source,
+        })
     }
 
     /// The mapping for the ABI crate's readers.
@@ -146,21 +105,13 @@ impl RegionFile {
     }
 }
 
-impl Drop for RegionFile {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `create`; nothing uses it afterwards.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The two regions (and metadata file) of one VM.
+/// The two regions (and metadata file) of one VM, published through the run-directory
+/// protocol's one implementation ([`mirrorball_monitor::publish`]).
 pub struct ProfilerRegions {
     /// Guest-writable region.
     pub guest: RegionFile,
     /// Host-only region.
     pub host: RegionFile,
-    meta_path: PathBuf,
     /// `vm-<pid>-<n>`.
     pub name: String,
     /// `pid << 32 | n`: names the pair of regions (the device reports it to the guest).
@@ -171,18 +122,6 @@ pub struct ProfilerRegions {
 
 static NEXT_VM: AtomicU32 = AtomicU32::new(0);
 
-/// What the metadata file says about the VM.
-#[derive(Debug, serde::Serialize)]
-struct Meta<'a> {
-    pid: u32,
-    vm: u32,
-    name: &'a str,
-    vcpus: u32,
-    guest: &'a str,
-    started_unix_ms: u128,
-    period_ns: u64,
-}
-
 impl ProfilerRegions {
     /// Creates and formats both regions for `vcpus` vCPUs in `dir`.
     pub fn create(
@@ -191,72 +130,43 @@ impl ProfilerRegions {
         guest_kind: &str,
         period_ns: u64,
     ) -> Result<Self, RegionError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| RegionError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
         let pid = std::process::id();
         let vm = NEXT_VM.fetch_add(1, Ordering::Relaxed);
         let name = format!("vm-{pid}-{vm}");
-        let guest_layout = GuestRegionLayout::new(vcpus, TASK_CAPACITY, GUEST_RING_RECORDS)
+        // Checked here for a clear error; the publisher checks the layouts again.
+        GuestRegionLayout::new(vcpus, TASK_CAPACITY, GUEST_RING_RECORDS)
             .map_err(RegionError::Abi)?;
         let host_records = HOST_RING_RECORDS_PER_VCPU.saturating_mul(vcpus.max(1));
-        let host_layout = HostRegionLayout::new(vcpus, host_records).map_err(RegionError::Abi)?;
-        // Created and formatted under hidden names that readers skip (they only look at `vm-*`),
-        // then renamed into place: a reader never finds a region that is not formatted yet.
-        let hidden = |kind: &str| dir.join(format!(".{name}.{kind}.partial"));
-        let mut guest = RegionFile::create(&hidden("guest"), guest_layout.size)?;
-        let mut host = RegionFile::create(&hidden("host"), host_layout.size)?;
+        HostRegionLayout::new(vcpus, host_records).map_err(RegionError::Abi)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let init = RegionInit {
-            generation: (u64::from(pid) << 32) | u64::from(vm) ^ (started as u64),
-            sample_period_ns: period_ns,
-            clock_id: CLOCK_MONOTONIC,
-        };
-        GuestRegion::format(guest.region_mut()?, &guest_layout, &init).map_err(RegionError::Abi)?;
-        HostRegion::format(host.region_mut()?, &host_layout, &init).map_err(RegionError::Abi)?;
-        let meta_path = dir.join(format!("{name}.json"));
-        let meta = Meta {
-            pid,
-            vm,
-            name: &name,
+            .map_or(0, |d| d.as_millis() as u64);
+        let spec = PublishSpec {
+            n: vm,
+            name: name.clone(),
+            guest: guest_kind.to_string(),
             vcpus,
-            guest: guest_kind,
-            started_unix_ms: started,
-            period_ns,
+            tasks: TASK_CAPACITY,
+            guest_ring: GUEST_RING_RECORDS,
+            host_ring: host_records,
+            generation: (u64::from(pid) << 32) | u64::from(vm) ^ started,
+            guest_period_ns: period_ns,
+            host_period_ns: period_ns,
         };
-        let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        std::fs::write(&meta_path, json).map_err(|source| RegionError::Io {
-            path: meta_path.clone(),
-            source,
-        })?;
-        let published = host
-            .rename_to(&dir.join(format!("{name}.host")))
-            .and_then(|()| guest.rename_to(&dir.join(format!("{name}.guest"))));
-        if let Err(e) = published {
-            let _ = std::fs::remove_file(&meta_path);
-            return Err(e);
-        }
+        let published = Arc::new(PublishedVm::create(dir, &spec).map_err(RegionError::Publish)?);
         Ok(Self {
-            guest,
-            host,
-            meta_path,
+            guest: RegionFile {
+                vm: Arc::clone(&published),
+                kind: Kind::Guest,
+            },
+            host: RegionFile {
+                vm: published,
+                kind: Kind::Host,
+            },
             name,
             id: (u64::from(pid) << 32) | u64::from(vm),
             period_ns,
         })
-    }
-}
-
-impl Drop for ProfilerRegions {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.meta_path);
     }
 }
 

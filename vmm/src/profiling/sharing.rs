@@ -313,7 +313,9 @@ mod tests {
         let mut s2 = SharingScanner::new(&other, Vec::new());
         touch(&other, 0, false);
         let r2 = s2.scan().expect("scan");
-        assert_eq!((r2.total.shared, r2.total.private), (1, 0));
+        // The read maps its page, and fault-around may map up to 15 cached neighbours.
+        assert_eq!(r2.total.private, 0);
+        assert!((1..=16).contains(&r2.total.shared), "{r2:?}");
     }
 
     #[test]

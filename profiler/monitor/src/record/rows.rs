@@ -3,8 +3,7 @@
 //! [`super::csv`].
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -305,8 +304,21 @@ pub fn parse_record(input: impl BufRead, path: &Path) -> Result<Recording, Error
     };
     let mut csv_header: Option<HashMap<String, usize>> = None;
     let mut jsonl: Option<bool> = None;
-    for (lineno, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+    let mut input = input;
+    let mut bytes = Vec::new();
+    for lineno in 0.. {
+        let more = next_line(&mut input, &mut bytes)
+            .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        if !more {
+            break;
+        }
+        let Ok(line) = std::str::from_utf8(&bytes) else {
+            rec.bad_lines += 1;
+            if rec.first_error.is_none() {
+                rec.first_error = Some(format!("{}:{}: not UTF-8", path.display(), lineno + 1));
+            }
+            continue;
+        };
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
             continue;
@@ -352,8 +364,34 @@ pub fn parse_record(input: impl BufRead, path: &Path) -> Result<Recording, Error
 
 /// Reads a record file (see [`parse_record`]).
 pub fn read_record(path: &Path) -> Result<Recording, Error> {
-    let file = fs::File::open(path).map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+    let file = crate::userfile::open_input(path, MAX_RECORD_BYTES)?;
     parse_record(io::BufReader::new(file), path)
+}
+
+/// Largest record file [`read_record`] reads.
+pub const MAX_RECORD_BYTES: u64 = 4 << 30;
+
+/// Reads the next line (without its newline) into `line`, at most [`MAX_LINE`] + 1 bytes of it
+/// held at once; the rest of a longer line is skipped. `Ok(false)` at the end of the input.
+fn next_line<R: BufRead>(input: &mut R, line: &mut Vec<u8>) -> io::Result<bool> {
+    line.clear();
+    let n = <&mut R as Read>::take(&mut *input, MAX_LINE as u64 + 1).read_until(b'\n', line)?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE {
+        let mut rest = Vec::new();
+        loop {
+            rest.clear();
+            let n = <&mut R as Read>::take(&mut *input, 1 << 16).read_until(b'\n', &mut rest)?;
+            if n == 0 || rest.last() == Some(&b'\n') {
+                break;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Writes rows in one format.

@@ -217,6 +217,13 @@ const IMPLIED_BY_NOXSAVE: &[&str] = &[
     "avx512_bf16",
 ];
 
+/// Features no kernel code uses once `noxsave` has run, so they need no `clearcpuid=` bit (the
+/// value is limited to [`CLEARCPUID_MAX_LEN`] and hosts with many features fill it): AVX-VNNI's
+/// only users are crypto routines that first require AVX, and the fast zero-length/short
+/// `rep stos`/`rep cmps` hints (FZRM, FSRS, FSRC) are read by no Linux kernel code, only passed
+/// on to KVM guests. They stay hidden in CPUID.
+const NO_USER_AFTER_NOXSAVE: &[&str] = &["avx_vnni", "fzrm", "fsrs", "fsrc"];
+
 /// Guest kernel parameters that disable, from inside the guest, the PVM-hidden features a host
 /// still reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -259,7 +266,9 @@ pub fn pvm_guest_kernel_args(guest_cpuid: &CpuId) -> PvmKernelArgs {
     }
     let mut value = String::new();
     for f in PVM_HIDDEN.iter().filter(|f| visible.contains(&f.name)) {
-        if visible.contains(&"xsave") && IMPLIED_BY_NOXSAVE.contains(&f.name) {
+        if visible.contains(&"xsave")
+            && (IMPLIED_BY_NOXSAVE.contains(&f.name) || NO_USER_AFTER_NOXSAVE.contains(&f.name))
+        {
             continue;
         }
         let Some(word) = linux_cap_word(f.leaf, f.subleaf, f.reg) else {
