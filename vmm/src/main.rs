@@ -121,7 +121,10 @@ fn run(mut cli: Cli) -> Result<i32> {
     }
     let choice = cli.guest().map_err(anyhow::Error::msg)?;
     install_interrupt_handlers()?;
-    let built = build(&choice, &cli)?;
+    let mut built = build(&choice, &cli)?;
+    if let Some(p) = built.profiling.as_mut() {
+        p.set_attribution(cli.attribution);
+    }
     let is_linux = matches!(choice, GuestChoice::Linux(_));
     let terminal = if is_linux {
         Some(

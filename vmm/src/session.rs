@@ -62,8 +62,14 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
             if let Some(control) = &p.control {
                 device_control = Some(control.clone());
             }
-            let sampler = Sampler::spawn(p.regions.clone(), p.vcpus, p.period, p.control)
-                .map_err(RunError::Sampler)?;
+            let sampler = Sampler::spawn(
+                p.regions.clone(),
+                p.vcpus,
+                p.period,
+                p.control,
+                p.attribution,
+            )
+            .map_err(RunError::Sampler)?;
             Some((sampler, p.regions))
         }
         None => None,

@@ -17,7 +17,7 @@ use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging,
 use crate::devices::{add_profiler_device, LegacyDevices};
 use crate::loader::{self, DEFAULT_CMDLINE};
 use crate::profiling::regions::ProfilerRegions;
-use crate::profiling::sampler::SampledVcpu;
+use crate::profiling::sampler::{AttributionMode, SampledVcpu, TaskSwitches};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
@@ -114,8 +114,9 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         }
         let handler: Arc<dyn ExitHandler> = exits.clone();
         let mut vcpu = Vcpu::new(index, fd, handler, control.clone(), mem.clone());
-        if profiler.is_some() {
-            let s = SampledVcpu::new(StatsFd::for_vcpu(vcpu.fd()).ok(), vcpu.tid_handle());
+        if let Some((regions, ..)) = &profiler {
+            let stats = StatsFd::for_vcpu(vcpu.fd()).ok();
+            let s = SampledVcpu::new(index, stats, vcpu.tid_handle(), regions.clone());
             vcpu.set_on_start(s.start_hook());
             vcpu.set_on_stop(s.stop_hook());
             sampled.push(s);
@@ -160,11 +161,18 @@ pub fn build(config: &LinuxConfig, console: SerialWriter) -> Result<BuiltVm, Bui
         exits,
         guest: Guest::Linux { devices, cmdline },
         host,
-        profiling: profiler.map(|(regions, period, control, _)| Profiling {
-            regions,
-            vcpus: sampled,
-            period,
-            control: Some(control),
+        profiling: profiler.map(|(regions, period, control, _)| {
+            // The driver announces task switches through the device's switch doorbell.
+            let switches = Arc::new(TaskSwitches::new(&sampled));
+            control.set_switch_sink(switches.clone());
+            Profiling {
+                regions,
+                vcpus: sampled,
+                period,
+                control: Some(control),
+                switches,
+                attribution: AttributionMode::default(),
+            }
         }),
     })
 }

@@ -97,6 +97,18 @@ pub struct Profiling {
     pub period: std::time::Duration,
     /// The profiler device's control block (Linux guests): the guest may request a period.
     pub control: Option<Arc<mirrorball_devices::ProfilerControl>>,
+    /// Where the guest's announced task switches go (exact attribution).
+    pub switches: Arc<crate::profiling::sampler::TaskSwitches>,
+    /// How per-task figures are attributed.
+    pub attribution: crate::profiling::sampler::AttributionMode,
+}
+
+impl Profiling {
+    /// Chooses how per-task figures are attributed (before the VM runs).
+    pub fn set_attribution(&mut self, mode: crate::profiling::sampler::AttributionMode) {
+        self.attribution = mode;
+        self.switches.set_mode(mode);
+    }
 }
 
 /// A VM ready to start.

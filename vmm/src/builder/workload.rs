@@ -10,7 +10,7 @@ use crate::arch::x86_64::cpuid::HostKind;
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
 use crate::profiling::regions::ProfilerRegions;
-use crate::profiling::sampler::SampledVcpu;
+use crate::profiling::sampler::{AttributionMode, SampledVcpu, TaskSwitches};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
@@ -117,19 +117,30 @@ pub fn build(
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
     let mut vcpus = vcpus;
-    let profiling = regions.map(|(regions, period)| Profiling {
-        regions,
-        vcpus: vcpus
+    let profiling = regions.map(|(regions, period)| {
+        let sampled: Vec<SampledVcpu> = vcpus
             .iter_mut()
-            .map(|v| {
-                let sampled = SampledVcpu::new(StatsFd::for_vcpu(v.fd()).ok(), v.tid_handle());
+            .enumerate()
+            .map(|(index, v)| {
+                let stats = StatsFd::for_vcpu(v.fd()).ok();
+                let sampled = SampledVcpu::new(index, stats, v.tid_handle(), regions.clone());
                 v.set_on_start(sampled.start_hook());
                 v.set_on_stop(sampled.stop_hook());
                 sampled
             })
-            .collect(),
-        period,
-        control: None,
+            .collect();
+        // The guest's per-iteration doorbell is its task switch: it rings after a task's turn,
+        // before the next task names itself in the slot.
+        let switches = Arc::new(TaskSwitches::new(&sampled));
+        monitor.set_switch_sink(switches.clone());
+        Profiling {
+            regions,
+            vcpus: sampled,
+            period,
+            control: None,
+            switches,
+            attribution: AttributionMode::default(),
+        }
     });
     Ok(BuiltVm {
         vm,
