@@ -10,7 +10,7 @@ use mirrorball_profiler::kvm_stats::StatsFd;
 use mirrorball_profiler_abi::validate_guest_region;
 
 use crate::builder::{BuiltVm, Guest};
-use crate::profiling::attribution::{guest_min_flt_by_pid, totals_by_pid};
+use crate::profiling::attribution::{guest_totals_by_pid, totals_by_pid};
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::Sampler;
 use crate::report::{task_reports, GuestRegionReport, RunReport};
@@ -95,7 +95,7 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
             guest_region = Some(GuestRegionReport::new(&validated));
             guest_min_flt = Some(
                 validated
-                    .map(|view| guest_min_flt_by_pid(&view))
+                    .map(|view| guest_totals_by_pid(&view))
                     .unwrap_or_default(),
             );
         }
@@ -136,12 +136,11 @@ pub fn run(built: BuiltVm, options: SessionOptions<'_>) -> Result<RunReport, Run
         vm_kvm_stats,
         unhandled_exits: [("pio", pio), ("mmio", mmio)].into_iter().collect(),
         tasks,
+        no_task: attributed
+            .as_ref()
+            .and_then(|a| a.get(&crate::profiling::attribution::NO_TASK).copied()),
         profiler: profiler_name,
-        profiler_device: device_control.map(|c| crate::report::DeviceReport {
-            status: c.status(),
-            driver_ok: c.driver_ok(),
-            requested_period_ns: c.requested_period_ns(),
-        }),
+        profiler_device: device_control.map(|c| crate::report::DeviceReport::new(&c)),
         guest_region,
         sampler,
         end_reason: end,

@@ -158,6 +158,9 @@ impl Ledger {
             now_ns.saturating_sub(open.at_ns),
             u32::from(announced),
         );
+        // An announced switch the slot does not show yet is still to come in the next
+        // interval (a tick closed this one between the announcement and the switch).
+        let pending = open.announced && slot.guest_switch_count == open.switch_count;
         if last {
             self.stopped = true;
         } else {
@@ -169,7 +172,7 @@ impl Ledger {
                 } else {
                     open.switch_count
                 },
-                announced,
+                announced: announced || (valid && pending),
             });
         }
     }
@@ -283,6 +286,27 @@ mod tests {
         assert_ne!(two.attribution.attr_flags & ATTR_EXACT, 0);
         assert_ne!(two.attribution.attr_flags & ATTR_AT_SWITCH, 0);
         assert!(l.drain().is_empty());
+    }
+
+    #[test]
+    fn a_tick_between_an_announcement_and_its_switch_keeps_it_exact() {
+        let mut l = Ledger::default();
+        l.start(at(0), 0);
+        l.close(at(1), 1, slot(0, 0), true, false);
+        // Task 1 announced its end; a tick comes before task 2 names itself.
+        l.close(at(10), 1, slot(1, 1), true, false);
+        l.close(at(11), 2, slot(1, 1), false, false);
+        // Task 2 switched in (count 2) and ran until its own announcement.
+        l.close(at(50), 3, slot(2, 2), true, false);
+        let e = l.drain();
+        assert!(
+            e.iter().all(|e| e.attribution.attr_flags & ATTR_EXACT != 0),
+            "{e:?}"
+        );
+        // A second, unannounced switch in the next interval is not excused.
+        l.close(at(60), 4, slot(3, 4), false, false);
+        let e = l.drain();
+        assert_eq!(e[0].attribution.attr_flags & ATTR_EXACT, 0, "{e:?}");
     }
 
     #[test]

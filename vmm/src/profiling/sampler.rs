@@ -603,6 +603,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stopping_does_not_wait_for_the_period() {
+        let dir = std::env::temp_dir().join(format!("mb-sampler-stop-{}", std::process::id()));
+        let regions = Arc::new(ProfilerRegions::create(&dir, 1, "workload", 1).expect("regions"));
+        // An hour between ticks: a sampler that slept its period before noticing would hang.
+        let sampler = Sampler::spawn(
+            regions,
+            Vec::new(),
+            Duration::from_secs(3600),
+            None,
+            AttributionMode::Exact,
+        )
+        .expect("spawn");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(sampler.stop());
+        });
+        let report = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the sampler stopped at once, not after its period");
+        assert_eq!(report.ticks, 1, "one last tick: {report:?}");
+    }
+
+    #[test]
     fn task_stat_fields_survive_odd_command_names() {
         let line = "1234 (vcpu 0) x) R 1 2 3 4 5 6 77 8 99 10 300 400 0 0 20 0 1 0 100 0 0";
         let c = parse_task_stat(line, 10_000_000).expect("parse");
