@@ -11,6 +11,7 @@ use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::{AttributionMode, SampledVcpu, TaskSwitches};
+use crate::profiling::sizing::RegionSizing;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
 use crate::vstate::vm::Vm;
@@ -65,7 +66,9 @@ pub fn build(
     let regions = match profile_period {
         Some(period) => {
             let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-            let regions = ProfilerRegions::create(run_dir, vcpu_count as u32, "workload", ns)?;
+            let sizing = RegionSizing::for_run(vcpu_count as u32, Some(specs.len() as u32), ns);
+            let regions =
+                ProfilerRegions::create_sized(run_dir, vcpu_count as u32, "workload", ns, sizing)?;
             // SAFETY: the mapping lives in `regions`, which the BuiltVm keeps (in `profiling`)
             // for as long as the VM.
             unsafe {

@@ -4,3 +4,4 @@ pub mod attribution;
 pub mod ledger;
 pub mod regions;
 pub mod sampler;
+pub mod sizing;

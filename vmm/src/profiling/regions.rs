@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use super::sizing::RegionSizing;
 use mirrorball_profiler_abi::{
     GuestRegion, GuestRegionLayout, HostRegion, HostRegionLayout, Region, RegionInit, RegionMut,
     CLOCK_MONOTONIC,
@@ -16,12 +17,6 @@ use mirrorball_profiler_abi::{
 pub const DEFAULT_RUN_DIR: &str = "/dev/shm/mirrorball";
 /// Environment variable that overrides the run directory.
 pub const RUN_DIR_ENV: &str = "MIRRORBALL_RUN_DIR";
-/// Tasks the guest region's task table holds.
-pub const TASK_CAPACITY: u32 = 256;
-/// Guest sample records (10 minutes at 20 Hz, as in the MP3 profiler).
-pub const GUEST_RING_RECORDS: u32 = 12_000;
-/// Host sample records per vCPU (one minute at 1 kHz).
-pub const HOST_RING_RECORDS_PER_VCPU: u32 = 60_000;
 
 /// Errors publishing regions.
 #[derive(Debug, thiserror::Error)]
@@ -184,12 +179,25 @@ struct Meta<'a> {
 }
 
 impl ProfilerRegions {
-    /// Creates and formats both regions for `vcpus` vCPUs in `dir`.
+    /// Creates and formats both regions for `vcpus` vCPUs in `dir`, sized for any number of
+    /// guest tasks (see [`RegionSizing`]).
     pub fn create(
         dir: &Path,
         vcpus: u32,
         guest_kind: &str,
         period_ns: u64,
+    ) -> Result<Self, RegionError> {
+        let sizing = RegionSizing::for_run(vcpus, None, period_ns);
+        Self::create_sized(dir, vcpus, guest_kind, period_ns, sizing)
+    }
+
+    /// Creates and formats both regions for `vcpus` vCPUs in `dir`, with `sizing`.
+    pub fn create_sized(
+        dir: &Path,
+        vcpus: u32,
+        guest_kind: &str,
+        period_ns: u64,
+        sizing: RegionSizing,
     ) -> Result<Self, RegionError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -202,10 +210,11 @@ impl ProfilerRegions {
         let pid = std::process::id();
         let vm = NEXT_VM.fetch_add(1, Ordering::Relaxed);
         let name = format!("vm-{pid}-{vm}");
-        let guest_layout = GuestRegionLayout::new(vcpus, TASK_CAPACITY, GUEST_RING_RECORDS)
-            .map_err(RegionError::Abi)?;
-        let host_records = HOST_RING_RECORDS_PER_VCPU.saturating_mul(vcpus.max(1));
-        let host_layout = HostRegionLayout::new(vcpus, host_records).map_err(RegionError::Abi)?;
+        let guest_layout =
+            GuestRegionLayout::new(vcpus, sizing.task_capacity, sizing.guest_ring_records)
+                .map_err(RegionError::Abi)?;
+        let host_layout =
+            HostRegionLayout::new(vcpus, sizing.host_ring_records).map_err(RegionError::Abi)?;
         // Created and formatted under hidden names that readers skip (they only look at `vm-*`),
         // then renamed into place: a reader never finds a region that is not formatted yet.
         let hidden = |kind: &str| dir.join(format!(".{name}.{kind}.partial"));

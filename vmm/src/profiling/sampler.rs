@@ -440,6 +440,16 @@ pub struct SamplerReport {
     pub attribution: AttributionMode,
     /// Task switches the guest announced, per vCPU (each closed an interval).
     pub announced_switches: Vec<u64>,
+    /// Time the sampler spent in its ticks (reading counters, writing records), ns.
+    pub busy_ns: u64,
+}
+
+impl SamplerReport {
+    /// The sampler's own cost per tick and vCPU, ns.
+    pub fn tick_cost_ns_per_vcpu(&self) -> f64 {
+        let vcpus = self.announced_switches.len().max(1) as f64;
+        self.busy_ns as f64 / self.ticks.max(1) as f64 / vcpus
+    }
 }
 
 /// The stop request: a flag and a condition variable the sampler waits on between ticks.
@@ -560,6 +570,7 @@ fn run(
             next = Instant::now() + period;
         }
         report.ticks += 1;
+        let tick_start = monotonic_ns();
         // The guest may rewrite its region's header at any time: validate it on every tick.
         let guest_view = regions
             .guest
@@ -583,6 +594,7 @@ fn run(
                 report.records += 1;
             }
         }
+        report.busy_ns += monotonic_ns().saturating_sub(tick_start);
         if stopping {
             report.announced_switches = states.iter().map(|s| s.vcpu.probe.announced()).collect();
             return report;
