@@ -8,7 +8,8 @@
 //! 6. profiler overhead (profiler at 1 kHz vs off);
 //! 7. profiler latency: sample → dashboard reader, against the refresh interval and the period;
 //! 8. dashboard CPU with 10 VMs (fake and real);
-//! 9. host fault tracking on vs off on a fault-heavy run.
+//! 9. host fault tracking on vs off on a fault-heavy run;
+//! 10. attribution error (exact vs sampled, against the pages each task touched) and cost.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`); nothing here asserts on absolute times.
@@ -25,6 +26,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+#[path = "vmm_bench/attribution.rs"]
+mod attribution;
 #[path = "vmm_bench/bare.rs"]
 mod bare;
 /// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
@@ -97,7 +100,7 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6), latency (7), dashboard (8), tracking (9). Group names given as plain
+    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -107,6 +110,10 @@ struct Args {
     /// Back-to-back pairs (tracking on, off) per vCPU count in the host-tracking benchmark.
     #[arg(long, value_name = "N", default_value_t = 11)]
     tracking_pairs: usize,
+    /// Where the attribution group writes its error table (Markdown, for the README).
+    #[arg(long, value_name = "PATH",
+          default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/attribution-table.md"))]
+    attribution_table: PathBuf,
     /// Seconds each dashboard measurement runs.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     dashboard_secs: f64,
@@ -228,7 +235,9 @@ fn run(args: &Args) -> Result<()> {
             });
         }
         if args.wants("profiler") {
-            group(&mut rows, 6, "profiler", || profiler::run(args.exit_runs));
+            group(&mut rows, 6, "profiler", || {
+                profiler::run(&vmm, args.runs, args.exit_runs)
+            });
         }
         if args.wants("latency") {
             group(&mut rows, 7, "latency", || latency::run(args.latency_secs));
@@ -236,6 +245,11 @@ fn run(args: &Args) -> Result<()> {
         if args.wants("dashboard") {
             group(&mut rows, 8, "dashboard", || {
                 dashboard::run(Some(vmm.as_path()), args.dashboard_secs)
+            });
+        }
+        if args.wants("attribution") {
+            group(&mut rows, 10, "attribution", || {
+                attribution::run_group(&args.attribution_table, args.tracking_pairs.min(5))
             });
         }
         if args.wants("tracking") {

@@ -143,6 +143,10 @@ impl Ledger {
             && slot.guest_switch_count <= allowed;
         let mut attribution = slot;
         attribution.attr_flags &= ATTR_SLOT_VALID | ATTR_SLOT_BUSY;
+        if attribution.pid == 0 {
+            // No task (boot before the guest named one, the idle task): never a table entry.
+            attribution.task_id = TASK_NONE;
+        }
         if valid && !exact {
             attribution.attr_flags |= ATTR_SWITCHED;
         }

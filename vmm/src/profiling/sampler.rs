@@ -389,8 +389,8 @@ impl VcpuState {
                 thread.utime_ns.saturating_sub(u),
                 thread.stime_ns.saturating_sub(s),
             );
-            if du + ds > 0 {
-                self.user_share = du.saturating_mul(65_536) / (du + ds);
+            if let Some(share) = du.saturating_mul(65_536).checked_div(du + ds) {
+                self.user_share = share;
             }
         }
         self.last_split = Some((thread.utime_ns, thread.stime_ns));
@@ -440,7 +440,7 @@ pub struct SamplerReport {
     pub attribution: AttributionMode,
     /// Task switches the guest announced, per vCPU (each closed an interval).
     pub announced_switches: Vec<u64>,
-    /// Time the sampler spent in its ticks (reading counters, writing records), ns.
+    /// CPU time the sampler thread spent in its ticks (reading counters, writing records), ns.
     pub busy_ns: u64,
 }
 
@@ -570,7 +570,7 @@ fn run(
             next = Instant::now() + period;
         }
         report.ticks += 1;
-        let tick_start = monotonic_ns();
+        let tick_start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
         // The guest may rewrite its region's header at any time: validate it on every tick.
         let guest_view = regions
             .guest
@@ -594,7 +594,7 @@ fn run(
                 report.records += 1;
             }
         }
-        report.busy_ns += monotonic_ns().saturating_sub(tick_start);
+        report.busy_ns += clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(tick_start);
         if stopping {
             report.announced_switches = states.iter().map(|s| s.vcpu.probe.announced()).collect();
             return report;
