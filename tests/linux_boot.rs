@@ -121,6 +121,11 @@ fn assert_profiler_probed(console: &str, stats: &std::path::Path, context: &dyn 
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     let device = &stats["profiler_device"];
     assert_eq!(device["driver_ok"], true, "device: {device}\n{}", context());
+    // The driver's sched_switch probe announced task switches (exact attribution).
+    assert!(
+        device["switch_doorbells"].as_u64().is_some_and(|n| n > 0),
+        "device: {device}"
+    );
     let region = &stats["guest_region"];
     assert_eq!(region["valid"], true, "guest region: {region}");
     assert_ne!(region["guest_boot_id"], 0, "guest region: {region}");

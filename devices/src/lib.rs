@@ -72,7 +72,7 @@ pub mod virtio_mmio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
-pub use profiler_device::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig};
+pub use profiler_device::{ProfilerControl, ProfilerDevice, ProfilerDeviceConfig, TaskSwitchSink};
 pub use rtc::Rtc;
 pub use serial::{SerialDevice, SerialInput, SharedBuffer};
 pub use terminal::RawTerminal;

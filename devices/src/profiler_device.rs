@@ -53,8 +53,10 @@
 //! | 0x24   | 4    | `reserved`            | RO     | 0 |
 //! | 0x28   | 8    | `min_period_ns`       | RO     | [`MIN_PERIOD_NS`] |
 //! | 0x30   | 8    | `max_period_ns`       | RO     | [`MAX_PERIOD_NS`] |
+//! | 0x38   | 4    | `switch_doorbell`     | WO     | task-switch doorbell (reads 0), see below |
+//! | 0x3c   | 4    | `reserved2`           | RO     | 0 |
 //!
-//! Any 1, 2, 4 or 8-byte access that lies inside these 0x38 bytes is served
+//! Any 1, 2, 4 or 8-byte access that lies inside these 0x40 bytes is served
 //! (unaligned too); everything past them is a bad access (see
 //! [`crate::virtio_mmio`]).
 //!
@@ -70,6 +72,17 @@
 //! uses its default) or clamped to [[`MIN_PERIOD_NS`], [`MAX_PERIOD_NS`]]
 //! (100 µs to 60 s: at most 10 kHz, so a guest cannot make the host sampler
 //! spin; the issue needs ≥ 1 kHz). Reads return the committed value.
+//!
+//! ## Writing `switch_doorbell`
+//!
+//! With [`PROFILER_F_SWITCH_DOORBELL`] (bit 1) negotiated, a 4-byte write of a vCPU index to
+//! `switch_doorbell` announces that this vCPU is about to switch tasks: the driver writes it
+//! from its context-switch hook *before* it rewrites the vCPU's slot in the guest region for the
+//! incoming task. The host then closes the vCPU's open accounting interval at that moment and
+//! charges it to the task the slot still names (exact attribution, see `profiler/ABI.md`). The
+//! write exits to the VMM on the vCPU thread, which reads its own counters there. Writes of
+//! another width, without the feature, or naming no vCPU are refused (counted as protocol errors);
+//! accepted ones are counted in [`ProfilerControl::switch_doorbells`].
 //!
 //! # Host side
 //!
@@ -99,6 +112,8 @@ pub const PROFILER_VENDOR_ID: u32 = 0x4c42_524d;
 /// Feature bit (number): the driver may request a sampling period through
 /// `requested_period_ns`.
 pub const PROFILER_F_PERIOD_CONTROL: u32 = 0;
+/// Feature bit (number): the driver may announce task switches through `switch_doorbell`.
+pub const PROFILER_F_SWITCH_DOORBELL: u32 = 1;
 /// The shmid of the profiler's guest region.
 pub const SHMID_GUEST_REGION: u32 = 0;
 /// `flags` bit: the host sampler is currently taking samples.
@@ -133,8 +148,12 @@ pub mod config {
     pub const MIN_PERIOD_NS: usize = 0x28;
     /// `max_period_ns: u64`.
     pub const MAX_PERIOD_NS: usize = 0x30;
+    /// `switch_doorbell: u32`, write-only (reads 0).
+    pub const SWITCH_DOORBELL: usize = 0x38;
+    /// `reserved2: u32`, reads 0.
+    pub const RESERVED2: usize = 0x3c;
     /// Size of the configuration space.
-    pub const SIZE: usize = 0x38;
+    pub const SIZE: usize = 0x40;
 }
 
 /// The device-specific configuration space, as the guest sees it (little
@@ -162,6 +181,10 @@ pub struct ProfilerConfigSpace {
     pub min_period_ns: u64,
     /// [`MAX_PERIOD_NS`].
     pub max_period_ns: u64,
+    /// Task-switch doorbell; always reads 0.
+    pub switch_doorbell: u32,
+    /// Always 0.
+    pub reserved2: u32,
 }
 
 // The documented offsets are the `repr(C)` layout.
@@ -178,6 +201,8 @@ const _: () = {
     assert!(offset_of!(C, reserved) == config::RESERVED);
     assert!(offset_of!(C, min_period_ns) == config::MIN_PERIOD_NS);
     assert!(offset_of!(C, max_period_ns) == config::MAX_PERIOD_NS);
+    assert!(offset_of!(C, switch_doorbell) == config::SWITCH_DOORBELL);
+    assert!(offset_of!(C, reserved2) == config::RESERVED2);
     assert!(size_of::<C>() == config::SIZE);
 };
 
@@ -208,6 +233,8 @@ impl ProfilerConfigSpace {
         put(config::RESERVED, &self.reserved.to_le_bytes());
         put(config::MIN_PERIOD_NS, &self.min_period_ns.to_le_bytes());
         put(config::MAX_PERIOD_NS, &self.max_period_ns.to_le_bytes());
+        put(config::SWITCH_DOORBELL, &self.switch_doorbell.to_le_bytes());
+        put(config::RESERVED2, &self.reserved2.to_le_bytes());
         out
     }
 }
@@ -242,6 +269,28 @@ pub struct ProfilerDeviceConfig {
     pub abi_version: (u16, u16),
 }
 
+/// Where announced task switches go (the VMM's per-vCPU accounting). Called on the vCPU
+/// thread that exited for the doorbell; must not block.
+pub trait TaskSwitchSink: Send + Sync {
+    /// vCPU `vcpu` is about to switch tasks (`vcpu` is guest-claimed; ignore it if unknown).
+    fn task_switch(&self, vcpu: usize);
+
+    /// Whether announcements are wanted now: the device offers
+    /// [`PROFILER_F_SWITCH_DOORBELL`] only then.
+    fn wanted(&self) -> bool {
+        true
+    }
+}
+
+/// A [`TaskSwitchSink`] as [`ProfilerControl`] holds it.
+struct SwitchSink(Arc<dyn TaskSwitchSink>);
+
+impl std::fmt::Debug for SwitchSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskSwitchSink")
+    }
+}
+
 /// What the guest asked for, readable by the host sampler thread without the
 /// device lock. All fields are atomics updated by the device.
 #[derive(Debug, Default)]
@@ -251,9 +300,22 @@ pub struct ProfilerControl {
     default_period_ns: AtomicU64,
     changes: AtomicU64,
     notify_errors: AtomicU64,
+    switch_doorbells: AtomicU64,
+    switch_sink: std::sync::OnceLock<SwitchSink>,
 }
 
 impl ProfilerControl {
+    /// Sends every accepted `switch_doorbell` write to `sink` (set once; later calls are
+    /// ignored).
+    pub fn set_switch_sink(&self, sink: Arc<dyn TaskSwitchSink>) {
+        let _ = self.switch_sink.set(SwitchSink(sink));
+    }
+
+    /// Accepted `switch_doorbell` writes so far.
+    pub fn switch_doorbells(&self) -> u64 {
+        self.switch_doorbells.load(Ordering::Relaxed)
+    }
+
     /// The device status byte (bits in [`crate::virtio_mmio::status`]).
     pub fn status(&self) -> u8 {
         self.status.load(Ordering::Acquire)
@@ -323,6 +385,27 @@ impl ProfilerBackend {
         }
     }
 
+    /// A write to `switch_doorbell`: a 4-byte vCPU index, with the feature negotiated.
+    fn switch_doorbell(&self, data: &[u8], negotiated: u64) -> bool {
+        if negotiated & (1 << PROFILER_F_SWITCH_DOORBELL) == 0 {
+            return false;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return false;
+        };
+        let vcpu = u32::from_le_bytes(bytes);
+        if vcpu >= self.space.vcpu_count {
+            return false;
+        }
+        self.control
+            .switch_doorbells
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(sink) = self.control.switch_sink.get() {
+            sink.0.task_switch(vcpu as usize);
+        }
+        true
+    }
+
     fn set_requested(&mut self, ns: u64) {
         self.space.requested_period_ns = ns;
         self.control
@@ -342,7 +425,8 @@ impl VirtioBackend for ProfilerBackend {
     }
 
     fn device_features(&self) -> u64 {
-        1 << PROFILER_F_PERIOD_CONTROL
+        let doorbell = self.control.switch_sink.get().is_some_and(|s| s.0.wanted());
+        (1 << PROFILER_F_PERIOD_CONTROL) | (u64::from(doorbell) << PROFILER_F_SWITCH_DOORBELL)
     }
 
     fn shm_region(&self, shmid: u32) -> Option<ShmRegion> {
@@ -370,6 +454,9 @@ impl VirtioBackend for ProfilerBackend {
 
     fn write_config(&mut self, offset: usize, data: &[u8], negotiated: u64) -> bool {
         const FIELD: usize = config::REQUESTED_PERIOD_NS;
+        if offset == config::SWITCH_DOORBELL {
+            return self.switch_doorbell(data, negotiated);
+        }
         if negotiated & (1 << PROFILER_F_PERIOD_CONTROL) == 0 {
             return false;
         }
@@ -442,6 +529,8 @@ impl ProfilerDevice {
                 reserved: 0,
                 min_period_ns: MIN_PERIOD_NS,
                 max_period_ns: MAX_PERIOD_NS,
+                switch_doorbell: 0,
+                reserved2: 0,
             },
             region,
             staged_period: [0; 8],

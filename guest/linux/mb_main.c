@@ -155,6 +155,7 @@ static int mb_probe(struct virtio_device *vdev)
 	hrtimer_init(&mb->timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
 	mb->timer.function = mb_timer_fn;
 	mb->can_request_period = virtio_has_feature(vdev, MB_F_PERIOD_CONTROL);
+	mb->switch_doorbell = virtio_has_feature(vdev, MB_F_SWITCH_DOORBELL);
 
 	err = mb_map_region(mb);
 	if (err)
@@ -303,6 +304,7 @@ static void mb_config_changed(struct virtio_device *vdev)
 
 static const unsigned int mb_features[] = {
 	MB_F_PERIOD_CONTROL,
+	MB_F_SWITCH_DOORBELL,
 };
 
 static const struct virtio_device_id mb_id_table[] = {

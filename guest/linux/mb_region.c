@@ -19,6 +19,8 @@
 #include <linux/spinlock.h>
 #include <linux/string.h>
 #include <linux/tracepoint.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
 
 #include "mirrorball.h"
 
@@ -244,6 +246,23 @@ static u32 mb_task_id_of(struct mb_dev *mb, struct task_struct *t)
 	return MB_TASK_NONE;
 }
 
+/*
+ * Rings the switch doorbell: the host closes this vCPU's accounting interval
+ * now, charging it to the task the slot still names (the outgoing one). Called
+ * with preemption off, before the slot is rewritten. The transport's set()
+ * is a plain MMIO store; virtio_cwrite*() is not used because it may sleep.
+ */
+static void mb_ring_switch_doorbell(struct mb_dev *mb, unsigned int cpu)
+{
+	__le32 v = cpu_to_le32(cpu);
+
+	if (!mb->switch_doorbell)
+		return;
+	mb->vdev->config->set(mb->vdev,
+			      offsetof(struct mb_virtio_config, switch_doorbell),
+			      &v, sizeof(v));
+}
+
 /* Announces that this CPU now runs @next; the slot of this CPU only. */
 static void mb_slot_switch_to(struct mb_dev *mb, struct task_struct *next)
 {
@@ -253,6 +272,7 @@ static void mb_slot_switch_to(struct mb_dev *mb, struct task_struct *next)
 
 	if (cpu >= mb->l.vcpus.capacity)
 		return;
+	mb_ring_switch_doorbell(mb, cpu);
 	s = mb_slot(mb, cpu);
 	if (is_idle_task(next))
 		flags |= MB_VCPU_IDLE;

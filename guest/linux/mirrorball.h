@@ -66,6 +66,8 @@ struct virtio_device;
 #define VIRTIO_ID_MIRRORBALL 0x4d42
 /* Feature bit: the driver may write requested_period_ns. */
 #define MB_F_PERIOD_CONTROL 0
+/* The driver may announce task switches through switch_doorbell. */
+#define MB_F_SWITCH_DOORBELL 1
 #define MB_SHMID_GUEST_REGION 0
 
 /* Device configuration space (little endian). */
@@ -77,6 +79,16 @@ struct mb_virtio_config {
 	__le64 requested_period_ns;	/* guest-writable */
 	__le64 host_region_id;
 	__le32 flags;
+	__le32 reserved;
+	__le64 min_period_ns;
+	__le64 max_period_ns;
+	/*
+	 * Write-only: this CPU's index, written before the CPU's slot is
+	 * rewritten for the next task, so the host closes the outgoing task's
+	 * accounting interval exactly there (MB_F_SWITCH_DOORBELL).
+	 */
+	__le32 switch_doorbell;
+	__le32 reserved2;
 };
 
 /* ---- Driver limits -------------------------------------------------------- */
@@ -163,6 +175,7 @@ struct mb_dev {
 	struct mb_guest_header *hdr;
 	struct mb_ring_ctl *ctl;
 	bool can_request_period;
+	bool switch_doorbell;		/* MB_F_SWITCH_DOORBELL negotiated */
 
 	/* Serializes ring pushes and task-table updates. */
 	spinlock_t region_lock;

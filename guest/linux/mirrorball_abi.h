@@ -62,7 +62,7 @@ typedef uint64_t mb_u64;
 
 /* Readers reject another major version and accept any minor version of their major. */
 #define MB_ABI_VERSION_MAJOR 1
-#define MB_ABI_VERSION_MINOR 0
+#define MB_ABI_VERSION_MINOR 1
 /* "MBGR" and "MBHR" as little-endian u32. */
 #define MB_GUEST_MAGIC 0x5247424dU
 #define MB_HOST_MAGIC 0x5248424dU
@@ -105,6 +105,9 @@ typedef uint64_t mb_u64;
 #define MB_ATTR_SLOT_VALID 0x1      /* vCPU slot read consistently */
 #define MB_ATTR_SWITCHED 0x2        /* the guest switched tasks during the interval */
 #define MB_ATTR_SLOT_BUSY 0x4       /* slot stayed mid-update: not attributed */
+#define MB_ATTR_EXACT 0x8           /* minor 1: only the attributed task ran in the intervals */
+#define MB_ATTR_AT_SWITCH 0x10      /* minor 1: intervals closed at announced task switches */
+#define MB_ATTR_MERGED 0x20         /* minor 1: excess tasks of one tick, attributed to none */
 
 /* ---- Headers --------------------------------------------------------------------------- */
 
@@ -220,7 +223,9 @@ struct mb_host_sample {
 	mb_u64 vcpu_utime_ns;
 	mb_u64 vcpu_stime_ns;
 	mb_u64 guest_switch_count; /* the vCPU slot's switch_count as read (guest-claimed) */
-	mb_u64 reserved[3];
+	mb_u32 slot_flags;        /* minor 1: the slot's MB_VCPU_* flags of the attributed task */
+	mb_u32 switches;          /* minor 1: announced switches that closed these intervals */
+	mb_u64 reserved[2];
 };
 
 /* ---- Layout checks (kept identical to the Rust definitions by the Rust tests) ---------- */
@@ -398,7 +403,11 @@ _Static_assert(offsetof(struct mb_host_sample, vcpu_stime_ns) == 88, "struct mb_
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->vcpu_stime_ns) == 8, "struct mb_host_sample.vcpu_stime_ns size");
 _Static_assert(offsetof(struct mb_host_sample, guest_switch_count) == 96, "struct mb_host_sample.guest_switch_count");
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->guest_switch_count) == 8, "struct mb_host_sample.guest_switch_count size");
-_Static_assert(offsetof(struct mb_host_sample, reserved) == 104, "struct mb_host_sample.reserved");
-_Static_assert(sizeof(((const struct mb_host_sample *)0)->reserved) == 24, "struct mb_host_sample.reserved size");
+_Static_assert(offsetof(struct mb_host_sample, slot_flags) == 104, "struct mb_host_sample.slot_flags");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->slot_flags) == 4, "struct mb_host_sample.slot_flags size");
+_Static_assert(offsetof(struct mb_host_sample, switches) == 108, "struct mb_host_sample.switches");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->switches) == 4, "struct mb_host_sample.switches size");
+_Static_assert(offsetof(struct mb_host_sample, reserved) == 112, "struct mb_host_sample.reserved");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->reserved) == 16, "struct mb_host_sample.reserved size");
 
 #endif /* MIRRORBALL_ABI_H */

@@ -9,7 +9,8 @@
 //! 7. profiler latency: sample → dashboard reader, against the refresh interval and the period;
 //! 8. dashboard CPU with 10 VMs (fake and real);
 //! 9. host fault tracking on vs off on a fault-heavy run;
-//! 10. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
+//! 10. attribution error (exact vs sampled, against the pages each task touched) and cost;
+//! 11. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
 //!     the sharing scan's cost.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
@@ -27,6 +28,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+#[path = "vmm_bench/attribution.rs"]
+mod attribution;
 #[path = "vmm_bench/bare.rs"]
 mod bare;
 /// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
@@ -101,7 +104,7 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6), latency (7), dashboard (8), tracking (9), sharing (10). Group names given as plain
+    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -111,6 +114,10 @@ struct Args {
     /// Back-to-back pairs (tracking on, off) per vCPU count in the host-tracking benchmark.
     #[arg(long, value_name = "N", default_value_t = 11)]
     tracking_pairs: usize,
+    /// Where the attribution group writes its error table (Markdown, for the README).
+    #[arg(long, value_name = "PATH",
+          default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/attribution-table.md"))]
+    attribution_table: PathBuf,
     /// Seconds each dashboard measurement runs.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     dashboard_secs: f64,
@@ -232,7 +239,9 @@ fn run(args: &Args) -> Result<()> {
             });
         }
         if args.wants("profiler") {
-            group(&mut rows, 6, "profiler", || profiler::run(args.exit_runs));
+            group(&mut rows, 6, "profiler", || {
+                profiler::run(&vmm, args.runs, args.exit_runs)
+            });
         }
         if args.wants("latency") {
             group(&mut rows, 7, "latency", || latency::run(args.latency_secs));
@@ -240,6 +249,11 @@ fn run(args: &Args) -> Result<()> {
         if args.wants("dashboard") {
             group(&mut rows, 8, "dashboard", || {
                 dashboard::run(Some(vmm.as_path()), args.dashboard_secs)
+            });
+        }
+        if args.wants("attribution") {
+            group(&mut rows, 10, "attribution", || {
+                attribution::run_group(&args.attribution_table, args.tracking_pairs.min(5))
             });
         }
         if args.wants("tracking") {

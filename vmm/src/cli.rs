@@ -80,6 +80,11 @@ pub struct RunOptions {
     /// /dev/shm/mirrorball].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// How host figures are charged to guest tasks: "exact" closes each task's interval at
+    /// every task switch the guest announces (and at ticks); "sampled" charges each tick's
+    /// interval to the task running at the tick.
+    #[arg(long, value_name = "MODE", default_value = "exact")]
+    pub attribution: crate::profiling::sampler::AttributionMode,
     /// End each VM after this many seconds (exit code 7).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,

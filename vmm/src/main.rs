@@ -161,7 +161,7 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
         None
     };
     let ksm_before = options.ksm.then(ksm::KsmFigures::read);
-    let started = fleet::launch(&plan, consoles, &host);
+    let started = fleet::launch(&plan, consoles, &host, options.attribution);
     let results = session::run_all(
         started,
         &SessionOptions {

@@ -6,7 +6,7 @@ use mirrorball_profiler::vcpu_accounting::VcpuReport;
 use serde::Serialize;
 
 use crate::exit::VmEnd;
-use crate::profiling::attribution::TaskTotals;
+use crate::profiling::attribution::{GuestTotals, TaskTotals};
 use crate::profiling::sharing::{RangeReport, SharingReport};
 use crate::workload::{seconds, task_vcpu, TaskProgress, TaskSpec};
 
@@ -40,6 +40,20 @@ pub struct DeviceReport {
     pub driver_ok: bool,
     /// Period the guest's driver asked for, ns.
     pub requested_period_ns: Option<u64>,
+    /// Task switches the driver announced through the switch doorbell.
+    pub switch_doorbells: u64,
+}
+
+impl DeviceReport {
+    /// The device's state now, from its control block.
+    pub fn new(c: &mirrorball_devices::ProfilerControl) -> Self {
+        Self {
+            status: c.status(),
+            driver_ok: c.driver_ok(),
+            requested_period_ns: c.requested_period_ns(),
+            switch_doorbells: c.switch_doorbells(),
+        }
+    }
 }
 
 /// The guest part of the profiler region as the host reader found it at the end of a run: the
@@ -107,6 +121,10 @@ pub struct TaskReport {
     /// The task region's pages (shared with the template, private) and copy-on-write breaks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<RangeReport>,
+    /// The guest's own measure of the task's CPU time (its TSC while the task was switched
+    /// in), ns, if the profiler ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cpu_ns: Option<u64>,
     /// The `work` spec.
     pub spec: String,
     /// Iterations asked for.
@@ -153,6 +171,10 @@ pub struct RunReport {
     /// Workload tasks (OS-less guest only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskReport>,
+    /// What the host sampler charged to no task (boot before the guest named one, idle,
+    /// unreadable slots), if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_task: Option<TaskTotals>,
     /// Name of the profiler regions in the run directory (`vm-<pid>-<n>`), if published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiler: Option<String>,
@@ -180,7 +202,7 @@ pub fn task_reports(
     progress: Vec<TaskProgress>,
     vcpus: usize,
     attributed: Option<&BTreeMap<u32, TaskTotals>>,
-    guest_min_flt: Option<&BTreeMap<u32, u64>>,
+    guest: Option<&BTreeMap<u32, GuestTotals>>,
     memory: Option<&SharingReport>,
 ) -> Vec<TaskReport> {
     specs
@@ -191,7 +213,8 @@ pub fn task_reports(
             task,
             vcpu: task_vcpu(task, vcpus),
             host: attributed.map(|a| a.get(&(task as u32 + 1)).copied().unwrap_or_default()),
-            guest_min_flt: guest_min_flt.map(|g| g.get(&(task as u32 + 1)).copied().unwrap_or(0)),
+            guest_min_flt: guest.map(|g| g.get(&(task as u32 + 1)).map_or(0, |t| t.min_flt)),
+            guest_cpu_ns: guest.map(|g| g.get(&(task as u32 + 1)).map_or(0, |t| t.cpu_ns)),
             memory: memory.and_then(|m| m.ranges.iter().find(|r| r.index == task).cloned()),
             spec: spec.to_string(),
             iterations_planned: spec.iterations,
@@ -216,7 +239,7 @@ pub fn workload_summary(report: &RunReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7} {:>9} {:>9}",
+        "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7} {:<7} {:>9} {:>9}",
         "task",
         "vcpu",
         "spec",
@@ -228,18 +251,20 @@ pub fn workload_summary(report: &RunReport) -> String {
         "kvm_pf_taken",
         "exits",
         "cpu_s",
+        "attr",
         "shared_pg",
         "private_pg"
     );
     for task in &report.tasks {
         let vcpu = report.vcpus.iter().find(|v| v.index == task.vcpu);
-        let (minflt, majflt, pf, exits, cpu_ns) = match (&task.host, vcpu) {
+        let (minflt, majflt, pf, exits, cpu_ns, attr) = match (&task.host, vcpu) {
             (Some(h), _) => (
                 h.host_min_flt,
                 h.host_maj_flt,
                 Some(h.pf_taken),
                 h.exits,
                 h.vcpu_cpu_ns,
+                h.attribution(),
             ),
             (None, Some(v)) => (
                 v.host_minor_faults,
@@ -247,12 +272,13 @@ pub fn workload_summary(report: &RunReport) -> String {
                 v.kvm_stats.get("pf_taken").copied(),
                 v.total_exits,
                 v.user_ns + v.system_ns,
+                "vcpu",
             ),
-            (None, None) => (0, 0, None, 0, 0),
+            (None, None) => (0, 0, None, 0, 0, "-"),
         };
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:>9} {:>9}",
+            "{:>4} {:>4} {:<22} {:>7} {:>9.3} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:<7} {:>9} {:>9}",
             task.task,
             task.vcpu,
             task.spec,
@@ -265,12 +291,33 @@ pub fn workload_summary(report: &RunReport) -> String {
             pf.map_or("-".to_string(), |v| v.to_string()),
             exits,
             seconds(cpu_ns),
+            attr,
             task.memory
                 .as_ref()
                 .map_or("-".to_string(), |m| m.pages.shared.to_string()),
             task.memory
                 .as_ref()
                 .map_or("-".to_string(), |m| m.pages.private.to_string()),
+        );
+    }
+    if let Some(h) = report.no_task.filter(|h| h.samples > 0) {
+        let _ = writeln!(
+            out,
+            "{:>4} {:>4} {:<22} {:>7} {:>9} {:>12} {:>11} {:>11} {:>12} {:>7} {:>7.2} {:<7} {:>9} {:>9}",
+            "-",
+            "-",
+            "(no task: boot, idle)",
+            "-",
+            "-",
+            "-",
+            h.host_min_flt,
+            h.host_maj_flt,
+            h.pf_taken,
+            h.exits,
+            seconds(h.vcpu_cpu_ns),
+            h.attribution(),
+            "-",
+            "-",
         );
     }
     out
@@ -307,10 +354,17 @@ mod tests {
                 progress,
                 2,
                 None,
-                Some(&BTreeMap::from([(2, 987_654)])),
+                Some(&BTreeMap::from([(
+                    2,
+                    GuestTotals {
+                        min_flt: 987_654,
+                        cpu_ns: 1,
+                    },
+                )])),
                 None,
             ),
             memory: None,
+            no_task: None,
             profiler: None,
             profiler_device: None,
             guest_region: None,

@@ -19,7 +19,7 @@ use crate::arch::x86_64::cpuid::HostKind;
 use crate::builder::{BuiltVm, Guest};
 use crate::devices::BusExits;
 use crate::exit::VmEnd;
-use crate::profiling::attribution::{guest_min_flt_by_pid, totals_by_pid};
+use crate::profiling::attribution::{guest_totals_by_pid, totals_by_pid};
 use crate::profiling::regions::ProfilerRegions;
 use crate::profiling::sampler::Sampler;
 use crate::profiling::sharing::SharingScanner;
@@ -83,7 +83,7 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
         Some(p) => {
             device_control = p.control.clone();
             let regions = p.regions.clone();
-            match Sampler::spawn(p.regions, p.vcpus, p.period, p.control) {
+            match Sampler::spawn(p.regions, p.vcpus, p.period, p.control, p.attribution) {
                 Ok(s) => Some((s, regions)),
                 Err(e) => {
                     let (_, _) = running.stop(VmEnd::VmmError(format!(
@@ -172,7 +172,7 @@ impl RunningVm {
                 guest_region = Some(GuestRegionReport::new(&validated));
                 guest_min_flt = Some(
                     validated
-                        .map(|view| guest_min_flt_by_pid(&view))
+                        .map(|view| guest_totals_by_pid(&view))
                         .unwrap_or_default(),
                 );
             }
@@ -233,14 +233,13 @@ impl RunningVm {
             tasks,
             memory: Some(sharing),
             profiler: profiler_name,
+            no_task: attributed
+                .as_ref()
+                .and_then(|a| a.get(&crate::profiling::attribution::NO_TASK).copied()),
             profiler_device: self
                 .device_control
                 .as_ref()
-                .map(|c| crate::report::DeviceReport {
-                    status: c.status(),
-                    driver_ok: c.driver_ok(),
-                    requested_period_ns: c.requested_period_ns(),
-                }),
+                .map(|c| crate::report::DeviceReport::new(c)),
             guest_region,
             sampler,
             console,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
+use mirrorball_devices::TaskSwitchSink;
 use mirrorball_workload::{
     doorbell_task, Event, PageTracker, Params, Pattern, TaskParams, DEFAULT_ITERATIONS,
     IMAGE_END_GPA, IMAGE_GPA, MAX_TASKS, MAX_TASKS_PER_VCPU, PAGE_BYTES, PARAMS_GPA, STACKS_GPA,
@@ -375,6 +376,8 @@ pub struct WorkloadMonitor {
     tasks: Mutex<Vec<TaskProgress>>,
     task_vcpus: Vec<usize>,
     inner: Arc<dyn ExitHandler>,
+    /// Told of every doorbell: each one ends a task's turn on its vCPU (a task switch).
+    switches: std::sync::OnceLock<Arc<dyn TaskSwitchSink>>,
 }
 
 impl WorkloadMonitor {
@@ -389,7 +392,15 @@ impl WorkloadMonitor {
             tasks: Mutex::new(vec![TaskProgress::default(); task_vcpus.len()]),
             task_vcpus,
             inner,
+            switches: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Announces every doorbell of a task, on its own vCPU, to `sink` as a task switch (set
+    /// once). The guest rings after each turn of a task and before the next task names itself
+    /// in the vCPU's profiler slot, so the doorbell is exactly where one task's interval ends.
+    pub fn set_switch_sink(&self, sink: Arc<dyn TaskSwitchSink>) {
+        let _ = self.switches.set(sink);
     }
 
     /// A snapshot of every task's progress; unfinished tasks get their elapsed time so far.
@@ -408,6 +419,9 @@ impl WorkloadMonitor {
         // A task's doorbell only counts from the vCPU the task runs on.
         if self.task_vcpus.get(index) != Some(&vcpu) {
             return VcpuAction::Continue;
+        }
+        if let Some(sink) = self.switches.get() {
+            sink.task_switch(vcpu);
         }
         let Some(task) = tasks.get_mut(index) else {
             return VcpuAction::Continue;

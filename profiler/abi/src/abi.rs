@@ -14,7 +14,7 @@ abi_consts! {
     /// ABI major version: readers reject any other major version.
     pub const ABI_VERSION_MAJOR: u16 = 1 => "MB_ABI_VERSION_MAJOR";
     /// ABI minor version written by this crate; readers accept any minor version of their major.
-    pub const ABI_VERSION_MINOR: u16 = 0 => "MB_ABI_VERSION_MINOR";
+    pub const ABI_VERSION_MINOR: u16 = 1 => "MB_ABI_VERSION_MINOR";
     /// Magic of the guest region: the bytes `"MBGR"` (little-endian `u32`).
     pub const GUEST_MAGIC: u32 = 0x5247_424d => "MB_GUEST_MAGIC";
     /// Magic of the host region: the bytes `"MBHR"` (little-endian `u32`).
@@ -67,6 +67,16 @@ abi_consts! {
     /// Host attribution flag: the vCPU slot stayed mid-update (or its index was out of range);
     /// `task_id`/`pid` are `TASK_NONE`/0.
     pub const ATTR_SLOT_BUSY: u32 = 0x4 => "MB_ATTR_SLOT_BUSY";
+    /// Host attribution flag (minor 1): exact. Every interval summed in the record ran the
+    /// attributed task alone: it began at a task switch the guest announced (switch doorbell) or
+    /// at a tick, and no switch the guest did not announce happened in it.
+    pub const ATTR_EXACT: u32 = 0x8 => "MB_ATTR_EXACT";
+    /// Host attribution flag (minor 1): the record sums intervals the VMM closed at announced
+    /// task switches (`switches` of them); without it the record is one tick's interval.
+    pub const ATTR_AT_SWITCH: u32 = 0x10 => "MB_ATTR_AT_SWITCH";
+    /// Host attribution flag (minor 1): too many tasks ran on the vCPU within one tick; the
+    /// intervals of the excess ones are summed here, attributed to no task.
+    pub const ATTR_MERGED: u32 = 0x20 => "MB_ATTR_MERGED";
 }
 
 abi_struct! {
@@ -255,7 +265,8 @@ abi_struct! {
         pub pid: AtomicU32,
         /// vCPU index.
         pub vcpu: AtomicU32,
-        /// [`ATTR_SLOT_VALID`], [`ATTR_SWITCHED`], [`ATTR_SLOT_BUSY`].
+        /// [`ATTR_SLOT_VALID`], [`ATTR_SWITCHED`], [`ATTR_SLOT_BUSY`], [`ATTR_EXACT`],
+        /// [`ATTR_AT_SWITCH`], [`ATTR_MERGED`].
         pub attr_flags: AtomicU32,
         /// Length of the interval the deltas cover, ns.
         pub interval_ns: AtomicU64,
@@ -275,8 +286,13 @@ abi_struct! {
         pub vcpu_stime_ns: AtomicU64,
         /// The vCPU slot's `switch_count` as read at the end of the interval (guest-claimed).
         pub guest_switch_count: AtomicU64,
+        /// The vCPU slot's `flags` ([`VCPU_IDLE`], [`VCPU_KTHREAD`]) of the attributed task
+        /// (minor 1; 0 before).
+        pub slot_flags: AtomicU32,
+        /// Announced task switches that closed intervals summed in this record (minor 1).
+        pub switches: AtomicU32,
         /// Reserved, 0.
-        pub reserved: [AtomicU64; 3],
+        pub reserved: [AtomicU64; 2],
     }
 }
 
@@ -338,4 +354,6 @@ const _: () = {
     assert!(offset_of!(HostSampleSlot, vcpu) == 24);
     assert!(offset_of!(HostSampleSlot, pf_taken) == 40);
     assert!(offset_of!(HostSampleSlot, guest_switch_count) == 96);
+    assert!(offset_of!(HostSampleSlot, slot_flags) == 104);
+    assert!(offset_of!(HostSampleSlot, switches) == 108);
 };

@@ -128,6 +128,8 @@ pub struct Attribution {
     pub attr_flags: u32,
     /// The slot's switch count as read (0 if unread).
     pub guest_switch_count: u64,
+    /// The slot's flags ([`VCPU_IDLE`], [`VCPU_KTHREAD`]), 0 if unread.
+    pub slot_flags: u32,
 }
 
 impl Attribution {
@@ -145,6 +147,7 @@ impl Attribution {
                     pid: state.task.pid,
                     attr_flags: ATTR_SLOT_VALID | if switched { ATTR_SWITCHED } else { 0 },
                     guest_switch_count: state.switch_count,
+                    slot_flags: state.task.flags,
                 }
             }
             Err(_) => Self {
@@ -152,8 +155,25 @@ impl Attribution {
                 pid: 0,
                 attr_flags: ATTR_SLOT_BUSY,
                 guest_switch_count: 0,
+                slot_flags: 0,
             },
         }
+    }
+}
+
+/// How a host record's figures were attributed, from its `attr_flags`: `"exact"` (only the
+/// attributed task ran in its intervals), `"sampled"` (charged to the task running when the
+/// interval closed, a switch may have gone unannounced), `"merged"` (too many tasks in one tick,
+/// charged to none) or `"unattributed"` (the vCPU slot could not be read).
+pub fn attribution_name(attr_flags: u32) -> &'static str {
+    if attr_flags & ATTR_MERGED != 0 {
+        "merged"
+    } else if attr_flags & ATTR_SLOT_VALID == 0 {
+        "unattributed"
+    } else if attr_flags & ATTR_EXACT != 0 {
+        "exact"
+    } else {
+        "sampled"
     }
 }
 
@@ -164,5 +184,6 @@ impl HostSample {
         self.pid = a.pid;
         self.attr_flags = a.attr_flags;
         self.guest_switch_count = a.guest_switch_count;
+        self.slot_flags = a.slot_flags;
     }
 }

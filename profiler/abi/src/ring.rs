@@ -141,6 +141,10 @@ pub struct HostSample {
     pub vcpu_stime_ns: u64,
     /// The vCPU slot's `switch_count` when it was read (guest-claimed).
     pub guest_switch_count: u64,
+    /// The vCPU slot's flags of the attributed task (`VCPU_IDLE`, `VCPU_KTHREAD`).
+    pub slot_flags: u32,
+    /// Announced task switches that closed intervals summed in this record.
+    pub switches: u32,
 }
 
 impl sealed::Sealed for HostSample {}
@@ -168,6 +172,8 @@ impl SampleRecord for HostSample {
         s.vcpu_utime_ns.store(self.vcpu_utime_ns, r);
         s.vcpu_stime_ns.store(self.vcpu_stime_ns, r);
         s.guest_switch_count.store(self.guest_switch_count, r);
+        s.slot_flags.store(self.slot_flags, r);
+        s.switches.store(self.switches, r);
     }
 
     fn load(s: &HostSampleSlot) -> Self {
@@ -187,6 +193,8 @@ impl SampleRecord for HostSample {
             vcpu_utime_ns: s.vcpu_utime_ns.load(r),
             vcpu_stime_ns: s.vcpu_stime_ns.load(r),
             guest_switch_count: s.guest_switch_count.load(r),
+            slot_flags: s.slot_flags.load(r),
+            switches: s.switches.load(r),
         }
     }
 }

@@ -412,7 +412,10 @@ fn specific_corruptions_give_specific_errors() {
     check(
         "common.version_major",
         2,
-        AbiError::UnsupportedVersion { major: 2, minor: 0 },
+        AbiError::UnsupportedVersion {
+            major: 2,
+            minor: ABI_VERSION_MINOR,
+        },
     );
     check(
         "common.region_size",

@@ -147,9 +147,21 @@ pub struct HostTotals {
     pub interval_ns: u64,
     /// Samples summed.
     pub samples: u64,
+    /// Of those, samples attributed exactly (`ATTR_EXACT`: only this task ran in them).
+    pub exact_samples: u64,
 }
 
 impl HostTotals {
+    /// How the figures were attributed: `exact` (every sample), `sampled` (none), `mixed`.
+    pub fn attribution(&self) -> &'static str {
+        match (self.samples, self.exact_samples) {
+            (0, _) => "-",
+            (n, e) if e == n => "exact",
+            (_, 0) => "sampled",
+            _ => "mixed",
+        }
+    }
+
     /// Adds one host sample.
     pub fn add(&mut self, s: &HostSample) {
         self.pf_taken = self.pf_taken.saturating_add(s.pf_taken);
@@ -161,6 +173,9 @@ impl HostTotals {
         self.stime_ns = self.stime_ns.saturating_add(s.vcpu_stime_ns);
         self.interval_ns = self.interval_ns.saturating_add(s.interval_ns);
         self.samples = self.samples.saturating_add(1);
+        if s.attr_flags & mirrorball_profiler_abi::ATTR_EXACT != 0 {
+            self.exact_samples = self.exact_samples.saturating_add(1);
+        }
     }
 
     /// Host faults, minor + major.

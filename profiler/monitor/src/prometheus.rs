@@ -235,6 +235,26 @@ pub fn render(fleet: &Fleet) -> String {
             }
         }
     }
+    {
+        let name = "mirrorball_task_host_samples_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "Host samples charged to a task, by how: exact (only this task ran in them: the guest \
+             announced its switches) or sampled (charged to the task running when they closed).",
+        );
+        for (id, vm) in vms {
+            for t in vm.tasks.values().filter(|t| t.host.samples > 0) {
+                let sampled = t.host.samples.saturating_sub(t.host.exact_samples);
+                for (how, n) in [("exact", t.host.exact_samples), ("sampled", sampled)] {
+                    let mut l = task_labels(id, t);
+                    l.push(("attribution", how.into()));
+                    f.sample(name, &l, n as f64);
+                }
+            }
+        }
+    }
 
     // Per-vCPU host counters.
     let vcpu_families: [(&str, &str, HostPick); 3] = [

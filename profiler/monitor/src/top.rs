@@ -390,11 +390,15 @@ impl App {
                 } else {
                     format!("{}/{}", key.task_id, key.pid)
                 };
-                let name = if t.exited {
+                let mut name = if t.exited {
                     format!("{} (exited)", t.label())
                 } else {
                     t.label()
                 };
+                // How its host figures were charged: exact, sampled or mixed.
+                if t.host.samples > 0 {
+                    name.push_str(&format!(" [{}]", t.host.attribution()));
+                }
                 cells = vec![
                     "task".into(),
                     idtext,

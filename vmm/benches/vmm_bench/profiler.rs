@@ -1,7 +1,12 @@
 //! Profiler overhead: the OS-less workload's runtime with the profiler (guest samples every
-//! iteration, host sampler at 1 kHz) against the same workload with the profiler off, in one run.
+//! iteration, host sampler at 1 kHz) against the same workload with the profiler off, in one run;
+//! launch → exit of the smallest workload with the profiler at its default against off (a VM
+//! ends the moment it should, the sampler does not hold it up); the sampler's own cost per tick
+//! and vCPU.
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use vmm::builder::{workload, BuiltVm};
@@ -44,8 +49,91 @@ fn elapsed_s(period: Option<Duration>, run_dir: &std::path::Path) -> Result<f64>
     Ok(task.progress.elapsed_ns as f64 / 1e9)
 }
 
+/// Wall time of `vmm --workload "work 1 R 1 1" --sample-hz HZ`, ms.
+fn launch_ms(vmm: &Path, hz: u32) -> Result<f64> {
+    let start = Instant::now();
+    let status = Command::new(vmm)
+        .args(["--workload", "work 1 R 1 1", "--sample-hz", &hz.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("spawning vmm")?;
+    anyhow::ensure!(status.success(), "vmm failed: {status}");
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Launch → exit with the profiler at its default (20 Hz) against off, interleaved.
+fn launch_rows(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    launch_ms(vmm, 20)?;
+    for _ in 0..runs.max(1) {
+        on.push(launch_ms(vmm, 20)?);
+        off.push(launch_ms(vmm, 0)?);
+    }
+    Ok(vec![Row::measured(
+        6,
+        "launch_workload_profiler_default_vs_off",
+        "launch → exit of `vmm --workload \"work 1 R 1 1\"`, profiler at 20 Hz (default)",
+        "ms",
+        median(&on),
+        "--sample-hz 0",
+        Some(median(&off)),
+        Target::RatioAtMost { value: 1.3 },
+        format!(
+            "median of {} interleaved spawns each, spawn to exit status; on: {} ms, off: {} ms",
+            on.len(),
+            spread(&on, 2),
+            spread(&off, 2)
+        ),
+    )])
+}
+
+/// The sampler's own time per tick and vCPU at 1 kHz, on 1 and 2 vCPUs.
+fn tick_cost_rows(dir: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for vcpus in [1usize, 2] {
+        let spec: TaskSpec = "work 64 R 400000".parse().context("spec")?;
+        let built = workload::build(
+            vec![spec; vcpus],
+            vcpus,
+            None,
+            Some(Duration::from_millis(1)),
+            dir,
+        )
+        .context("building")?;
+        let report = run_to_end(built)?;
+        let s = report.sampler.context("no sampler report")?;
+        rows.push(Row::measured(
+            6,
+            &format!("sampler_tick_cost_{vcpus}_vcpus"),
+            &format!("host sampler time per tick and vCPU, 1 kHz, {vcpus} vCPU(s)"),
+            "µs",
+            s.tick_cost_ns_per_vcpu() / 1e3,
+            "",
+            None,
+            Target::OursAtMost { value: 5.0 },
+            format!(
+                "{} ticks ({} late), {} records; time from a tick's start to its last record,                  over ticks and vCPUs (counters: the thread's stat line for faults, its CPU                  clock, KVM's binary stats)",
+                s.ticks, s.late_ticks, s.records
+            ),
+        ));
+    }
+    Ok(rows)
+}
+
+/// Interleaved runs with the profiler at 1 kHz and off; launch and per-tick rows.
+pub fn run(vmm: &Path, launch_runs: usize, runs: usize) -> Result<Vec<Row>> {
+    let mut rows = launch_rows(vmm, launch_runs)?;
+    let dir = std::env::temp_dir().join(format!("vmm-bench-sampler-{}", std::process::id()));
+    rows.append(&mut tick_cost_rows(&dir)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    rows.append(&mut overhead_rows(runs)?);
+    Ok(rows)
+}
+
 /// Interleaved runs with the profiler at 1 kHz and off.
-pub fn run(runs: usize) -> Result<Vec<Row>> {
+fn overhead_rows(runs: usize) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("vmm-bench-profiler-{}", std::process::id()));
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for i in 0..runs.max(1) * 2 {

@@ -1,4 +1,4 @@
-//! Group 10, Disco memory: what template sharing saves and costs, measured in this process.
+//! Group 11, Disco memory: what template sharing saves and costs, measured in this process.
 //!
 //! - host memory of 8 clones × 256 MiB reading one data set, against one such VM (and the same
 //!   with memory of their own): private anonymous pages + the shmem pages of the template (or of
@@ -132,7 +132,7 @@ fn memcpy_4k_ns() -> f64 {
     start.elapsed().as_nanos() as f64 / (16384.0)
 }
 
-/// Group 10.
+/// Group 11.
 pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     let scratch = std::env::temp_dir().join(format!("mb-bench-sharing-{}", std::process::id()));
     let host = Arc::new(HostContext::new(&scratch, false)?);
@@ -144,7 +144,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     let eight = memory_of(&host, spec, 8, true)?;
     let eight_own = memory_of(&host, spec, 8, false)?;
     rows.push(Row::measured(
-        10,
+        11,
         "share_memory_8",
         "8 clones × 256 MiB reading one data set: host memory vs one such VM",
         "MiB",
@@ -155,7 +155,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         format!("`{spec}` per VM; private pages + template pages (st_blocks)"),
     ));
     rows.push(Row::measured(
-        10,
+        11,
         "share_memory_8_none",
         "same, --share none",
         "MiB",
@@ -179,7 +179,12 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
                 })
                 .collect(),
         };
-        let started = vmm::fleet::launch(&plan, vec![ConsoleSink::Null; count], &host);
+        let started = vmm::fleet::launch(
+            &plan,
+            vec![ConsoleSink::Null; count],
+            &host,
+            Default::default(),
+        );
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         for r in session::run_all(started, &options()) {
             if let Err((name, e)) = r {
@@ -194,7 +199,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         eights.push(launch(8)?);
     }
     rows.push(Row::measured(
-        10,
+        11,
         "clone_launch_8",
         "launch 8 clones (template, build, vCPU threads started) vs one",
         "ms",
@@ -229,7 +234,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         c8.push(command("8")?);
     }
     rows.push(Row::measured(
-        10,
+        11,
         "clone_command_8",
         "`vmm --vms 8` start → exit of the smallest workload vs `--vms 1`",
         "ms",
@@ -260,7 +265,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     let (fresh, _) = per_page_ns(&host, "work 64 L 900000 1", MemorySource::Fresh, None)?;
     let copy = memcpy_4k_ns();
     rows.push(Row::measured(
-        10,
+        11,
         "cow_break_vs_first_touch",
         "guest copy-on-write break per page vs first touch of fresh memory",
         "µs",
@@ -313,7 +318,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         pairs.push(on / off);
     }
     rows.push(Row::measured(
-        10,
+        11,
         "sharing_scan",
         "sharing scan per GiB of guest memory (pagemap)",
         "µs",
@@ -328,7 +333,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     ));
     rows.push(
         Row::measured(
-            10,
+            11,
             "sharing_scan_overhead",
             "workload run time with sharing scans (every 50 ms) vs without",
             "ratio",

@@ -17,6 +17,7 @@ use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging,
 use crate::devices::{add_profiler_device, LegacyDevices};
 use crate::host::HostContext;
 use crate::loader::{self, DEFAULT_CMDLINE};
+use crate::profiling::sampler::{AttributionMode, TaskSwitches};
 use crate::profiling::sharing::SharingScanner;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
@@ -208,6 +209,7 @@ pub(super) fn assemble(
             PROFILER_REGION_GPA,
             config.vcpus,
             "linux",
+            None,
             period,
         )?;
         let device = ProfilerDeviceConfig {
@@ -240,11 +242,19 @@ pub(super) fn assemble(
         let handler: Arc<dyn ExitHandler> = exits.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
-    let profiling = profiler.map(|(regions, period, control)| Profiling {
-        regions,
-        vcpus: sampled_vcpus(&mut vcpus),
-        period,
-        control: Some(control),
+    let profiling = profiler.map(|(regions, period, control)| {
+        let sampled = sampled_vcpus(&mut vcpus, &regions);
+        // The driver announces task switches through the device's switch doorbell.
+        let switches = Arc::new(TaskSwitches::new(&sampled));
+        control.set_switch_sink(switches.clone());
+        Profiling {
+            regions,
+            vcpus: sampled,
+            period,
+            control: Some(control),
+            switches,
+            attribution: AttributionMode::default(),
+        }
     });
     Ok(BuiltVm {
         name: resources.name,

@@ -18,6 +18,7 @@ use crate::loader::LoadError;
 use crate::profiling::regions::{ProfilerRegions, RegionError};
 use crate::profiling::sampler::SampledVcpu;
 use crate::profiling::sharing::SharingScanner;
+use crate::profiling::sizing::RegionSizing;
 use crate::vstate::memory::{GuestRam, MemoryError, Template, TemplateBuilder};
 use crate::vstate::vcpu::{Vcpu, VmControl};
 use crate::vstate::vm::{Vm, VmError};
@@ -284,6 +285,18 @@ pub struct Profiling {
     pub period: Duration,
     /// The profiler device's control block (Linux guests): the guest may request a period.
     pub control: Option<Arc<mirrorball_devices::ProfilerControl>>,
+    /// Where the guest's announced task switches go (exact attribution).
+    pub switches: Arc<crate::profiling::sampler::TaskSwitches>,
+    /// How per-task figures are attributed.
+    pub attribution: crate::profiling::sampler::AttributionMode,
+}
+
+impl Profiling {
+    /// Chooses how per-task figures are attributed (before the VM runs).
+    pub fn set_attribution(&mut self, mode: crate::profiling::sampler::AttributionMode) {
+        self.attribution = mode;
+        self.switches.set_mode(mode);
+    }
 }
 
 /// A VM ready to start.
@@ -408,8 +421,9 @@ impl crate::vstate::vm::HostMapping for GuestRegionMapping {
     }
 }
 
-/// Publishes the profiler regions of a VM and maps the guest region into it at `gpa` in memory
-/// slot `slot`.
+/// Publishes the profiler regions of a VM with `vcpus` vCPUs (and `tasks` tasks, when the VMM
+/// knows them: the regions are sized from the run) and maps the guest region into it at `gpa`
+/// in memory slot `slot`.
 pub(crate) fn publish_profiler_regions(
     vm: &mut Vm,
     host: &HostContext,
@@ -417,24 +431,35 @@ pub(crate) fn publish_profiler_regions(
     gpa: u64,
     vcpus: usize,
     kind: &str,
+    tasks: Option<usize>,
     period: Duration,
 ) -> Result<Arc<ProfilerRegions>, BuildError> {
     let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-    let vcpus = u32::try_from(vcpus).map_err(|e| BuildError::Boot(e.to_string()))?;
-    let regions = Arc::new(ProfilerRegions::create(host.run_dir(), vcpus, kind, ns)?);
+    let narrow = |n: usize| u32::try_from(n).map_err(|e| BuildError::Boot(e.to_string()));
+    let vcpus = narrow(vcpus)?;
+    let regions = match tasks {
+        Some(tasks) => {
+            let sizing = RegionSizing::for_run(vcpus, Some(narrow(tasks)?), ns);
+            ProfilerRegions::create_sized(host.run_dir(), vcpus, kind, ns, sizing)?
+        }
+        None => ProfilerRegions::create(host.run_dir(), vcpus, kind, ns)?,
+    };
+    let regions = Arc::new(regions);
     vm.add_mapping(slot, gpa, Arc::new(GuestRegionMapping(regions.clone())))?;
     Ok(regions)
 }
 
 /// Wires the sampler's start/stop hooks into each vCPU.
-pub(crate) fn sampled_vcpus(vcpus: &mut [Vcpu]) -> Vec<SampledVcpu> {
+pub(crate) fn sampled_vcpus(
+    vcpus: &mut [Vcpu],
+    regions: &Arc<ProfilerRegions>,
+) -> Vec<SampledVcpu> {
     vcpus
         .iter_mut()
-        .map(|v| {
-            let sampled = SampledVcpu::new(
-                mirrorball_profiler::kvm_stats::StatsFd::for_vcpu(v.fd()).ok(),
-                v.tid_handle(),
-            );
+        .enumerate()
+        .map(|(index, v)| {
+            let stats = mirrorball_profiler::kvm_stats::StatsFd::for_vcpu(v.fd()).ok();
+            let sampled = SampledVcpu::new(index, stats, v.tid_handle(), regions.clone());
             v.set_on_start(sampled.start_hook());
             v.set_on_stop(sampled.stop_hook());
             sampled

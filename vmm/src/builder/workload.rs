@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
+use crate::profiling::sampler::{AttributionMode, TaskSwitches};
 use crate::profiling::sharing::{AccountedRange, SharingScanner};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
@@ -167,6 +168,7 @@ pub(super) fn assemble(
             PROFILER_REGION_GPA,
             vcpu_count,
             "workload",
+            Some(specs.len()),
             period,
         )?),
         None => None,
@@ -203,11 +205,20 @@ pub(super) fn assemble(
         let handler: Arc<dyn ExitHandler> = monitor.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
-    let profiling = regions.map(|regions| Profiling {
-        regions,
-        vcpus: sampled_vcpus(&mut vcpus),
-        period: config.profile_period.unwrap_or_default(),
-        control: None,
+    let profiling = regions.map(|regions| {
+        let sampled = sampled_vcpus(&mut vcpus, &regions);
+        // The guest's per-iteration doorbell is its task switch: it rings after a task's turn,
+        // before the next task names itself in the slot.
+        let switches = Arc::new(TaskSwitches::new(&sampled));
+        monitor.set_switch_sink(switches.clone());
+        Profiling {
+            regions,
+            vcpus: sampled,
+            period: config.profile_period.unwrap_or_default(),
+            control: None,
+            switches,
+            attribution: AttributionMode::default(),
+        }
     });
     Ok(BuiltVm {
         name: resources.name,

@@ -11,6 +11,7 @@ use crate::builder::{
     self, BuildError, ConsoleSink, GuestConfig, MemorySource, SharedImage, VmResources,
 };
 use crate::host::HostContext;
+use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
 use crate::vstate::memory::host_ram_bytes;
@@ -238,13 +239,15 @@ pub fn consoles(plan: &FleetPlan, log_dir: &Path) -> Result<Vec<ConsoleSink>, Fl
         .collect())
 }
 
-/// Builds and starts every VM of `plan` (checked), with the consoles given; VMs that share a
-/// template are cloned from one prepared for the first of them. A VM that cannot be built or
-/// started is returned as an error beside the others.
+/// Builds and starts every VM of `plan` (checked), with the consoles given and their host
+/// figures charged to guest tasks by `attribution`; VMs that share a template are cloned from
+/// one prepared for the first of them. A VM that cannot be built or started is returned as an
+/// error beside the others.
 pub fn launch(
     plan: &FleetPlan,
     consoles: Vec<ConsoleSink>,
     host: &Arc<HostContext>,
+    attribution: AttributionMode,
 ) -> Vec<Result<RunningVm, (String, RunError)>> {
     let mut shared: Option<Result<Arc<SharedImage>, String>> = None;
     let mut built = Vec::with_capacity(plan.vms.len());
@@ -273,6 +276,12 @@ pub fn launch(
                     },
                 )
                 .map_err(|e| (vm.name.clone(), RunError::Build(e.to_string())))
+            })
+            .map(|mut b| {
+                if let Some(p) = b.profiling.as_mut() {
+                    p.set_attribution(attribution);
+                }
+                b
             });
         built.push(result);
     }

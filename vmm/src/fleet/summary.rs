@@ -95,6 +95,7 @@ mod tests {
             unhandled_exits: Default::default(),
             memory: None,
             tasks: Vec::new(),
+            no_task: None,
             profiler: None,
             profiler_device: None,
             guest_region: None,

@@ -2,6 +2,8 @@
 //! the run directory (`regions`), the host sampler that fills the host region (`sampler`), and
 //! the memory-sharing accounting of a VM's RAM against its template (`sharing`).
 pub mod attribution;
+pub mod ledger;
 pub mod regions;
 pub mod sampler;
 pub mod sharing;
+pub mod sizing;

@@ -10,16 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use super::sizing::RegionSizing;
 use mirrorball_monitor::publish::{PublishSpec, PublishedVm};
 use mirrorball_profiler_abi::{GuestRegionLayout, HostRegionLayout, Region, RegionMut};
 
 pub use mirrorball_monitor::rundir::{DEFAULT_RUN_DIR, RUN_DIR_ENV};
-/// Tasks the guest region's task table holds.
-pub const TASK_CAPACITY: u32 = 256;
-/// Guest sample records (10 minutes at 20 Hz, as in the MP3 profiler).
-pub const GUEST_RING_RECORDS: u32 = 12_000;
-/// Host sample records per vCPU (one minute at 1 kHz).
-pub const HOST_RING_RECORDS_PER_VCPU: u32 = 60_000;
 
 /// Errors publishing regions.
 #[derive(Debug, thiserror::Error)]
@@ -123,21 +118,33 @@ pub struct ProfilerRegions {
 static NEXT_VM: AtomicU32 = AtomicU32::new(0);
 
 impl ProfilerRegions {
-    /// Creates and formats both regions for `vcpus` vCPUs in `dir`.
+    /// Creates and formats both regions for `vcpus` vCPUs in `dir`, sized for any number of
+    /// guest tasks (see [`RegionSizing`]).
     pub fn create(
         dir: &Path,
         vcpus: u32,
         guest_kind: &str,
         period_ns: u64,
     ) -> Result<Self, RegionError> {
+        let sizing = RegionSizing::for_run(vcpus, None, period_ns);
+        Self::create_sized(dir, vcpus, guest_kind, period_ns, sizing)
+    }
+
+    /// Creates and formats both regions for `vcpus` vCPUs in `dir`, with `sizing`.
+    pub fn create_sized(
+        dir: &Path,
+        vcpus: u32,
+        guest_kind: &str,
+        period_ns: u64,
+        sizing: RegionSizing,
+    ) -> Result<Self, RegionError> {
         let pid = std::process::id();
         let vm = NEXT_VM.fetch_add(1, Ordering::Relaxed);
         let name = format!("vm-{pid}-{vm}");
         // Checked here for a clear error; the publisher checks the layouts again.
-        GuestRegionLayout::new(vcpus, TASK_CAPACITY, GUEST_RING_RECORDS)
+        GuestRegionLayout::new(vcpus, sizing.task_capacity, sizing.guest_ring_records)
             .map_err(RegionError::Abi)?;
-        let host_records = HOST_RING_RECORDS_PER_VCPU.saturating_mul(vcpus.max(1));
-        HostRegionLayout::new(vcpus, host_records).map_err(RegionError::Abi)?;
+        HostRegionLayout::new(vcpus, sizing.host_ring_records).map_err(RegionError::Abi)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -146,9 +153,9 @@ impl ProfilerRegions {
             name: name.clone(),
             guest: guest_kind.to_string(),
             vcpus,
-            tasks: TASK_CAPACITY,
-            guest_ring: GUEST_RING_RECORDS,
-            host_ring: host_records,
+            tasks: sizing.task_capacity,
+            guest_ring: sizing.guest_ring_records,
+            host_ring: sizing.host_ring_records,
             generation: (u64::from(pid) << 32) | u64::from(vm) ^ started,
             guest_period_ns: period_ns,
             host_period_ns: period_ns,

@@ -1,69 +1,288 @@
-//! The host sampler: one thread per VM that, every period, takes per vCPU the deltas of KVM's
-//! binary stats (`pf_taken`, `pf_fixed`, `exits`), of the vCPU thread's host faults and CPU
-//! time, attributes them to the guest task the vCPU's slot in the guest region names at that
-//! moment, and appends one record per vCPU to the host region's ring.
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+//! The host sampler: one thread per VM that, every period, closes each vCPU's open interval
+//! (the deltas of KVM's binary stats `pf_taken`, `pf_fixed`, `exits`, and of the vCPU thread's
+//! host faults and CPU time), charges it to the guest task the vCPU's slot names, and appends
+//! the vCPU's attributed intervals (see `ledger`) to the host region's ring. In exact mode the
+//! vCPU threads also close intervals themselves, at every task switch the guest announces
+//! ([`TaskSwitches`]), reading their own counters there.
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mirrorball_devices::ProfilerControl;
+use mirrorball_devices::{ProfilerControl, TaskSwitchSink};
 use mirrorball_profiler::kvm_stats::StatsFd;
 use mirrorball_profiler_abi::{
-    validate_guest_region, Attribution, HostRegion, HostSample, ReadError,
+    validate_guest_region, Attribution, GuestRegionView, HostRegion, HostSample, ReadError,
 };
 
+use super::ledger::{Counters, Entry, Ledger};
 use super::regions::ProfilerRegions;
 
 /// Shortest period the sampler accepts (10 kHz).
 pub const MIN_PERIOD: Duration = Duration::from_micros(100);
 
-/// What the sampler needs of one vCPU.
-pub struct SampledVcpu {
-    /// The vCPU's binary stats, if KVM provides them.
-    pub stats: Option<StatsFd>,
-    /// The vCPU thread's id, set by the thread when it starts (0 until then).
-    pub tid: Arc<AtomicI32>,
-    /// The thread's counters when it started, published by [`SampledVcpu::start_hook`].
-    pub baseline: Arc<Mutex<Option<ThreadCounters>>>,
-    /// The thread's counters after its last KVM_RUN, published by [`SampledVcpu::stop_hook`]:
-    /// once the thread has exited its stat file is gone, and the faults of its last interval
-    /// would be lost without them.
-    pub last: Arc<Mutex<Option<ThreadCounters>>>,
+/// How per-task host figures are attributed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributionMode {
+    /// Intervals close at every task switch the guest announces, and at ticks.
+    #[default]
+    Exact,
+    /// Intervals close at ticks only: each goes to the task running at its end.
+    Sampled,
 }
 
-impl SampledVcpu {
-    /// For a vCPU whose thread will publish its id in `tid`.
-    pub fn new(stats: Option<StatsFd>, tid: Arc<AtomicI32>) -> Self {
-        Self {
-            stats,
-            tid,
-            baseline: Arc::new(Mutex::new(None)),
-            last: Arc::new(Mutex::new(None)),
+impl AttributionMode {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Sampled => "sampled",
+        }
+    }
+}
+
+impl std::str::FromStr for AttributionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "sampled" => Ok(Self::Sampled),
+            other => Err(format!(
+                "unknown attribution {other:?} (expected exact or sampled)"
+            )),
+        }
+    }
+}
+
+/// One vCPU as both its own thread (at announced switches) and the sampler (at ticks) see it.
+pub struct VcpuProbe {
+    index: u32,
+    stats: Option<StatsFd>,
+    indexes: [Option<usize>; 3],
+    /// The vCPU thread's id, set by the thread when it starts (0 until then).
+    tid: Arc<AtomicI32>,
+    regions: Arc<ProfilerRegions>,
+    state: Mutex<ProbeState>,
+    announced: AtomicU64,
+}
+
+/// What the probe's lock guards: the ledger, and a buffer for KVM stats reads.
+struct ProbeState {
+    ledger: Ledger,
+    stats_buf: Vec<u64>,
+    last_kvm: [u64; 3],
+}
+
+impl VcpuProbe {
+    fn lock(&self) -> MutexGuard<'_, ProbeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// KVM's `pf_taken`, `pf_fixed`, `exits` now (the last values read if the read fails).
+    fn read_kvm(&self, st: &mut ProbeState) -> [u64; 3] {
+        let Some(stats) = &self.stats else {
+            return [0; 3];
+        };
+        if stats.read_into(&mut st.stats_buf).is_err() {
+            return st.last_kvm;
+        }
+        let values = self.indexes.map(|i| {
+            i.and_then(|i| stats.descriptors().get(i))
+                .and_then(|d| d.first(&st.stats_buf))
+                .unwrap_or(0)
+        });
+        st.last_kvm = values;
+        values
+    }
+
+    /// The vCPU's counters, read on the vCPU thread itself.
+    fn own_counters(&self, st: &mut ProbeState) -> Counters {
+        let kvm = self.read_kvm(st);
+        let (min_flt, maj_flt) = own_faults();
+        Counters {
+            min_flt,
+            maj_flt,
+            cpu_ns: clock_ns(libc::CLOCK_THREAD_CPUTIME_ID),
+            pf_taken: kvm[0],
+            pf_fixed: kvm[1],
+            exits: kvm[2],
         }
     }
 
-    /// A hook for the vCPU thread to run after its last KVM_RUN: it records the thread's
-    /// counters, so the sampler still charges the last interval after the thread has exited.
-    pub fn stop_hook(&self) -> Box<dyn FnOnce() + Send> {
-        publish_own_counters(self.last.clone())
+    /// The attribution the vCPU's slot gives now.
+    fn slot(&self) -> Attribution {
+        let slot = match self
+            .regions
+            .guest
+            .region()
+            .ok()
+            .and_then(|r| validate_guest_region(r).ok())
+        {
+            Some(view) => view.vcpu(self.index),
+            None => Err(ReadError::OutOfRange),
+        };
+        Attribution::from_slot(slot, None)
     }
 
-    /// A hook for the vCPU thread to run before its first KVM_RUN: it records the thread's
-    /// counters, so the sampler charges every later fault even if its first tick comes late.
-    pub fn start_hook(&self) -> Box<dyn FnOnce() + Send> {
-        publish_own_counters(self.baseline.clone())
+    /// On the vCPU thread: the guest announced a task switch; close the interval.
+    pub fn announce_switch(&self) {
+        let mut st = self.lock();
+        if !st.ledger.is_open() {
+            return;
+        }
+        let now = self.own_counters(&mut st);
+        let slot = self.slot();
+        st.ledger.close(now, monotonic_ns(), slot, true, false);
+        self.announced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Switches announced so far.
+    pub fn announced(&self) -> u64 {
+        self.announced.load(Ordering::Relaxed)
     }
 }
 
-/// A hook that reads the calling thread's counters into `slot`.
-fn publish_own_counters(slot: Arc<Mutex<Option<ThreadCounters>>>) -> Box<dyn FnOnce() + Send> {
-    Box::new(move || {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let counters = read_thread(tid, tick_ns());
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = counters;
-    })
+/// What the sampler needs of one vCPU.
+pub struct SampledVcpu {
+    probe: Arc<VcpuProbe>,
+}
+
+impl SampledVcpu {
+    /// vCPU `index` of the VM whose regions are `regions`, with its KVM stats (if KVM provides
+    /// them) and where its thread will publish its id.
+    pub fn new(
+        index: usize,
+        stats: Option<StatsFd>,
+        tid: Arc<AtomicI32>,
+        regions: Arc<ProfilerRegions>,
+    ) -> Self {
+        let indexes = ["pf_taken", "pf_fixed", "exits"]
+            .map(|name| stats.as_ref().and_then(|s| s.index_of(name)));
+        Self {
+            probe: Arc::new(VcpuProbe {
+                index: index as u32,
+                stats,
+                indexes,
+                tid,
+                regions,
+                state: Mutex::new(ProbeState {
+                    ledger: Ledger::default(),
+                    stats_buf: Vec::new(),
+                    last_kvm: [0; 3],
+                }),
+                announced: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The probe the vCPU thread reports announced switches to.
+    pub fn probe(&self) -> Arc<VcpuProbe> {
+        self.probe.clone()
+    }
+
+    /// A hook for the vCPU thread to run before its first KVM_RUN: opens its first interval
+    /// with the thread's own counters, so every later fault is charged.
+    pub fn start_hook(&self) -> Box<dyn FnOnce() + Send> {
+        let probe = self.probe.clone();
+        Box::new(move || {
+            let mut st = probe.lock();
+            let now = probe.own_counters(&mut st);
+            st.ledger.start(now, monotonic_ns());
+        })
+    }
+
+    /// A hook for the vCPU thread to run after its last KVM_RUN: closes its last interval with
+    /// the thread's own counters (once the thread has exited nobody can read them).
+    pub fn stop_hook(&self) -> Box<dyn FnOnce() + Send> {
+        let probe = self.probe.clone();
+        Box::new(move || {
+            let mut st = probe.lock();
+            let now = probe.own_counters(&mut st);
+            let slot = probe.slot();
+            st.ledger.close(now, monotonic_ns(), slot, false, true);
+        })
+    }
+}
+
+/// Where announced task switches go: the probes of one VM's vCPUs, by index. Guest-driven: an
+/// index out of range is ignored.
+pub struct TaskSwitches {
+    probes: Vec<Arc<VcpuProbe>>,
+    /// Exact attribution on (the default); off, announcements are ignored.
+    enabled: std::sync::atomic::AtomicBool,
+}
+
+impl TaskSwitches {
+    /// The switch sink for `vcpus`.
+    pub fn new(vcpus: &[SampledVcpu]) -> Self {
+        Self {
+            probes: vcpus.iter().map(SampledVcpu::probe).collect(),
+            enabled: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Turns exact attribution on or off (before the guest runs).
+    pub fn set_mode(&self, mode: AttributionMode) {
+        self.enabled
+            .store(mode == AttributionMode::Exact, Ordering::Release);
+    }
+
+    /// Switches announced per vCPU so far.
+    pub fn announced(&self) -> Vec<u64> {
+        self.probes.iter().map(|p| p.announced()).collect()
+    }
+}
+
+impl TaskSwitchSink for TaskSwitches {
+    fn task_switch(&self, vcpu: usize) {
+        if !self.wanted() {
+            return;
+        }
+        if let Some(p) = self.probes.get(vcpu) {
+            p.announce_switch();
+        }
+    }
+
+    fn wanted(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+}
+
+/// The calling thread's minor and major faults (`getrusage(RUSAGE_THREAD)`).
+fn own_faults() -> (u64, u64) {
+    // SAFETY: `rusage` is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable `rusage` for the duration of the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return (0, 0);
+    }
+    (
+        u64::try_from(ru.ru_minflt).unwrap_or(0),
+        u64::try_from(ru.ru_majflt).unwrap_or(0),
+    )
+}
+
+/// `clock_gettime(clock)` in ns (0 if the clock cannot be read).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; an invalid clock only makes the call fail.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The CPU-time clock of thread `tid` of this process (Linux's encoding of a per-thread
+/// scheduler clock: `~tid << 3 | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED`).
+fn thread_cpu_clock(tid: i32) -> libc::clockid_t {
+    ((!tid) << 3) | 0b110
 }
 
 /// Nanoseconds per clock tick of /proc's CPU times.
@@ -101,6 +320,7 @@ pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
     })
 }
 
+#[cfg(test)]
 fn read_thread(tid: i32, tick_ns: u64) -> Option<ThreadCounters> {
     ThreadStat::open(tid)?.read(tick_ns)
 }
@@ -143,33 +363,72 @@ fn read_thread_cached(
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// Per-vCPU state between ticks.
+/// The sampler's own state per vCPU.
 struct VcpuState {
     vcpu: SampledVcpu,
-    indexes: [Option<usize>; 3],
-    stats_buf: Vec<u64>,
-    last_stats: [u64; 3],
-    /// `None` until the thread's counters were read once (its id may not be known yet).
-    last_thread: Option<ThreadCounters>,
-    /// The thread's stat file, once its id is known.
+    /// The thread's stat file, once its id is known (faults and the user/system split).
     thread_stat: Option<ThreadStat>,
-    last_switch_count: Option<u64>,
-    last_ns: u64,
+    /// The last user and system times read from it, to split CPU time between them.
+    last_split: Option<(u64, u64)>,
+    /// Share of user time in the vCPU thread's CPU time, in 1/65536.
+    user_share: u64,
+}
+
+impl VcpuState {
+    /// The vCPU's counters read from the sampler thread; `None` if its thread is not known.
+    fn external_counters(&mut self, st: &mut ProbeState, tick_ns: u64) -> Option<Counters> {
+        let probe = &self.vcpu.probe;
+        let tid = probe.tid.load(Ordering::Acquire);
+        let thread = read_thread_cached(&mut self.thread_stat, tid, tick_ns)?;
+        let cpu_ns = clock_ns(thread_cpu_clock(tid));
+        if let Some((u, s)) = self.last_split {
+            let (du, ds) = (
+                thread.utime_ns.saturating_sub(u),
+                thread.stime_ns.saturating_sub(s),
+            );
+            if let Some(share) = du.saturating_mul(65_536).checked_div(du + ds) {
+                self.user_share = share;
+            }
+        }
+        self.last_split = Some((thread.utime_ns, thread.stime_ns));
+        let kvm = probe.read_kvm(st);
+        Some(Counters {
+            min_flt: thread.min_flt,
+            maj_flt: thread.maj_flt,
+            cpu_ns,
+            pf_taken: kvm[0],
+            pf_fixed: kvm[1],
+            exits: kvm[2],
+        })
+    }
+
+    /// The record of one ledger entry.
+    fn record(&self, e: &Entry, now_ns: u64) -> HostSample {
+        let user = ((u128::from(e.sums.cpu_ns) * u128::from(self.user_share)) >> 16) as u64;
+        let mut sample = HostSample {
+            timestamp_ns: now_ns,
+            vcpu: self.vcpu.probe.index,
+            interval_ns: e.interval_ns,
+            pf_taken: e.sums.pf_taken,
+            pf_fixed: e.sums.pf_fixed,
+            exits: e.sums.exits,
+            host_min_flt: e.sums.min_flt,
+            host_maj_flt: e.sums.maj_flt,
+            vcpu_utime_ns: user,
+            vcpu_stime_ns: e.sums.cpu_ns.saturating_sub(user),
+            switches: e.switches,
+            ..Default::default()
+        };
+        sample.set_attribution(&e.attribution);
+        sample
+    }
 }
 
 /// What the sampler did, reported when it stops.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SamplerReport {
     /// Ticks taken.
     pub ticks: u64,
@@ -179,35 +438,92 @@ pub struct SamplerReport {
     pub late_ticks: u64,
     /// Host-ring records lost (overwritten) before the end-of-run attribution read them.
     pub lost_records: u64,
+    /// How per-task figures were attributed.
+    pub attribution: AttributionMode,
+    /// Task switches the guest announced, per vCPU (each closed an interval).
+    pub announced_switches: Vec<u64>,
+    /// CPU time the sampler thread spent in its ticks (reading counters, writing records), ns.
+    pub busy_ns: u64,
+}
+
+impl SamplerReport {
+    /// The sampler's own cost per tick and vCPU, ns.
+    pub fn tick_cost_ns_per_vcpu(&self) -> f64 {
+        let vcpus = self.announced_switches.len().max(1) as f64;
+        self.busy_ns as f64 / self.ticks.max(1) as f64 / vcpus
+    }
+}
+
+/// The stop request: a flag and a condition variable the sampler waits on between ticks.
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl StopSignal {
+    /// Waits until `deadline` or a stop request; returns whether stop was requested.
+    fn wait_until(&self, deadline: Instant) -> bool {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if *stopped {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            stopped = self
+                .wake
+                .wait_timeout(stopped, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn request(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    fn requested(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A running sampler thread.
 pub struct Sampler {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     handle: JoinHandle<SamplerReport>,
 }
 
 impl Sampler {
     /// Starts sampling `vcpus` of the VM whose regions are `regions`, every `period` — or, with
-    /// a profiler device, every period the guest's driver asked for (`control`).
+    /// a profiler device, every period the guest's driver asked for (`control`). `mode` is
+    /// reported; announced switches reach the vCPUs' probes directly.
     pub fn spawn(
         regions: Arc<ProfilerRegions>,
         vcpus: Vec<SampledVcpu>,
         period: Duration,
         control: Option<Arc<ProfilerControl>>,
+        mode: AttributionMode,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopSignal::default());
         let flag = stop.clone();
         let period = period.max(MIN_PERIOD);
         let handle = std::thread::Builder::new()
             .name("sampler".into())
-            .spawn(move || run(&regions, vcpus, period, control.as_deref(), &flag))?;
+            .spawn(move || {
+                let mut report = run(&regions, vcpus, period, control.as_deref(), &flag);
+                report.attribution = mode;
+                report
+            })?;
         Ok(Self { stop, handle })
     }
 
-    /// Stops the thread (after one last tick) and returns its report.
+    /// Stops the thread at once (it takes one last tick) and returns its report.
     pub fn stop(self) -> SamplerReport {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.request();
         self.handle.join().unwrap_or_default()
     }
 }
@@ -217,7 +533,7 @@ fn run(
     vcpus: Vec<SampledVcpu>,
     default_period: Duration,
     control: Option<&ProfilerControl>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
 ) -> SamplerReport {
     let period_now = || {
         control
@@ -239,31 +555,16 @@ fn run(
     };
     let mut states: Vec<VcpuState> = vcpus
         .into_iter()
-        .map(|vcpu| {
-            let indexes = ["pf_taken", "pf_fixed", "exits"]
-                .map(|name| vcpu.stats.as_ref().and_then(|s| s.index_of(name)));
-            VcpuState {
-                vcpu,
-                indexes,
-                stats_buf: Vec::new(),
-                last_stats: [0; 3],
-                last_thread: None,
-                thread_stat: None,
-                last_switch_count: None,
-                last_ns: monotonic_ns(),
-            }
+        .map(|vcpu| VcpuState {
+            vcpu,
+            thread_stat: None,
+            last_split: None,
+            user_share: 1 << 16,
         })
         .collect();
-    for s in &mut states {
-        s.last_stats = read_stats(s);
-    }
     let mut next = Instant::now() + period_now();
     loop {
-        let stopping = stop.load(Ordering::SeqCst);
-        let now = Instant::now();
-        if !stopping && now < next {
-            std::thread::sleep(next - now);
-        }
+        let stopping = stop.wait_until(next) || stop.requested();
         let period = period_now();
         next += period;
         if Instant::now() > next {
@@ -271,81 +572,72 @@ fn run(
             next = Instant::now() + period;
         }
         report.ticks += 1;
+        let tick_start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
         // The guest may rewrite its region's header at any time: validate it on every tick.
         let guest_view = regions
             .guest
             .region()
             .ok()
             .and_then(|r| validate_guest_region(r).ok());
-        for (index, s) in states.iter_mut().enumerate() {
+        for s in &mut states {
+            let probe = s.vcpu.probe.clone();
+            let mut st = probe.lock();
+            if st.ledger.is_open() {
+                if let Some(now) = s.external_counters(&mut st, tick_ns) {
+                    let slot = slot_of(guest_view.as_ref(), probe.index);
+                    st.ledger.close(now, monotonic_ns(), slot, false, false);
+                }
+            }
+            let entries = st.ledger.drain();
+            drop(st);
             let now_ns = monotonic_ns();
-            let stats = read_stats(s);
-            let tid = s.vcpu.tid.load(Ordering::Acquire);
-            // A thread that has exited cannot be read: its published last counters stand in.
-            let thread = read_thread_cached(&mut s.thread_stat, tid, tick_ns)
-                .or_else(|| *s.vcpu.last.lock().unwrap_or_else(|p| p.into_inner()))
-                .or(s.last_thread);
-            // Before the first reading, the thread's own start-up counters are the baseline
-            // (or, without them, this reading: nothing before it is charged).
-            let base = s
-                .last_thread
-                .or_else(|| *s.vcpu.baseline.lock().unwrap_or_else(|p| p.into_inner()))
-                .or(thread)
-                .unwrap_or_default();
-            let thread = thread.unwrap_or_default();
-            let slot = match &guest_view {
-                Some(view) => view.vcpu(index as u32),
-                None => Err(ReadError::OutOfRange),
-            };
-            let attribution = Attribution::from_slot(slot, s.last_switch_count);
-            let mut sample = HostSample {
-                timestamp_ns: now_ns,
-                vcpu: index as u32,
-                interval_ns: now_ns.saturating_sub(s.last_ns),
-                pf_taken: stats[0].saturating_sub(s.last_stats[0]),
-                pf_fixed: stats[1].saturating_sub(s.last_stats[1]),
-                exits: stats[2].saturating_sub(s.last_stats[2]),
-                host_min_flt: thread.min_flt.saturating_sub(base.min_flt),
-                host_maj_flt: thread.maj_flt.saturating_sub(base.maj_flt),
-                vcpu_utime_ns: thread.utime_ns.saturating_sub(base.utime_ns),
-                vcpu_stime_ns: thread.stime_ns.saturating_sub(base.stime_ns),
-                ..Default::default()
-            };
-            sample.set_attribution(&attribution);
-            ring.push(&sample);
-            report.records += 1;
-            if attribution.attr_flags & mirrorball_profiler_abi::ATTR_SLOT_VALID != 0 {
-                s.last_switch_count = Some(attribution.guest_switch_count);
+            for e in &entries {
+                ring.push(&s.record(e, now_ns));
+                report.records += 1;
             }
-            s.last_stats = stats;
-            if thread != ThreadCounters::default() {
-                s.last_thread = Some(thread);
-            }
-            s.last_ns = now_ns;
         }
+        report.busy_ns += clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(tick_start);
         if stopping {
+            report.announced_switches = states.iter().map(|s| s.vcpu.probe.announced()).collect();
             return report;
         }
     }
 }
 
-fn read_stats(s: &mut VcpuState) -> [u64; 3] {
-    let Some(stats) = &s.vcpu.stats else {
-        return [0; 3];
+fn slot_of(view: Option<&GuestRegionView<'_>>, index: u32) -> Attribution {
+    let slot = match view {
+        Some(view) => view.vcpu(index),
+        None => Err(ReadError::OutOfRange),
     };
-    if stats.read_into(&mut s.stats_buf).is_err() {
-        return s.last_stats;
-    }
-    s.indexes.map(|i| {
-        i.and_then(|i| stats.descriptors().get(i))
-            .and_then(|d| d.first(&s.stats_buf))
-            .unwrap_or(0)
-    })
+    Attribution::from_slot(slot, None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopping_does_not_wait_for_the_period() {
+        let dir = std::env::temp_dir().join(format!("mb-sampler-stop-{}", std::process::id()));
+        let regions = Arc::new(ProfilerRegions::create(&dir, 1, "workload", 1).expect("regions"));
+        // An hour between ticks: a sampler that slept its period before noticing would hang.
+        let sampler = Sampler::spawn(
+            regions,
+            Vec::new(),
+            Duration::from_secs(3600),
+            None,
+            AttributionMode::Exact,
+        )
+        .expect("spawn");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(sampler.stop());
+        });
+        let report = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the sampler stopped at once, not after its period");
+        assert_eq!(report.ticks, 1, "one last tick: {report:?}");
+    }
 
     #[test]
     fn task_stat_fields_survive_odd_command_names() {

@@ -18,6 +18,8 @@ fn config_reads_at_every_width_and_offset() {
         reserved: 0,
         min_period_ns: MIN_PERIOD_NS,
         max_period_ns: MAX_PERIOD_NS,
+        switch_doorbell: 0,
+        reserved2: 0,
     };
     assert_eq!(dev.config_space(), expected);
     let bytes = expected.to_le_bytes();

@@ -7,6 +7,7 @@ mod features;
 mod hostile;
 mod registers;
 mod shm;
+mod switch_doorbell;
 
 use std::io;
 

@@ -101,6 +101,8 @@ pub fn host_sample_for(seq: u64) -> HostSample {
         vcpu_utime_ns: seq.wrapping_add(6),
         vcpu_stime_ns: seq.wrapping_add(7),
         guest_switch_count: !seq,
+        slot_flags: (seq % 3) as u32,
+        switches: (seq >> 3) as u32,
     }
 }
 

@@ -34,6 +34,7 @@ fn host(vcpu: u32, task_id: u32, pid: u32, interval_ms: u64, pf: u64, cpu_ms: u6
         vcpu_utime_ns: cpu_ms * MS / 2,
         vcpu_stime_ns: cpu_ms * MS / 2,
         guest_switch_count: 0,
+        ..HostSample::default()
     }
 }
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use super::rows::{GuestRow, HostRow, LostRow, Row};
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 25] = [
+pub const CSV_COLUMNS: [&str; 28] = [
     "kind",
     "vm",
     "seq",
@@ -34,6 +34,9 @@ pub const CSV_COLUMNS: [&str; 25] = [
     "guest_switch_count",
     "count",
     "ring",
+    "slot_flags",
+    "switches",
+    "attribution",
 ];
 
 fn csv_field(out: &mut String, text: &str) {
@@ -113,6 +116,9 @@ const HOST_COLUMNS: &[Column<HostRow>] = columns!(HostRow {
     "vcpu_utime_ns" => vcpu_utime_ns,
     "vcpu_stime_ns" => vcpu_stime_ns,
     "guest_switch_count" => guest_switch_count,
+    "slot_flags" => slot_flags,
+    "switches" => switches,
+    "attribution" => attribution,
 });
 
 const LOST_COLUMNS: &[Column<LostRow>] = columns!(LostRow {
@@ -250,6 +256,9 @@ mod tests {
                 vcpu_utime_ns: 34,
                 vcpu_stime_ns: 35,
                 guest_switch_count: 36,
+                slot_flags: 2,
+                switches: 37,
+                attribution: "exact".into(),
             }),
             Row::Lost(LostRow {
                 vm: "3-2".into(),
@@ -267,9 +276,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,\n",
-                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,\n",
-                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host\n",
+                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,\n",
+                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact\n",
+                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,\n",
             ]
         );
         let mut csv = CSV_COLUMNS.join(",") + "\n";

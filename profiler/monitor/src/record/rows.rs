@@ -133,6 +133,15 @@ pub struct HostRow {
     pub vcpu_stime_ns: u64,
     #[serde(default)]
     pub guest_switch_count: u64,
+    /// The vCPU slot's flags of the attributed task (idle, kernel thread).
+    #[serde(default)]
+    pub slot_flags: u32,
+    /// Announced task switches that closed intervals of this record.
+    #[serde(default)]
+    pub switches: u32,
+    /// How the figures were attributed (`attribution_name` of `attr_flags`).
+    #[serde(default)]
+    pub attribution: String,
 }
 
 /// Records lost on one ring.
@@ -229,6 +238,9 @@ impl HostRow {
             vcpu_utime_ns: s.vcpu_utime_ns,
             vcpu_stime_ns: s.vcpu_stime_ns,
             guest_switch_count: s.guest_switch_count,
+            slot_flags: s.slot_flags,
+            switches: s.switches,
+            attribution: mirrorball_profiler_abi::attribution_name(s.attr_flags).to_string(),
         }
     }
 
@@ -249,6 +261,8 @@ impl HostRow {
             vcpu_utime_ns: self.vcpu_utime_ns,
             vcpu_stime_ns: self.vcpu_stime_ns,
             guest_switch_count: self.guest_switch_count,
+            slot_flags: self.slot_flags,
+            switches: self.switches,
         }
     }
 }

@@ -1,0 +1,199 @@
+//! Exact attribution against known truth: N tasks of different sizes share 1 or 2 vCPUs of the
+//! OS-less guest, taking turns by iteration; each task's charged host faults and KVM `pf_taken`
+//! must be the pages it touched (the guest's access streams are deterministic, so the test
+//! replays them), within 1 % plus a constant few faults; guest-reported and host-charged CPU time
+//! per task agree. Sampled mode's error is printed beside it (the bench measures it).
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::kvm_available;
+use mirrorball_workload::{AccessStream, Pattern, PAGE_BYTES};
+use vmm::builder::workload;
+use vmm::profiling::sampler::AttributionMode;
+use vmm::report::RunReport;
+use vmm::session::{self, SessionOptions};
+use vmm::workload::TaskSpec;
+
+/// Faults every task may be off by besides the 1 %: the pages of its page bitmap and of the
+/// guest page tables it walks first, and what the vCPU thread itself touches at a switch.
+const CONSTANT_FAULTS: u64 = 16;
+
+/// Distinct pages task `t` touches over its whole run (the VMM picks the seeds).
+fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
+    let pattern = Pattern::from_raw(t.pattern).expect("pattern");
+    let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
+    let mut pages = BTreeSet::new();
+    for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
+        pages.insert(stream.next_offset() % t.region_bytes / PAGE_BYTES);
+    }
+    pages.len() as u64
+}
+
+/// Runs `specs` on `vcpus` vCPUs at the default rate (20 Hz) in `mode`.
+fn run(specs: &[TaskSpec], vcpus: usize, mode: AttributionMode) -> RunReport {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mb-attribution-{}-{n}", std::process::id()));
+    let mut built = workload::build(
+        specs.to_vec(),
+        vcpus,
+        None,
+        Some(Duration::from_millis(50)),
+        &dir,
+    )
+    .expect("build");
+    built
+        .profiling
+        .as_mut()
+        .expect("profiler on")
+        .set_attribution(mode);
+    let interrupted = AtomicBool::new(false);
+    let report = session::run(
+        built,
+        SessionOptions {
+            timeout: Some(Duration::from_secs(120)),
+            interrupted: &interrupted,
+            console_input: false,
+            keep_regions: None,
+        },
+    )
+    .expect("run");
+    assert_eq!(report.end.kind, "workload_finished");
+    report
+}
+
+/// Per task: (touched pages, charged host faults, charged pf_taken).
+fn charged(specs: &[TaskSpec], vcpus: usize, report: &RunReport) -> Vec<(u64, u64, u64)> {
+    let plan = vmm::workload::layout(specs, vcpus).expect("layout");
+    plan.tasks
+        .iter()
+        .zip(&report.tasks)
+        .map(|(t, r)| {
+            let host = r.host.expect("attributed");
+            (distinct_pages(t), host.host_min_flt, host.pf_taken)
+        })
+        .collect()
+}
+
+fn within(charged: u64, truth: u64) -> bool {
+    charged.abs_diff(truth) <= truth / 100 + CONSTANT_FAULTS
+}
+
+/// Runs `specs` in exact mode and checks every task against the truth; prints sampled mode's.
+fn check(specs: &[&str], vcpus: usize) {
+    let specs: Vec<TaskSpec> = specs.iter().map(|s| s.parse().expect("spec")).collect();
+    let exact = run(&specs, vcpus, AttributionMode::Exact);
+    let rows = charged(&specs, vcpus, &exact);
+    for (task, &(truth, faults, pf)) in rows.iter().enumerate() {
+        eprintln!(
+            "exact  task {task:>2}: touched {truth:>6}, host faults {faults:>6}, pf_taken {pf:>6}"
+        );
+    }
+    let sampled = run(&specs, vcpus, AttributionMode::Sampled);
+    for (task, (truth, faults, pf)) in charged(&specs, vcpus, &sampled).into_iter().enumerate() {
+        eprintln!(
+            "sampled task {task:>2}: touched {truth:>6}, host faults {faults:>6}, pf_taken {pf:>6}"
+        );
+    }
+    for (task, &(truth, faults, pf)) in rows.iter().enumerate() {
+        assert!(
+            within(faults, truth) && within(pf, truth),
+            "task {task} ({}): touched {truth} pages, charged {faults} host faults and {pf} \
+             pf_taken; all: {rows:?}",
+            specs[task]
+        );
+        let host = exact.tasks[task].host.expect("attributed");
+        assert_eq!(host.attribution(), "exact", "task {task}: {host:?}");
+    }
+    let no_task = exact.no_task.expect("boot is kept apart");
+    assert!(no_task.host_min_flt > 0, "{no_task:?}");
+}
+
+#[test]
+fn two_tasks_on_one_vcpu_are_each_charged_their_own_pages() {
+    if !kvm_available("two_tasks_on_one_vcpu_are_each_charged_their_own_pages") {
+        return;
+    }
+    check(&["work 16 R 30000 10", "work 16 L 30000 10"], 1);
+}
+
+#[test]
+fn four_tasks_of_different_sizes_on_one_and_two_vcpus() {
+    if !kvm_available("four_tasks_of_different_sizes_on_one_and_two_vcpus") {
+        return;
+    }
+    let specs = [
+        "work 2 R 4000 8",
+        "work 12 R 20000 8",
+        "work 6 L 20000 8",
+        "work 24 R 40000 8",
+    ];
+    check(&specs, 1);
+    check(&specs, 2);
+}
+
+#[test]
+fn sixteen_tasks_on_one_and_two_vcpus() {
+    if !kvm_available("sixteen_tasks_on_one_and_two_vcpus") {
+        return;
+    }
+    let specs: Vec<String> = (0..16)
+        .map(|i| {
+            let mib = 1 + i % 5;
+            let p = if i % 3 == 0 { 'L' } else { 'R' };
+            format!("work {mib} {p} {} 6", 800 * mib)
+        })
+        .collect();
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    check(&specs, 1);
+    check(&specs, 2);
+}
+
+#[test]
+fn guest_and_host_cpu_time_per_task_agree() {
+    if !kvm_available("guest_and_host_cpu_time_per_task_agree") {
+        return;
+    }
+    // Compute-heavy turns (few new pages after the first) so most time is guest user mode.
+    let specs: Vec<TaskSpec> = ["work 4 R 2000000 6", "work 4 L 2000000 6"]
+        .iter()
+        .map(|s| s.parse().expect("spec"))
+        .collect();
+    let report = run(&specs, 1, AttributionMode::Exact);
+    // Conservation: the tasks and the no-task intervals share the vCPU thread's CPU time.
+    let vcpu = &report.vcpus[0];
+    let thread_ns = vcpu.user_ns + vcpu.system_ns;
+    let charged: u64 = report
+        .tasks
+        .iter()
+        .map(|t| t.host.expect("attributed").vcpu_cpu_ns)
+        .sum::<u64>()
+        + report.no_task.map_or(0, |n| n.vcpu_cpu_ns);
+    assert!(
+        charged.abs_diff(thread_ns) <= thread_ns / 100 + 20_000_000,
+        "charged {charged} ns, vCPU thread {thread_ns} ns"
+    );
+    // The guest times a task by its TSC while switched in: wall time, which equals the vCPU
+    // thread's CPU time only while the host runs the thread without preempting it.
+    let busy = thread_ns as f64 / report.elapsed_ns.max(1) as f64;
+    for (task, t) in report.tasks.iter().enumerate() {
+        let host = t.host.expect("attributed").vcpu_cpu_ns;
+        let guest = t.guest_cpu_ns.expect("guest sampled");
+        eprintln!(
+            "task {task}: guest cpu {guest} ns, host-charged {host} ns (vCPU busy {busy:.3})"
+        );
+        if busy < 0.97 {
+            eprintln!(
+                "the host preempted the vCPU thread (busy {busy:.3}): guest time is not CPU time"
+            );
+            continue;
+        }
+        assert!(
+            host.abs_diff(guest) <= guest / 100,
+            "task {task}: guest says {guest} ns, host charged {host} ns"
+        );
+    }
+}
