@@ -75,7 +75,9 @@ fn errors(specs: &[TaskSpec], vcpus: usize, report: &RunReport) -> Result<Errors
         e.faults_pct = e
             .faults_pct
             .max((host.host_min_flt as f64 - truth).abs() / truth * 100.0);
-        e.pf_pct = e.pf_pct.max((host.pf_taken as f64 - truth).abs() / truth * 100.0);
+        e.pf_pct = e
+            .pf_pct
+            .max((host.pf_taken as f64 - truth).abs() / truth * 100.0);
         e.pf_off = e.pf_off.max(host.pf_taken.abs_diff(pages));
     }
     Ok(e)
