@@ -631,6 +631,31 @@ mod tests {
     }
 
     #[test]
+    fn every_doorbell_of_a_task_on_its_vcpu_announces_a_switch() {
+        #[derive(Default)]
+        struct Switches(Mutex<Vec<usize>>);
+        impl TaskSwitchSink for Switches {
+            fn task_switch(&self, vcpu: usize) {
+                self.0.lock().expect("lock").push(vcpu);
+            }
+        }
+        // Tasks 0 and 2 on vCPU 0, task 1 on vCPU 1.
+        let m = WorkloadMonitor::with_vcpus(vec![0, 1, 0], Arc::new(Sink));
+        let sink = Arc::new(Switches::default());
+        m.set_switch_sink(sink.clone());
+        let ring = |vcpu: usize, task: usize, e: Event| {
+            m.mmio_write(vcpu, doorbell_gpa(task), &e.encode().to_le_bytes())
+        };
+        ring(0, 0, Event::Started);
+        ring(0, 0, Event::IterationDone(1));
+        ring(1, 1, Event::IterationDone(1));
+        ring(0, 2, Event::IterationDone(1));
+        // A task's doorbell rung from another vCPU announces nothing.
+        ring(1, 2, Event::IterationDone(2));
+        assert_eq!(*sink.0.lock().expect("lock"), vec![0, 0, 1, 0]);
+    }
+
+    #[test]
     fn monitor_tracks_events_and_ends_when_all_finish() {
         let m = WorkloadMonitor::new(2, Arc::new(Sink));
         let out = |m: &WorkloadMonitor, vcpu: usize, e: Event| {

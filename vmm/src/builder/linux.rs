@@ -202,16 +202,8 @@ pub(super) fn assemble(
     let mut mmio = Bus::new();
     let mut profiler = None;
     if let (Some(period), Some((slot, window))) = (config.profile_period, platform.profiler) {
-        let regions = publish_profiler_regions(
-            &mut vm,
-            &host,
-            slot,
-            PROFILER_REGION_GPA,
-            config.vcpus,
-            "linux",
-            None,
-            period,
-        )?;
+        let regions =
+            publish_profiler_regions(&mut vm, &host, slot, config.vcpus, "linux", None, period)?;
         let device = ProfilerDeviceConfig {
             shm_guest_base: PROFILER_REGION_GPA,
             shm_len: regions.guest.len() as u64,

@@ -23,6 +23,7 @@ use crate::vstate::memory::{GuestRam, MemoryError, Template, TemplateBuilder};
 use crate::vstate::vcpu::{Vcpu, VmControl};
 use crate::vstate::vm::{Vm, VmError};
 use crate::workload::{TaskSpec, WorkloadError, WorkloadMonitor};
+use mirrorball_workload::PROFILER_REGION_GPA;
 
 pub mod console;
 pub mod linux;
@@ -422,13 +423,12 @@ impl crate::vstate::vm::HostMapping for GuestRegionMapping {
 }
 
 /// Publishes the profiler regions of a VM with `vcpus` vCPUs (and `tasks` tasks, when the VMM
-/// knows them: the regions are sized from the run) and maps the guest region into it at `gpa`
-/// in memory slot `slot`.
+/// knows them: the regions are sized from the run) and maps the guest region into it at
+/// [`PROFILER_REGION_GPA`] in memory slot `slot`.
 pub(crate) fn publish_profiler_regions(
     vm: &mut Vm,
     host: &HostContext,
     slot: u32,
-    gpa: u64,
     vcpus: usize,
     kind: &str,
     tasks: Option<usize>,
@@ -445,7 +445,11 @@ pub(crate) fn publish_profiler_regions(
         None => ProfilerRegions::create(host.run_dir(), vcpus, kind, ns)?,
     };
     let regions = Arc::new(regions);
-    vm.add_mapping(slot, gpa, Arc::new(GuestRegionMapping(regions.clone())))?;
+    vm.add_mapping(
+        slot,
+        PROFILER_REGION_GPA,
+        Arc::new(GuestRegionMapping(regions.clone())),
+    )?;
     Ok(regions)
 }
 

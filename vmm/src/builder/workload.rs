@@ -165,7 +165,6 @@ pub(super) fn assemble(
             &mut vm,
             &host,
             platform.memslot(),
-            PROFILER_REGION_GPA,
             vcpu_count,
             "workload",
             Some(specs.len()),
