@@ -62,7 +62,7 @@ typedef uint64_t mb_u64;
 
 /* Readers reject another major version and accept any minor version of their major. */
 #define MB_ABI_VERSION_MAJOR 1
-#define MB_ABI_VERSION_MINOR 1
+#define MB_ABI_VERSION_MINOR 2
 /* "MBGR" and "MBHR" as little-endian u32. */
 #define MB_GUEST_MAGIC 0x5247424dU
 #define MB_HOST_MAGIC 0x5248424dU
@@ -108,6 +108,7 @@ typedef uint64_t mb_u64;
 #define MB_ATTR_EXACT 0x8           /* minor 1: only the attributed task ran in the intervals */
 #define MB_ATTR_AT_SWITCH 0x10      /* minor 1: intervals closed at announced task switches */
 #define MB_ATTR_MERGED 0x20         /* minor 1: excess tasks of one tick, attributed to none */
+#define MB_MEM_CLONED 0x1          /* minor 2, struct mb_mem_sharing.flags: RAM cloned from a template */
 
 /* ---- Headers --------------------------------------------------------------------------- */
 
@@ -150,10 +151,23 @@ struct mb_guest_header {
 	mb_u64 reserved[16];
 };
 
+/* A VM's memory against its template (host region, minor 2); seqlock, odd while written. */
+struct mb_mem_sharing {
+	mb_u64 seq;
+	mb_u64 ram_pages;
+	mb_u64 shared_pages;          /* still the template's */
+	mb_u64 private_pages;         /* the VM's own: copied, fresh, or memory of its own */
+	mb_u64 merged_pages;          /* private pages KSM merged */
+	mb_u64 cow_breaks;            /* private pages gained since the start */
+	mb_u64 flags;                 /* MB_MEM_CLONED */
+	mb_u64 scanned_ns;            /* host CLOCK_MONOTONIC of the scan */
+};
+
 struct mb_host_header {
 	struct mb_common_header common;
 	struct mb_ring_desc ring;     /* struct mb_host_sample[] */
-	mb_u64 reserved[21];
+	struct mb_mem_sharing mem;    /* minor 2 */
+	mb_u64 reserved[13];
 };
 
 /* One cache line: head alone. */
@@ -290,14 +304,35 @@ _Static_assert(sizeof(((const struct mb_guest_header *)0)->guest_boot_id) == 8, 
 _Static_assert(offsetof(struct mb_guest_header, reserved) == 128, "struct mb_guest_header.reserved");
 _Static_assert(sizeof(((const struct mb_guest_header *)0)->reserved) == 128, "struct mb_guest_header.reserved size");
 
+/* struct mb_mem_sharing */
+_Static_assert(sizeof(struct mb_mem_sharing) == 64, "struct mb_mem_sharing size");
+_Static_assert(offsetof(struct mb_mem_sharing, seq) == 0, "struct mb_mem_sharing.seq");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->seq) == 8, "struct mb_mem_sharing.seq size");
+_Static_assert(offsetof(struct mb_mem_sharing, ram_pages) == 8, "struct mb_mem_sharing.ram_pages");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->ram_pages) == 8, "struct mb_mem_sharing.ram_pages size");
+_Static_assert(offsetof(struct mb_mem_sharing, shared_pages) == 16, "struct mb_mem_sharing.shared_pages");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->shared_pages) == 8, "struct mb_mem_sharing.shared_pages size");
+_Static_assert(offsetof(struct mb_mem_sharing, private_pages) == 24, "struct mb_mem_sharing.private_pages");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->private_pages) == 8, "struct mb_mem_sharing.private_pages size");
+_Static_assert(offsetof(struct mb_mem_sharing, merged_pages) == 32, "struct mb_mem_sharing.merged_pages");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->merged_pages) == 8, "struct mb_mem_sharing.merged_pages size");
+_Static_assert(offsetof(struct mb_mem_sharing, cow_breaks) == 40, "struct mb_mem_sharing.cow_breaks");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->cow_breaks) == 8, "struct mb_mem_sharing.cow_breaks size");
+_Static_assert(offsetof(struct mb_mem_sharing, flags) == 48, "struct mb_mem_sharing.flags");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->flags) == 8, "struct mb_mem_sharing.flags size");
+_Static_assert(offsetof(struct mb_mem_sharing, scanned_ns) == 56, "struct mb_mem_sharing.scanned_ns");
+_Static_assert(sizeof(((const struct mb_mem_sharing *)0)->scanned_ns) == 8, "struct mb_mem_sharing.scanned_ns size");
+
 /* struct mb_host_header */
 _Static_assert(sizeof(struct mb_host_header) == 256, "struct mb_host_header size");
 _Static_assert(offsetof(struct mb_host_header, common) == 0, "struct mb_host_header.common");
 _Static_assert(sizeof(((const struct mb_host_header *)0)->common) == 64, "struct mb_host_header.common size");
 _Static_assert(offsetof(struct mb_host_header, ring) == 64, "struct mb_host_header.ring");
 _Static_assert(sizeof(((const struct mb_host_header *)0)->ring) == 24, "struct mb_host_header.ring size");
-_Static_assert(offsetof(struct mb_host_header, reserved) == 88, "struct mb_host_header.reserved");
-_Static_assert(sizeof(((const struct mb_host_header *)0)->reserved) == 168, "struct mb_host_header.reserved size");
+_Static_assert(offsetof(struct mb_host_header, mem) == 88, "struct mb_host_header.mem");
+_Static_assert(sizeof(((const struct mb_host_header *)0)->mem) == 64, "struct mb_host_header.mem size");
+_Static_assert(offsetof(struct mb_host_header, reserved) == 152, "struct mb_host_header.reserved");
+_Static_assert(sizeof(((const struct mb_host_header *)0)->reserved) == 104, "struct mb_host_header.reserved size");
 
 /* struct mb_ring_ctl */
 _Static_assert(sizeof(struct mb_ring_ctl) == 64, "struct mb_ring_ctl size");

@@ -74,6 +74,9 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
     let vm_stats = StatsFd::for_vm(vm.fd())
         .ok()
         .and_then(|s| s.read().ok().map(|base| (s, base)));
+    if let Some(p) = &profiling {
+        sharing.publish_to(p.regions.clone());
+    }
     // A baseline before the guest runs: everything the VM gains from here is counted.
     let _ = sharing.scan();
     let running = runner::start(vcpus, control.clone())?;

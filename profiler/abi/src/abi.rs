@@ -14,7 +14,7 @@ abi_consts! {
     /// ABI major version: readers reject any other major version.
     pub const ABI_VERSION_MAJOR: u16 = 1 => "MB_ABI_VERSION_MAJOR";
     /// ABI minor version written by this crate; readers accept any minor version of their major.
-    pub const ABI_VERSION_MINOR: u16 = 1 => "MB_ABI_VERSION_MINOR";
+    pub const ABI_VERSION_MINOR: u16 = 2 => "MB_ABI_VERSION_MINOR";
     /// Magic of the guest region: the bytes `"MBGR"` (little-endian `u32`).
     pub const GUEST_MAGIC: u32 = 0x5247_424d => "MB_GUEST_MAGIC";
     /// Magic of the host region: the bytes `"MBHR"` (little-endian `u32`).
@@ -77,6 +77,8 @@ abi_consts! {
     /// Host attribution flag (minor 1): too many tasks ran on the vCPU within one tick; the
     /// intervals of the excess ones are summed here, attributed to no task.
     pub const ATTR_MERGED: u32 = 0x20 => "MB_ATTR_MERGED";
+    /// [`MemSharing::flags`] (minor 2): the VM's RAM is a copy-on-write clone of a template.
+    pub const MEM_CLONED: u64 = 0x1 => "MB_MEM_CLONED";
 }
 
 abi_struct! {
@@ -154,14 +156,40 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// How a VM's RAM relates to its template (minor 2): rewritten by the VMM at every sharing
+    /// scan under a seqlock (`seq` odd while it writes). All zero until the first scan.
+    pub struct MemSharing as "struct mb_mem_sharing", size 64 {
+        /// Seqlock: odd while the VMM rewrites the block.
+        pub seq: AtomicU64,
+        /// Guest RAM, pages.
+        pub ram_pages: AtomicU64,
+        /// Pages that map the template's page (read, never written).
+        pub shared_pages: AtomicU64,
+        /// Pages of the VM's own: copied by a write, fresh, or every page of a VM with memory of
+        /// its own.
+        pub private_pages: AtomicU64,
+        /// Private pages KSM merged with identical pages elsewhere.
+        pub merged_pages: AtomicU64,
+        /// Copy-on-write breaks (private pages gained) since the VM started.
+        pub cow_breaks: AtomicU64,
+        /// [`MEM_CLONED`] when the RAM is a copy-on-write clone of a template.
+        pub flags: AtomicU64,
+        /// Host `CLOCK_MONOTONIC` of the scan, ns.
+        pub scanned_ns: AtomicU64,
+    }
+}
+
+abi_struct! {
     /// Header of the host region (written by the VMM only; never mapped into the guest).
     pub struct HostHeader as "struct mb_host_header", size 256 {
         /// Common prefix; `magic` = [`HOST_MAGIC`].
         pub common: CommonHeader,
         /// The host sample ring ([`HostSampleSlot`]).
         pub ring: RingDesc,
+        /// The VM's memory sharing (minor 2; zero before).
+        pub mem: MemSharing,
         /// Reserved, 0.
-        pub reserved: [AtomicU64; 21],
+        pub reserved: [AtomicU64; 13],
     }
 }
 
@@ -302,6 +330,7 @@ pub const STRUCTS: &[StructDesc] = &[
     TableDesc::DESC,
     RingDesc::DESC,
     GuestHeader::DESC,
+    MemSharing::DESC,
     HostHeader::DESC,
     RingCtl::DESC,
     VcpuSlot::DESC,

@@ -49,6 +49,31 @@ impl<'a> HostRegion<'a> {
         }
     }
 
+    /// Publishes the VM's memory sharing (the VMM's sharing scan; one writer).
+    pub fn set_mem_sharing(&self, figures: &MemSharingFigures) {
+        let Some(h) = self.0.region.get::<HostHeader>(0) else {
+            return;
+        };
+        let m = &h.mem;
+        let seq = m.seq.load(Ordering::Relaxed);
+        m.seq.store(seq.wrapping_add(1) | 1, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::Release);
+        m.ram_pages.store(figures.ram_pages, Ordering::Relaxed);
+        m.shared_pages
+            .store(figures.shared_pages, Ordering::Relaxed);
+        m.private_pages
+            .store(figures.private_pages, Ordering::Relaxed);
+        m.merged_pages
+            .store(figures.merged_pages, Ordering::Relaxed);
+        m.cow_breaks.store(figures.cow_breaks, Ordering::Relaxed);
+        m.flags.store(
+            if figures.cloned { MEM_CLONED } else { 0 },
+            Ordering::Relaxed,
+        );
+        m.scanned_ns.store(figures.scanned_ns, Ordering::Relaxed);
+        m.seq.store((seq | 1).wrapping_add(1), Ordering::Release);
+    }
+
     /// The writer of the host sample ring (one per region), continuing at its head.
     pub fn ring_writer(&self) -> Result<RingWriter<'a, HostSample>, AbiError> {
         RingWriter::attach(RingView::new(self.0.region, self.0.layout.ring)?)
@@ -105,6 +130,33 @@ impl<'a> HostRegionView<'a> {
             .map_or(0, |h| h.common.sample_period_ns.load(Ordering::Relaxed))
     }
 
+    /// The VM's memory sharing as last published: `None` before the first scan (all zero), or
+    /// when the block stayed mid-update over a few reads.
+    pub fn mem_sharing(&self) -> Option<MemSharingFigures> {
+        let m = &self.region.get::<HostHeader>(0)?.mem;
+        for _ in 0..8 {
+            let before = m.seq.load(Ordering::Acquire);
+            if before & 1 == 1 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let figures = MemSharingFigures {
+                ram_pages: m.ram_pages.load(Ordering::Relaxed),
+                shared_pages: m.shared_pages.load(Ordering::Relaxed),
+                private_pages: m.private_pages.load(Ordering::Relaxed),
+                merged_pages: m.merged_pages.load(Ordering::Relaxed),
+                cow_breaks: m.cow_breaks.load(Ordering::Relaxed),
+                cloned: m.flags.load(Ordering::Relaxed) & MEM_CLONED != 0,
+                scanned_ns: m.scanned_ns.load(Ordering::Relaxed),
+            };
+            core::sync::atomic::fence(Ordering::Acquire);
+            if m.seq.load(Ordering::Relaxed) == before {
+                return (before != 0).then_some(figures);
+            }
+        }
+        None
+    }
+
     /// The host sample ring.
     pub fn ring(&self) -> RingView<'a, HostSample> {
         self.ring
@@ -114,6 +166,25 @@ impl<'a> HostRegionView<'a> {
     pub fn revalidate(&self) -> Result<(), AbiError> {
         layout::revalidate(&self.region, &self.layout, &self.info)
     }
+}
+
+/// A VM's memory sharing, as the host region's [`MemSharing`] block holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemSharingFigures {
+    /// Guest RAM, pages.
+    pub ram_pages: u64,
+    /// Pages that map the template's.
+    pub shared_pages: u64,
+    /// Pages of the VM's own.
+    pub private_pages: u64,
+    /// Private pages KSM merged.
+    pub merged_pages: u64,
+    /// Copy-on-write breaks since the VM started.
+    pub cow_breaks: u64,
+    /// Whether the RAM is a clone of a template.
+    pub cloned: bool,
+    /// Host `CLOCK_MONOTONIC` of the scan, ns.
+    pub scanned_ns: u64,
 }
 
 /// Which guest task a host sample is charged to, derived from a read of the vCPU's slot in the

@@ -49,7 +49,10 @@ mod tables;
 pub use abi::*;
 pub use error::{AbiError, Part, ReadError};
 pub use guest::{validate_guest_region, GuestRegion, GuestRegionView};
-pub use host::{attribution_name, validate_host_region, Attribution, HostRegion, HostRegionView};
+pub use host::{
+    attribution_name, validate_host_region, Attribution, HostRegion, HostRegionView,
+    MemSharingFigures,
+};
 pub use layout::{
     GuestRegionLayout, HostRegionLayout, RegionInfo, RegionInit, RingLayout, TableLayout,
 };

@@ -251,6 +251,7 @@ fn exercise_host(mem: &Guarded, rng: &mut Rng) {
         view.sample_period_ns(),
         view.revalidate(),
         view.vcpu_count(),
+        view.mem_sharing(),
     );
     exercise_ring(view.ring(), rng);
     let region =
@@ -364,6 +365,8 @@ fn every_host_header_field_corrupted() {
             "sample_period_ns",
             "clock_id",
             "version_minor",
+            // The memory-sharing block is figures, not layout: any value is readable.
+            "mem",
         ];
         if !free.iter().any(|f| name.contains(f)) {
             assert!(rejected > 0, "no corruption of {name} was rejected");
@@ -766,4 +769,36 @@ fn ten_thousand_mutations_of_valid_regions() {
         accepted += u32::from(ok);
     }
     println!("mutations: {accepted} of {CASES} still valid (reserved, live or data fields)");
+}
+
+#[test]
+fn memory_sharing_round_trips_and_is_none_before_the_first_scan() {
+    use mirrorball_profiler_abi::MemSharingFigures;
+    let layout = HostRegionLayout::new(1, 16).unwrap();
+    let words = memory(layout.size);
+    let region = HostRegion::format(
+        RegionMut::from_atomic_words(&words),
+        &layout,
+        &RegionInit::default(),
+    )
+    .unwrap();
+    assert_eq!(region.view().unwrap().mem_sharing(), None);
+    let figures = MemSharingFigures {
+        ram_pages: 65536,
+        shared_pages: 1000,
+        private_pages: 24,
+        merged_pages: 3,
+        cow_breaks: 24,
+        cloned: true,
+        scanned_ns: 42,
+    };
+    region.set_mem_sharing(&figures);
+    assert_eq!(region.view().unwrap().mem_sharing(), Some(figures));
+    let later = MemSharingFigures {
+        private_pages: 30,
+        cow_breaks: 30,
+        ..figures
+    };
+    region.set_mem_sharing(&later);
+    assert_eq!(region.view().unwrap().mem_sharing(), Some(later));
 }

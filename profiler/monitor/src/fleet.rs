@@ -162,6 +162,7 @@ impl Fleet {
                 Ok(batch) => {
                     observe(*id, &batch);
                     model.ingest_batch(&batch);
+                    model.mem = vm.host_view().mem_sharing();
                 }
                 Err(e) => {
                     gone.push((*id, e.to_string()));

@@ -438,6 +438,8 @@ pub struct VmModel {
     pub dropped: u64,
     /// Windows closed.
     pub windows: u64,
+    /// The VM's memory sharing as the VMM last published it (`None` before its first scan).
+    pub mem: Option<mirrorball_profiler_abi::MemSharingFigures>,
     cfg: ModelConfig,
     evicted_in: Option<u64>,
 }
@@ -465,6 +467,7 @@ impl VmModel {
             host_samples: 0,
             dropped: 0,
             windows: 0,
+            mem: None,
             cfg,
             evicted_in: None,
         }

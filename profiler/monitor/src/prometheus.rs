@@ -113,6 +113,42 @@ pub fn render(fleet: &Fleet) -> String {
         f.sample(name, &[], fleet.stale.len() as f64);
     }
     {
+        let name = "mirrorball_vm_memory_pages";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "gauge",
+            "Guest RAM pages by state: shared with the VM's template, private (copied, fresh, or \
+             memory of its own), merged by KSM; as of the VMM's last sharing scan.",
+        );
+        for (id, vm) in vms {
+            if let Some(m) = &vm.mem {
+                for (state, pages) in [
+                    ("shared", m.shared_pages),
+                    ("private", m.private_pages),
+                    ("merged", m.merged_pages),
+                ] {
+                    f.sample(name, &[vm_label(id), ("state", state.into())], pages as f64);
+                }
+            }
+        }
+    }
+    {
+        let name = "mirrorball_vm_cow_breaks_total";
+        let mut f = Family::begin(
+            &mut out,
+            name,
+            "counter",
+            "Copy-on-write breaks of the VM's template pages (private pages gained) since it \
+             started.",
+        );
+        for (id, vm) in vms {
+            if let Some(m) = &vm.mem {
+                f.sample(name, &[vm_label(id)], m.cow_breaks as f64);
+            }
+        }
+    }
+    {
         let name = "mirrorball_vm_samples_total";
         let mut f = Family::begin(&mut out, name, "counter", "Ring records read, by ring.");
         for (id, vm) in vms {

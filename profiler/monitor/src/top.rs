@@ -347,6 +347,9 @@ impl App {
                 if vm.dropped > 0 {
                     lost.push_str(&format!(" dropped {}", vm.dropped));
                 }
+                if let Some(m) = &vm.mem {
+                    lost.push_str(&memory_text(m));
+                }
                 cells = vec![
                     "VM".into(),
                     id.to_string(),
@@ -813,4 +816,21 @@ pub fn run(opts: &TopOptions) -> io::Result<()> {
     })();
     ratatui::restore();
     result
+}
+
+/// A VM's memory against its template, for its row: pages shared with the template and of its
+/// own, and copy-on-write breaks since it started.
+fn memory_text(m: &mirrorball_profiler_abi::MemSharingFigures) -> String {
+    let merged = if m.merged_pages > 0 {
+        format!(", KSM {}", m.merged_pages)
+    } else {
+        String::new()
+    };
+    format!(
+        " [{} pages: shared {}, private {}, CoW {}{merged}]",
+        if m.cloned { "clone" } else { "own" },
+        m.shared_pages,
+        m.private_pages,
+        m.cow_breaks
+    )
 }

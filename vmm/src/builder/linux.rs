@@ -26,7 +26,7 @@ use crate::vstate::vm::Vm;
 use super::platform::{MmioSlot, PlatformAllocator};
 use super::{
     check_vcpus, configure_cpuid, publish_profiler_regions, sampled_vcpus, BuildError, BuiltVm,
-    Guest, Profiling, VmResources,
+    Guest, Profiling, RegionRequest, VmResources,
 };
 
 /// Default guest RAM for Linux.
@@ -202,8 +202,14 @@ pub(super) fn assemble(
     let mut mmio = Bus::new();
     let mut profiler = None;
     if let (Some(period), Some((slot, window))) = (config.profile_period, platform.profiler) {
-        let regions =
-            publish_profiler_regions(&mut vm, &host, slot, config.vcpus, "linux", None, period)?;
+        let request = RegionRequest {
+            vm_name: &resources.name,
+            kind: "linux",
+            vcpus: config.vcpus,
+            tasks: None,
+            period,
+        };
+        let regions = publish_profiler_regions(&mut vm, &host, slot, &request)?;
         let device = ProfilerDeviceConfig {
             shm_guest_base: PROFILER_REGION_GPA,
             shm_len: regions.guest.len() as u64,

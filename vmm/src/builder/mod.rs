@@ -422,28 +422,42 @@ impl crate::vstate::vm::HostMapping for GuestRegionMapping {
     }
 }
 
-/// Publishes the profiler regions of a VM with `vcpus` vCPUs (and `tasks` tasks, when the VMM
-/// knows them: the regions are sized from the run) and maps the guest region into it at
+/// What the profiler regions of one VM are published for.
+pub(crate) struct RegionRequest<'a> {
+    /// The VM's name (shown by the tools).
+    pub vm_name: &'a str,
+    /// "linux" or "workload".
+    pub kind: &'static str,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest tasks, when the VMM knows them (the regions are then sized from the run).
+    pub tasks: Option<usize>,
+    /// Sampling period.
+    pub period: Duration,
+}
+
+/// Publishes the profiler regions `request` describes and maps the guest region into the VM at
 /// [`PROFILER_REGION_GPA`] in memory slot `slot`.
 pub(crate) fn publish_profiler_regions(
     vm: &mut Vm,
     host: &HostContext,
     slot: u32,
-    vcpus: usize,
-    kind: &str,
-    tasks: Option<usize>,
-    period: Duration,
+    request: &RegionRequest<'_>,
 ) -> Result<Arc<ProfilerRegions>, BuildError> {
+    let RegionRequest {
+        vm_name,
+        kind,
+        vcpus,
+        tasks,
+        period,
+    } = *request;
     let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
     let narrow = |n: usize| u32::try_from(n).map_err(|e| BuildError::Boot(e.to_string()));
     let vcpus = narrow(vcpus)?;
-    let regions = match tasks {
-        Some(tasks) => {
-            let sizing = RegionSizing::for_run(vcpus, Some(narrow(tasks)?), ns);
-            ProfilerRegions::create_sized(host.run_dir(), vcpus, kind, ns, sizing)?
-        }
-        None => ProfilerRegions::create(host.run_dir(), vcpus, kind, ns)?,
-    };
+    let tasks = tasks.map(narrow).transpose()?;
+    let sizing = RegionSizing::for_run(vcpus, tasks, ns);
+    let regions =
+        ProfilerRegions::create_labelled(host.run_dir(), Some(vm_name), vcpus, kind, ns, sizing)?;
     let regions = Arc::new(regions);
     vm.add_mapping(
         slot,

@@ -20,7 +20,7 @@ use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadLayout, WorkloadMo
 use super::platform::PlatformAllocator;
 use super::{
     check_vcpus, configure_cpuid, publish_profiler_regions, sampled_vcpus, BuildError, BuiltVm,
-    Guest, Profiling, VmResources, MAX_VCPUS,
+    Guest, Profiling, RegionRequest, VmResources, MAX_VCPUS,
 };
 
 /// The OS-less workload: its tasks, on how many vCPUs, in how much RAM.
@@ -165,10 +165,13 @@ pub(super) fn assemble(
             &mut vm,
             &host,
             platform.memslot(),
-            vcpu_count,
-            "workload",
-            Some(specs.len()),
-            period,
+            &RegionRequest {
+                vm_name: &resources.name,
+                kind: "workload",
+                vcpus: vcpu_count,
+                tasks: Some(specs.len()),
+                period,
+            },
         )?),
         None => None,
     };

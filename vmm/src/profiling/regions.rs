@@ -138,6 +138,19 @@ impl ProfilerRegions {
         period_ns: u64,
         sizing: RegionSizing,
     ) -> Result<Self, RegionError> {
+        Self::create_labelled(dir, None, vcpus, guest_kind, period_ns, sizing)
+    }
+
+    /// As [`ProfilerRegions::create_sized`], with the VM's own name (`vm0`, a fleet file's
+    /// name) in the metadata for the tools to show; `None` shows the regions' `vm-<pid>-<n>`.
+    pub fn create_labelled(
+        dir: &Path,
+        label: Option<&str>,
+        vcpus: u32,
+        guest_kind: &str,
+        period_ns: u64,
+        sizing: RegionSizing,
+    ) -> Result<Self, RegionError> {
         let pid = std::process::id();
         let vm = NEXT_VM.fetch_add(1, Ordering::Relaxed);
         let name = format!("vm-{pid}-{vm}");
@@ -150,7 +163,7 @@ impl ProfilerRegions {
             .map_or(0, |d| d.as_millis() as u64);
         let spec = PublishSpec {
             n: vm,
-            name: name.clone(),
+            name: label.map_or_else(|| name.clone(), str::to_string),
             guest: guest_kind.to_string(),
             vcpus,
             tasks: sizing.task_capacity,

@@ -362,7 +362,7 @@ fn read_thread_cached(
     cache.as_ref()?.read(tick_ns)
 }
 
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 

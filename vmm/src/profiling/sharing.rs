@@ -93,8 +93,10 @@ pub struct RangeReport {
 /// How often a running VM's sharing is scanned by default (at its start and end too).
 pub const DEFAULT_SCAN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Scans one VM's RAM mappings through `/proc/self/pagemap`.
+/// Scans one VM's RAM mappings through `/proc/self/pagemap`, and publishes each scan's VM-wide
+/// figures in the VM's host region (if it has one) for `vmm top`, `record` and `prometheus`.
 pub struct SharingScanner {
+    publish_to: Option<Arc<super::regions::ProfilerRegions>>,
     period: Option<std::time::Duration>,
     last_scan: Option<std::time::Instant>,
     pagemap: Option<File>,
@@ -128,6 +130,7 @@ impl SharingScanner {
             ..Default::default()
         };
         Self {
+            publish_to: None,
             period: Some(DEFAULT_SCAN_PERIOD),
             last_scan: None,
             pagemap: File::open("/proc/self/pagemap").ok(),
@@ -136,6 +139,31 @@ impl SharingScanner {
             ranges,
             buf: Vec::new(),
             latest: Arc::new(Mutex::new(latest)),
+        }
+    }
+
+    /// Publishes every scan's figures in the host region of `regions`.
+    pub fn publish_to(&mut self, regions: Arc<super::regions::ProfilerRegions>) {
+        self.publish_to = Some(regions);
+    }
+
+    fn publish(&self, report: &SharingReport) {
+        let Some(regions) = &self.publish_to else {
+            return;
+        };
+        let Ok(region) = regions.host.region_mut() else {
+            return;
+        };
+        if let Ok(host) = mirrorball_profiler_abi::HostRegion::attach(region) {
+            host.set_mem_sharing(&mirrorball_profiler_abi::MemSharingFigures {
+                ram_pages: report.ram_pages,
+                shared_pages: report.total.shared,
+                private_pages: report.total.private,
+                merged_pages: report.total.merged,
+                cow_breaks: report.cow_breaks,
+                cloned: report.cloned,
+                scanned_ns: super::sampler::monotonic_ns(),
+            });
         }
     }
 
@@ -244,7 +272,10 @@ impl SharingScanner {
             report.pages = counts;
         }
         latest.scans += 1;
-        Ok(latest.clone())
+        let report = latest.clone();
+        drop(latest);
+        self.publish(&report);
+        Ok(report)
     }
 }
 
