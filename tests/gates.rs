@@ -201,7 +201,7 @@ fn each_kind_of_gate_fails_with_exit_10_and_one_line() {
         ),
         (
             "figure = \"exits.mmio_write\"\nequals = 1".into(),
-            "exits.mmio_write = ".into(),
+            "exits.mmio_write = 3, limit = 1 (equals): over by 2 (200.0%)".into(),
         ),
         ("figure = \"exits\"\nmax = 1".into(), "exits = ".into()),
         (
