@@ -78,7 +78,8 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
         // Times: what else the machine was doing (CPU time 31-35 %, wall time 3x here).
         Figure::CpuTime | Figure::UserTime => (50.0, 0.05),
         Figure::SystemTime => (100.0, 0.05),
-        Figure::RunTime | Figure::Samples => (200.0, 0.05),
+        Figure::RunTime => (200.0, 0.05),
+        Figure::Samples => (200.0, 4.0),
         Figure::LateTicks => (0.0, 10.0),
         _ => (0.0, 0.0),
     };
