@@ -62,8 +62,10 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
         // Exact in every run: a known workload's first touches, and what they cost the host
         // VM-wide (the same pages fault the same number of times).
         Figure::GuestMinorFaults | Figure::GuestMajorFaults | Figure::Iterations => (0.0, 0.0),
-        Figure::HostMajorFaults | Figure::LostSamples | Figure::VmmExits => (0.0, 0.0),
-        Figure::ExitsBy(_) => (0.0, 0.0),
+        Figure::HostMajorFaults | Figure::LostSamples => (0.0, 0.0),
+        // Exits that reach the VMM: exact for the OS-less guest (its doorbells), but 31-33 %
+        // apart between Linux boots (the serial driver polls the UART as fast as it runs).
+        Figure::VmmExits | Figure::ExitsBy(_) => (50.0, 16.0),
         // Per task, host faults are what the sampler attributed: a page or two moves between
         // tasks at the edges of a sample.
         Figure::HostMinorFaults if per_task => (0.0, 8.0),
@@ -89,7 +91,8 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
 /// Whether a higher value is worse (`None`: neither, e.g. iterations done).
 fn higher_is_worse(figure: &Figure) -> Option<bool> {
     match figure {
-        Figure::Iterations | Figure::Samples => None,
+        // Late ticks measure the host's load more than the guest.
+        Figure::Iterations | Figure::Samples | Figure::LateTicks => None,
         _ => Some(true),
     }
 }
@@ -354,10 +357,14 @@ mod tests {
             None,
         );
         assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+20% > 2%");
-        assert_eq!(mark(&rows, false, "exits.mmio_write"), Mark::Regressed);
+        assert_eq!(
+            mark(&rows, false, "exits.mmio_write"),
+            Mark::Same,
+            "+20% < 50%"
+        );
         assert_eq!(mark(&rows, false, "cpu_time_s"), Mark::Improved, "-60%");
         assert_eq!(mark(&rows, false, "host_minor_faults"), Mark::Same);
-        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Regressed, "exact");
+        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Same, "+200 < 50%");
         assert_eq!(
             mark(&rows, true, "guest_minor_faults"),
             Mark::Improved,
