@@ -73,8 +73,9 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
         // Attributed per task: 3 % spread on a quiet machine, up to 13 % when the sampler's
         // ticks ran late under load.
         Figure::PfTaken | Figure::PfFixed | Figure::Exits if per_task => (15.0, 64.0),
-        // VM-wide KVM exits: the faults plus timer interrupts that follow the run time (0.6 %).
-        Figure::Exits => (2.0, 64.0),
+        // VM-wide KVM exits: 0.6 % apart for the default workload (its faults, plus timer
+        // interrupts that follow the run time), 15 % between Linux boots on PVM.
+        Figure::Exits => (20.0, 64.0),
         // Other KVM statistics: irq_exits varied by 68 %.
         Figure::Kvm(_) => (100.0, 64.0),
         // Times: what else the machine was doing (CPU time 31-35 %, wall time 3x here).
@@ -353,18 +354,18 @@ mod tests {
     fn marks_follow_the_tolerances() {
         let rows = compare(
             &vm(1000, 1_000_000_000, 256),
-            &vm(1200, 400_000_000, 255),
+            &vm(1300, 400_000_000, 255),
             None,
         );
-        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+20% > 2%");
+        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+30% > 20%");
         assert_eq!(
             mark(&rows, false, "exits.mmio_write"),
             Mark::Same,
-            "+20% < 50%"
+            "+30% < 50%"
         );
         assert_eq!(mark(&rows, false, "cpu_time_s"), Mark::Improved, "-60%");
         assert_eq!(mark(&rows, false, "host_minor_faults"), Mark::Same);
-        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Same, "+200 < 50%");
+        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Same, "+300 < 50%");
         assert_eq!(
             mark(&rows, true, "guest_minor_faults"),
             Mark::Improved,
@@ -374,6 +375,12 @@ mod tests {
         assert!(
             !rows.iter().any(|r| r.figure.to_string() == "exits.io_in"),
             "unused exit reasons are left out"
+        );
+        let rows = compare(&vm(1000, 1, 256), &vm(1200, 1, 256), Some(10.0));
+        assert_eq!(
+            mark(&rows, false, "exits"),
+            Mark::Regressed,
+            "--tolerance 10"
         );
         let rows = compare(&vm(1000, 1, 256), &vm(1200, 1, 256), Some(25.0));
         assert_eq!(mark(&rows, false, "exits"), Mark::Same, "--tolerance 25");
