@@ -201,7 +201,7 @@ fn each_kind_of_gate_fails_with_exit_10_and_one_line() {
         ),
         (
             "figure = \"exits.mmio_write\"\nequals = 1".into(),
-            "exits.mmio_write = ".into(),
+            "exits.mmio_write = 3, limit = 1 (equals): over by 2 (200.0%)".into(),
         ),
         ("figure = \"exits\"\nmax = 1".into(), "exits = ".into()),
         (
@@ -445,10 +445,22 @@ fn diff_of_real_stats_files() {
         args.extend_from_slice(extra);
         run_vmm(&args, DEADLINE)
     };
-    // Two runs, generous tolerance: every figure of the VM and of both tasks, nothing marked.
+    // Two runs, generous tolerance: every figure of the VM and of both tasks, and none of the
+    // fault counts marked (a loaded machine may still move a sampler figure from 0 to a few).
     let out = diff(&a, &b, &["--tolerance", "1000%"]);
     let table = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{table}{}", text(&out.stderr));
+    assert!(
+        matches!(out.status.code(), Some(0 | EXIT_DIFF_REGRESSED)),
+        "{table}{}",
+        text(&out.stderr)
+    );
+    for line in table.lines().filter(|l| l.contains("REGRESSED")) {
+        let figure = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            !figure.contains("faults") && !figure.starts_with("pf_"),
+            "{line}\n{table}"
+        );
+    }
     for needle in [
         "== vm0\n",
         &format!("== vm0 / task 0: {TASK}\n"),
@@ -464,7 +476,6 @@ fn diff_of_real_stats_files() {
     ] {
         assert!(table.contains(needle), "{needle}: {table}");
     }
-    assert!(!table.contains("REGRESSED"), "{table}");
     // The first task's guest faults are exact: equal in both runs under the default tolerance.
     let row = |table: &str, group: &str, figure: &str| -> String {
         let start = table.find(group).expect("group");

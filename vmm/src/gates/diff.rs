@@ -62,8 +62,10 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
         // Exact in every run: a known workload's first touches, and what they cost the host
         // VM-wide (the same pages fault the same number of times).
         Figure::GuestMinorFaults | Figure::GuestMajorFaults | Figure::Iterations => (0.0, 0.0),
-        Figure::HostMajorFaults | Figure::LostSamples | Figure::VmmExits => (0.0, 0.0),
-        Figure::ExitsBy(_) => (0.0, 0.0),
+        Figure::HostMajorFaults | Figure::LostSamples => (0.0, 0.0),
+        // Exits that reach the VMM: exact for the OS-less guest (its doorbells), but 31-33 %
+        // apart between Linux boots (the serial driver polls the UART as fast as it runs).
+        Figure::VmmExits | Figure::ExitsBy(_) => (50.0, 16.0),
         // Per task, host faults are what the sampler attributed: a page or two moves between
         // tasks at the edges of a sample.
         Figure::HostMinorFaults if per_task => (0.0, 8.0),
@@ -71,14 +73,16 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
         // Attributed per task: 3 % spread on a quiet machine, up to 13 % when the sampler's
         // ticks ran late under load.
         Figure::PfTaken | Figure::PfFixed | Figure::Exits if per_task => (15.0, 64.0),
-        // VM-wide KVM exits: the faults plus timer interrupts that follow the run time (0.6 %).
-        Figure::Exits => (2.0, 64.0),
+        // VM-wide KVM exits: 0.6 % apart for the default workload (its faults, plus timer
+        // interrupts that follow the run time), 15 % between Linux boots on PVM.
+        Figure::Exits => (20.0, 64.0),
         // Other KVM statistics: irq_exits varied by 68 %.
         Figure::Kvm(_) => (100.0, 64.0),
         // Times: what else the machine was doing (CPU time 31-35 %, wall time 3x here).
         Figure::CpuTime | Figure::UserTime => (50.0, 0.05),
         Figure::SystemTime => (100.0, 0.05),
-        Figure::RunTime | Figure::Samples => (200.0, 0.05),
+        Figure::RunTime => (200.0, 0.05),
+        Figure::Samples => (200.0, 4.0),
         Figure::LateTicks => (0.0, 10.0),
         _ => (0.0, 0.0),
     };
@@ -88,7 +92,8 @@ pub fn default_band(figure: &Figure, per_task: bool) -> Band {
 /// Whether a higher value is worse (`None`: neither, e.g. iterations done).
 fn higher_is_worse(figure: &Figure) -> Option<bool> {
     match figure {
-        Figure::Iterations | Figure::Samples => None,
+        // Late ticks measure the host's load more than the guest.
+        Figure::Iterations | Figure::Samples | Figure::LateTicks => None,
         _ => Some(true),
     }
 }
@@ -349,14 +354,18 @@ mod tests {
     fn marks_follow_the_tolerances() {
         let rows = compare(
             &vm(1000, 1_000_000_000, 256),
-            &vm(1200, 400_000_000, 255),
+            &vm(1300, 400_000_000, 255),
             None,
         );
-        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+20% > 2%");
-        assert_eq!(mark(&rows, false, "exits.mmio_write"), Mark::Regressed);
+        assert_eq!(mark(&rows, false, "exits"), Mark::Regressed, "+30% > 20%");
+        assert_eq!(
+            mark(&rows, false, "exits.mmio_write"),
+            Mark::Same,
+            "+30% < 50%"
+        );
         assert_eq!(mark(&rows, false, "cpu_time_s"), Mark::Improved, "-60%");
         assert_eq!(mark(&rows, false, "host_minor_faults"), Mark::Same);
-        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Regressed, "exact");
+        assert_eq!(mark(&rows, false, "vmm_exits"), Mark::Same, "+300 < 50%");
         assert_eq!(
             mark(&rows, true, "guest_minor_faults"),
             Mark::Improved,
@@ -366,6 +375,12 @@ mod tests {
         assert!(
             !rows.iter().any(|r| r.figure.to_string() == "exits.io_in"),
             "unused exit reasons are left out"
+        );
+        let rows = compare(&vm(1000, 1, 256), &vm(1200, 1, 256), Some(10.0));
+        assert_eq!(
+            mark(&rows, false, "exits"),
+            Mark::Regressed,
+            "--tolerance 10"
         );
         let rows = compare(&vm(1000, 1, 256), &vm(1200, 1, 256), Some(25.0));
         assert_eq!(mark(&rows, false, "exits"), Mark::Same, "--tolerance 25");

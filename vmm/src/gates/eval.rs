@@ -225,14 +225,20 @@ fn judge_value(
     };
     case.measured = Some(fig.show(value));
     let mut why = Vec::new();
+    let exact = gate.min.is_some() && gate.min == gate.max;
+    let (max_name, min_name) = if exact {
+        ("equals", "equals")
+    } else {
+        ("max", "min")
+    };
     if let Some(max) = gate.max {
         if value > max {
-            why.push(over(fig, "max", max, value));
+            why.push(over(fig, max_name, max, value));
         }
     }
     if let Some(min) = gate.min {
         if value < min {
-            why.push(under(fig, "min", min, value));
+            why.push(under(fig, min_name, min, value));
         }
     }
     if gate.is_relative() {
@@ -271,8 +277,9 @@ fn relative(sign: &str, t: Tolerance, base: f64, fig: &Figure) -> String {
 }
 
 fn over(fig: &Figure, what: &str, limit: f64, value: f64) -> String {
+    let op = if what == "equals" { "=" } else { "<=" };
     format!(
-        "{fig} = {}, limit <= {} ({what}): over by {}{}",
+        "{fig} = {}, limit {op} {} ({what}): over by {}{}",
         fig.show(value),
         fig.show(limit),
         fig.show(value - limit),
@@ -281,8 +288,9 @@ fn over(fig: &Figure, what: &str, limit: f64, value: f64) -> String {
 }
 
 fn under(fig: &Figure, what: &str, limit: f64, value: f64) -> String {
+    let op = if what == "equals" { "=" } else { ">=" };
     format!(
-        "{fig} = {}, limit >= {} ({what}): under by {}{}",
+        "{fig} = {}, limit {op} {} ({what}): under by {}{}",
         fig.show(value),
         fig.show(limit),
         fig.show(limit - value),

@@ -118,16 +118,14 @@ impl Gates {
         if self.loaded.is_none() {
             return end_code;
         }
-        match serde_json::to_value(report) {
-            Ok(doc) => self.judge(
-                &[VmStats {
-                    name: "vm0".into(),
-                    doc,
-                }],
-                end_code,
-            ),
+        // Named by the report's `vm` field when it has one, else `vm0`.
+        match serde_json::to_value(report)
+            .map_err(|e| e.to_string())
+            .and_then(stats::vms_of)
+        {
+            Ok(vms) => self.judge(&vms, end_code),
             Err(e) => {
-                eprintln!("vmm: gates: cannot serialise the report: {e}");
+                eprintln!("vmm: gates: cannot read the run's report: {e}");
                 end_code.max(EXIT_VMM_ERROR)
             }
         }
