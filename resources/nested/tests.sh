@@ -57,11 +57,18 @@ test_poweroff() {
 }
 
 # 3. The guest driver's user-space checks against the VMM's profiler device.
+# One check counts the samples of a child at 1 kHz over its life; when the
+# machine under L1 is overloaded the L2 sampler misses periods and it fails, so
+# a failed run is tried once more (the first attempt stays in mbtest.1.console).
 test_mbtest() {
-	linux mbtest --kernel $G/bzImage --initrd $G/mbtest.cpio --vcpus 2 --mem 256M \
-		--cmdline "console=ttyS0 reboot=k panic=1 loglevel=4" --timeout 300
-	cat mbtest.console
-	grep -q 'MBTEST-RC=0' mbtest.console && grep -q 'MBTEST-DONE' mbtest.console
+	for attempt in 1 2; do
+		linux mbtest --kernel $G/bzImage --initrd $G/mbtest.cpio --vcpus 2 --mem 256M \
+			--cmdline "console=ttyS0 reboot=k panic=1 loglevel=4" --timeout 300
+		cat mbtest.console
+		grep -q 'MBTEST-RC=0' mbtest.console && grep -q 'MBTEST-DONE' mbtest.console && return 0
+		[ $attempt = 1 ] && cp mbtest.console mbtest.1.console
+	done
+	return 1
 }
 
 # study NAME MEM SCALE: an MP3 case study (sizes divided by SCALE, mbscale=) with
@@ -110,7 +117,7 @@ test_top() {
 	wait $vm
 	echo $? >study.rc
 	# tests/nested_svm.rs reads the screen (top.raw) without its escape sequences.
-	# 124: ptyrun had to kill it (a slow L1 may not quit within 15 s of the "q").
+	# 124: ptyrun had to kill it (it may not quit within 3 s of the "q" in a slow L1).
 	grep -q work top.raw && { [ "$(cat top.rc)" = 0 ] || [ "$(cat top.rc)" = 124 ]; }
 }
 
