@@ -153,7 +153,7 @@ test_bench() {
 		done
 	} >bench.md
 	if [ -x /bin/vmm_bench ]; then
-		vmm_bench --vmm /bin/vmm exits >exits.md 2>exits.err
+		timeout 300 vmm_bench --vmm /bin/vmm exits >exits.md 2>exits.err
 		echo "vmm_bench rc=$?" >>exits.err
 	fi
 	cat bench.raw bench.md exits.md exits.err 2>/dev/null
