@@ -126,7 +126,7 @@ test_top() {
 # median: the median of the numbers on stdin.
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
 test_bench() {
-	for i in 1 2 3; do
+	for i in 1 2; do
 		for hz in 20 0; do
 			t0=$(now)
 			vmm --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --sample-hz $hz \
