@@ -1,7 +1,7 @@
 /*
  * ptyrun COLS ROWS SECS CMD [ARG...] - run CMD on a new pseudo-terminal of
  * COLS x ROWS, copy everything it draws to stdout for SECS seconds, then type
- * "q" and wait up to 15 s more for it to exit. Exit status: CMD's, or 124 when
+ * "q" and wait up to 3 s more for it to exit. Exit status: CMD's, or 124 when
  * it had to be killed. For capturing a full-screen program (`vmm top`)
  * headless in the nested test bed, which has no script(1) or tmux.
  */
@@ -68,11 +68,11 @@ int main(int argc, char **argv)
 	if (!pump(master, secs)) {
 		if (write(master, "q", 1) != 1)
 			perror("ptyrun: write");
-		pump(master, 15);
+		pump(master, 3);
 	}
 	int status;
 	pid_t done = 0;
-	for (int i = 0; i < 1500 && done == 0; i++) {
+	for (int i = 0; i < 300 && done == 0; i++) {
 		done = waitpid(pid, &status, WNOHANG);
 		if (done == 0)
 			usleep(10000);

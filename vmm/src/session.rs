@@ -136,9 +136,10 @@ impl RunningVm {
     }
 
     /// One round of halt detection: ends the VM if every vCPU rested for good (halted with
-    /// interrupts off) since the last round.
+    /// interrupts off) since the last round. Halts happen inside KVM_RUN only with the in-kernel
+    /// irqchip, which Linux guests have; the OS-less workload's `hlt` reaches the VMM.
     pub fn check_halted(&self) {
-        if let Some(running) = &self.running {
+        if let (Some(running), Guest::Linux { .. }) = (&self.running, &self.guest) {
             running.check_halted();
         }
     }
