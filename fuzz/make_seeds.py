@@ -55,15 +55,24 @@ put("workload_doorbell", "out-of-range-and-odd-writes",
     + [5, 0, 2, 0x80, 0, 0xf8, 0x03] + [6] + event(2, 5) + progress)
 
 
-def task(gpa, size, accesses, seed, iters, pattern):
-    return list(struct.pack("<QQQQII", gpa, size, accesses, seed, iters, pattern))
+def task(gpa, size, accesses, seed, iters, pattern, bitmap=None):
+    """A task's fields as the harness reads them (vCPU 0), then its page-bitmap selector: 0 none,
+    1 right after the region, 2 followed by (gpa, bytes)."""
+    fields = list(struct.pack("<QQQQIII", gpa, size, accesses, seed, iters, pattern, 0))
+    if bitmap is None:
+        return fields + [0]
+    if bitmap == "after":
+        return fields + [1]
+    return fields + [2] + list(struct.pack("<QQ", *bitmap))
 
 
 put("workload_doorbell", "validate",
     [1]
-    + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 100, 0x5EED, 20, 1) + [0]
+    + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 100, 0x5EED, 20, 1, "after") + [0]
     + [7, 0, 2, 2, 0] + task(0x100_0000, 4096, 1, 1, 1, 0)
     + [1] + task(0x200_0000, 0, 1, 1, 1, 9) + [1]
+    + [7, 0, 1, 1, 0] + task(0xFFFF_FFFF_FFFF_F000, 1 << 20, 1, 1, 1, 0) + [0]
+    + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 1, 1, 1, 0, (0x100_8000, 32)) + [0]
     + [7, 1] + list(struct.pack("<I", 0x4C57424D)) + [1, 0, 0]
     + [7, 4] + list(struct.pack("<I", 0xFFFFFFFF)) + [0, 0xff] + [0xff] * 8)
 
@@ -173,3 +182,27 @@ put("profiler_device", "malformed",
     + pwr(REG(0x000), le32(0)) + pwr(REG(0x018), le32(1)) + prd(REG(0x014), 4)
     + prd([6, 0xfe, 0x0f], 4) + prd([7] + le64(0xffff_ffff_ffff_fffc), 8)
     + pwr(CFG(0x10), [1, 2, 3]) + step(1) + [4, 0x90] + [7, 2] + [7, 1, 1] + step(0))
+
+
+# ---- record_parse: what `vmm record` writes (CSV with its header; JSON lines) ----
+CSV_COLUMNS = "kind,vm,seq,read_ns,timestamp_ns,task_id,pid,comm,cpu,flags,min_flt,maj_flt,utime_ns,stime_ns,interval_ns,pf_taken,pf_fixed,exits,host_min_flt,host_maj_flt,vcpu_utime_ns,vcpu_stime_ns,guest_switch_count,count,ring".split(",")
+
+
+def csv_row(**fields):
+    return ",".join(str(fields.get(c, "")) for c in CSV_COLUMNS).encode() + b"\n"
+
+
+put("record_parse", "csv",
+    ",".join(CSV_COLUMNS).encode() + b"\n"
+    + csv_row(kind="guest", vm="1-0", seq=0, read_ns=10, timestamp_ns=5, task_id=1, pid=2,
+              comm="work", min_flt=100, maj_flt=0, utime_ns=10, stime_ns=10)
+    + csv_row(kind="host", vm="1-0", seq=0, read_ns=10, timestamp_ns=6, task_id=1, pid=2,
+              comm="work", cpu=0, interval_ns=1000, pf_taken=7, pf_fixed=7, exits=9,
+              host_min_flt=3, vcpu_utime_ns=500)
+    + csv_row(kind="lost", vm="1-0", seq=5, read_ns=10, count=3, ring="guest")
+    + b'garbage,"quoted,comma",x\n')
+put("record_parse", "jsonl",
+    b'{"kind":"meta","vm":"1-0","name":"vm","guest":"workload","vcpus":1}\n'
+    b'{"kind":"guest","vm":"1-0","seq":0,"timestamp_ns":5,"task_id":1,"pid":2,"min_flt":9}\n'
+    b'{"kind":"lost","vm":"1-0","ring":"host","seq":3,"count":2}\n'
+    b'{"kind":"nope"}\n{not json\n')

@@ -12,7 +12,9 @@
 //! * 5: the other exits (`io_in`, `io_out`, `mmio_read`), which must go to the inner handler
 //! * 6: `Event::decode` of 4 bytes; a decoded event re-encodes to the same value (less the
 //!   argument bits of `Started`, which has none)
-//! * 7: a `Params` block built from the following bytes and `validate` of a task index
+//! * 7: a `Params` block built from the following bytes (each task's fields, then a page-bitmap
+//!   selector: none, right after the region, or two arbitrary words) and `validate` of a task
+//!   index, against the documented rules (`task_ok`)
 //!
 //! The monitor's answers (continue, stop this vCPU, end the VM and why) and every task's progress
 //! are compared with a model built from the documented event semantics.
@@ -24,8 +26,8 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use mirrorball_fuzz::Bytes;
 use mirrorball_workload::{
-    bad_params, doorbell_gpa, doorbell_task, validate, AccessStream, Event, Params, Pattern,
-    TaskParams, DOORBELL_GPA, MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION,
+    bad_params, doorbell_gpa, doorbell_task, validate, AccessStream, Event, PageTracker, Params,
+    Pattern, TaskParams, DOORBELL_GPA, MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION,
 };
 use vmm::exit::VmEnd;
 use vmm::vstate::vcpu::{ExitHandler, VcpuAction};
@@ -162,7 +164,7 @@ fn params(input: &mut Bytes) -> Params {
     };
     for _ in 0..input.below(4) {
         let slot = usize::from(input.below(MAX_TASKS as u8));
-        p.tasks[slot] = TaskParams {
+        let mut t = TaskParams {
             region_gpa: input.u64(),
             region_bytes: input.u64(),
             accesses_per_iteration: input.u64(),
@@ -171,9 +173,41 @@ fn params(input: &mut Bytes) -> Params {
             pattern: input.u32(),
             vcpu: input.u32(),
             reserved: 0,
+            bitmap_gpa: 0,
+            bitmap_bytes: 0,
         };
+        // The page bitmap: none, right after the region and just big enough (what the VMM
+        // gives), or anything.
+        match input.below(3) {
+            0 => {}
+            1 => {
+                t.bitmap_gpa = t.region_gpa.wrapping_add(t.region_bytes);
+                t.bitmap_bytes = PageTracker::bitmap_bytes(t.region_bytes);
+            }
+            _ => {
+                t.bitmap_gpa = input.u64();
+                t.bitmap_bytes = input.u64();
+            }
+        }
+        p.tasks[slot] = t;
     }
     p
+}
+
+/// The documented rules for one task: a non-empty region that does not wrap past the top of
+/// the address space, a known pattern, and either no bitmap or one that does not wrap, covers a
+/// bit per page of the region, fits in memory and does not overlap the region.
+fn task_ok(t: &TaskParams) -> bool {
+    let Some(region_end) = t.region_gpa.checked_add(t.region_bytes) else {
+        return false;
+    };
+    let bitmap_ok = t.bitmap_gpa == 0
+        || t.bitmap_gpa.checked_add(t.bitmap_bytes).is_some_and(|bitmap_end| {
+            t.bitmap_bytes >= PageTracker::bitmap_bytes(t.region_bytes)
+                && usize::try_from(t.bitmap_bytes).is_ok()
+                && !(t.bitmap_gpa < region_end && t.region_gpa < bitmap_end)
+        });
+    t.region_bytes != 0 && t.pattern <= 1 && bitmap_ok
 }
 
 fn check_validate(input: &mut Bytes) {
@@ -186,7 +220,7 @@ fn check_validate(input: &mut Bytes) {
         Err(bad_params::HEADER)
     } else if task >= (p.task_count as usize).min(MAX_TASKS) {
         Err(bad_params::TASK_INDEX)
-    } else if p.tasks[task].region_bytes == 0 || p.tasks[task].pattern > 1 {
+    } else if !task_ok(&p.tasks[task]) {
         Err(bad_params::TASK)
     } else {
         Ok(p.tasks[task])

@@ -14,7 +14,9 @@
 //!     the sharing scan's cost.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
-//! written as JSON with `--json PATH`); nothing here asserts on absolute times.
+//! written as JSON with `--json PATH`; `--update-readme` merges them into
+//! `vmm/benches/results.json` and regenerates the README's table from it); nothing here asserts
+//! on absolute times.
 //!
 //! ```text
 //! cargo bench -p vmm --bench vmm_bench --no-run   # builds target/release/vmm too
@@ -51,6 +53,8 @@ mod linux;
 mod memory;
 #[path = "vmm_bench/profiler.rs"]
 mod profiler;
+#[path = "vmm_bench/readme.rs"]
+mod readme;
 #[path = "vmm_bench/report.rs"]
 mod report;
 #[path = "vmm_bench/sharing.rs"]
@@ -67,6 +71,10 @@ struct Args {
     /// Also write the results as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Merge the results into vmm/benches/results.json and regenerate the README's benchmark
+    /// table from it (the groups that ran replace their stored rows).
+    #[arg(long)]
+    update_readme: bool,
     /// The `vmm` binary [default: the one cargo built next to this benchmark].
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
@@ -288,6 +296,17 @@ fn run(args: &Args) -> Result<()> {
     if let Some(path) = &args.json {
         report::write_json(path, &host, &rows)?;
         eprintln!("vmm_bench: wrote {}", path.display());
+    }
+    if args.update_readme {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let results = root.join("benches/results.json");
+        let readme = root.join("../README.md");
+        readme::update(&results, &readme, &host, &rows)?;
+        eprintln!(
+            "vmm_bench: merged into {} and regenerated the table in {}",
+            results.display(),
+            readme.display()
+        );
     }
     Ok(())
 }

@@ -221,9 +221,8 @@ fn check_elf(image: &[u8], path: &Path) -> Result<(), LoadError> {
         else {
             return Err(bad("its program headers lie outside the file".into()));
         };
-        let (Some(kind), Some(filesz), Some(memsz)) =
-            (word(ph, 4), word(ph + 0x20, 8), word(ph + 0x28, 8))
-        else {
+        let at = |off: usize, len: usize| word(ph.checked_add(off)?, len);
+        let (Some(kind), Some(filesz), Some(memsz)) = (at(0, 4), at(0x20, 8), at(0x28, 8)) else {
             return Err(bad("its program headers lie outside the file".into()));
         };
         if kind == 1 && filesz > memsz {
@@ -351,7 +350,8 @@ fn elf_end(image: &[u8]) -> u64 {
     (0..phnum)
         .filter_map(|i| {
             let ph = usize::try_from(phoff).ok()?.checked_add(i as usize * 56)?;
-            let (kind, paddr, memsz) = (word(ph, 4)?, word(ph + 0x18, 8)?, word(ph + 0x28, 8)?);
+            let at = |off: usize, len: usize| word(ph.checked_add(off)?, len);
+            let (kind, paddr, memsz) = (at(0, 4)?, at(0x18, 8)?, at(0x28, 8)?);
             (kind == 1).then(|| paddr.saturating_add(memsz))
         })
         .max()
@@ -603,6 +603,17 @@ mod tests {
         elf[ph + 0x20..ph + 0x28].copy_from_slice(&filesz.to_le_bytes());
         elf[ph + 0x28..ph + 0x30].copy_from_slice(&memsz.to_le_bytes());
         elf
+    }
+
+    /// Found by the `kernel_loader` fuzz target: a program-header offset near `usize::MAX`
+    /// overflowed `ph + field` (a panic with overflow checks on).
+    #[test]
+    fn program_headers_at_the_top_of_the_address_space_are_refused() {
+        let mut elf = tiny_elf(62, 0x10, 0x10);
+        elf[0x20..0x28].copy_from_slice(&(u64::MAX - 0x10).to_le_bytes());
+        let p = temp("elf-phoff-max", &elf);
+        let err = load_kernel(&mem(32 << 20), 32 << 20, &p).unwrap_err();
+        assert!(err.to_string().contains("program headers"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! Results: rows of (ours, baseline, ratio, target, verdict), printed as a Markdown table and
 //! written as JSON.
-use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a row's target constrains.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// No target: the numbers are for information.
@@ -138,57 +137,14 @@ pub fn spread(samples: &[f64], digits: usize) -> String {
     format!("{min:.digits$}–{max:.digits$}")
 }
 
-fn value(v: Option<f64>, unit: &str) -> String {
-    match v {
-        Some(x) if x.abs() >= 100.0 => format!("{x:.0} {unit}"),
-        Some(x) if x.abs() >= 10.0 => format!("{x:.1} {unit}"),
-        Some(x) => format!("{x:.3} {unit}"),
-        None => "—".into(),
-    }
-}
-
-fn target_text(target: Target, unit: &str) -> String {
-    match target {
-        Target::None => "—".into(),
-        Target::OursAtMost { value } => format!("≤ {value} {unit}"),
-        Target::RatioAtMost { value } => format!("ratio ≤ {value}×"),
-    }
-}
-
-/// The Markdown table, then one numbered note per row.
+/// The Markdown table, then one numbered note per row (the README's format, without its run
+/// column).
 pub fn markdown(rows: &[Row]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| # | benchmark | ours | baseline | ratio | target | verdict |"
-    );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---|---|");
-    for (i, r) in rows.iter().enumerate() {
-        let baseline = if r.baseline.is_some() {
-            format!("{} ({})", value(r.baseline, r.unit), r.baseline_name)
-        } else {
-            "—".into()
-        };
-        let ratio = r.ratio.map_or("—".into(), |x| format!("{x:.2}×"));
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            i + 1,
-            r.benchmark,
-            value(r.ours, r.unit),
-            baseline,
-            ratio,
-            target_text(r.target, r.unit),
-            r.verdict
-        );
-    }
-    let _ = writeln!(out);
-    for (i, r) in rows.iter().enumerate() {
-        if !r.note.is_empty() {
-            let _ = writeln!(out, "{}. `{}`: {}", i + 1, r.id, r.note);
-        }
-    }
-    out
+    let stored: Vec<crate::readme::StoredRow> = rows
+        .iter()
+        .map(|r| crate::readme::StoredRow::new(r, "", 0))
+        .collect();
+    crate::readme::table(&stored, false)
 }
 
 /// Everything `--json` writes.
