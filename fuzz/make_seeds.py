@@ -55,10 +55,12 @@ put("workload_doorbell", "out-of-range-and-odd-writes",
     + [5, 0, 2, 0x80, 0, 0xf8, 0x03] + [6] + event(2, 5) + progress)
 
 
-def task(gpa, size, accesses, seed, iters, pattern, bitmap=None):
-    """A task's fields as the harness reads them (vCPU 0), then its page-bitmap selector: 0 none,
-    1 right after the region, 2 followed by (gpa, bytes)."""
+def task(gpa, size, accesses, seed, iters, pattern, bitmap=None, flags=0):
+    """A task's fields as the harness reads them (vCPU 0), its flags selector (0 none, 1
+    TASK_READ_ONLY, 2 followed by any u32), then its page-bitmap selector: 0 none, 1 right after
+    the region, 2 followed by (gpa, bytes)."""
     fields = list(struct.pack("<QQQQIII", gpa, size, accesses, seed, iters, pattern, 0))
+    fields += {0: [0], 1: [1]}.get(flags, [2] + list(struct.pack("<I", flags)))
     if bitmap is None:
         return fields + [0]
     if bitmap == "after":
@@ -70,6 +72,8 @@ put("workload_doorbell", "validate",
     [1]
     + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 100, 0x5EED, 20, 1, "after") + [0]
     + [7, 0, 2, 2, 0] + task(0x100_0000, 4096, 1, 1, 1, 0)
+    + [1] + task(0x100_0000, 4096, 1, 1, 1, 0, flags=1) + [0]
+    + [1] + task(0x100_0000, 4096, 1, 1, 1, 0, flags=6) + [0]
     + [1] + task(0x200_0000, 0, 1, 1, 1, 9) + [1]
     + [7, 0, 1, 1, 0] + task(0xFFFF_FFFF_FFFF_F000, 1 << 20, 1, 1, 1, 0) + [0]
     + [7, 0, 1, 1, 0] + task(0x100_0000, 1 << 20, 1, 1, 1, 0, (0x100_8000, 32)) + [0]

@@ -27,7 +27,7 @@ use libfuzzer_sys::fuzz_target;
 use mirrorball_fuzz::Bytes;
 use mirrorball_workload::{
     bad_params, doorbell_gpa, doorbell_task, validate, AccessStream, Event, PageTracker, Params,
-    Pattern, TaskParams, DOORBELL_GPA, MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION,
+    Pattern, TaskParams, DOORBELL_GPA, MAX_TASKS, PARAMS_MAGIC, PARAMS_VERSION, TASK_READ_ONLY,
 };
 use vmm::exit::VmEnd;
 use vmm::vstate::vcpu::{ExitHandler, VcpuAction};
@@ -172,7 +172,11 @@ fn params(input: &mut Bytes) -> Params {
             iterations: input.u32(),
             pattern: input.u32(),
             vcpu: input.u32(),
-            reserved: 0,
+            flags: match input.below(3) {
+                0 => 0,
+                1 => TASK_READ_ONLY,
+                _ => input.u32(),
+            },
             bitmap_gpa: 0,
             bitmap_bytes: 0,
         };
@@ -195,7 +199,7 @@ fn params(input: &mut Bytes) -> Params {
 }
 
 /// The documented rules for one task: a non-empty region that does not wrap past the top of
-/// the address space, a known pattern, and either no bitmap or one that does not wrap, covers a
+/// the address space, a known pattern, no flag but `TASK_READ_ONLY`, and either no bitmap or one that does not wrap, covers a
 /// bit per page of the region, fits in memory and does not overlap the region.
 fn task_ok(t: &TaskParams) -> bool {
     let Some(region_end) = t.region_gpa.checked_add(t.region_bytes) else {
@@ -207,7 +211,7 @@ fn task_ok(t: &TaskParams) -> bool {
                 && usize::try_from(t.bitmap_bytes).is_ok()
                 && !(t.bitmap_gpa < region_end && t.region_gpa < bitmap_end)
         });
-    t.region_bytes != 0 && t.pattern <= 1 && bitmap_ok
+    t.region_bytes != 0 && t.pattern <= 1 && t.flags & !TASK_READ_ONLY == 0 && bitmap_ok
 }
 
 fn check_validate(input: &mut Bytes) {
@@ -230,7 +234,8 @@ fn check_validate(input: &mut Bytes) {
     // What the guest then does with valid parameters: the access stream stays in its region.
     if let Ok(t) = got {
         let pattern = Pattern::from_raw(t.pattern).expect("validated pattern");
-        let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
+        let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed)
+            .with_writes(t.flags & TASK_READ_ONLY == 0);
         for _ in 0..64 {
             let offset = stream.next_offset();
             assert!(
