@@ -92,6 +92,9 @@ pub struct RangeReport {
 
 /// How often a running VM's sharing is scanned by default (at its start and end too).
 pub const DEFAULT_SCAN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+/// A running VM is scanned at most this often relative to how long its last scan took: the
+/// scans of a large VM (pagemap costs tens of ms per GiB here) then stay under 2 % of a core.
+pub const SCAN_DUTY_FACTOR: u32 = 50;
 
 /// Scans one VM's RAM mappings through `/proc/self/pagemap`, and publishes each scan's VM-wide
 /// figures in the VM's host region (if it has one) for `vmm top`, `record` and `prometheus`.
@@ -99,6 +102,7 @@ pub struct SharingScanner {
     publish_to: Option<Arc<super::regions::ProfilerRegions>>,
     period: Option<std::time::Duration>,
     last_scan: Option<std::time::Instant>,
+    last_cost: std::time::Duration,
     pagemap: Option<File>,
     /// (guest start, host start, length) of each RAM mapping.
     mappings: Vec<(u64, usize, usize)>,
@@ -133,6 +137,7 @@ impl SharingScanner {
             publish_to: None,
             period: Some(DEFAULT_SCAN_PERIOD),
             last_scan: None,
+            last_cost: std::time::Duration::ZERO,
             pagemap: File::open("/proc/self/pagemap").ok(),
             mappings,
             private_mapping: ram.is_private(),
@@ -172,12 +177,13 @@ impl SharingScanner {
         self.period = period;
     }
 
-    /// Scans if the period has passed since the last scan.
+    /// Scans if the period has passed since the last scan, and at least [`SCAN_DUTY_FACTOR`]
+    /// times as long as that scan took.
     pub fn scan_if_due(&mut self) {
         let due = match (self.period, self.last_scan) {
             (None, _) => false,
             (Some(_), None) => true,
-            (Some(p), Some(last)) => last.elapsed() >= p,
+            (Some(p), Some(last)) => last.elapsed() >= p.max(self.last_cost * SCAN_DUTY_FACTOR),
         };
         if due {
             let _ = self.scan();
@@ -251,7 +257,8 @@ impl SharingScanner {
 
     /// Scans the RAM now and updates the latest report; returns it.
     pub fn scan(&mut self) -> std::io::Result<SharingReport> {
-        self.last_scan = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        self.last_scan = Some(started);
         let mut total = PageCounts::default();
         for (_, host, len) in self.mappings.clone() {
             total.add(&self.count(host, len)?);
@@ -275,6 +282,7 @@ impl SharingScanner {
         let report = latest.clone();
         drop(latest);
         self.publish(&report);
+        self.last_cost = started.elapsed();
         Ok(report)
     }
 }
