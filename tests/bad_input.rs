@@ -67,7 +67,7 @@ fn random_bytes_are_not_a_kernel() {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            x as u8
+            (x & 0xff) as u8
         })
         .collect();
     let path = temp_file("bad_input", "junk-kernel", &junk);

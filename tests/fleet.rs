@@ -43,7 +43,7 @@ fn replay(spec: &TaskSpec, t: &TaskParams) -> (u64, u32) {
     for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
         let offset = stream.next_offset() % t.region_bytes;
         pages.insert(offset / PAGE_BYTES);
-        let byte = &mut memory[offset as usize];
+        let byte = &mut memory[usize::try_from(offset).expect("fits")];
         sum = sum.wrapping_add(u64::from(*byte));
         if writes {
             *byte = byte.wrapping_add(1);
@@ -369,7 +369,7 @@ fn an_interrupt_ends_every_vm_and_leaves_no_file() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid fits"), libc::SIGTERM) };
     let out = child.wait_with_output().expect("wait");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

@@ -246,10 +246,10 @@ fn guest_minor_faults_are_first_touches_and_host_faults_cover_them() {
         let mine: Vec<GuestSample> = samples
             .iter()
             .map(|(_, s)| *s)
-            .filter(|s| s.pid == task as u32 + 1)
+            .filter(|s| s.pid == u32::try_from(task).expect("fits") + 1)
             .collect();
         assert_eq!(
-            mine.len() as u32,
+            u32::try_from(mine.len()).expect("fits"),
             1 + plan.tasks[task].iterations + 1,
             "start, iterations, exit: {mine:?}"
         );

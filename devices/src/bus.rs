@@ -232,7 +232,7 @@ mod tests {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             self.reads.push((offset, data.len()));
             for (i, b) in data.iter_mut().enumerate() {
-                *b = (offset as u8).wrapping_add(i as u8);
+                *b = ((offset & 0xff) as u8).wrapping_add(i.to_le_bytes()[0]);
             }
         }
         fn write(&mut self, offset: u64, data: &[u8]) {

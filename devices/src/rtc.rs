@@ -91,6 +91,8 @@ impl DateTime {
         Self {
             year,
             month,
+            // `left` is below the month's length (at most 31 days): it cannot truncate.
+            #[allow(clippy::cast_possible_truncation)]
             day: left as u32 + 1,
             hour: (rest / 3600) as u32,
             minute: (rest % 3600 / 60) as u32,

@@ -451,7 +451,7 @@ impl<B: VirtioBackend> VirtioMmio<B> {
     fn read_register(&self, reg: u64) -> Option<u32> {
         let word = |value: u64, high: bool| {
             // Truncation is the point: one half of a 64-bit value.
-            (if high { value >> 32 } else { value }) as u32
+            ((if high { value >> 32 } else { value }) & 0xffff_ffff) as u32
         };
         let value = match reg {
             regs::MAGIC_VALUE => MMIO_MAGIC_VALUE,

@@ -41,7 +41,7 @@ impl Rng {
 
     fn bytes(&mut self, buf: &mut [u8]) {
         for b in buf {
-            *b = self.next() as u8;
+            *b = (self.next() & 0xff) as u8;
         }
     }
 }
@@ -82,7 +82,7 @@ fn random_bus_accesses_never_panic() {
     let (mut reads, mut writes) = (0u64, 0u64);
     for _ in 0..50_000 {
         let addr = rng.port();
-        let size = rng.below(9) as usize;
+        let size = usize::try_from(rng.below(9)).expect("fits");
         let mut data = [0u8; 8];
         let data = &mut data[..size];
         let mapped = is_mapped(addr, size);
@@ -101,7 +101,7 @@ fn random_bus_accesses_never_panic() {
         if rng.below(16) == 0 {
             let mut input = [0u8; 16];
             rng.bytes(&mut input);
-            let n = rng.below(17) as usize;
+            let n = usize::try_from(rng.below(17)).expect("fits");
             let taken = d.serial.lock().unwrap().enqueue_input(&input[..n]);
             assert!(taken <= n);
         }
@@ -120,7 +120,7 @@ fn random_direct_accesses_never_panic() {
             0 => rng.next(),
             _ => rng.below(16),
         };
-        let size = rng.below(9) as usize;
+        let size = usize::try_from(rng.below(9)).expect("fits");
         let mut data = [0u8; 8];
         rng.bytes(&mut data);
         let data = &mut data[..size];
@@ -151,11 +151,13 @@ fn random_input_with_random_guest_activity_never_panics() {
             let mut chunk = [0u8; 32];
             rng.bytes(&mut chunk);
             // The pipe holds far more than we ever leave unread here.
-            writer.write_all(&chunk[..rng.below(33) as usize]).unwrap();
+            writer
+                .write_all(&chunk[..usize::try_from(rng.below(33)).expect("fits")])
+                .unwrap();
         }
         for _ in 0..rng.below(40) {
             let addr = COM1_PORT_BASE + rng.below(COM1_PORT_LEN);
-            let mut byte = [rng.next() as u8];
+            let mut byte = [(rng.next() & 0xff) as u8];
             if rng.below(2) == 0 {
                 d.bus.write(addr, &byte);
             } else {

@@ -248,6 +248,8 @@ impl StatsFd {
         }
 
         // Every descriptor must lie inside the data block the file really has.
+        // At most `u32::MAX * 9` bytes (offset plus size in words): fits a 64-bit `usize`.
+        #[allow(clippy::cast_possible_truncation)]
         let mut data = vec![0u8; data_bytes as usize];
         let available = read_at_most(&file, data_offset.into(), &mut data, "data block")? as u64;
         if let Some((index, d)) = descs

@@ -26,7 +26,7 @@ fn guest_code() -> Vec<u8> {
         0xe6, 0x10, // out 0x10, al
         0xe4, 0x11, // in al, 0x11
     ];
-    for page in 1..=FRESH_PAGES as u8 {
+    for page in 1..=u8::try_from(FRESH_PAGES).expect("fits") {
         code.extend_from_slice(&[0xa2, 0x00, page << 4]); // mov [page * 0x1000], al
     }
     code.extend_from_slice(&[0xa2, 0x00, 0x90]); // mov [0x9000], al   (MMIO write)
@@ -73,7 +73,11 @@ fn real_mode_vm(kvm: &Kvm, mem: &GuestMem) -> (VmFd, VcpuFd) {
     // SAFETY: `code` fits well inside the mapping (CODE_GPA + len < MEM_SIZE) and nothing else
     // accesses the mapping yet.
     unsafe {
-        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.ptr.add(CODE_GPA as usize), code.len())
+        std::ptr::copy_nonoverlapping(
+            code.as_ptr(),
+            mem.ptr.add(usize::try_from(CODE_GPA).expect("fits")),
+            code.len(),
+        )
     };
     let vm = kvm.create_vm().expect("create VM");
     let region = kvm_userspace_memory_region {

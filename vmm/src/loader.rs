@@ -205,7 +205,9 @@ fn check_elf(image: &[u8], path: &Path) -> Result<(), LoadError> {
     if image.get(4) != Some(&2) {
         return Err(bad("not a 64-bit ELF file".into()));
     }
-    let machine = word(0x12, 2).unwrap_or(0) as u16;
+    let machine = word(0x12, 2)
+        .and_then(|w| u16::try_from(w).ok())
+        .unwrap_or(0);
     if machine != EM_X86_64 {
         return Err(bad(format!(
             "built for machine {machine} (e_machine), not x86-64 (62)"
@@ -217,7 +219,7 @@ fn check_elf(image: &[u8], path: &Path) -> Result<(), LoadError> {
     for i in 0..phnum {
         let Some(ph) = usize::try_from(phoff)
             .ok()
-            .and_then(|o| o.checked_add(i as usize * 56))
+            .and_then(|o| o.checked_add(usize::try_from(i).ok()? * 56))
         else {
             return Err(bad("its program headers lie outside the file".into()));
         };
@@ -349,7 +351,9 @@ fn elf_end(image: &[u8]) -> u64 {
     };
     (0..phnum)
         .filter_map(|i| {
-            let ph = usize::try_from(phoff).ok()?.checked_add(i as usize * 56)?;
+            let ph = usize::try_from(phoff)
+                .ok()?
+                .checked_add(usize::try_from(i).ok()?.checked_mul(56)?)?;
             let at = |off: usize, len: usize| word(ph.checked_add(off)?, len);
             let (kind, paddr, memsz) = (at(0, 4)?, at(0x18, 8)?, at(0x28, 8)?);
             (kind == 1).then(|| paddr.saturating_add(memsz))
@@ -493,7 +497,7 @@ mod tests {
         let junk: Vec<u8> = (0..8192)
             .map(|_| {
                 seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                (seed >> 16) as u8
+                ((seed >> 16) & 0xff) as u8
             })
             .collect();
         let p = temp("junk", &junk);

@@ -271,7 +271,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
         Err(e) => {
             eprintln!("vmm: error: {}", one_line(&e));
-            ExitCode::from(EXIT_VMM_ERROR as u8)
+            ExitCode::from(u8::try_from(EXIT_VMM_ERROR).unwrap_or(u8::MAX))
         }
     }
 }

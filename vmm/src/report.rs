@@ -212,9 +212,19 @@ pub fn task_reports(
         .map(|(task, (spec, progress))| TaskReport {
             task,
             vcpu: task_vcpu(task, vcpus),
-            host: attributed.map(|a| a.get(&(task as u32 + 1)).copied().unwrap_or_default()),
-            guest_min_flt: guest.map(|g| g.get(&(task as u32 + 1)).map_or(0, |t| t.min_flt)),
-            guest_cpu_ns: guest.map(|g| g.get(&(task as u32 + 1)).map_or(0, |t| t.cpu_ns)),
+            host: attributed.map(|a| {
+                a.get(&u32::try_from(task + 1).unwrap_or(u32::MAX))
+                    .copied()
+                    .unwrap_or_default()
+            }),
+            guest_min_flt: guest.map(|g| {
+                g.get(&u32::try_from(task + 1).unwrap_or(u32::MAX))
+                    .map_or(0, |t| t.min_flt)
+            }),
+            guest_cpu_ns: guest.map(|g| {
+                g.get(&u32::try_from(task + 1).unwrap_or(u32::MAX))
+                    .map_or(0, |t| t.cpu_ns)
+            }),
             memory: memory.and_then(|m| m.ranges.iter().find(|r| r.index == task).cloned()),
             spec: spec.to_string(),
             iterations_planned: spec.iterations,

@@ -219,6 +219,8 @@ pub fn layout(specs: &[TaskSpec], vcpus: usize) -> Result<WorkloadLayout, Worklo
             seed: 0x5eed_0000 + i as u64 * 0x9e37_79b9,
             iterations: spec.iterations,
             pattern: spec.pattern as u32,
+            // Below the vCPU count, itself below `MAX_TASKS`.
+            #[allow(clippy::cast_possible_truncation)]
             vcpu: task_vcpu(i, vcpus) as u32,
             flags: if spec.mode == TaskMode::Read {
                 TASK_READ_ONLY
@@ -289,6 +291,8 @@ pub fn write_params(
     profiler: ProfilerParams,
 ) -> Result<(), WorkloadError> {
     let mut params = Params {
+        // At most `MAX_TASKS` (checked by `layout`).
+        #[allow(clippy::cast_possible_truncation)]
         task_count: layout.tasks.len() as u32,
         profiler_gpa: profiler.gpa,
         profiler_len: profiler.len,
@@ -332,6 +336,8 @@ pub fn write_data_sets(
     layout: &WorkloadLayout,
 ) -> Result<(), WorkloadError> {
     const CHUNK: u64 = 1 << 20;
+    // `CHUNK` is 1 MiB.
+    #[allow(clippy::cast_possible_truncation)]
     let mut buf = vec![0u8; CHUNK as usize];
     let data_sets = layout.tasks.iter().zip(&layout.data_sets);
     for t in data_sets.filter_map(|(t, &data)| data.then_some(t)) {
@@ -408,7 +414,7 @@ impl WorkloadMonitor {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for t in tasks.iter_mut().filter(|t| !t.finished) {
             if let Some(start) = t.started {
-                t.elapsed_ns = start.elapsed().as_nanos() as u64;
+                t.elapsed_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
             }
         }
         tasks
@@ -432,7 +438,9 @@ impl WorkloadMonitor {
             Some(Event::Finished(sum)) => {
                 task.finished = true;
                 task.checksum = sum;
-                task.elapsed_ns = task.started.map_or(0, |s| s.elapsed().as_nanos() as u64);
+                task.elapsed_ns = task.started.map_or(0, |s| {
+                    u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX)
+                });
                 if tasks.iter().all(|t| t.finished) {
                     return VcpuAction::StopVm(VmEnd::WorkloadFinished);
                 }
@@ -604,8 +612,11 @@ mod tests {
     fn image_loads_inside_its_window() {
         let specs = vec!["work 1 R 1".parse().expect("spec")];
         let l = layout(&specs, 1).expect("layout");
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), l.ram_bytes as usize)]).expect("mem");
+        let mem = GuestMemoryMmap::from_ranges(&[(
+            GuestAddress(0),
+            usize::try_from(l.ram_bytes).expect("fits"),
+        )])
+        .expect("mem");
         let entry = load(&mem, &l, ProfilerParams::default()).expect("load");
         assert_eq!(entry, IMAGE_GPA);
         let magic: u32 = mem.read_obj(GuestAddress(PARAMS_GPA)).expect("read");

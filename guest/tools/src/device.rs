@@ -127,7 +127,11 @@ impl DeviceMap {
                     size,
                 });
             }
-            let map = Self::map(file, path, size as usize, true)?;
+            let len = usize::try_from(size).map_err(|_| DeviceError::BadFileSize {
+                path: path.to_path_buf(),
+                size,
+            })?;
+            let map = Self::map(file, path, len, true)?;
             map.view()?;
             return Ok(map);
         }

@@ -208,7 +208,7 @@ impl Drop for Registration {
 fn default_seed(pid: u32) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     nanos ^ (u64::from(pid) << 32) ^ 0x9e37_79b9_7f4a_7c15
 }
 
@@ -247,8 +247,10 @@ pub fn run(
     };
 
     let len = a.mib << 20;
-    let mut memory =
-        WorkMemory::new(len as usize).map_err(|error| WorkError::Map { mib: a.mib, error })?;
+    let mut memory = usize::try_from(len)
+        .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))
+        .and_then(WorkMemory::new)
+        .map_err(|error| WorkError::Map { mib: a.mib, error })?;
     let mut stream = AccessStream::new(a.pattern, len, seed);
     let before = usage("getrusage")?;
     let mut checksum = 0u64;

@@ -102,6 +102,9 @@ impl Drop for WorkMemory {
 
 /// Distinct pages that `accesses` offsets of `stream` fall in, for a region of `len` bytes
 /// (what [`WorkMemory::resident_pages`] should report after the same accesses).
+// `len` bytes are mapped in this process (see `WorkMemory`), so `len` and the offsets below it
+// fit a `usize`.
+#[allow(clippy::cast_possible_truncation)]
 pub fn distinct_pages(mut stream: AccessStream, len: u64, accesses: u64) -> usize {
     let pages = (len as usize).div_ceil(PAGE_BYTES);
     let mut seen = vec![false; pages];

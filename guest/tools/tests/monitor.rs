@@ -158,8 +158,8 @@ fn walker_accounts_for_every_record_under_a_racing_writer() {
             let w = r.writer();
             let mut ring = w.ring_writer().unwrap();
             for n in 1..=RECORDS {
-                let mut x = sample(0, n as u32, n);
-                x.cpu = n as u32;
+                let mut x = sample(0, (n & 0xffff_ffff) as u32, n);
+                x.cpu = (n & 0xffff_ffff) as u32;
                 ring.push(&x);
                 // A varying pace, so the reader both keeps up and gets lapped.
                 for _ in 0..(n % 64) {
@@ -178,8 +178,8 @@ fn walker_accounts_for_every_record_under_a_racing_writer() {
             match walker.step() {
                 Step::Record(rec) => {
                     assert_eq!(rec.record, {
-                        let mut x = sample(0, rec.seq as u32, rec.seq);
-                        x.cpu = rec.seq as u32;
+                        let mut x = sample(0, (rec.seq & 0xffff_ffff) as u32, rec.seq);
+                        x.cpu = (rec.seq & 0xffff_ffff) as u32;
                         x
                     });
                 }
@@ -214,7 +214,7 @@ fn hostile_rings_and_tables_never_panic() {
         let start = l.tasks.offset;
         let end = l.ring.slots.offset + 8 * l.ring.slots.stride;
         for _ in 0..(1 + round % 20) {
-            let word = start / 8 + (next() as usize) % ((end - start) / 8);
+            let word = start / 8 + usize::try_from(next()).expect("fits") % ((end - start) / 8);
             let value = match next() % 4 {
                 0 => next(),
                 1 => next() % 32,
@@ -287,7 +287,7 @@ fn garbage_gives_one_line_and_a_failure() {
         x ^= x << 13;
         x ^= x >> 17;
         x ^= x << 5;
-        *b = x as u8;
+        *b = (x & 0xff) as u8;
     }
     let garbage = dir.path("garbage");
     std::fs::write(&garbage, &bytes).unwrap();
@@ -418,8 +418,9 @@ fn live_ring_is_followed_until_ctrl_c() {
             assert_eq!(lines.next().unwrap().unwrap(), want);
         }
     }
+    let pid = i32::try_from(child.id()).expect("pid fits");
     // SAFETY: sends SIGINT to the child this test spawned and has not yet waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));

@@ -109,7 +109,10 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
             done: 0,
             checksum: 0,
             pages,
-            profile: profile::Profile::register(&params, index as u32, vcpu as u32, comm),
+            profile: u32::try_from(index)
+                .ok()
+                .zip(u32::try_from(vcpu).ok())
+                .and_then(|(index, vcpu)| profile::Profile::register(&params, index, vcpu, comm)),
         });
         // A first sample at zero: the baseline every later (absolute) sample is measured
         // against, as a Linux guest's driver samples a task from its registration on.
@@ -157,7 +160,10 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
                 if let Some(p) = &task.profile {
                     p.finish(min_flt);
                 }
-                ring(task.index, Event::Finished(task.checksum as u32));
+                ring(
+                    task.index,
+                    Event::Finished((task.checksum & 0xffff_ffff) as u32),
+                );
                 remaining -= 1;
             }
         }

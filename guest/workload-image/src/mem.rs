@@ -37,7 +37,7 @@ pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees `dst` is valid for `n` bytes.
     unsafe {
         core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _,
-            in("al") value as u8, options(nostack, preserves_flags));
+            in("al") value.to_le_bytes()[0], options(nostack, preserves_flags));
     }
     dst
 }

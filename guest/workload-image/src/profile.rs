@@ -49,9 +49,10 @@ pub struct Profile {
 
 impl Profile {
     fn region(&self) -> Option<GuestRegion<'static>> {
+        let len = usize::try_from(self.len).ok()?;
         // SAFETY: the VMM maps `len` bytes of shared memory at `gpa`, identity-mapped, for the
         // guest's whole life; all accesses go through the ABI crate's atomics.
-        let region = unsafe { RegionMut::from_raw(self.gpa as *mut u8, self.len as usize) }.ok()?;
+        let region = unsafe { RegionMut::from_raw(self.gpa as *mut u8, len) }.ok()?;
         GuestRegion::attach(region).ok()
     }
 
@@ -59,7 +60,8 @@ impl Profile {
         if self.tsc_khz == 0 {
             return 0;
         }
-        (u128::from(rdtsc()) * 1_000_000 / u128::from(self.tsc_khz)) as u64
+        u64::try_from(u128::from(rdtsc()) * 1_000_000 / u128::from(self.tsc_khz))
+            .unwrap_or(u64::MAX)
     }
 
     /// Registers task `task` (pid `task + 1`, command `comm`) that runs on `vcpu`.
@@ -131,7 +133,8 @@ impl Profile {
         let cpu_ns = if self.tsc_khz == 0 {
             0
         } else {
-            (u128::from(self.cpu_tsc) * 1_000_000 / u128::from(self.tsc_khz)) as u64
+            u64::try_from(u128::from(self.cpu_tsc) * 1_000_000 / u128::from(self.tsc_khz))
+                .unwrap_or(u64::MAX)
         };
         let sample = GuestSample {
             timestamp_ns: now,

@@ -311,6 +311,8 @@ pub(crate) unsafe fn run_iteration_with(
         before_access(offset);
         // SAFETY: offset < len and the caller guarantees `region` is valid for `len` bytes.
         unsafe {
+            // `offset < len`, and `region` spans `len` bytes of memory: it fits a `usize`.
+            #[allow(clippy::cast_possible_truncation)]
             let byte = region.add(offset as usize);
             let value = core::ptr::read_volatile(byte);
             if stream.writes {

@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn pages_at_the_region_edges() {
         let len = 17 * PAGE_BYTES;
-        let mut bits = vec![0u8; PageTracker::bitmap_bytes(len) as usize];
+        let mut bits = vec![0u8; usize::try_from(PageTracker::bitmap_bytes(len)).expect("fits")];
         let mut t = PageTracker::new(&mut bits, len).expect("tracker");
         assert!(t.touch(0));
         assert!(t.touch(len - 1), "last byte: page 16, bit 0 of byte 2");
@@ -208,9 +208,10 @@ mod tests {
             (Pattern::Random, 64 * PAGE_BYTES + 123, 30),
             (Pattern::Locality, 256 * PAGE_BYTES, 2_000),
         ] {
-            let mut a = vec![0u8; len as usize];
-            let mut b = vec![0u8; len as usize];
-            let mut bits = vec![0u8; PageTracker::bitmap_bytes(len) as usize];
+            let mut a = vec![0u8; usize::try_from(len).expect("fits")];
+            let mut b = vec![0u8; usize::try_from(len).expect("fits")];
+            let mut bits =
+                vec![0u8; usize::try_from(PageTracker::bitmap_bytes(len)).expect("fits")];
             let mut t = PageTracker::new(&mut bits, len).expect("tracker");
             let mut sa = AccessStream::new(pattern, len, 5);
             let mut sb = AccessStream::new(pattern, len, 5);

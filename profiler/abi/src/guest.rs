@@ -39,6 +39,8 @@ impl<'a> GuestRegion<'a> {
             for (desc, table) in [(&h.vcpus, &layout.vcpus), (&h.tasks, &layout.tasks)] {
                 desc.offset.store(table.offset as u64, r);
                 desc.capacity.store(table.capacity, r);
+                // Strides are slot sizes checked by `Layout` (far below 4 GiB).
+                #[allow(clippy::cast_possible_truncation)]
                 desc.stride.store(table.stride as u32, r);
             }
         })?;

@@ -292,6 +292,7 @@ fn validate_table(
     }
     // `end <= region_size <= mapping length`, which is a `usize`: these cannot truncate.
     Ok(TableLayout {
+        #[allow(clippy::cast_possible_truncation)]
         offset: offset as usize,
         capacity,
         stride: stride as usize,
@@ -303,6 +304,8 @@ fn validate_ring(
     min_stride: usize,
     common: &CommonValues,
 ) -> Result<RingLayout, AbiError> {
+    // `RingCtl` is a few cache lines long.
+    #[allow(clippy::cast_possible_truncation)]
     let ctl = validate_table(
         Part::RingCtl,
         desc.ctl_offset.load(Ordering::Relaxed),
@@ -385,6 +388,8 @@ impl GuestRegionLayout {
             vcpus,
             tasks,
             ring,
+            // Checked against the mapping's length, a `usize`.
+            #[allow(clippy::cast_possible_truncation)]
             size: common.region_size as usize,
         };
         Ok((layout, common.info))
@@ -410,6 +415,8 @@ impl HostRegionLayout {
             header_size: common.header_size as usize,
             vcpu_count: common.vcpu_count,
             ring,
+            // Checked against the mapping's length, a `usize`.
+            #[allow(clippy::cast_possible_truncation)]
             size: common.region_size as usize,
         };
         Ok((layout, common.info))
@@ -576,6 +583,8 @@ pub(crate) fn format<'a, K: RegionKind>(
     let c = h.common();
     c.version_major.store(ABI_VERSION_MAJOR, r);
     c.version_minor.store(ABI_VERSION_MINOR, r);
+    // The header is a fixed struct of a few hundred bytes.
+    #[allow(clippy::cast_possible_truncation)]
     c.header_size.store(layout.header_size() as u32, r);
     c.region_size.store(layout.size() as u64, r);
     c.generation.store(init.generation, r);
@@ -586,6 +595,8 @@ pub(crate) fn format<'a, K: RegionKind>(
     desc.ctl_offset.store(ring.ctl_offset as u64, r);
     desc.slots_offset.store(ring.slots.offset as u64, r);
     desc.capacity.store(ring.slots.capacity, r);
+    // Strides are slot sizes checked by the layout (far below 4 GiB).
+    #[allow(clippy::cast_possible_truncation)]
     desc.stride.store(ring.slots.stride as u32, r);
     c.magic.store(K::Header::MAGIC, Ordering::Release);
     attach(RegionMut::from_region(region))

@@ -144,8 +144,8 @@ impl<'a> RegionMut<'a> {
     /// threads and processes may access them concurrently; within this process they must be
     /// accessed only through this crate (or other atomics).
     pub unsafe fn from_raw(base: *mut u8, len: usize) -> Result<Self, AbiError> {
-        // SAFETY: forwarded contract (writable implies readable).
         Ok(Self {
+            // SAFETY: forwarded contract (writable implies readable).
             region: unsafe { Region::from_raw(base, len)? },
         })
     }

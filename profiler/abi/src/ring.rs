@@ -240,7 +240,7 @@ impl<'a, R: SampleRecord> RingView<'a, R> {
         if layout.slots.stride < core::mem::size_of::<R::Slot>() {
             return Err(AbiError::BadStride {
                 part: crate::Part::RingSlots,
-                stride: layout.slots.stride as u32,
+                stride: u32::try_from(layout.slots.stride).unwrap_or(u32::MAX),
             });
         }
         Ok(Self {
@@ -280,7 +280,7 @@ impl<'a, R: SampleRecord> RingView<'a, R> {
         self.region.entry(
             self.layout.slots.offset,
             self.layout.slots.stride,
-            index as usize,
+            usize::try_from(index).ok()?,
         )
     }
 

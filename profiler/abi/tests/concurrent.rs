@@ -173,9 +173,9 @@ fn task_for(k: u64) -> CurrentTask {
     comm[..8].copy_from_slice(&k.to_le_bytes());
     comm[8..].copy_from_slice(&(!k).to_le_bytes());
     CurrentTask {
-        task_id: k as u32,
-        pid: (k as u32).wrapping_mul(3),
-        tgid: (k as u32) ^ 0xffff,
+        task_id: (k & 0xffff_ffff) as u32,
+        pid: ((k & 0xffff_ffff) as u32).wrapping_mul(3),
+        tgid: ((k & 0xffff_ffff) as u32) ^ 0xffff,
         flags: (k % 4) as u32,
         comm,
     }

@@ -206,11 +206,18 @@ fn exercise_guest(mem: &Guarded, rng: &mut Rng) {
             w.push(&guest_sample_for(i + 1));
         }
     }
-    if let Ok(mut v) = region.vcpu_writer(rng.below(u64::from(view.vcpu_count())) as u32) {
+    if let Ok(mut v) =
+        region.vcpu_writer(u32::try_from(rng.below(u64::from(view.vcpu_count()))).expect("fits"))
+    {
         v.switch_to(&CurrentTask::default(), 1);
     }
     let mut t = region.task_table();
-    if let Ok(id) = t.register(rng.next_u64() as u32, 0, &comm_from(b"x"), 1) {
+    if let Ok(id) = t.register(
+        (rng.next_u64() & 0xffff_ffff) as u32,
+        0,
+        &comm_from(b"x"),
+        1,
+    ) {
         t.unregister(id, 2).unwrap();
     }
 }
@@ -686,7 +693,7 @@ fn ten_thousand_random_regions() {
     let regions: Vec<Guarded> = sizes.iter().map(|&s| Guarded::new(s)).collect();
     let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
     for case in 0..CASES {
-        let mem = &regions[rng.below(regions.len() as u64) as usize];
+        let mem = &regions[usize::try_from(rng.below(regions.len() as u64)).expect("fits")];
         let host = case % 2 == 1;
         random_region(mem, &mut rng, host);
         let outcome = if host {
@@ -748,12 +755,13 @@ fn ten_thousand_mutations_of_valid_regions() {
         mem.copy_from(pristine);
         for _ in 0..1 + rng.below(6) {
             // Mostly the header, sometimes anywhere.
-            let at = if rng.chance(80) {
+            let at = usize::try_from(if rng.chance(80) {
                 rng.below(256)
             } else {
                 rng.below(mem.len as u64)
-            } as usize;
-            let len = 1 + rng.below(8) as usize;
+            })
+            .expect("fits");
+            let len = 1 + usize::try_from(rng.below(8)).expect("fits");
             let at = at.min(mem.len - len);
             poke(mem.words(), at, len, rng.next_u64());
         }

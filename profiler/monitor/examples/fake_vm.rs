@@ -65,10 +65,10 @@ fn parse() -> Result<Options, String> {
         };
         match a.as_str() {
             "--run-dir" => o.run_dir = Some(PathBuf::from(val()?)),
-            "--n" => o.n = num(val()?)? as u32,
+            "--n" => o.n = u32::try_from(whole(num(val()?)?)).unwrap_or(u32::MAX),
             "--name" => o.name = val()?,
-            "--vcpus" => o.vcpus = num(val()?)? as u32,
-            "--tasks" => o.tasks = num(val()?)? as u32,
+            "--vcpus" => o.vcpus = u32::try_from(whole(num(val()?)?)).unwrap_or(u32::MAX),
+            "--tasks" => o.tasks = u32::try_from(whole(num(val()?)?)).unwrap_or(u32::MAX),
             "--hz" => o.hz = num(val()?)?,
             "--duration" => o.duration = Some(num(val()?)?),
             "--churn" => o.churn = Some(num(val()?)?),
@@ -106,6 +106,13 @@ struct Task {
     rate: f64,
 }
 
+/// `x` as a whole number: float-to-integer `as` truncates toward zero and saturates (NaN is 0),
+/// which is what these synthetic counters and options want.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn whole(x: f64) -> u64 {
+    x as u64
+}
+
 fn main() {
     let o = match parse() {
         Ok(o) => o,
@@ -119,10 +126,11 @@ fn main() {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
     let dir = resolve_run_dir(o.run_dir.as_deref());
-    let period_ns = (1e9 / o.hz) as u64;
+    let period_ns = whole(1e9 / o.hz);
     let records_per_tick = o.tasks.max(o.vcpus);
     // Two seconds of history in each ring, at least 1024 records.
-    let ring = ((o.hz * 2.0) as u32 * records_per_tick).clamp(1024, 1 << 20);
+    let ring = (u32::try_from(whole(o.hz * 2.0)).unwrap_or(u32::MAX) * records_per_tick)
+        .clamp(1024, 1 << 20);
     let spec = PublishSpec {
         n: o.n,
         name: o.name.clone(),
@@ -219,7 +227,7 @@ fn run(vm: &PublishedVm, o: &Options, period_ns: u64) -> std::io::Result<()> {
                 } else if n <= o.vcpus as usize {
                     (v < n).then_some(v)
                 } else {
-                    Some((v + tick as usize) % n)
+                    Some((v + usize::try_from(tick).expect("fits")) % n)
                 }
             })
             .collect();
@@ -253,17 +261,17 @@ fn run(vm: &PublishedVm, o: &Options, period_ns: u64) -> std::io::Result<()> {
             task.min += faults;
             task.maj += faults / 100.0;
             if let Some(v) = on {
-                task.cpu = v as u32;
+                task.cpu = u32::try_from(v).expect("fits");
                 faults_on_vcpu[v] += faults * 1.01;
-                task.utime += (period_ns as f64 * 0.7) as u64;
-                task.stime += (period_ns as f64 * 0.25) as u64;
+                task.utime += whole(period_ns as f64 * 0.7);
+                task.stime += whole(period_ns as f64 * 0.25);
             }
             gring.push(&GuestSample {
                 timestamp_ns: now,
                 task_id: task.id,
                 pid: task.pid,
-                min_flt: task.min as u64,
-                maj_flt: task.maj as u64,
+                min_flt: whole(task.min),
+                maj_flt: whole(task.maj),
                 utime_ns: task.utime,
                 stime_ns: task.stime,
                 cpu: task.cpu,
@@ -275,7 +283,7 @@ fn run(vm: &PublishedVm, o: &Options, period_ns: u64) -> std::io::Result<()> {
             let a = Attribution::from_slot(view.vcpu(v), prev_switch[v as usize]);
             prev_switch[v as usize] = Some(a.guest_switch_count);
             let busy = running[v as usize].is_some();
-            let pf = faults_on_vcpu[v as usize] as u64;
+            let pf = whole(faults_on_vcpu[v as usize]);
             let mut s = HostSample {
                 timestamp_ns: now,
                 vcpu: v,
@@ -311,8 +319,8 @@ fn run(vm: &PublishedVm, o: &Options, period_ns: u64) -> std::io::Result<()> {
                 timestamp_ns: now,
                 task_id: old.id,
                 pid: old.pid,
-                min_flt: old.min as u64,
-                maj_flt: old.maj as u64,
+                min_flt: whole(old.min),
+                maj_flt: whole(old.maj),
                 utime_ns: old.utime,
                 stime_ns: old.stime,
                 cpu: old.cpu,
@@ -335,7 +343,7 @@ fn run(vm: &PublishedVm, o: &Options, period_ns: u64) -> std::io::Result<()> {
             }
             next_pid += 1;
         }
-        if o.hostile && tick % (o.hz as u64).max(1) == 0 {
+        if o.hostile && tick % whole(o.hz).max(1) == 0 {
             scribble(vm, &mut rng, &hostile_words)?;
         }
         tick += 1;
@@ -373,7 +381,7 @@ fn scribble(vm: &PublishedVm, rng: &mut u64, count: &AtomicU64) -> std::io::Resu
         *rng ^= *rng << 17;
         // Every 8th word lands in the first 4 KiB: header, vCPU slots, task table.
         let span = if k % 8 == 0 { words.min(512) } else { words };
-        let i = (*rng % span as u64) as usize;
+        let i = usize::try_from(*rng % span as u64).expect("fits");
         // SAFETY: `i < words`, the mapping is live for the borrow of `vm`, 8-aligned, and this
         // process writes it only through atomics.
         let w = unsafe { &*base.add(i) };

@@ -535,13 +535,16 @@ fn draw_utilization<DB: DrawingBackend>(
     let mut chart = builder
         .build_cartesian_2d(0.0..x_max, 0.0..nice_max(y_max))
         .map_err(err)?;
+    // A count of tasks (whole, non-negative); float-to-integer `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let x_labels = (x_max as usize + 1).min(21);
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("guest tasks in the record")
             .y_desc("utilisation (% of one CPU)")
             .label_style(("sans-serif", 15))
             .axis_desc_style(("sans-serif", 16))
-            .x_labels((x_max as usize + 1).min(21))
+            .x_labels(x_labels)
             .x_label_formatter(&|v| {
                 if (v - v.round()).abs() < 1e-6 {
                     format!("{v:.0}")

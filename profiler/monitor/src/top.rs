@@ -170,6 +170,8 @@ pub fn sparkline_text(h: &History, width: usize) -> String {
             if v <= 0.0 || max <= 0.0 {
                 ' '
             } else {
+                // `v / max` is in (0, 1]: the index is within `SPARKS`.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let i = ((v / max) * (SPARKS.len() - 1) as f64).round() as usize;
                 SPARKS[i.min(SPARKS.len() - 1)]
             }
@@ -427,7 +429,7 @@ impl App {
             Constraint::Length(2),
             Constraint::Min(4),
             Constraint::Length(4),
-            Constraint::Length(footer_lines.len() as u16 + 1),
+            Constraint::Length(u16::try_from(footer_lines.len() + 1).unwrap_or(u16::MAX)),
         ])
         .areas(area);
         self.render_header(f, head);
@@ -564,6 +566,8 @@ impl App {
         };
         let halves = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
             .split(area);
+        // Float-to-integer `as` saturates; negatives are clamped to 0 first.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let to_u64 = |h: &History| -> Vec<u64> { h.values().map(|v| v.max(0.0) as u64).collect() };
         let width = halves[0].width.saturating_sub(2) as usize;
         let tail = |v: Vec<u64>| -> Vec<u64> { v[v.len().saturating_sub(width)..].to_vec() };

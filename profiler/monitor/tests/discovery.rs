@@ -52,7 +52,7 @@ fn discovery_ignores_stale_and_garbage_without_panicking() {
     let put =
         |n: u32, ext: &str, bytes: &[u8]| fs::write(dir.join(name(me, n, ext)), bytes).unwrap();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    let random: Vec<u8> = (0..65536).map(|_| rng.next() as u8).collect();
+    let random: Vec<u8> = (0..65536).map(|_| (rng.next() & 0xff) as u8).collect();
 
     // 1: random bytes.
     put(1, "guest", &random);

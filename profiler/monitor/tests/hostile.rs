@@ -71,21 +71,21 @@ fn hostile_guest_region_cannot_hang_or_crash_the_reader() {
         for _ in 0..rng.below(8) {
             gw.push(&GuestSample {
                 timestamp_ns: rng.next(),
-                task_id: rng.below(40) as u32,
-                pid: rng.below(40) as u32,
+                task_id: u32::try_from(rng.below(40)).expect("fits"),
+                pid: u32::try_from(rng.below(40)).expect("fits"),
                 min_flt: rng.next(),
                 maj_flt: rng.next(),
                 utime_ns: rng.next(),
                 stime_ns: rng.next(),
-                cpu: rng.next() as u32,
-                flags: rng.next() as u32,
+                cpu: (rng.next() & 0xffff_ffff) as u32,
+                flags: (rng.next() & 0xffff_ffff) as u32,
             });
         }
         for _ in 0..rng.below(4) {
             hw.push(&HostSample {
-                vcpu: rng.below(6) as u32,
-                task_id: rng.next() as u32,
-                pid: rng.next() as u32,
+                vcpu: u32::try_from(rng.below(6)).expect("fits"),
+                task_id: (rng.next() & 0xffff_ffff) as u32,
+                pid: (rng.next() & 0xffff_ffff) as u32,
                 interval_ns: rng.below(1 << 30),
                 pf_taken: rng.below(1000),
                 ..HostSample::default()
@@ -95,8 +95,8 @@ fn hostile_guest_region_cannot_hang_or_crash_the_reader() {
         for _ in 0..rng.below(6) {
             let i = match rng.below(12) {
                 0 => head_word,
-                1 | 2 => hot[rng.below(hot.len() as u64) as usize],
-                _ => rng.below(words as u64) as usize,
+                1 | 2 => hot[usize::try_from(rng.below(hot.len() as u64)).expect("fits")],
+                _ => usize::try_from(rng.below(words as u64)).expect("fits"),
             };
             word(i).store(interesting(&mut rng), Ordering::Relaxed);
         }
@@ -109,7 +109,7 @@ fn hostile_guest_region_cannot_hang_or_crash_the_reader() {
             .expect("the file did not shrink");
         let _ = reader.vcpus();
         let _ = reader.tasks();
-        let _ = reader.task(rng.next() as u32);
+        let _ = reader.task((rng.next() & 0xffff_ffff) as u32);
         let _ = reader.guest_period_ns();
         let _ = reader.status();
         slowest = slowest.max(t.elapsed());

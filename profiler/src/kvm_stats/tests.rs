@@ -44,10 +44,10 @@ fn build(name_size: u32, id: &str, descs: &[D], data: &[u64]) -> (Vec<u8>, u64) 
     for v in [
         0,
         name_size,
-        descs.len() as u32,
-        id_offset as u32,
-        desc_offset as u32,
-        data_offset as u32,
+        u32::try_from(descs.len()).expect("fits"),
+        u32::try_from(id_offset).expect("fits"),
+        u32::try_from(desc_offset).expect("fits"),
+        u32::try_from(data_offset).expect("fits"),
     ] {
         out.extend_from_slice(&v.to_ne_bytes());
     }
@@ -431,8 +431,8 @@ fn random_corruption_never_panics() {
     for _ in 0..2000 {
         let mut b = bytes.clone();
         for _ in 0..1 + next() % 4 {
-            let at = (next() % b.len() as u64) as usize;
-            b[at] = next() as u8;
+            let at = usize::try_from(next() % b.len() as u64).expect("fits");
+            b[at] = (next() & 0xff) as u8;
         }
         let cut = b.len() - (next() % 8) as usize * (next() % 2) as usize;
         match parse(&b[..cut]) {

@@ -51,7 +51,8 @@ fn thread_cpu_ns() -> u64 {
     };
     // SAFETY: writes one timespec we own; the clock always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    u64::try_from(ts.tv_sec).expect("fits") * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).expect("fits")
 }
 
 /// One headless dashboard run on `dir`.
@@ -156,7 +157,8 @@ impl Fake {
         self.min_flt += 50;
         let n = self.tasks.len();
         for v in 0..FAKE_VCPUS {
-            let (id, pid, comm) = self.tasks[(v as usize + tick as usize) % n];
+            let (id, pid, comm) =
+                self.tasks[(v as usize + usize::try_from(tick).expect("fits")) % n];
             if let Ok(mut slot) = guest.vcpu_writer(v) {
                 slot.switch_to(
                     &CurrentTask {
@@ -179,7 +181,7 @@ impl Fake {
                 maj_flt: self.min_flt / 100,
                 utime_ns: tick * PERIOD_NS / 2,
                 stime_ns: tick * PERIOD_NS / 4,
-                cpu: i as u32 % FAKE_VCPUS,
+                cpu: u32::try_from(i).expect("fits") % FAKE_VCPUS,
                 flags: 0,
             });
         }
@@ -246,6 +248,8 @@ impl Drop for RealVms {
 
 fn start_real(vmm: &Path, dir: &Path, seconds: f64) -> Result<RealVms> {
     let mut vms = RealVms(Vec::new());
+    // A positive number of seconds; float-to-integer `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let timeout = format!("{}", (seconds * 3.0).ceil() as u64 + 30);
     for _ in 0..VMS {
         let child = Command::new(vmm)
@@ -264,7 +268,7 @@ fn start_real(vmm: &Path, dir: &Path, seconds: f64) -> Result<RealVms> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let scan = mirrorball_monitor::scan(dir).context("scanning the run directory")?;
-        if scan.live.len() as u32 >= VMS {
+        if u32::try_from(scan.live.len()).expect("fits") >= VMS {
             return Ok(vms);
         }
         if let Some(exited) = vms.0.iter_mut().find_map(|c| c.try_wait().ok().flatten()) {

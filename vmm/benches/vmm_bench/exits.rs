@@ -79,7 +79,11 @@ fn vmm_run(elf: &Path, kind: ExitKind) -> Result<Sample> {
 fn bare_run(code: &[u8], kind: ExitKind, irqchip: Irqchip) -> Result<Sample> {
     let cpu0 = process_cpu()?;
     let start = Instant::now();
-    let mut vm = BareVm::with_irqchip(TINY_MEM_BYTES as usize, code, irqchip)?;
+    let mut vm = BareVm::with_irqchip(
+        usize::try_from(TINY_MEM_BYTES).expect("fits"),
+        code,
+        irqchip,
+    )?;
     let counts = vm.run_to_reset()?;
     drop(vm);
     let wall = start.elapsed();

@@ -47,7 +47,12 @@ impl ExitKind {
 /// `mov al, 0xfe; out 0x64, al`: the i8042 reset, then `hlt` forever (with an in-kernel irqchip
 /// and interrupts off the vCPU just parks in the host kernel).
 pub fn reset_then_halt() -> Vec<u8> {
-    let mut code = vec![0xb0, I8042_RESET, 0xe6, I8042_COMMAND_PORT as u8];
+    let mut code = vec![
+        0xb0,
+        I8042_RESET,
+        0xe6,
+        u8::try_from(I8042_COMMAND_PORT).expect("fits"),
+    ];
     code.extend(halt_forever());
     code
 }
@@ -81,7 +86,9 @@ pub fn exit_loop(kind: ExitKind, count: u32) -> Vec<u8> {
         code.extend([0xff, 0xc9]); // dec ecx
         code.extend([0x0f, 0x85]); // jnz rel32
         let after = code.len() + 4;
-        let rel = i32::try_from(top as i64 - after as i64).expect("loop body fits rel32");
+        let rel =
+            i32::try_from(i64::try_from(top).expect("fits") - i64::try_from(after).expect("fits"))
+                .expect("loop body fits rel32");
         code.extend(rel.to_le_bytes());
     }
     for _ in 0..count % UNROLL {

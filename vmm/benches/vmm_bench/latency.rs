@@ -78,7 +78,7 @@ impl GuestClock {
                 bail!("KVM_GET_MSRS read {n} of 1 MSRs");
             }
             let tsc = u128::from(msrs.as_slice()[0].data);
-            let guest_ns = (tsc * 1_000_000 / khz) as i128;
+            let guest_ns = i128::try_from(tsc * 1_000_000 / khz).expect("fits");
             let mid = i128::from(before / 2 + after / 2);
             let this = Self {
                 offset_ns: mid - guest_ns,
@@ -152,6 +152,8 @@ fn quantile(samples: &[f64], q: f64) -> f64 {
         return f64::NAN;
     }
     s.sort_by(f64::total_cmp);
+    // `q` is in [0, 1]: the rank is within the sample count.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
     s[rank - 1]
 }

@@ -94,7 +94,11 @@ pub fn vmm_first_exit(elf: &Path) -> Result<(Duration, Duration)> {
 pub fn bare_first_exit_with(irqchip: Irqchip) -> Result<Duration> {
     let code = guest::reset_then_halt();
     let start = Instant::now();
-    let mut vm = BareVm::with_irqchip(TINY_MEM_BYTES as usize, &code, irqchip)?;
+    let mut vm = BareVm::with_irqchip(
+        usize::try_from(TINY_MEM_BYTES).expect("fits"),
+        &code,
+        irqchip,
+    )?;
     vm.run_to_first_exit()?;
     Ok(start.elapsed())
 }

@@ -83,10 +83,12 @@ fn bare_thread(code: Vec<u8>) -> Result<BareThread> {
     let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
     let (release, release_rx) = mpsc::channel::<()>();
     let handle = std::thread::spawn(move || -> Result<()> {
-        let setup = BareVm::new(TINY_MEM_BYTES as usize, &code).and_then(|mut vm| {
-            vm.run_to_halt()?;
-            Ok(vm)
-        });
+        let setup = BareVm::new(usize::try_from(TINY_MEM_BYTES).expect("fits"), &code).and_then(
+            |mut vm| {
+                vm.run_to_halt()?;
+                Ok(vm)
+            },
+        );
         match setup {
             Ok(vm) => {
                 let _ = ready_tx.send(Ok(()));
@@ -146,7 +148,7 @@ fn in_process(scratch: &Scratch, k: usize) -> Result<Vec<Row>> {
 
     let bare_before = rss()?;
     let bare_vms = (0..k)
-        .map(|_| BareVm::new(TINY_MEM_BYTES as usize, &code))
+        .map(|_| BareVm::new(usize::try_from(TINY_MEM_BYTES).expect("fits"), &code))
         .collect::<Result<Vec<_>>>()?;
     let bare_built = rss()?;
     drop(bare_vms);

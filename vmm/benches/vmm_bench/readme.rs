@@ -109,7 +109,7 @@ fn target_text(target: Target, unit: &str) -> String {
 /// `YYYY-MM-DD` (UTC) of a Unix time.
 pub fn date(unix_time: u64) -> String {
     // Days to a civil date (proleptic Gregorian), after H. Hinnant's `civil_from_days`.
-    let z = (unix_time / 86_400) as i64 + 719_468;
+    let z = i64::try_from(unix_time / 86_400).unwrap_or(i64::MAX / 2) + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;

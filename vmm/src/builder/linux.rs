@@ -213,7 +213,7 @@ pub(super) fn assemble(
         let device = ProfilerDeviceConfig {
             shm_guest_base: PROFILER_REGION_GPA,
             shm_len: regions.guest.len() as u64,
-            vcpu_count: config.vcpus as u32,
+            vcpu_count: u32::try_from(config.vcpus).unwrap_or(u32::MAX),
             default_period_ns: u64::try_from(period.as_nanos()).unwrap_or(u64::MAX),
             host_region_id: regions.id,
             abi_version: (ABI_VERSION_MAJOR, ABI_VERSION_MINOR),

@@ -341,7 +341,13 @@ mod tests {
         l.start(at(0), 0);
         let n = MAX_ENTRIES as u64 + 10;
         for i in 0..n {
-            l.close(at(i + 1), i + 1, slot(i as u32 + 1, i + 1), true, false);
+            l.close(
+                at(i + 1),
+                i + 1,
+                slot(u32::try_from(i).expect("fits") + 1, i + 1),
+                true,
+                false,
+            );
         }
         let e = l.drain();
         assert_eq!(e.len(), MAX_ENTRIES);

@@ -160,7 +160,7 @@ impl ProfilerRegions {
         HostRegionLayout::new(vcpus, sizing.host_ring_records).map_err(RegionError::Abi)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let spec = PublishSpec {
             n: vm,
             name: label.map_or_else(|| name.clone(), str::to_string),

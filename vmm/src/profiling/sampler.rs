@@ -162,6 +162,8 @@ impl SampledVcpu {
             .map(|name| stats.as_ref().and_then(|s| s.index_of(name)));
         Self {
             probe: Arc::new(VcpuProbe {
+                // vCPU indexes are below `mptable::MAX_CPUS`.
+                #[allow(clippy::cast_possible_truncation)]
                 index: index as u32,
                 stats,
                 indexes,
@@ -274,9 +276,10 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
         return 0;
     }
-    (ts.tv_sec as u64)
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
         .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 /// The CPU-time clock of thread `tid` of this process (Linux's encoding of a per-thread
@@ -288,7 +291,8 @@ fn thread_cpu_clock(tid: i32) -> libc::clockid_t {
 /// Nanoseconds per clock tick of /proc's CPU times.
 fn tick_ns() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks_per_s =
+        u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1)).unwrap_or(1);
     1_000_000_000 / ticks_per_s
 }
 
@@ -407,7 +411,8 @@ impl VcpuState {
 
     /// The record of one ledger entry.
     fn record(&self, e: &Entry, now_ns: u64) -> HostSample {
-        let user = ((u128::from(e.sums.cpu_ns) * u128::from(self.user_share)) >> 16) as u64;
+        let user = u64::try_from((u128::from(e.sums.cpu_ns) * u128::from(self.user_share)) >> 16)
+            .unwrap_or(u64::MAX);
         let mut sample = HostSample {
             timestamp_ns: now_ns,
             vcpu: self.vcpu.probe.index,

@@ -207,7 +207,8 @@ impl SharingScanner {
         self.mappings.iter().find_map(|&(start, host, mlen)| {
             let off = gpa.checked_sub(start)?;
             let end = off.checked_add(len)?;
-            (end <= mlen as u64).then(|| (host + off as usize, len as usize))
+            let (off, size) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
+            (end <= mlen as u64).then(|| (host + off, size))
         })
     }
 

@@ -41,7 +41,8 @@ impl RegionSizing {
     /// is no more often for tasks worth profiling).
     pub fn for_run(vcpus: u32, tasks: Option<u32>, period_ns: u64) -> Self {
         let vcpus = u64::from(vcpus.max(1));
-        let ticks = (RETENTION.as_nanos() as u64 / period_ns.max(1)).clamp(MIN_TICKS, MAX_TICKS);
+        let ticks = (u64::try_from(RETENTION.as_nanos()).unwrap_or(u64::MAX) / period_ns.max(1))
+            .clamp(MIN_TICKS, MAX_TICKS);
         let per_vcpu = tasks.map_or(u64::from(ASSUMED_TASKS_PER_VCPU), |t| {
             u64::from(t).div_ceil(vcpus).min(63)
         });

@@ -57,8 +57,11 @@ impl Vm {
     pub fn new(kvm: &Arc<Kvm>, ram: GuestRam, irqchip: bool) -> Result<Self, VmError> {
         let kvm = kvm.clone();
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_tss_address(
+            usize::try_from(KVM_TSS_ADDR)
+                .map_err(|_| kvm_err("KVM_SET_TSS_ADDR")(kvm_ioctls::Error::new(libc::EINVAL)))?,
+        )
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         for (slot, region) in ram.memory().iter().enumerate() {
@@ -70,6 +73,8 @@ impl Vm {
                     source: kvm_ioctls::Error::new(libc::EFAULT),
                 })?;
             let slot_desc = kvm_userspace_memory_region {
+                // One slot per RAM range: a handful.
+                #[allow(clippy::cast_possible_truncation)]
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -154,7 +159,7 @@ impl Vm {
 
     /// Number of memory slots holding RAM (extra slots start after them).
     pub fn ram_slots(&self) -> u32 {
-        self.ram.ranges().len() as u32
+        u32::try_from(self.ram.ranges().len()).unwrap_or(u32::MAX)
     }
 
     /// True when `addr` is guest RAM.

@@ -97,7 +97,7 @@ fn requested_period_commits_on_the_last_byte() {
     wr_cfg(
         &mut dev,
         config::REQUESTED_PERIOD_NS,
-        &(ns as u32).to_le_bytes(),
+        &((ns & 0xffff_ffff) as u32).to_le_bytes(),
     );
     assert_eq!(dev.requested_period_ns(), None);
     assert_eq!(control.changes(), changes);

@@ -133,7 +133,7 @@ fn random_accesses_never_panic_and_keep_invariants() {
     ];
     for i in 0..50_000 {
         let value = rng.next();
-        let size = rng.below(9) as usize;
+        let size = usize::try_from(rng.below(9)).expect("fits");
         // Mostly registers and the config space, sometimes anywhere.
         let offset = match rng.below(10) {
             0..=3 => rng.below(0x40) * 4,
@@ -149,7 +149,8 @@ fn random_accesses_never_panic_and_keep_invariants() {
             6..=11 => dev.write(offset, &value.to_le_bytes()[..size]),
             // Walk the status machine and negotiate so deeper states are hit.
             12 => {
-                let step = driver_steps[rng.below(driver_steps.len() as u64) as usize];
+                let step = driver_steps
+                    [usize::try_from(rng.below(driver_steps.len() as u64)).expect("fits")];
                 wr32(&mut dev, regs::STATUS, u32::from(step));
             }
             13 => {
@@ -166,7 +167,7 @@ fn random_accesses_never_panic_and_keep_invariants() {
                 1 => dev.set_sampler_active(value & 1 != 0),
                 2 => dev.set_needs_reset(),
                 _ => {
-                    wr32(&mut dev, regs::INTERRUPT_ACK, value as u32);
+                    wr32(&mut dev, regs::INTERRUPT_ACK, (value & 0xffff_ffff) as u32);
                 }
             },
         }

@@ -82,7 +82,7 @@ fn wr_cfg(dev: &mut ProfilerDevice, offset: usize, data: &[u8]) {
 
 fn write_driver_features(dev: &mut ProfilerDevice, features: u64) {
     wr32(dev, regs::DRIVER_FEATURES_SEL, 0);
-    wr32(dev, regs::DRIVER_FEATURES, features as u32);
+    wr32(dev, regs::DRIVER_FEATURES, (features & 0xffff_ffff) as u32);
     wr32(dev, regs::DRIVER_FEATURES_SEL, 1);
     wr32(dev, regs::DRIVER_FEATURES, (features >> 32) as u32);
 }
@@ -99,7 +99,7 @@ fn negotiate(dev: &mut ProfilerDevice, features: u64) -> u8 {
         regs::STATUS,
         u32::from(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK),
     );
-    rd32(dev, regs::STATUS) as u8
+    (rd32(dev, regs::STATUS) & 0xff) as u8
 }
 
 /// Negotiates every offered feature and sets DRIVER_OK.

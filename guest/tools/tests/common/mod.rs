@@ -82,7 +82,8 @@ impl TestRegion {
     /// Byte offset of the ring slot that holds sequence `seq`.
     pub fn slot_offset(&self, seq: u64) -> usize {
         let slots = &self.layout.ring.slots;
-        slots.offset + (seq % u64::from(slots.capacity)) as usize * slots.stride
+        slots.offset
+            + usize::try_from(seq % u64::from(slots.capacity)).expect("fits") * slots.stride
     }
 
     /// Overwrites the 8-byte word at byte offset `at` (8-aligned).

@@ -73,7 +73,7 @@ impl Rng {
 pub fn guest_sample_for(seq: u64) -> GuestSample {
     GuestSample {
         timestamp_ns: seq.wrapping_mul(1_000_003),
-        task_id: seq as u32,
+        task_id: (seq & 0xffff_ffff) as u32,
         pid: (seq >> 32) as u32 ^ 0x5a5a,
         min_flt: seq,
         maj_flt: !seq,
@@ -88,7 +88,7 @@ pub fn guest_sample_for(seq: u64) -> GuestSample {
 pub fn host_sample_for(seq: u64) -> HostSample {
     HostSample {
         timestamp_ns: seq.wrapping_mul(999_983),
-        task_id: seq as u32,
+        task_id: (seq & 0xffff_ffff) as u32,
         pid: (seq >> 32) as u32,
         vcpu: (seq % 4) as u32,
         attr_flags: (seq % 8) as u32,
@@ -102,7 +102,7 @@ pub fn host_sample_for(seq: u64) -> HostSample {
         vcpu_stime_ns: seq.wrapping_add(7),
         guest_switch_count: !seq,
         slot_flags: (seq % 3) as u32,
-        switches: (seq >> 3) as u32,
+        switches: ((seq >> 3) & 0xffff_ffff) as u32,
     }
 }
 

@@ -98,17 +98,19 @@ impl Synthetic {
         let mut hw = h.ring_writer().expect("ring");
         for (i, (id, pid, name)) in self.tasks.iter().enumerate() {
             let i = i as u64;
-            if (i as u32) < self.vcpus {
-                g.vcpu_writer(i as u32).expect("slot").switch_to(
-                    &CurrentTask {
-                        task_id: *id,
-                        pid: *pid,
-                        tgid: *pid,
-                        flags: 0,
-                        comm: comm_from(name.as_bytes()),
-                    },
-                    now,
-                );
+            if u32::try_from(i).expect("fits") < self.vcpus {
+                g.vcpu_writer(u32::try_from(i).expect("fits"))
+                    .expect("slot")
+                    .switch_to(
+                        &CurrentTask {
+                            task_id: *id,
+                            pid: *pid,
+                            tgid: *pid,
+                            flags: 0,
+                            comm: comm_from(name.as_bytes()),
+                        },
+                        now,
+                    );
             }
             gw.push(&GuestSample {
                 timestamp_ns: now,
@@ -118,7 +120,7 @@ impl Synthetic {
                 maj_flt: k * i,
                 utime_ns: k * self.period_ns / 4,
                 stime_ns: k * self.period_ns / 4,
-                cpu: i as u32,
+                cpu: u32::try_from(i).expect("fits"),
                 flags: 0,
             });
         }

@@ -61,18 +61,18 @@ pub fn build_zero_page(info: &BootInfo, ram: &[(u64, u64)]) -> boot_params {
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = info.cmdline_len as u32;
+    params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_ADDR).unwrap_or(u32::MAX);
+    params.hdr.cmdline_size = u32::try_from(info.cmdline_len).unwrap_or(u32::MAX);
     if let Some((addr, size)) = info.initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = (addr & 0xffff_ffff) as u32;
+        params.hdr.ramdisk_size = (size & 0xffff_ffff) as u32;
         params.ext_ramdisk_image = (addr >> 32) as u32;
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
     let map = e820_map(ram);
     let n = map.len().min(params.e820_table.len());
     params.e820_table[..n].copy_from_slice(&map[..n]);
-    params.e820_entries = n as u8;
+    params.e820_entries = u8::try_from(n).unwrap_or(u8::MAX);
     params
 }
 
@@ -128,7 +128,12 @@ mod tests {
         );
         assert_eq!(
             (ptr, size, img, rd),
-            (CMDLINE_ADDR as u32, 42, 0x3f00_0000, 0x10_0000)
+            (
+                u32::try_from(CMDLINE_ADDR).expect("fits"),
+                42,
+                0x3f00_0000,
+                0x10_0000
+            )
         );
         let (flag, magic, loader, entries) = (
             p.hdr.boot_flag,

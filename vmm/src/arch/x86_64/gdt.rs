@@ -39,6 +39,8 @@ const TSS64_BUSY: u16 = 0x008b; // present, 64-bit TSS (busy)
 
 /// The table as it is written to guest memory.
 pub fn gdt_entries() -> [u64; 8] {
+    // A fixed address below 1 MiB.
+    #[allow(clippy::cast_possible_truncation)]
     let tss = descriptor(TSS64_BUSY, TSS_ADDR as u32, TSS_LIMIT);
     [
         0,
@@ -55,7 +57,7 @@ pub fn gdt_entries() -> [u64; 8] {
 /// Decodes a descriptor into the segment form KVM takes, for selector `selector`.
 pub fn segment_from_descriptor(entry: u64, selector: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
-    let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    let raw_limit = (((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) & 0xf_ffff) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {
         (raw_limit << 12) | 0xfff
@@ -93,13 +95,15 @@ pub fn write_gdt_and_tss(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMe
     }
     let mut tss = [0u8; TSS_LIMIT as usize + 1];
     // I/O map base beyond the limit: no bitmap, so IOPL alone governs port access.
+    // The TSS limit is 0x67.
+    #[allow(clippy::cast_possible_truncation)]
     tss[0x66..0x68].copy_from_slice(&((TSS_LIMIT as u16) + 1).to_le_bytes());
     mem.write_slice(&tss, GuestAddress(TSS_ADDR))
 }
 
 /// Limit of the GDT (bytes - 1) for `GDTR`.
 pub fn gdt_limit() -> u16 {
-    (gdt_entries().len() * 8 - 1) as u16
+    u16::try_from(gdt_entries().len() * 8 - 1).unwrap_or(u16::MAX)
 }
 
 #[cfg(test)]

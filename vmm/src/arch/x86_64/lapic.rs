@@ -60,7 +60,7 @@ pub fn get_reg(state: &kvm_lapic_state, offset: usize) -> Result<u32, LapicError
     let mut bytes = [0u8; REG_SIZE];
     for (dst, src) in bytes.iter_mut().zip(&state.regs[range]) {
         // `regs` is declared as `c_char`; reinterpret each byte as unsigned.
-        *dst = *src as u8;
+        *dst = src.to_ne_bytes()[0];
     }
     Ok(u32::from_le_bytes(bytes))
 }
@@ -69,7 +69,7 @@ pub fn get_reg(state: &kvm_lapic_state, offset: usize) -> Result<u32, LapicError
 pub fn set_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) -> Result<(), LapicError> {
     let range = reg_range(offset)?;
     for (dst, src) in state.regs[range].iter_mut().zip(value.to_le_bytes()) {
-        *dst = src as std::os::raw::c_char;
+        *dst = std::os::raw::c_char::from_ne_bytes([src]);
     }
     Ok(())
 }
@@ -115,9 +115,9 @@ mod tests {
         let mut state = kvm_lapic_state::default();
         set_reg(&mut state, APIC_LVT_LINT0, 0x8001_0700).unwrap();
         assert_eq!(get_reg(&state, APIC_LVT_LINT0).unwrap(), 0x8001_0700);
-        assert_eq!(state.regs[APIC_LVT_LINT0] as u8, 0x00);
-        assert_eq!(state.regs[APIC_LVT_LINT0 + 1] as u8, 0x07);
-        assert_eq!(state.regs[APIC_LVT_LINT0 + 3] as u8, 0x80);
+        assert_eq!(state.regs[APIC_LVT_LINT0].to_ne_bytes()[0], 0x00);
+        assert_eq!(state.regs[APIC_LVT_LINT0 + 1].to_ne_bytes()[0], 0x07);
+        assert_eq!(state.regs[APIC_LVT_LINT0 + 3].to_ne_bytes()[0], 0x80);
         // Neighbouring registers are untouched.
         assert_eq!(get_reg(&state, APIC_LVT_LINT1).unwrap(), 0);
         assert_eq!(get_reg(&state, APIC_LVT_LINT0 - 16).unwrap(), 0);

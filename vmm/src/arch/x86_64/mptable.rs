@@ -57,9 +57,13 @@ const FIXED_LEN: usize = FLOATING_POINTER_LEN
     + SHORT_ENTRY_LEN // IOAPIC
     + NUM_ISA_IRQS as usize * SHORT_ENTRY_LEN
     + NUM_LOCAL_INT_ENTRIES * SHORT_ENTRY_LEN;
+// The MP table window is a few KiB below 1 MiB.
+#[allow(clippy::cast_possible_truncation)]
 const WINDOW_LEN: usize = (MPTABLE_END - MPTABLE_START) as usize;
 
 /// Largest number of vCPUs whose table fits in the window (40).
+// Asserted below 255.
+#[allow(clippy::cast_possible_truncation)]
 pub const MAX_CPUS: u8 = {
     let n = (WINDOW_LEN - FIXED_LEN) / PROCESSOR_ENTRY_LEN;
     assert!(n >= 8 && n < 255);
@@ -153,7 +157,9 @@ fn build_image(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     let table_addr = MPTABLE_START + FLOATING_POINTER_LEN as u64;
 
     let mut image = Vec::with_capacity(WINDOW_LEN);
-    image.extend_from_slice(&build_floating_pointer(table_addr as u32));
+    image.extend_from_slice(&build_floating_pointer(
+        u32::try_from(table_addr).unwrap_or(u32::MAX),
+    ));
     image.extend_from_slice(&table);
     // Checked by MAX_CPUS; kept as a guard so a layout change cannot silently overflow.
     if image.len() > WINDOW_LEN {
@@ -256,6 +262,7 @@ fn build_config_table(num_cpus: u8) -> Vec<u8> {
 
     let entries = entries.0;
     // At most MAX_CPUS * 20 + fixed entries, well below u16::MAX.
+    #[allow(clippy::cast_possible_truncation)]
     let base_len = (HEADER_LEN + entries.len()) as u16;
     let mut table = Writer(Vec::with_capacity(usize::from(base_len)));
     table.bytes(b"PCMP");
