@@ -5,12 +5,10 @@
 //! per task agree. Sampled mode's error is printed beside it (the bench measures it).
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::kvm_available;
-use mirrorball_workload::{AccessStream, Pattern, PAGE_BYTES};
+use common::{distinct_pages, kvm_available};
 use vmm::builder::workload;
 use vmm::profiling::sampler::AttributionMode;
 use vmm::report::RunReport;
@@ -20,17 +18,6 @@ use vmm::workload::TaskSpec;
 /// Faults every task may be off by besides the 1 %: the pages of its page bitmap and of the
 /// guest page tables it walks first, and what the vCPU thread itself touches at a switch.
 const CONSTANT_FAULTS: u64 = 16;
-
-/// Distinct pages task `t` touches over its whole run (the VMM picks the seeds).
-fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
-    let pattern = Pattern::from_raw(t.pattern).expect("pattern");
-    let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
-    let mut pages = BTreeSet::new();
-    for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
-        pages.insert(stream.next_offset() % t.region_bytes / PAGE_BYTES);
-    }
-    pages.len() as u64
-}
 
 /// Runs `specs` on `vcpus` vCPUs at the default rate (20 Hz) in `mode`.
 fn run(specs: &[TaskSpec], vcpus: usize, mode: AttributionMode) -> RunReport {

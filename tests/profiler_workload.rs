@@ -4,18 +4,16 @@
 //! guest's own minor faults (first touches of its pages) agree with the host's.
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::kvm_available;
+use common::{distinct_pages, kvm_available};
 use mirrorball_profiler_abi::{
     comm_bytes, validate_guest_region, validate_host_region, GuestSample, HostSample, Poll,
     RingView, SAMPLE_EXITED, TASK_UNREGISTERED,
 };
-use mirrorball_workload::{AccessStream, Pattern, PAGE_BYTES};
 use vmm::builder::workload;
 use vmm::profiling::regions::ProfilerRegions;
 use vmm::report::RunReport;
@@ -205,18 +203,6 @@ fn counts_split_between_tasks_that_share_a_vcpu() {
         attributed <= vcpu_total + 64,
         "attributed {attributed} > vCPU total {vcpu_total}"
     );
-}
-
-/// Distinct pages the task of `plan.tasks[task]` touches over its whole run: the guest's streams
-/// are deterministic (the VMM picks the seeds), so the host can replay them.
-fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
-    let pattern = Pattern::from_raw(t.pattern).expect("pattern");
-    let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
-    let mut pages = BTreeSet::new();
-    for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
-        pages.insert(stream.next_offset() % t.region_bytes / PAGE_BYTES);
-    }
-    pages.len() as u64
 }
 
 #[test]

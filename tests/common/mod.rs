@@ -171,3 +171,16 @@ pub fn skip_or_fail(test: &str, why: &str) {
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
+
+/// Distinct pages an OS-less task with parameters `t` touches over its whole run: the guest's
+/// streams are deterministic (the VMM picks the seeds), so the host can replay them.
+pub fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
+    use mirrorball_workload::{AccessStream, Pattern, PAGE_BYTES};
+    let pattern = Pattern::from_raw(t.pattern).expect("pattern");
+    let mut stream = AccessStream::new(pattern, t.region_bytes, t.seed);
+    let mut pages = std::collections::BTreeSet::new();
+    for _ in 0..t.accesses_per_iteration * u64::from(t.iterations) {
+        pages.insert(stream.next_offset() % t.region_bytes / PAGE_BYTES);
+    }
+    u64::try_from(pages.len()).expect("fits")
+}
