@@ -17,7 +17,6 @@ use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging,
 use crate::devices::{add_profiler_device, LegacyDevices};
 use crate::host::HostContext;
 use crate::loader::{self, DEFAULT_CMDLINE};
-use crate::profiling::sampler::{AttributionMode, TaskSwitches};
 use crate::profiling::sharing::SharingScanner;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
@@ -25,8 +24,8 @@ use crate::vstate::vm::Vm;
 
 use super::platform::{MmioSlot, PlatformAllocator};
 use super::{
-    check_vcpus, configure_cpuid, publish_profiler_regions, sampled_vcpus, BuildError, BuiltVm,
-    Guest, Profiling, RegionRequest, VmResources,
+    check_vcpus, configure_cpuid, publish_profiler_regions, BuildError, BuiltVm, Guest, Profiling,
+    RegionRequest, VmResources,
 };
 
 /// Default guest RAM for Linux.
@@ -241,18 +240,10 @@ pub(super) fn assemble(
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
     let profiling = profiler.map(|(regions, period, control)| {
-        let sampled = sampled_vcpus(&mut vcpus, &regions);
+        let p = Profiling::new(regions, &mut vcpus, period, Some(control.clone()));
         // The driver announces task switches through the device's switch doorbell.
-        let switches = Arc::new(TaskSwitches::new(&sampled));
-        control.set_switch_sink(switches.clone());
-        Profiling {
-            regions,
-            vcpus: sampled,
-            period,
-            control: Some(control),
-            switches,
-            attribution: AttributionMode::default(),
-        }
+        control.set_switch_sink(p.switches.clone());
+        p
     });
     Ok(BuiltVm {
         name: resources.name,

@@ -293,6 +293,27 @@ pub struct Profiling {
 }
 
 impl Profiling {
+    /// The profiler of a VM whose guest region is in `regions`: the sampler's hooks wired into
+    /// every vCPU and the sink that takes the task switches the guest announces (the caller
+    /// connects it to what receives the announcements: the device or the workload doorbell).
+    pub(crate) fn new(
+        regions: Arc<ProfilerRegions>,
+        vcpus: &mut [Vcpu],
+        period: Duration,
+        control: Option<Arc<mirrorball_devices::ProfilerControl>>,
+    ) -> Self {
+        let sampled = sampled_vcpus(vcpus, &regions);
+        let switches = Arc::new(crate::profiling::sampler::TaskSwitches::new(&sampled));
+        Self {
+            regions,
+            vcpus: sampled,
+            period,
+            control,
+            switches,
+            attribution: crate::profiling::sampler::AttributionMode::default(),
+        }
+    }
+
     /// Chooses how per-task figures are attributed (before the VM runs).
     pub fn set_attribution(&mut self, mode: crate::profiling::sampler::AttributionMode) {
         self.attribution = mode;

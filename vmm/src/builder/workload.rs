@@ -10,7 +10,6 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
-use crate::profiling::sampler::{AttributionMode, TaskSwitches};
 use crate::profiling::sharing::{AccountedRange, SharingScanner};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
@@ -19,8 +18,8 @@ use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadLayout, WorkloadMo
 
 use super::platform::PlatformAllocator;
 use super::{
-    check_vcpus, configure_cpuid, publish_profiler_regions, sampled_vcpus, BuildError, BuiltVm,
-    Guest, Profiling, RegionRequest, VmResources, MAX_VCPUS,
+    check_vcpus, configure_cpuid, publish_profiler_regions, BuildError, BuiltVm, Guest, Profiling,
+    RegionRequest, VmResources, MAX_VCPUS,
 };
 
 /// The OS-less workload: its tasks, on how many vCPUs, in how much RAM.
@@ -208,19 +207,12 @@ pub(super) fn assemble(
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
     let profiling = regions.map(|regions| {
-        let sampled = sampled_vcpus(&mut vcpus, &regions);
+        let period = config.profile_period.unwrap_or_default();
+        let p = Profiling::new(regions, &mut vcpus, period, None);
         // The guest's per-iteration doorbell is its task switch: it rings after a task's turn,
         // before the next task names itself in the slot.
-        let switches = Arc::new(TaskSwitches::new(&sampled));
-        monitor.set_switch_sink(switches.clone());
-        Profiling {
-            regions,
-            vcpus: sampled,
-            period: config.profile_period.unwrap_or_default(),
-            control: None,
-            switches,
-            attribution: AttributionMode::default(),
-        }
+        monitor.set_switch_sink(p.switches.clone());
+        p
     });
     Ok(BuiltVm {
         name: resources.name,
