@@ -99,6 +99,31 @@ fn reference_kernel_reaches_user_space_on_2_vcpus() {
     );
 }
 
+/// Two clones of one template in one `vmm` (issue 7) both reach user space, each with its own
+/// console log, and share pages of the template.
+#[test]
+fn two_linux_clones_reach_user_space() {
+    let Some(bed) = bed("two_linux_clones_reach_user_space") else {
+        return;
+    };
+    bed.assert_passed("fleet");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read("fleet", "stats.json")).expect("stats.json");
+    for i in 0..2 {
+        let log = bed.read("fleet", &format!("logs/vm{i}.log"));
+        assert!(log.contains("MIRRORBALL-INIT-OK"), "vm{i}: {log}");
+        let vm = &stats["vms"][i];
+        assert_eq!(vm["name"], format!("vm{i}"));
+        assert_eq!(vm["end"]["kind"], "guest_reset", "vm{i}: {}", vm["end"]);
+        assert_eq!(vm["memory"]["cloned"], true);
+        assert!(
+            vm["memory"]["total"]["shared"].as_u64().unwrap_or(0) > 0,
+            "vm{i}: {}",
+            vm["memory"]
+        );
+    }
+}
+
 /// `poweroff -f` in a guest without ACPI halts every CPU with interrupts off; the VMM sees it
 /// and exits 0 (it used to wait forever).
 #[test]

@@ -48,6 +48,15 @@ test_linux2() {
 		[ "$(cat boot.rc)" = 0 ]
 }
 
+# 2a. Two Linux clones of one template in one vmm (issue 7), each to user space.
+test_fleet() {
+	vmm --vms 2 --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --log-dir logs \
+		--stats stats.json --timeout 90 </dev/null >out.txt 2>err.txt
+	rc=$?
+	cat err.txt
+	[ $rc = 0 ] && grep -q MIRRORBALL-INIT-OK logs/vm0.log && grep -q MIRRORBALL-INIT-OK logs/vm1.log
+}
+
 # 2b. A guest that powers off (no ACPI: Linux halts its CPUs with interrupts
 # off) ends the VM with exit code 0.
 test_poweroff() {

@@ -75,12 +75,13 @@ impl LegacyDevices {
         })
     }
 
-    /// The exit handler over these devices' buses.
-    pub fn exit_handler(&self) -> Arc<BusExits> {
-        Arc::new(BusExits {
+    /// The exit handler over these devices' buses; it ends the VM on the i8042's CPU reset.
+    pub fn exit_handler(&self) -> Result<Arc<BusExits>, DeviceError> {
+        Ok(Arc::new(BusExits {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
-        })
+            reset: Some(self.reset_evt.try_clone().map_err(DeviceError::EventFd)?),
+        }))
     }
 }
 
@@ -110,6 +111,10 @@ pub struct BusExits {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
+    /// The i8042's reset eventfd (non-blocking), if the VM has one: a port write that pulsed
+    /// the reset line ends the VM right there, on the vCPU thread, before the guest runs on (a
+    /// Linux guest whose reset did not take effect falls back to a triple fault).
+    reset: Option<EventFd>,
 }
 
 impl BusExits {
@@ -118,6 +123,7 @@ impl BusExits {
         Self {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
+            reset: None,
         }
     }
 
@@ -138,6 +144,11 @@ impl ExitHandler for BusExits {
 
     fn io_out(&self, _: usize, port: u16, data: &[u8]) -> VcpuAction {
         self.pio.write(u64::from(port), data);
+        let i8042 = (I8042_PORT_BASE..I8042_PORT_BASE + I8042_PORT_LEN).contains(&u64::from(port));
+        // A read of 0 (EAGAIN) means no reset; the event loop's watcher sees nothing either.
+        if i8042 && self.reset.as_ref().is_some_and(|r| r.read().is_ok()) {
+            return VcpuAction::StopVm(crate::exit::VmEnd::GuestReset);
+        }
         VcpuAction::Continue
     }
 

@@ -42,6 +42,8 @@ impl ConsoleCounters {
 #[derive(Debug, Default)]
 struct State {
     buf: VecDeque<u8>,
+    /// Bytes the drain thread took from `buf` and has not written yet.
+    in_flight: usize,
     closed: bool,
 }
 
@@ -143,13 +145,31 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
             }
             batch.clear();
             batch.extend(state.buf.drain(..));
+            state.in_flight = batch.len();
         }
-        let result = out.write_all(&batch).and_then(|()| out.flush());
-        let counter = match result {
-            Ok(()) => &shared.counters.written,
-            Err(_) => &shared.counters.dropped,
-        };
-        counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // Counted as it goes: what reached `out` is written, the rest of a failed batch dropped.
+        let mut done = 0;
+        while done < batch.len() {
+            match out.write(&batch[done..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    done += n;
+                    shared.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.lock().in_flight = batch.len() - done;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if done == batch.len() {
+            let _ = out.flush();
+        }
+        let lost = batch.len() - done;
+        shared
+            .counters
+            .dropped
+            .fetch_add(lost as u64, Ordering::Relaxed);
+        shared.lock().in_flight = 0;
     }
 }
 
@@ -181,7 +201,10 @@ impl ConsoleDrain {
                 last_progress = Instant::now();
             } else if last_progress.elapsed() >= idle {
                 // Left blocked in `write`; the bytes it still holds are lost.
-                let pending = self.pending_bytes() as u64;
+                let pending = {
+                    let state = self.shared.lock();
+                    (state.buf.len() + state.in_flight) as u64
+                };
                 self.shared
                     .counters
                     .dropped

@@ -222,7 +222,7 @@ pub(super) fn assemble(
     }
     let (console_out, console) = resources.console.open()?;
     let devices = LegacyDevices::new(&vm, console_out, mmio)?;
-    let exits = devices.exit_handler();
+    let exits = devices.exit_handler()?;
     let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
     let mut vcpus = Vec::with_capacity(config.vcpus);
     for index in 0..config.vcpus {
