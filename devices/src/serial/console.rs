@@ -154,7 +154,10 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
                 Ok(0) => break,
                 Ok(n) => {
                     done += n;
-                    shared.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+                    shared
+                        .counters
+                        .written
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     shared.lock().in_flight = batch.len() - done;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
