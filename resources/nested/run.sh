@@ -251,6 +251,13 @@ while kill -0 "$qemu" 2>/dev/null; do
     kill "$qemu" 2>/dev/null || true
     break
   fi
+  # An L1 kernel that panicked or locked up (seen now and then under QEMU's emulated SVM on a
+  # loaded machine) will not finish: stop now; tests/nested retries such a boot once.
+  if [[ -f $OUT/console.log ]] && grep -aq 'Kernel panic\|BUG: soft lockup' "$OUT/console.log"; then
+    log "the L1 kernel failed (panic or soft lockup; see $OUT/console.log); stopping QEMU"
+    kill "$qemu" 2>/dev/null || true
+    break
+  fi
   # Echo the markers as they come (progress for a person watching).
   if [[ -f $OUT/console.log ]]; then
     n=$(grep -c '^NESTED-' "$OUT/console.log" || true)
