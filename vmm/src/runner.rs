@@ -63,11 +63,6 @@ pub fn start(vcpus: Vec<Vcpu>, control: Arc<VmControl>) -> Result<RunningVcpus, 
 }
 
 impl RunningVcpus {
-    /// The shared control block.
-    pub fn control(&self) -> &Arc<VmControl> {
-        &self.control
-    }
-
     /// When the vCPUs started.
     pub fn started(&self) -> Instant {
         self.started

@@ -14,7 +14,7 @@
 //! measured by the `sharing` bench group (per sample per GiB).
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -109,7 +109,7 @@ pub struct SharingScanner {
     private_mapping: bool,
     ranges: Vec<AccountedRange>,
     buf: Vec<u64>,
-    latest: Arc<Mutex<SharingReport>>,
+    latest: SharingReport,
 }
 
 impl SharingScanner {
@@ -143,7 +143,7 @@ impl SharingScanner {
             private_mapping: ram.is_private(),
             ranges,
             buf: Vec::new(),
-            latest: Arc::new(Mutex::new(latest)),
+            latest,
         }
     }
 
@@ -190,17 +190,9 @@ impl SharingScanner {
         }
     }
 
-    /// The latest report, shared with readers.
-    pub fn latest(&self) -> Arc<Mutex<SharingReport>> {
-        self.latest.clone()
-    }
-
     /// A copy of the latest report.
     pub fn report(&self) -> SharingReport {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.latest.clone()
     }
 
     fn host_range(&self, gpa: u64, len: u64) -> Option<(usize, usize)> {
@@ -272,7 +264,7 @@ impl SharingScanner {
             };
             per_range.push(counts);
         }
-        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let latest = &mut self.latest;
         latest.cow_breaks += total.private.saturating_sub(latest.total.private);
         latest.total = total;
         for (report, counts) in latest.ranges.iter_mut().zip(per_range) {
@@ -281,7 +273,6 @@ impl SharingScanner {
         }
         latest.scans += 1;
         let report = latest.clone();
-        drop(latest);
         self.publish(&report);
         self.last_cost = started.elapsed();
         Ok(report)
