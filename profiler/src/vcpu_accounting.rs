@@ -174,6 +174,7 @@ impl VcpuAccounting {
             involuntary_switches: usage.involuntary_switches,
             kvm_stats,
             errors,
+            stopped_at: None,
         }
     }
 }
@@ -213,6 +214,39 @@ pub struct VcpuReport {
     /// Snapshots that failed in `finish`; their fields above are zero/empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Where the vCPU was when it stopped (filled by the VMM; absent when it could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<StoppedAt>,
+}
+
+/// A vCPU's state when its thread stopped: says where a guest that hung (a timeout) was stuck.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoppedAt {
+    /// Guest RIP.
+    pub rip: u64,
+    /// Guest RFLAGS.
+    pub rflags: u64,
+    /// `KVM_GET_MP_STATE` (0 runnable, 1 uninitialized, 2 init received, 3 halted, …).
+    pub mp_state: u32,
+}
+
+impl std::fmt::Display for StoppedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.mp_state {
+            0 => "running",
+            1 => "waiting for INIT/SIPI",
+            2 => "INIT received",
+            3 => "halted",
+            4 => "SIPI received",
+            _ => "other",
+        };
+        let interrupts = if self.rflags & (1 << 9) != 0 {
+            "on"
+        } else {
+            "off"
+        };
+        write!(f, "rip {:#x}, {state}, interrupts {interrupts}", self.rip)
+    }
 }
 
 #[cfg(test)]

@@ -50,11 +50,21 @@ test_linux2() {
 
 # 2a. Two Linux clones of one template in one vmm (issue 7), each to user space.
 test_fleet() {
-	vmm --vms 2 --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --log-dir logs \
-		--stats stats.json --timeout 90 </dev/null >out.txt 2>err.txt
-	rc=$?
-	cat err.txt
-	[ $rc = 0 ] && grep -q MIRRORBALL-INIT-OK logs/vm0.log && grep -q MIRRORBALL-INIT-OK logs/vm1.log
+	for attempt in 1 2; do
+		rm -rf logs
+		vmm --vms 2 --kernel $G/bzImage --initrd $G/initramfs.cpio --cmdline "$CMD" --log-dir logs \
+			--stats stats.json --timeout 90 </dev/null >out.txt 2>err.txt
+		rc=$?
+		cat err.txt
+		[ $rc = 0 ] && grep -q MIRRORBALL-INIT-OK logs/vm0.log && grep -q MIRRORBALL-INIT-OK logs/vm1.log &&
+			return 0
+		# Seen once in CI (not reproduced in 10 runs here): one of the two L2 kernels hung early
+		# in boot under L1's emulated SVM. The first attempt's files stay in attempt1/ and
+		# the Rust test prints them; a second failure fails the test.
+		for f in logs/*.log; do echo "--- $f (last lines)"; tail -n 20 "$f"; done
+		[ $attempt = 1 ] && mkdir -p attempt1 && cp -a logs err.txt stats.json attempt1/ 2>/dev/null
+	done
+	return 1
 }
 
 # 2b. A guest that powers off (no ACPI: Linux halts its CPUs with interrupts

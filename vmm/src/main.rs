@@ -185,7 +185,10 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
     }
     let code = fleet::summary::exit_code(&results);
     match results.as_slice() {
-        [Ok(report)] => eprintln!("vmm: {} (exit code {code})", report.end_reason),
+        [Ok(report)] => {
+            eprint!("{}", fleet::summary::where_vcpus_stopped(report, "vmm: "));
+            eprintln!("vmm: {} (exit code {code})", report.end_reason);
+        }
         [Err((_, e))] => return Err(anyhow::anyhow!("{e}")),
         _ => {
             eprint!("{}", fleet::summary::table(&results));

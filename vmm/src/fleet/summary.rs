@@ -6,7 +6,7 @@
 //! table says which VM ended how). A VM that could not be built or started counts as code 1.
 use std::fmt::Write as _;
 
-use crate::exit::EXIT_VMM_ERROR;
+use crate::exit::{VmEnd, EXIT_VMM_ERROR};
 use crate::report::RunReport;
 use crate::runner::RunError;
 use crate::workload::seconds;
@@ -37,6 +37,21 @@ pub fn exit_code(results: &[VmResult]) -> i32 {
     }
 }
 
+/// For a VM that timed out (a guest that hung, most likely): one line per vCPU saying where it
+/// stopped, each starting with `prefix`; empty for other ends.
+pub fn where_vcpus_stopped(report: &RunReport, prefix: &str) -> String {
+    if !matches!(report.end_reason, VmEnd::Timeout { .. }) {
+        return String::new();
+    }
+    let mut out = String::new();
+    for vcpu in &report.vcpus {
+        if let Some(at) = &vcpu.stopped_at {
+            let _ = writeln!(out, "{prefix}vCPU {} stopped at {at}", vcpu.index);
+        }
+    }
+    out
+}
+
 /// The closing per-VM table.
 pub fn table(results: &[VmResult]) -> String {
     let mut out = String::new();
@@ -64,6 +79,10 @@ pub fn table(results: &[VmResult]) -> String {
                     pages(|m| m.cow_breaks),
                     report.end_reason
                 );
+                out.push_str(&where_vcpus_stopped(
+                    report,
+                    &format!("  {}: ", report.name),
+                ));
             }
             Err((name, e)) => {
                 let _ = writeln!(
@@ -80,7 +99,7 @@ pub fn table(results: &[VmResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::VmEnd;
+    use mirrorball_profiler::vcpu_accounting::{StoppedAt, VcpuReport};
 
     fn ended(end: VmEnd) -> VmResult {
         Ok(RunReport {
@@ -120,5 +139,30 @@ mod tests {
         ]);
         assert_eq!(t.lines().count(), 3, "{t}");
         assert!(t.contains("refused: bad kernel"), "{t}");
+    }
+
+    #[test]
+    fn a_timed_out_vm_says_where_each_vcpu_stopped() {
+        let with_vcpu = |end: VmEnd| {
+            let mut r = ended(end).expect("a report");
+            r.vcpus.push(VcpuReport {
+                index: 0,
+                stopped_at: Some(StoppedAt {
+                    rip: 0xffff_ffff_8100_1234,
+                    rflags: 0x202,
+                    mp_state: 3,
+                }),
+                ..Default::default()
+            });
+            r
+        };
+        let hung = with_vcpu(VmEnd::Timeout { seconds: 90.0 });
+        assert_eq!(
+            where_vcpus_stopped(&hung, "vm1: "),
+            "vm1: vCPU 0 stopped at rip 0xffffffff81001234, halted, interrupts on\n"
+        );
+        assert!(table(&[Ok(hung)]).contains("  vm: vCPU 0 stopped at rip 0xffffffff81001234"));
+        let fine = with_vcpu(VmEnd::WorkloadFinished);
+        assert_eq!(where_vcpus_stopped(&fine, ""), "");
     }
 }

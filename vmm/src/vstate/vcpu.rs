@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mirrorball_profiler::exits::ExitKind;
 use mirrorball_profiler::kvm_stats::StatsFd;
-use mirrorball_profiler::vcpu_accounting::{VcpuAccounting, VcpuReport};
+use mirrorball_profiler::vcpu_accounting::{StoppedAt, VcpuAccounting, VcpuReport};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -202,7 +202,19 @@ impl Vcpu {
             hook();
         }
         self.control.vcpu_stopped();
-        acct.finish()
+        let mut report = acct.finish();
+        report.stopped_at = self.stopped_at();
+        report
+    }
+
+    fn stopped_at(&self) -> Option<StoppedAt> {
+        let regs = self.fd.get_regs().ok()?;
+        let mp = self.fd.get_mp_state().ok()?;
+        Some(StoppedAt {
+            rip: regs.rip,
+            rflags: regs.rflags,
+            mp_state: mp.mp_state,
+        })
     }
 
     fn run_once(&mut self) -> (ExitKind, VcpuAction) {
