@@ -122,6 +122,13 @@ fn clones_share_what_they_read_and_copy_what_they_write() {
                     "{share} vm{i} task {t}: every clone reads what the host replay reads"
                 );
                 let (shared, private) = (shared.unwrap_or(0), private.unwrap_or(0));
+                // The breaks the sampler charged to the task in the host ring (what `vmm top`,
+                // `record` and `prometheus` show) are exactly the scan's for its region.
+                assert_eq!(
+                    task["host"]["cow_breaks"].as_u64(),
+                    Some(private),
+                    "{share} vm{i} task {t}: {task}"
+                );
                 let region = if t == 0 { 2048 } else { 1024 };
                 match (share, t) {
                     // A reader maps the template's pages and copies none: those it touched and

@@ -62,7 +62,7 @@ typedef uint64_t mb_u64;
 
 /* Readers reject another major version and accept any minor version of their major. */
 #define MB_ABI_VERSION_MAJOR 1
-#define MB_ABI_VERSION_MINOR 2
+#define MB_ABI_VERSION_MINOR 3
 /* "MBGR" and "MBHR" as little-endian u32. */
 #define MB_GUEST_MAGIC 0x5247424dU
 #define MB_HOST_MAGIC 0x5248424dU
@@ -108,6 +108,7 @@ typedef uint64_t mb_u64;
 #define MB_ATTR_EXACT 0x8           /* minor 1: only the attributed task ran in the intervals */
 #define MB_ATTR_AT_SWITCH 0x10      /* minor 1: intervals closed at announced task switches */
 #define MB_ATTR_MERGED 0x20         /* minor 1: excess tasks of one tick, attributed to none */
+#define MB_ATTR_MEMORY 0x40         /* minor 3: a memory record: only cow_breaks is set */
 #define MB_MEM_CLONED 0x1          /* minor 2, struct mb_mem_sharing.flags: RAM cloned from a template */
 
 /* ---- Headers --------------------------------------------------------------------------- */
@@ -239,7 +240,8 @@ struct mb_host_sample {
 	mb_u64 guest_switch_count; /* the vCPU slot's switch_count as read (guest-claimed) */
 	mb_u32 slot_flags;        /* minor 1: the slot's MB_VCPU_* flags of the attributed task */
 	mb_u32 switches;          /* minor 1: announced switches that closed these intervals */
-	mb_u64 reserved[2];
+	mb_u64 cow_breaks;        /* minor 3: copy-on-write breaks (MB_ATTR_MEMORY records) */
+	mb_u64 reserved;
 };
 
 /* ---- Layout checks (kept identical to the Rust definitions by the Rust tests) ---------- */
@@ -442,7 +444,9 @@ _Static_assert(offsetof(struct mb_host_sample, slot_flags) == 104, "struct mb_ho
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->slot_flags) == 4, "struct mb_host_sample.slot_flags size");
 _Static_assert(offsetof(struct mb_host_sample, switches) == 108, "struct mb_host_sample.switches");
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->switches) == 4, "struct mb_host_sample.switches size");
-_Static_assert(offsetof(struct mb_host_sample, reserved) == 112, "struct mb_host_sample.reserved");
-_Static_assert(sizeof(((const struct mb_host_sample *)0)->reserved) == 16, "struct mb_host_sample.reserved size");
+_Static_assert(offsetof(struct mb_host_sample, cow_breaks) == 112, "struct mb_host_sample.cow_breaks");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->cow_breaks) == 8, "struct mb_host_sample.cow_breaks size");
+_Static_assert(offsetof(struct mb_host_sample, reserved) == 120, "struct mb_host_sample.reserved");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->reserved) == 8, "struct mb_host_sample.reserved size");
 
 #endif /* MIRRORBALL_ABI_H */

@@ -86,7 +86,8 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
         Some(p) => {
             device_control = p.control.clone();
             let regions = p.regions.clone();
-            match Sampler::spawn(p.regions, p.vcpus, p.period, p.control, p.attribution) {
+            let cow = sharing.cow_charges();
+            match Sampler::spawn(p.regions, p.vcpus, p.period, p.control, p.attribution, cow) {
                 Ok(s) => Some((s, regions)),
                 Err(e) => {
                     let (_, _) = running.stop(VmEnd::VmmError(format!(

@@ -14,7 +14,7 @@ abi_consts! {
     /// ABI major version: readers reject any other major version.
     pub const ABI_VERSION_MAJOR: u16 = 1 => "MB_ABI_VERSION_MAJOR";
     /// ABI minor version written by this crate; readers accept any minor version of their major.
-    pub const ABI_VERSION_MINOR: u16 = 2 => "MB_ABI_VERSION_MINOR";
+    pub const ABI_VERSION_MINOR: u16 = 3 => "MB_ABI_VERSION_MINOR";
     /// Magic of the guest region: the bytes `"MBGR"` (little-endian `u32`).
     pub const GUEST_MAGIC: u32 = 0x5247_424d => "MB_GUEST_MAGIC";
     /// Magic of the host region: the bytes `"MBHR"` (little-endian `u32`).
@@ -79,6 +79,10 @@ abi_consts! {
     pub const ATTR_MERGED: u32 = 0x20 => "MB_ATTR_MERGED";
     /// [`MemSharing::flags`] (minor 2): the VM's RAM is a copy-on-write clone of a template.
     pub const MEM_CLONED: u64 = 0x1 => "MB_MEM_CLONED";
+    /// Host attribution flag (minor 3): a memory record. It carries only `cow_breaks` (the
+    /// copy-on-write breaks the VMM's sharing scan found in the attributed task's own memory
+    /// since that task's previous memory record); its other deltas and `interval_ns` are 0.
+    pub const ATTR_MEMORY: u32 = 0x40 => "MB_ATTR_MEMORY";
 }
 
 abi_struct! {
@@ -294,7 +298,7 @@ abi_struct! {
         /// vCPU index.
         pub vcpu: AtomicU32,
         /// [`ATTR_SLOT_VALID`], [`ATTR_SWITCHED`], [`ATTR_SLOT_BUSY`], [`ATTR_EXACT`],
-        /// [`ATTR_AT_SWITCH`], [`ATTR_MERGED`].
+        /// [`ATTR_AT_SWITCH`], [`ATTR_MERGED`], [`ATTR_MEMORY`].
         pub attr_flags: AtomicU32,
         /// Length of the interval the deltas cover, ns.
         pub interval_ns: AtomicU64,
@@ -319,8 +323,11 @@ abi_struct! {
         pub slot_flags: AtomicU32,
         /// Announced task switches that closed intervals summed in this record (minor 1).
         pub switches: AtomicU32,
+        /// Copy-on-write breaks charged to the task; non-zero only in [`ATTR_MEMORY`] records
+        /// (minor 3).
+        pub cow_breaks: AtomicU64,
         /// Reserved, 0.
-        pub reserved: [AtomicU64; 2],
+        pub reserved: AtomicU64,
     }
 }
 
@@ -385,4 +392,5 @@ const _: () = {
     assert!(offset_of!(HostSampleSlot, guest_switch_count) == 96);
     assert!(offset_of!(HostSampleSlot, slot_flags) == 104);
     assert!(offset_of!(HostSampleSlot, switches) == 108);
+    assert!(offset_of!(HostSampleSlot, cow_breaks) == 112);
 };

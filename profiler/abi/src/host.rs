@@ -235,9 +235,12 @@ impl Attribution {
 /// How a host record's figures were attributed, from its `attr_flags`: `"exact"` (only the
 /// attributed task ran in its intervals), `"sampled"` (charged to the task running when the
 /// interval closed, a switch may have gone unannounced), `"merged"` (too many tasks in one tick,
-/// charged to none) or `"unattributed"` (the vCPU slot could not be read).
+/// charged to none), `"memory"` (a memory record: copy-on-write breaks only, see
+/// [`ATTR_MEMORY`]) or `"unattributed"` (the vCPU slot could not be read).
 pub fn attribution_name(attr_flags: u32) -> &'static str {
-    if attr_flags & ATTR_MERGED != 0 {
+    if attr_flags & ATTR_MEMORY != 0 {
+        "memory"
+    } else if attr_flags & ATTR_MERGED != 0 {
         "merged"
     } else if attr_flags & ATTR_SLOT_VALID == 0 {
         "unattributed"

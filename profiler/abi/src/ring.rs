@@ -145,6 +145,8 @@ pub struct HostSample {
     pub slot_flags: u32,
     /// Announced task switches that closed intervals summed in this record.
     pub switches: u32,
+    /// Copy-on-write breaks charged to the task (memory records, `ATTR_MEMORY`).
+    pub cow_breaks: u64,
 }
 
 impl sealed::Sealed for HostSample {}
@@ -174,6 +176,7 @@ impl SampleRecord for HostSample {
         s.guest_switch_count.store(self.guest_switch_count, r);
         s.slot_flags.store(self.slot_flags, r);
         s.switches.store(self.switches, r);
+        s.cow_breaks.store(self.cow_breaks, r);
     }
 
     fn load(s: &HostSampleSlot) -> Self {
@@ -195,6 +198,7 @@ impl SampleRecord for HostSample {
             guest_switch_count: s.guest_switch_count.load(r),
             slot_flags: s.slot_flags.load(r),
             switches: s.switches.load(r),
+            cow_breaks: s.cow_breaks.load(r),
         }
     }
 }

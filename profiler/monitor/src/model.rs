@@ -149,6 +149,9 @@ pub struct HostTotals {
     pub samples: u64,
     /// Of those, samples attributed exactly (`ATTR_EXACT`: only this task ran in them).
     pub exact_samples: u64,
+    /// Copy-on-write breaks in the task's own memory (from memory records, `ATTR_MEMORY`;
+    /// those are not counted in `samples`).
+    pub cow_breaks: u64,
 }
 
 impl HostTotals {
@@ -164,6 +167,10 @@ impl HostTotals {
 
     /// Adds one host sample.
     pub fn add(&mut self, s: &HostSample) {
+        self.cow_breaks = self.cow_breaks.saturating_add(s.cow_breaks);
+        if s.attr_flags & mirrorball_profiler_abi::ATTR_MEMORY != 0 {
+            return;
+        }
         self.pf_taken = self.pf_taken.saturating_add(s.pf_taken);
         self.pf_fixed = self.pf_fixed.saturating_add(s.pf_fixed);
         self.exits = self.exits.saturating_add(s.exits);

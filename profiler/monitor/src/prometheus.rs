@@ -246,7 +246,7 @@ pub fn render(fleet: &Fleet) -> String {
 
     // Host figures charged to tasks.
     type HostPick = fn(&HostTotals) -> f64;
-    let host_task: [(&str, &str, HostPick); 3] = [
+    let host_task: [(&str, &str, HostPick); 4] = [
         (
             "mirrorball_task_kvm_pf_taken_total",
             "KVM pf_taken (EPT/MMU faults) of the vCPUs while the guest said this task ran.",
@@ -262,11 +262,21 @@ pub fn render(fleet: &Fleet) -> String {
             "Host CPU time of vCPU threads while the guest said this task ran.",
             |h| h.cpu_ns() as f64 / 1e9,
         ),
+        (
+            "mirrorball_task_cow_breaks_total",
+            "Copy-on-write breaks in the task's own memory (pages it made private), found by the \
+             VMM's sharing scan (tasks whose memory the VMM knows: the OS-less guest's).",
+            |h| h.cow_breaks as f64,
+        ),
     ];
     for (name, help, pick) in host_task {
         let mut f = Family::begin(&mut out, name, "counter", help);
         for (id, vm) in vms {
-            for t in vm.tasks.values().filter(|t| t.host.samples > 0) {
+            for t in vm
+                .tasks
+                .values()
+                .filter(|t| t.host.samples > 0 || t.host.cow_breaks > 0)
+            {
                 f.sample(name, &task_labels(id, t), pick(&t.host));
             }
         }

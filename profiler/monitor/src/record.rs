@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `meta` | (JSON lines only, first line) the VM | `vm`, `name`, `guest`, `vcpus`, `guest_period_ns`, `host_period_ns`, `started_unix_ms` |
 //! | `guest` | one guest sample: a task's ABSOLUTE counters (guest claims) | `vm`, `seq`, `read_ns`, `timestamp_ns` (guest clock), `task_id`, `pid`, `comm`, `cpu`, `flags`, `min_flt`, `maj_flt`, `utime_ns`, `stime_ns` |
-//! | `host` | one host sample: a vCPU's deltas over one interval | `vm`, `seq`, `read_ns`, `timestamp_ns` (host `CLOCK_MONOTONIC`), `task_id`, `pid`, `comm` (attributed task), `vcpu`, `attr_flags`, `interval_ns`, `pf_taken`, `pf_fixed`, `exits`, `host_min_flt`, `host_maj_flt`, `vcpu_utime_ns`, `vcpu_stime_ns`, `guest_switch_count`, `slot_flags`, `switches`, `attribution` (`exact`, `sampled`, `merged` or `unattributed`) |
+//! | `host` | one host sample: a vCPU's deltas over one interval | `vm`, `seq`, `read_ns`, `timestamp_ns` (host `CLOCK_MONOTONIC`), `task_id`, `pid`, `comm` (attributed task), `vcpu`, `attr_flags`, `interval_ns`, `pf_taken`, `pf_fixed`, `exits`, `host_min_flt`, `host_maj_flt`, `vcpu_utime_ns`, `vcpu_stime_ns`, `guest_switch_count`, `slot_flags`, `switches`, `attribution` (`exact`, `sampled`, `merged`, `memory` or `unattributed`), `cow_breaks` (memory records: copy-on-write breaks charged to the task) |
 //! | `lost` | records of a ring the recorder could not read | `vm`, `ring` (`guest`/`host`), `seq` (first lost), `count`, `read_ns` |
 //!
 //! Rows of one poll come as its `lost` rows, then its guest rows, then its host rows, each in

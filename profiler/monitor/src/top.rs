@@ -404,6 +404,9 @@ impl App {
                 if t.host.samples > 0 {
                     name.push_str(&format!(" [{}]", t.host.attribution()));
                 }
+                if t.host.cow_breaks > 0 {
+                    name.push_str(&format!(" CoW {}", t.host.cow_breaks));
+                }
                 cells = vec![
                     "task".into(),
                     idtext,

@@ -218,6 +218,49 @@ fn prometheus_exposition_once_and_served() {
 
 /// Issue 8 §5: ten clients that connect and say nothing do not delay a scrape (the old server
 /// gave each 2 s in turn), and a flood of connections is refused without growing the server.
+/// Copy-on-write breaks charged to a task (memory records) show in `top`'s task row and in the
+/// exposition, and do not count as host samples.
+#[test]
+fn cow_breaks_per_task_in_top_and_prometheus() {
+    let dir = temp_dir("cow");
+    let mut a = Synthetic::new(&dir, 0, 2, 2);
+    a.step();
+    a.cow(0, 7);
+    a.step();
+    a.cow(0, 5);
+    a.cow(1, 3);
+    let mut app = App::new(&dir, Duration::from_millis(500));
+    app.fleet.tick();
+    app.fleet.tick();
+    let id = a.vm.id();
+    let vm = &app.fleet.model.vms[&id];
+    let task = |name: &str| vm.tasks.values().find(|t| t.label() == name).unwrap();
+    assert_eq!(task("work-0").host.cow_breaks, 12);
+    assert_eq!(task("work-1").host.cow_breaks, 3);
+    assert_eq!(
+        task("work-0").host.samples,
+        2,
+        "memory records are not samples"
+    );
+    let text = screen(&mut app, 150, 30);
+    assert!(
+        text.contains("work-0 [exact] CoW 12") || text.contains("work-0 [sampled] CoW 12"),
+        "{text}"
+    );
+    let mut fleet = Fleet::new(&dir, ModelConfig::default());
+    fleet.refresh();
+    fleet.poll();
+    let exposition = prometheus::render(&fleet);
+    let line = format!(
+        "mirrorball_task_cow_breaks_total{{vm=\"{id}\",task_id=\"{}\",pid=\"200\",comm=\"work-0\"}} 12",
+        a.tasks[0].0
+    );
+    assert!(
+        exposition.lines().any(|l| l == line),
+        "missing {line:?} in:\n{exposition}"
+    );
+}
+
 #[test]
 fn idle_connections_do_not_delay_a_scrape() {
     let dir = temp_dir("prom-idle");

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{gdt, layout, paging, regs};
 use crate::devices::BusExits;
+use crate::profiling::cow_charges::RangeOwner;
 use crate::profiling::sharing::{AccountedRange, SharingScanner};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitHandler, Vcpu, VmControl};
@@ -130,12 +131,16 @@ pub(super) fn write_image(
 }
 
 /// The ranges the sharing accounting follows per task: its region.
-fn task_ranges(plan: &WorkloadLayout) -> Vec<AccountedRange> {
+fn task_ranges(plan: &WorkloadLayout, vcpus: usize) -> Vec<AccountedRange> {
     plan.tasks
         .iter()
         .enumerate()
         .map(|(index, t)| AccountedRange {
             index,
+            owner: Some(RangeOwner {
+                pid: u32::try_from(index + 1).unwrap_or(u32::MAX),
+                vcpu: u32::try_from(crate::workload::task_vcpu(index, vcpus)).unwrap_or(0),
+            }),
             gpa: t.region_gpa,
             len: t.region_bytes.div_ceil(4096) * 4096,
         })
@@ -155,7 +160,7 @@ pub(super) fn assemble(
     // This VM's own tasks: the template fixed where their regions are (and their data sets), not
     // what they do.
     let plan = config.layout()?;
-    let sharing = SharingScanner::new(&ram, task_ranges(&plan));
+    let sharing = SharingScanner::new(&ram, task_ranges(&plan, vcpu_count));
     let mem = ram.memory().clone();
     let mut vm = Vm::new(host.kvm(), ram, false)?;
     let mut platform = PlatformAllocator::new(vm.ram_slots());

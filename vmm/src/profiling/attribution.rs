@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use mirrorball_profiler_abi::{
-    validate_host_region, GuestRegionView, Poll, Region, ATTR_EXACT, ATTR_MERGED, ATTR_SLOT_VALID,
-    VCPU_IDLE,
+    validate_host_region, GuestRegionView, Poll, Region, ATTR_EXACT, ATTR_MEMORY, ATTR_MERGED,
+    ATTR_SLOT_VALID, VCPU_IDLE,
 };
 
 /// The key of [`totals_by_pid`] under which intervals with no task are summed: before the
@@ -30,6 +30,8 @@ pub struct TaskTotals {
     pub exact_samples: u64,
     /// Announced task switches that closed this task's intervals.
     pub switches: u64,
+    /// Copy-on-write breaks in the task's own memory (memory records; not counted in `samples`).
+    pub cow_breaks: u64,
 }
 
 impl TaskTotals {
@@ -68,6 +70,10 @@ pub fn totals_by_pid(host: Region<'_>) -> (BTreeMap<u32, TaskTotals>, u64) {
                 let t = totals
                     .entry(if no_task { NO_TASK } else { s.pid })
                     .or_default();
+                if s.attr_flags & ATTR_MEMORY != 0 {
+                    t.cow_breaks += s.cow_breaks;
+                    continue;
+                }
                 t.host_min_flt += s.host_min_flt;
                 t.host_maj_flt += s.host_maj_flt;
                 t.pf_taken += s.pf_taken;

@@ -2,6 +2,7 @@
 //! the run directory (`regions`), the host sampler that fills the host region (`sampler`), and
 //! the memory-sharing accounting of a VM's RAM against its template (`sharing`).
 pub mod attribution;
+pub mod cow_charges;
 pub mod ledger;
 pub mod regions;
 pub mod sampler;

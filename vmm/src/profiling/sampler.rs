@@ -13,8 +13,10 @@ use mirrorball_devices::{ProfilerControl, TaskSwitchSink};
 use mirrorball_profiler::kvm_stats::StatsFd;
 use mirrorball_profiler_abi::{
     validate_guest_region, Attribution, GuestRegionView, HostRegion, HostSample, ReadError,
+    TASK_NONE,
 };
 
+use super::cow_charges::CowCharges;
 use super::ledger::{Counters, Entry, Ledger};
 use super::regions::ProfilerRegions;
 
@@ -512,6 +514,7 @@ impl Sampler {
         period: Duration,
         control: Option<Arc<ProfilerControl>>,
         mode: AttributionMode,
+        cow: Arc<CowCharges>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(StopSignal::default());
         let flag = stop.clone();
@@ -519,7 +522,7 @@ impl Sampler {
         let handle = std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || {
-                let mut report = run(&regions, vcpus, period, control.as_deref(), &flag);
+                let mut report = run(&regions, vcpus, period, control.as_deref(), &cow, &flag);
                 report.attribution = mode;
                 report
             })?;
@@ -538,6 +541,7 @@ fn run(
     vcpus: Vec<SampledVcpu>,
     default_period: Duration,
     control: Option<&ProfilerControl>,
+    cow: &CowCharges,
     stop: &StopSignal,
 ) -> SamplerReport {
     let period_now = || {
@@ -567,6 +571,8 @@ fn run(
             user_share: 1 << 16,
         })
         .collect();
+    // Task-table index of each guest thread id seen in a record (names the owners of CoW breaks).
+    let mut task_of_pid: Vec<(u32, u32)> = Vec::new();
     let mut next = Instant::now() + period_now();
     loop {
         let stopping = stop.wait_until(next) || stop.requested();
@@ -597,9 +603,24 @@ fn run(
             drop(st);
             let now_ns = monotonic_ns();
             for e in &entries {
+                let a = &e.attribution;
+                if a.task_id != TASK_NONE && !task_of_pid.contains(&(a.pid, a.task_id)) {
+                    task_of_pid.retain(|&(pid, _)| pid != a.pid);
+                    task_of_pid.push((a.pid, a.task_id));
+                }
                 ring.push(&s.record(e, now_ns));
                 report.records += 1;
             }
+        }
+        let task_of = |pid| {
+            task_of_pid
+                .iter()
+                .find(|&&(p, _)| p == pid)
+                .map(|&(_, t)| t)
+        };
+        for record in cow.take_records(monotonic_ns(), stopping, task_of) {
+            ring.push(&record);
+            report.records += 1;
         }
         report.busy_ns += clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(tick_start);
         if stopping {
@@ -632,6 +653,7 @@ mod tests {
             Duration::from_secs(3600),
             None,
             AttributionMode::Exact,
+            Default::default(),
         )
         .expect("spawn");
         let (tx, rx) = std::sync::mpsc::channel();

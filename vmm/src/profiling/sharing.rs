@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::cow_charges::{CowCharges, RangeOwner};
 use crate::vstate::memory::GuestRam;
 
 const PAGE: usize = 4096;
@@ -56,6 +57,9 @@ impl PageCounts {
 pub struct AccountedRange {
     /// A label (the task index).
     pub index: usize,
+    /// The task whose writes break the range's sharing, if one owns it: its breaks are charged
+    /// to it in the host ring ([`CowCharges`]).
+    pub owner: Option<RangeOwner>,
     /// Guest-physical start.
     pub gpa: u64,
     /// Bytes.
@@ -110,6 +114,9 @@ pub struct SharingScanner {
     ranges: Vec<AccountedRange>,
     buf: Vec<u64>,
     latest: SharingReport,
+    charges: Arc<CowCharges>,
+    /// Index in `charges` of each range with an owner.
+    charge_index: Vec<Option<usize>>,
 }
 
 impl SharingScanner {
@@ -133,7 +140,20 @@ impl SharingScanner {
                 .collect(),
             ..Default::default()
         };
+        let owners: Vec<RangeOwner> = ranges.iter().filter_map(|r| r.owner).collect();
+        let mut next = 0;
+        let charge_index = ranges
+            .iter()
+            .map(|r| {
+                r.owner.map(|_| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
         Self {
+            charges: Arc::new(CowCharges::new(owners)),
+            charge_index,
             publish_to: None,
             period: Some(DEFAULT_SCAN_PERIOD),
             last_scan: None,
@@ -145,6 +165,11 @@ impl SharingScanner {
             buf: Vec::new(),
             latest,
         }
+    }
+
+    /// The copy-on-write breaks of owned ranges, for the sampler to write to the host ring.
+    pub fn cow_charges(&self) -> Arc<CowCharges> {
+        self.charges.clone()
     }
 
     /// Publishes every scan's figures in the host region of `regions`.
@@ -267,9 +292,18 @@ impl SharingScanner {
         let latest = &mut self.latest;
         latest.cow_breaks += total.private.saturating_sub(latest.total.private);
         latest.total = total;
-        for (report, counts) in latest.ranges.iter_mut().zip(per_range) {
-            report.cow_breaks += counts.private.saturating_sub(report.pages.private);
+        for ((report, counts), charge) in latest
+            .ranges
+            .iter_mut()
+            .zip(per_range)
+            .zip(&self.charge_index)
+        {
+            let breaks = counts.private.saturating_sub(report.pages.private);
+            report.cow_breaks += breaks;
             report.pages = counts;
+            if let (Some(i), true) = (charge, breaks > 0) {
+                self.charges.charge(*i, breaks);
+            }
         }
         latest.scans += 1;
         let report = latest.clone();
@@ -316,6 +350,7 @@ mod tests {
         let ram = GuestRam::clone_of(&template).expect("clone");
         let ranges = vec![AccountedRange {
             index: 0,
+            owner: None,
             gpa: 0,
             len: 64 * 4096,
         }];

@@ -103,6 +103,7 @@ pub fn host_sample_for(seq: u64) -> HostSample {
         guest_switch_count: !seq,
         slot_flags: (seq % 3) as u32,
         switches: ((seq >> 3) & 0xffff_ffff) as u32,
+        cow_breaks: seq.wrapping_add(8),
     }
 }
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use super::rows::{GuestRow, HostRow, LostRow, Row};
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 28] = [
+pub const CSV_COLUMNS: [&str; 29] = [
     "kind",
     "vm",
     "seq",
@@ -37,6 +37,7 @@ pub const CSV_COLUMNS: [&str; 28] = [
     "slot_flags",
     "switches",
     "attribution",
+    "cow_breaks",
 ];
 
 fn csv_field(out: &mut String, text: &str) {
@@ -119,6 +120,7 @@ const HOST_COLUMNS: &[Column<HostRow>] = columns!(HostRow {
     "slot_flags" => slot_flags,
     "switches" => switches,
     "attribution" => attribution,
+    "cow_breaks" => cow_breaks,
 });
 
 const LOST_COLUMNS: &[Column<LostRow>] = columns!(LostRow {
@@ -259,6 +261,7 @@ mod tests {
                 slot_flags: 2,
                 switches: 37,
                 attribution: "exact".into(),
+                cow_breaks: 38,
             }),
             Row::Lost(LostRow {
                 vm: "3-2".into(),
@@ -276,9 +279,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,\n",
-                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact\n",
-                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,\n",
+                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,,\n",
+                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact,38\n",
+                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,,\n",
             ]
         );
         let mut csv = CSV_COLUMNS.join(",") + "\n";

@@ -142,6 +142,9 @@ pub struct HostRow {
     /// How the figures were attributed (`attribution_name` of `attr_flags`).
     #[serde(default)]
     pub attribution: String,
+    /// Copy-on-write breaks charged to the task (memory records; ABI minor 3).
+    #[serde(default)]
+    pub cow_breaks: u64,
 }
 
 /// Records lost on one ring.
@@ -241,6 +244,7 @@ impl HostRow {
             slot_flags: s.slot_flags,
             switches: s.switches,
             attribution: mirrorball_profiler_abi::attribution_name(s.attr_flags).to_string(),
+            cow_breaks: s.cow_breaks,
         }
     }
 
@@ -263,6 +267,7 @@ impl HostRow {
             guest_switch_count: self.guest_switch_count,
             slot_flags: self.slot_flags,
             switches: self.switches,
+            cow_breaks: self.cow_breaks,
         }
     }
 }

@@ -141,4 +141,28 @@ impl Synthetic {
             hw.push(&s);
         }
     }
+
+    /// A memory record: `breaks` copy-on-write breaks charged to task `i` (as the VMM's sampler
+    /// writes them after a sharing scan).
+    pub fn cow(&mut self, i: usize, breaks: u64) {
+        let (id, pid, _) = self.tasks[i].clone();
+        let h = self.vm.host().expect("host");
+        let mut hw = h.ring_writer().expect("ring");
+        let mut s = HostSample {
+            timestamp_ns: T0 + self.tick * self.period_ns,
+            vcpu: 0,
+            cow_breaks: breaks,
+            ..HostSample::default()
+        };
+        s.set_attribution(&Attribution {
+            task_id: id,
+            pid,
+            attr_flags: mirrorball_profiler_abi::ATTR_SLOT_VALID
+                | mirrorball_profiler_abi::ATTR_EXACT
+                | mirrorball_profiler_abi::ATTR_MEMORY,
+            guest_switch_count: 0,
+            slot_flags: 0,
+        });
+        hw.push(&s);
+    }
 }
