@@ -518,3 +518,61 @@ fn linux_clones_boot_to_init_and_share_the_kernel() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vmm record` of a clone has the VM's memory at each sharing scan (`memory` rows) and the
+/// writer's copy-on-write breaks in its host rows (memory records), summing to exactly the pages
+/// it wrote.
+#[test]
+fn record_has_memory_rows_and_the_writers_cow_breaks() {
+    if !kvm_available("record_has_memory_rows_and_the_writers_cow_breaks") {
+        return;
+    }
+    let spec_text = "update 4 L 60000 10";
+    let spec: TaskSpec = spec_text.parse().expect("spec");
+    let plan = layout(std::slice::from_ref(&spec), 1).expect("layout");
+    let (pages, _) = replay(&spec, &plan.tasks[0]);
+    let dir = scratch("record-cow");
+    let run_dir = dir.join("run");
+    let out = dir.join("record.csv");
+    let recorder = std::process::Command::new(common::vmm_bin())
+        .args(["record", "--wait", "120", "--run-dir"])
+        .arg(&run_dir)
+        .arg("-o")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmm record");
+    let args = ["--vms", "1", "--share", "template", "--workload", spec_text];
+    let run_dir_text = run_dir.to_str().expect("utf-8");
+    let vm = run_vmm(
+        &[&args[..], &["--run-dir", run_dir_text]].concat(),
+        DEADLINE,
+    );
+    assert_eq!(vm.status.code(), Some(0), "{}", text(&vm.stderr));
+    let rec = recorder.wait_with_output().expect("recorder");
+    assert!(rec.status.success(), "{}", text(&rec.stderr));
+    let recording = mirrorball_monitor::record::read_record(&out).expect("record");
+    let memory: Vec<_> = recording
+        .rows
+        .iter()
+        .filter_map(|r| match r {
+            mirrorball_monitor::record::Row::Memory(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!memory.is_empty(), "no memory rows: {}", text(&rec.stderr));
+    let last = memory.last().expect("a memory row");
+    assert_eq!(last.flags, 1, "a clone: {last:?}");
+    assert!(last.ram_pages * 4096 >= plan.ram_bytes, "{last:?}");
+    assert!(last.private_pages >= pages, "{last:?}");
+    let charged: u64 = recording
+        .host()
+        .filter(|h| h.attribution == "memory" && h.pid == 1)
+        .map(|h| h.cow_breaks)
+        .sum();
+    assert_eq!(
+        charged, pages,
+        "the writer's breaks, charged to it in the host ring"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,7 @@
 //! | `guest` | one guest sample: a task's ABSOLUTE counters (guest claims) | `vm`, `seq`, `read_ns`, `timestamp_ns` (guest clock), `task_id`, `pid`, `comm`, `cpu`, `flags`, `min_flt`, `maj_flt`, `utime_ns`, `stime_ns` |
 //! | `host` | one host sample: a vCPU's deltas over one interval | `vm`, `seq`, `read_ns`, `timestamp_ns` (host `CLOCK_MONOTONIC`), `task_id`, `pid`, `comm` (attributed task), `vcpu`, `attr_flags`, `interval_ns`, `pf_taken`, `pf_fixed`, `exits`, `host_min_flt`, `host_maj_flt`, `vcpu_utime_ns`, `vcpu_stime_ns`, `guest_switch_count`, `slot_flags`, `switches`, `attribution` (`exact`, `sampled`, `merged`, `memory` or `unattributed`), `cow_breaks` (memory records: copy-on-write breaks charged to the task) |
 //! | `lost` | records of a ring the recorder could not read | `vm`, `ring` (`guest`/`host`), `seq` (first lost), `count`, `read_ns` |
+//! | `memory` | the VM's memory against its template at a sharing scan (each new scan seen) | `vm`, `read_ns`, `timestamp_ns` (the scan, host `CLOCK_MONOTONIC`), `flags` (1: a clone of a template), `ram_pages`, `shared_pages`, `private_pages`, `merged_pages`, `cow_breaks` (since the VM started) |
 //!
 //! Rows of one poll come as its `lost` rows, then its guest rows, then its host rows, each in
 //! sequence order (the two rings have different clocks; sort by `timestamp_ns` within a kind).
@@ -202,6 +203,8 @@ pub struct RecordSummary {
     pub lost_guest: u64,
     /// Host records lost.
     pub lost_host: u64,
+    /// Memory rows written (sharing scans seen).
+    pub memory: u64,
     /// Why it stopped.
     pub stopped: String,
     /// Why the guest region was invalid (only host samples were recorded), if it was.
@@ -212,9 +215,11 @@ impl std::fmt::Display for RecordSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "recorded {} guest and {} host samples of VM {} (lost {} guest, {} host); {}",
+            "recorded {} guest and {} host samples and {} memory scans of VM {} (lost {} guest, {} \
+             host); {}",
             self.guest,
             self.host,
+            self.memory,
             self.vm.map_or("?".into(), |v| v.to_string()),
             self.lost_guest,
             self.lost_host,
@@ -262,6 +267,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, 
             }))?;
         }
         let mut names = CommCache::default();
+        let mut last_scan = 0;
         loop {
             let status = vm.status();
             let batch = match vm.poll() {
@@ -275,6 +281,13 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<RecordSummary, 
                     _ => {}
                 }
                 w.write(&row)?;
+            }
+            if let Some(m) = vm.host_view().mem_sharing() {
+                if m.scanned_ns != last_scan {
+                    last_scan = m.scanned_ns;
+                    summary.memory += 1;
+                    w.write(&Row::Memory(MemoryRow::new(vm.id(), batch.read_ns, &m)))?;
+                }
             }
             summary.lost_guest += batch.lost_guest;
             summary.lost_host += batch.lost_host;

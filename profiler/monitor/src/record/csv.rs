@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use super::rows::{GuestRow, HostRow, LostRow, Row};
+use super::rows::{GuestRow, HostRow, LostRow, MemoryRow, Row};
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 29] = [
+pub const CSV_COLUMNS: [&str; 33] = [
     "kind",
     "vm",
     "seq",
@@ -38,6 +38,10 @@ pub const CSV_COLUMNS: [&str; 29] = [
     "switches",
     "attribution",
     "cow_breaks",
+    "ram_pages",
+    "shared_pages",
+    "private_pages",
+    "merged_pages",
 ];
 
 fn csv_field(out: &mut String, text: &str) {
@@ -123,6 +127,18 @@ const HOST_COLUMNS: &[Column<HostRow>] = columns!(HostRow {
     "cow_breaks" => cow_breaks,
 });
 
+const MEMORY_COLUMNS: &[Column<MemoryRow>] = columns!(MemoryRow {
+    "vm" => vm,
+    "read_ns" => read_ns,
+    "timestamp_ns" => timestamp_ns,
+    "flags" => flags,
+    "ram_pages" => ram_pages,
+    "shared_pages" => shared_pages,
+    "private_pages" => private_pages,
+    "merged_pages" => merged_pages,
+    "cow_breaks" => cow_breaks,
+});
+
 const LOST_COLUMNS: &[Column<LostRow>] = columns!(LostRow {
     "vm" => vm,
     "ring" => ring,
@@ -169,6 +185,7 @@ impl Row {
             Row::Guest(g) => csv_line("guest", g, GUEST_COLUMNS),
             Row::Host(h) => csv_line("host", h, HOST_COLUMNS),
             Row::Lost(l) => csv_line("lost", l, LOST_COLUMNS),
+            Row::Memory(m) => csv_line("memory", m, MEMORY_COLUMNS),
         }
     }
 }
@@ -210,6 +227,7 @@ pub(crate) fn row_from_csv(
         "guest" => Row::Guest(parse_columns(GUEST_COLUMNS, get)?),
         "host" => Row::Host(parse_columns(HOST_COLUMNS, get)?),
         "lost" => Row::Lost(parse_columns(LOST_COLUMNS, get)?),
+        "memory" => Row::Memory(parse_columns(MEMORY_COLUMNS, get)?),
         other => return Err(format!("unknown kind {other:?}")),
     })
 }
@@ -222,7 +240,7 @@ mod tests {
     use crate::record::parse_record;
 
     /// Rows with every field set, each to a different value.
-    fn full_rows() -> [Row; 3] {
+    fn full_rows() -> [Row; 4] {
         [
             Row::Guest(GuestRow {
                 vm: "1-0".into(),
@@ -270,6 +288,17 @@ mod tests {
                 count: 42,
                 read_ns: 43,
             }),
+            Row::Memory(MemoryRow {
+                vm: "4-0".into(),
+                read_ns: 51,
+                timestamp_ns: 52,
+                flags: 1,
+                ram_pages: 53,
+                shared_pages: 54,
+                private_pages: 55,
+                merged_pages: 56,
+                cow_breaks: 57,
+            }),
         ]
     }
 
@@ -279,9 +308,10 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,,\n",
-                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact,38\n",
-                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,,\n",
+                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,,,,,,\n",
+                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact,38,,,,\n",
+                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,,,,,,\n",
+                "memory,4-0,,51,52,,,,,1,,,,,,,,,,,,,,,,,,,57,53,54,55,56\n",
             ]
         );
         let mut csv = CSV_COLUMNS.join(",") + "\n";
@@ -293,10 +323,11 @@ mod tests {
 
     #[test]
     fn column_tables_name_csv_columns_once_and_cover_them() {
-        let tables: [Vec<&str>; 3] = [
+        let tables: [Vec<&str>; 4] = [
             GUEST_COLUMNS.iter().map(|c| c.name).collect(),
             HOST_COLUMNS.iter().map(|c| c.name).collect(),
             LOST_COLUMNS.iter().map(|c| c.name).collect(),
+            MEMORY_COLUMNS.iter().map(|c| c.name).collect(),
         ];
         for table in &tables {
             for (i, name) in table.iter().enumerate() {

@@ -7,7 +7,7 @@ use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use mirrorball_profiler_abi::{GuestSample, HostSample, SeqRecord};
+use mirrorball_profiler_abi::{GuestSample, HostSample, MemSharingFigures, SeqRecord};
 use serde::{Deserialize, Serialize};
 
 use super::csv::{row_from_csv, split_csv, CSV_COLUMNS};
@@ -167,6 +167,56 @@ pub struct LostRow {
     pub read_ns: u64,
 }
 
+/// The VM's memory against its template at one sharing scan (the host region's
+/// `mb_mem_sharing`), written when a new scan is seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRow {
+    /// `PID-N`.
+    #[serde(default)]
+    pub vm: String,
+    /// When the recorder read it (host monotonic ns).
+    #[serde(default)]
+    pub read_ns: u64,
+    /// When the VMM scanned (host monotonic ns).
+    #[serde(default)]
+    pub timestamp_ns: u64,
+    /// 1 when the VM's RAM is a copy-on-write clone of a template.
+    #[serde(default)]
+    pub flags: u32,
+    /// Guest RAM, pages.
+    #[serde(default)]
+    pub ram_pages: u64,
+    /// Pages that map the template's.
+    #[serde(default)]
+    pub shared_pages: u64,
+    /// Pages of the VM's own.
+    #[serde(default)]
+    pub private_pages: u64,
+    /// Private pages KSM merged.
+    #[serde(default)]
+    pub merged_pages: u64,
+    /// Copy-on-write breaks since the VM started.
+    #[serde(default)]
+    pub cow_breaks: u64,
+}
+
+impl MemoryRow {
+    /// A row from the figures of one scan.
+    pub fn new(vm: VmId, read_ns: u64, m: &MemSharingFigures) -> Self {
+        Self {
+            vm: vm.to_string(),
+            read_ns,
+            timestamp_ns: m.scanned_ns,
+            flags: u32::from(m.cloned),
+            ram_pages: m.ram_pages,
+            shared_pages: m.shared_pages,
+            private_pages: m.private_pages,
+            merged_pages: m.merged_pages,
+            cow_breaks: m.cow_breaks,
+        }
+    }
+}
+
 /// One line of a record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -179,6 +229,8 @@ pub enum Row {
     Host(HostRow),
     /// A gap.
     Lost(LostRow),
+    /// The VM's memory sharing at a scan.
+    Memory(MemoryRow),
 }
 
 impl GuestRow {
