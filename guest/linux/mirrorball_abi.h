@@ -241,7 +241,7 @@ struct mb_host_sample {
 	mb_u32 slot_flags;        /* minor 1: the slot's MB_VCPU_* flags of the attributed task */
 	mb_u32 switches;          /* minor 1: announced switches that closed these intervals */
 	mb_u64 cow_breaks;        /* minor 3: copy-on-write breaks (MB_ATTR_MEMORY records) */
-	mb_u64 reserved;
+	mb_u64 vcpu_wait_ns;      /* minor 3: vCPU thread's host run-queue wait (steal), delta */
 };
 
 /* ---- Layout checks (kept identical to the Rust definitions by the Rust tests) ---------- */
@@ -446,7 +446,7 @@ _Static_assert(offsetof(struct mb_host_sample, switches) == 108, "struct mb_host
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->switches) == 4, "struct mb_host_sample.switches size");
 _Static_assert(offsetof(struct mb_host_sample, cow_breaks) == 112, "struct mb_host_sample.cow_breaks");
 _Static_assert(sizeof(((const struct mb_host_sample *)0)->cow_breaks) == 8, "struct mb_host_sample.cow_breaks size");
-_Static_assert(offsetof(struct mb_host_sample, reserved) == 120, "struct mb_host_sample.reserved");
-_Static_assert(sizeof(((const struct mb_host_sample *)0)->reserved) == 8, "struct mb_host_sample.reserved size");
+_Static_assert(offsetof(struct mb_host_sample, vcpu_wait_ns) == 120, "struct mb_host_sample.vcpu_wait_ns");
+_Static_assert(sizeof(((const struct mb_host_sample *)0)->vcpu_wait_ns) == 8, "struct mb_host_sample.vcpu_wait_ns size");
 
 #endif /* MIRRORBALL_ABI_H */

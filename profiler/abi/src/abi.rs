@@ -326,8 +326,9 @@ abi_struct! {
         /// Copy-on-write breaks charged to the task; non-zero only in [`ATTR_MEMORY`] records
         /// (minor 3).
         pub cow_breaks: AtomicU64,
-        /// Reserved, 0.
-        pub reserved: AtomicU64,
+        /// Delta of the time the vCPU thread waited on a host run queue (runnable, not
+        /// running: steal as the guest sees it), ns (minor 3; 0 when unknown).
+        pub vcpu_wait_ns: AtomicU64,
     }
 }
 
@@ -393,4 +394,5 @@ const _: () = {
     assert!(offset_of!(HostSampleSlot, slot_flags) == 104);
     assert!(offset_of!(HostSampleSlot, switches) == 108);
     assert!(offset_of!(HostSampleSlot, cow_breaks) == 112);
+    assert!(offset_of!(HostSampleSlot, vcpu_wait_ns) == 120);
 };

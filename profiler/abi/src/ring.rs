@@ -147,6 +147,8 @@ pub struct HostSample {
     pub switches: u32,
     /// Copy-on-write breaks charged to the task (memory records, `ATTR_MEMORY`).
     pub cow_breaks: u64,
+    /// Host run-queue wait of the vCPU thread (steal), ns (delta).
+    pub vcpu_wait_ns: u64,
 }
 
 impl sealed::Sealed for HostSample {}
@@ -177,6 +179,7 @@ impl SampleRecord for HostSample {
         s.slot_flags.store(self.slot_flags, r);
         s.switches.store(self.switches, r);
         s.cow_breaks.store(self.cow_breaks, r);
+        s.vcpu_wait_ns.store(self.vcpu_wait_ns, r);
     }
 
     fn load(s: &HostSampleSlot) -> Self {
@@ -199,6 +202,7 @@ impl SampleRecord for HostSample {
             slot_flags: s.slot_flags.load(r),
             switches: s.switches.load(r),
             cow_breaks: s.cow_breaks.load(r),
+            vcpu_wait_ns: s.vcpu_wait_ns.load(r),
         }
     }
 }

@@ -143,6 +143,8 @@ pub struct HostTotals {
     pub utime_ns: u64,
     /// vCPU-thread system time, ns.
     pub stime_ns: u64,
+    /// vCPU-thread host run-queue wait (steal), ns.
+    pub wait_ns: u64,
     /// Interval covered, ns.
     pub interval_ns: u64,
     /// Samples summed.
@@ -178,6 +180,7 @@ impl HostTotals {
         self.host_maj_flt = self.host_maj_flt.saturating_add(s.host_maj_flt);
         self.utime_ns = self.utime_ns.saturating_add(s.vcpu_utime_ns);
         self.stime_ns = self.stime_ns.saturating_add(s.vcpu_stime_ns);
+        self.wait_ns = self.wait_ns.saturating_add(s.vcpu_wait_ns);
         self.interval_ns = self.interval_ns.saturating_add(s.interval_ns);
         self.samples = self.samples.saturating_add(1);
         if s.attr_flags & mirrorball_profiler_abi::ATTR_EXACT != 0 {

@@ -246,7 +246,7 @@ pub fn render(fleet: &Fleet) -> String {
 
     // Host figures charged to tasks.
     type HostPick = fn(&HostTotals) -> f64;
-    let host_task: [(&str, &str, HostPick); 4] = [
+    let host_task: [(&str, &str, HostPick); 5] = [
         (
             "mirrorball_task_kvm_pf_taken_total",
             "KVM pf_taken (EPT/MMU faults) of the vCPUs while the guest said this task ran.",
@@ -261,6 +261,12 @@ pub fn render(fleet: &Fleet) -> String {
             "mirrorball_task_vcpu_cpu_seconds_total",
             "Host CPU time of vCPU threads while the guest said this task ran.",
             |h| h.cpu_ns() as f64 / 1e9,
+        ),
+        (
+            "mirrorball_task_vcpu_wait_seconds_total",
+            "Time vCPU threads waited on a host run queue (steal) while the guest said this task \
+             ran.",
+            |h| h.wait_ns as f64 / 1e9,
         ),
         (
             "mirrorball_task_cow_breaks_total",

@@ -24,6 +24,12 @@ pub struct TaskTotals {
     pub exits: u64,
     /// vCPU-thread CPU time, ns.
     pub vcpu_cpu_ns: u64,
+    /// Host wall time of the intervals charged (the time the task held its vCPU, as the guest's
+    /// own clock sees it), ns.
+    pub vcpu_wall_ns: u64,
+    /// Of that, time the vCPU thread waited on a host run queue (steal), ns: with
+    /// `vcpu_cpu_ns` it makes up the wall time a busy task held its vCPU.
+    pub vcpu_wait_ns: u64,
     /// Samples attributed.
     pub samples: u64,
     /// Of those, records attributed exactly (every interval in them ran only this task).
@@ -79,6 +85,8 @@ pub fn totals_by_pid(host: Region<'_>) -> (BTreeMap<u32, TaskTotals>, u64) {
                 t.pf_taken += s.pf_taken;
                 t.exits += s.exits;
                 t.vcpu_cpu_ns += s.vcpu_utime_ns + s.vcpu_stime_ns;
+                t.vcpu_wall_ns += s.interval_ns;
+                t.vcpu_wait_ns += s.vcpu_wait_ns;
                 t.samples += 1;
                 t.exact_samples += u64::from(s.attr_flags & ATTR_EXACT != 0);
                 t.switches += u64::from(s.switches);

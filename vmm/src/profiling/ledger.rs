@@ -30,6 +30,9 @@ pub struct Counters {
     pub pf_fixed: u64,
     /// KVM `exits`.
     pub exits: u64,
+    /// Time the vCPU thread waited on a host run queue (runnable, not running), ns: the steal
+    /// the guest's clock sees and the thread's CPU time does not.
+    pub wait_ns: u64,
 }
 
 impl Counters {
@@ -42,6 +45,7 @@ impl Counters {
             pf_taken: self.pf_taken.saturating_sub(earlier.pf_taken),
             pf_fixed: self.pf_fixed.saturating_sub(earlier.pf_fixed),
             exits: self.exits.saturating_sub(earlier.exits),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
         }
     }
 
@@ -52,6 +56,7 @@ impl Counters {
         self.pf_taken = self.pf_taken.saturating_add(d.pf_taken);
         self.pf_fixed = self.pf_fixed.saturating_add(d.pf_fixed);
         self.exits = self.exits.saturating_add(d.exits);
+        self.wait_ns = self.wait_ns.saturating_add(d.wait_ns);
     }
 }
 

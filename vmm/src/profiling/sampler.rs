@@ -75,6 +75,9 @@ struct ProbeState {
     ledger: Ledger,
     stats_buf: Vec<u64>,
     last_kvm: [u64; 3],
+    /// The vCPU thread's `schedstat`, kept open (by thread id), and the last wait read.
+    schedstat: Option<(i32, std::fs::File)>,
+    last_wait_ns: u64,
 }
 
 impl VcpuProbe {
@@ -99,10 +102,35 @@ impl VcpuProbe {
         values
     }
 
+    /// The run-queue wait of thread `tid` so far, ns (`/proc/self/task/<tid>/schedstat`, second
+    /// field); the last value read if the read fails.
+    fn read_wait(st: &mut ProbeState, tid: i32) -> u64 {
+        use std::os::unix::fs::FileExt;
+        if tid <= 0 {
+            return st.last_wait_ns;
+        }
+        if st.schedstat.as_ref().map(|(t, _)| *t) != Some(tid) {
+            st.schedstat = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat"))
+                .ok()
+                .map(|f| (tid, f));
+        }
+        let mut buf = [0u8; 96];
+        let wait = st.schedstat.as_ref().and_then(|(_, f)| {
+            let n = f.read_at(&mut buf, 0).ok()?;
+            parse_schedstat_wait(std::str::from_utf8(buf.get(..n)?).ok()?)
+        });
+        if let Some(w) = wait {
+            st.last_wait_ns = w;
+        }
+        st.last_wait_ns
+    }
+
     /// The vCPU's counters, read on the vCPU thread itself.
     fn own_counters(&self, st: &mut ProbeState) -> Counters {
         let kvm = self.read_kvm(st);
         let (min_flt, maj_flt) = own_faults();
+        // SAFETY: gettid has no preconditions.
+        let wait_ns = Self::read_wait(st, unsafe { libc::gettid() });
         Counters {
             min_flt,
             maj_flt,
@@ -110,6 +138,7 @@ impl VcpuProbe {
             pf_taken: kvm[0],
             pf_fixed: kvm[1],
             exits: kvm[2],
+            wait_ns,
         }
     }
 
@@ -175,6 +204,8 @@ impl SampledVcpu {
                     ledger: Ledger::default(),
                     stats_buf: Vec::new(),
                     last_kvm: [0; 3],
+                    schedstat: None,
+                    last_wait_ns: 0,
                 }),
                 announced: AtomicU64::new(0),
             }),
@@ -311,6 +342,11 @@ pub struct ThreadCounters {
     pub stime_ns: u64,
 }
 
+/// The run-queue wait (second field, ns) of a `schedstat` line: `cpu_ns wait_ns timeslices`.
+pub fn parse_schedstat_wait(line: &str) -> Option<u64> {
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Parses the fields we use out of a `/proc/<pid>/task/<tid>/stat` line.
 pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
     // The command name is in parentheses and may contain anything, even ") ".
@@ -401,6 +437,7 @@ impl VcpuState {
         }
         self.last_split = Some((thread.utime_ns, thread.stime_ns));
         let kvm = probe.read_kvm(st);
+        let wait_ns = VcpuProbe::read_wait(st, tid);
         Some(Counters {
             min_flt: thread.min_flt,
             maj_flt: thread.maj_flt,
@@ -408,6 +445,7 @@ impl VcpuState {
             pf_taken: kvm[0],
             pf_fixed: kvm[1],
             exits: kvm[2],
+            wait_ns,
         })
     }
 
@@ -426,6 +464,7 @@ impl VcpuState {
             host_maj_flt: e.sums.maj_flt,
             vcpu_utime_ns: user,
             vcpu_stime_ns: e.sums.cpu_ns.saturating_sub(user),
+            vcpu_wait_ns: e.sums.wait_ns,
             switches: e.switches,
             ..Default::default()
         };
@@ -674,6 +713,19 @@ mod tests {
         assert_eq!((c.utime_ns, c.stime_ns), (3_000_000_000, 4_000_000_000));
         assert_eq!(parse_task_stat("garbage", 1), None);
         assert_eq!(parse_task_stat("1 (x) R 1 2", 1), None);
+    }
+
+    #[test]
+    fn schedstat_wait_is_its_second_field() {
+        assert_eq!(parse_schedstat_wait("1505128 2086811 2\n"), Some(2_086_811));
+        assert_eq!(parse_schedstat_wait("1505128"), None);
+        assert_eq!(parse_schedstat_wait("a b c"), None);
+        // This thread's own, as the probe reads it.
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let line =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).expect("schedstat");
+        assert!(parse_schedstat_wait(&line).is_some(), "{line}");
     }
 
     #[test]

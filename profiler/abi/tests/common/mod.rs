@@ -104,6 +104,7 @@ pub fn host_sample_for(seq: u64) -> HostSample {
         slot_flags: (seq % 3) as u32,
         switches: ((seq >> 3) & 0xffff_ffff) as u32,
         cow_breaks: seq.wrapping_add(8),
+        vcpu_wait_ns: seq.wrapping_add(9),
     }
 }
 

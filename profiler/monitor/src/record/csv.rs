@@ -8,7 +8,7 @@ use std::str::FromStr;
 use super::rows::{GuestRow, HostRow, LostRow, MemoryRow, Row};
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 33] = [
+pub const CSV_COLUMNS: [&str; 34] = [
     "kind",
     "vm",
     "seq",
@@ -42,6 +42,7 @@ pub const CSV_COLUMNS: [&str; 33] = [
     "shared_pages",
     "private_pages",
     "merged_pages",
+    "vcpu_wait_ns",
 ];
 
 fn csv_field(out: &mut String, text: &str) {
@@ -125,6 +126,7 @@ const HOST_COLUMNS: &[Column<HostRow>] = columns!(HostRow {
     "switches" => switches,
     "attribution" => attribution,
     "cow_breaks" => cow_breaks,
+    "vcpu_wait_ns" => vcpu_wait_ns,
 });
 
 const MEMORY_COLUMNS: &[Column<MemoryRow>] = columns!(MemoryRow {
@@ -280,6 +282,7 @@ mod tests {
                 switches: 37,
                 attribution: "exact".into(),
                 cow_breaks: 38,
+                vcpu_wait_ns: 39,
             }),
             Row::Lost(LostRow {
                 vm: "3-2".into(),
@@ -308,10 +311,10 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,,,,,,\n",
-                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact,38,,,,\n",
-                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,,,,,,\n",
-                "memory,4-0,,51,52,,,,,1,,,,,,,,,,,,,,,,,,,57,53,54,55,56\n",
+                "guest,1-0,1,2,3,4,5,\"a,\"\"b\"\"\",6,7,8,9,10,11,,,,,,,,,,,,,,,,,,,,\n",
+                "host,2-1,21,22,23,24,25,w,26,27,,,,,28,29,30,31,32,33,34,35,36,,,2,37,exact,38,,,,,39\n",
+                "lost,3-2,41,43,,,,,,,,,,,,,,,,,,,,42,host,,,,,,,,,\n",
+                "memory,4-0,,51,52,,,,,1,,,,,,,,,,,,,,,,,,,57,53,54,55,56,\n",
             ]
         );
         let mut csv = CSV_COLUMNS.join(",") + "\n";

@@ -145,6 +145,9 @@ pub struct HostRow {
     /// Copy-on-write breaks charged to the task (memory records; ABI minor 3).
     #[serde(default)]
     pub cow_breaks: u64,
+    /// Host run-queue wait of the vCPU thread (steal), ns (ABI minor 3).
+    #[serde(default)]
+    pub vcpu_wait_ns: u64,
 }
 
 /// Records lost on one ring.
@@ -297,6 +300,7 @@ impl HostRow {
             switches: s.switches,
             attribution: mirrorball_profiler_abi::attribution_name(s.attr_flags).to_string(),
             cow_breaks: s.cow_breaks,
+            vcpu_wait_ns: s.vcpu_wait_ns,
         }
     }
 
@@ -320,6 +324,7 @@ impl HostRow {
             slot_flags: self.slot_flags,
             switches: self.switches,
             cow_breaks: self.cow_breaks,
+            vcpu_wait_ns: self.vcpu_wait_ns,
         }
     }
 }
