@@ -576,3 +576,90 @@ fn record_has_memory_rows_and_the_writers_cow_breaks() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The host's KSM settings, restored when dropped (the test turns KSM on for itself).
+struct KsmOn {
+    saved: Vec<(&'static str, String)>,
+}
+
+impl KsmOn {
+    const DIR: &'static str = "/sys/kernel/mm/ksm";
+
+    fn enable() -> std::io::Result<Self> {
+        let mut saved = Vec::new();
+        for (knob, value) in [("pages_to_scan", "2000"), ("run", "1")] {
+            let path = Path::new(Self::DIR).join(knob);
+            saved.push((knob, std::fs::read_to_string(&path)?.trim().to_string()));
+            std::fs::write(&path, value)?;
+        }
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for KsmOn {
+    fn drop(&mut self) {
+        for (knob, value) in self.saved.iter().rev() {
+            let _ = std::fs::write(Path::new(Self::DIR).join(knob), value);
+        }
+    }
+}
+
+/// `--ksm` with memory of their own (`--share none`): KSM merges the identical data sets two
+/// VMs read, and the accounting counts the merged pages in the reading task's region; without
+/// `--ksm` nothing is merged.
+#[test]
+fn ksm_merges_identical_data_sets_of_two_vms() {
+    if !kvm_available("ksm_merges_identical_data_sets_of_two_vms") {
+        return;
+    }
+    let _ksm = match KsmOn::enable() {
+        Ok(k) => k,
+        Err(e) => {
+            skip_or_fail(
+                "ksm_merges_identical_data_sets_of_two_vms",
+                &format!("cannot turn KSM on (root and /sys/kernel/mm/ksm needed): {e}"),
+            );
+            return;
+        }
+    };
+    let dir = scratch("ksm");
+    let stats_path = dir.join("stats.json");
+    let merged = |ksm: bool| -> Vec<(u64, u64)> {
+        let mut args = vec!["--vms", "2", "--share", "none", "--vcpus", "1"];
+        args.extend(["--workload", "read 4 R 400000 150"]);
+        args.extend(["--stats", stats_path.to_str().expect("utf-8")]);
+        if ksm {
+            args.push("--ksm");
+        }
+        let out = run_vmm(&args, DEADLINE);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        if ksm {
+            assert!(stderr.contains("merged pages"), "{stderr}");
+        }
+        let json = stats(&stats_path);
+        json["vms"]
+            .as_array()
+            .expect("vms")
+            .iter()
+            .map(|vm| {
+                let total = vm["memory"]["total"]["merged"].as_u64().unwrap_or(0);
+                let task = vm["tasks"][0]["memory"]["pages"]["merged"]
+                    .as_u64()
+                    .unwrap_or(0);
+                (total, task)
+            })
+            .collect()
+    };
+    assert!(
+        merged(false).iter().all(|&m| m == (0, 0)),
+        "nothing merges without --ksm"
+    );
+    // The VM that ends first still shares its data set with the other (the other's copy, once
+    // alone, is no longer counted as merged): 1,024 pages of 4 MiB, all read, all identical.
+    let with = merged(true);
+    let best = with.iter().map(|&(_, task)| task).max().unwrap_or(0);
+    assert!(best >= 1000, "merged pages per VM (all, task): {with:?}");
+    assert!(with.iter().all(|&(total, task)| total >= task), "{with:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
