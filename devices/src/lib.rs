@@ -70,6 +70,7 @@ pub mod rtc;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
+pub mod virtio_blk;
 pub mod virtio_mmio;
 
 pub use bus::{Bus, BusDevice, BusError};
