@@ -7,6 +7,11 @@
 //! - first 4 KiB writes (the overlay takes a new block: in memory, or a sparse file) and
 //!   overwrites, against reads of the same blocks through the device.
 //!
+//! - the mechanism behind the stretch goal, not wired into the device: mapping a base
+//!   page copy-on-write (`mmap MAP_FIXED|MAP_PRIVATE` of the base file) over a page of an
+//!   anonymous region and reading it, against `pread` of it into the page; and the first write
+//!   to such a page (a copy-on-write break) against a write to a page that holds a copy.
+//!
 //! The base image (64 MiB) is read once first, so every figure is page-cache speed: the device's
 //! own cost, not the disk's. Each figure is the median of interleaved rounds.
 use std::fs::File;
@@ -87,6 +92,96 @@ fn base_image(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// An anonymous private region of `pages` 4 KiB pages, unmapped on drop.
+struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Region {
+    fn new(pages: usize) -> Result<Self> {
+        let len = pages * 4096;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        anyhow::ensure!(
+            ptr != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Nanoseconds per page to fill every page from the base at `blocks`: by `pread` (copy) or
+    /// by mapping the base page copy-on-write over it and reading one byte (map).
+    fn fill(&self, file: &File, blocks: &[u64], map: bool) -> Result<f64> {
+        use std::os::fd::AsRawFd;
+        let start = Instant::now();
+        let mut sum = 0u8;
+        for (i, &b) in blocks.iter().enumerate() {
+            anyhow::ensure!((i + 1) * 4096 <= self.len, "region too small");
+            // SAFETY: page i lies inside this region (checked above), which this struct owns.
+            let page = unsafe { self.ptr.add(i * 4096) };
+            let offset = libc::off_t::try_from(b * 4096)?;
+            if map {
+                // SAFETY: MAP_FIXED replaces page i of our own region only, with a private
+                // read-write mapping of the (read-only opened) base file: writes copy the page.
+                let got = unsafe {
+                    libc::mmap(
+                        page.cast(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        offset,
+                    )
+                };
+                anyhow::ensure!(
+                    got == page.cast(),
+                    "mmap: {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: page i is mapped and readable.
+                sum = sum.wrapping_add(unsafe { page.read_volatile() });
+            } else {
+                // SAFETY: page i is 4096 writable bytes of our region.
+                let n = unsafe { libc::pread(file.as_raw_fd(), page.cast(), 4096, offset) };
+                anyhow::ensure!(n == 4096, "pread: {}", std::io::Error::last_os_error());
+            }
+        }
+        std::hint::black_box(sum);
+        Ok(start.elapsed().as_nanos() as f64 / blocks.len() as f64)
+    }
+
+    /// Nanoseconds per page to write one byte into each of the first `pages` pages.
+    fn touch(&self, pages: usize) -> f64 {
+        let start = Instant::now();
+        for i in 0..pages.min(self.len / 4096) {
+            // SAFETY: page i lies inside this region, mapped writable.
+            unsafe { self.ptr.add(i * 4096).write_volatile(1) };
+        }
+        start.elapsed().as_nanos() as f64 / pages as f64
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region this struct mapped (and the pages mapped over it).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 /// Runs the group in `dir` (a scratch directory).
 pub fn run(dir: &Path) -> Result<Vec<Row>> {
     let path = base_image(dir)?;
@@ -122,6 +217,21 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
         first_file.push(device_writes(&mut on_file, &blocks, &data)?);
         drop(on_file);
         std::fs::remove_file(&overlay)?;
+    }
+    // The stretch goal's mechanism: map vs copy, then the first write to each page.
+    let pages = 1024;
+    let (mut copy, mut map, mut write_copy, mut write_map) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let blocks = random_blocks(pages as u64, 1000 + round as u64);
+        let copied = Region::new(pages)?;
+        let mapped = Region::new(pages)?;
+        copied.touch(pages); // a guest page that is already backed, as guest RAM usually is
+        mapped.touch(pages);
+        copy.push(copied.fill(&file, &blocks, false)?);
+        map.push(mapped.fill(&file, &blocks, true)?);
+        write_copy.push(copied.touch(pages));
+        write_map.push(mapped.touch(pages));
     }
     let _ = std::fs::remove_file(&path);
     let us = |v: &[f64]| median(v) / 1000.0;
@@ -187,6 +297,28 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
             Some(us(&read_same)),
             Target::None,
             note(&overwrite),
+        ),
+        Row::measured(
+            12,
+            "disk_map_vs_copy",
+            "stretch-goal mechanism: map a base page copy-on-write over a backed page and read it vs pread into it",
+            "µs/page",
+            us(&map),
+            "pread into the page",
+            Some(us(&copy)),
+            Target::None,
+            format!("{pages} random pages × {ROUNDS} rounds (mmap MAP_FIXED|MAP_PRIVATE of the base file, one VMA each); not wired into the device"),
+        ),
+        Row::measured(
+            12,
+            "disk_map_first_write",
+            "first write to a mapped base page (copy-on-write break) vs to a page holding a copy",
+            "µs/page",
+            us(&write_map),
+            "write to a copied page",
+            Some(us(&write_copy)),
+            Target::None,
+            format!("{pages} pages × {ROUNDS} rounds"),
         ),
     ])
 }
