@@ -210,3 +210,44 @@ put("record_parse", "jsonl",
     b'{"kind":"guest","vm":"1-0","seq":0,"timestamp_ns":5,"task_id":1,"pid":2,"min_flt":9}\n'
     b'{"kind":"lost","vm":"1-0","ring":"host","seq":3,"count":2}\n'
     b'{"kind":"nope"}\n{not json\n')
+
+
+# ---- virtio_blk: ops (op % 6): 0 memory write, 2 bring-up, 3 notify, 5 header ----
+def blk_mem(at, data):
+    data = bytes(data)
+    return [0] + list(struct.pack("<H", at)) + [len(data)] + list(data)
+
+
+def blk_desc(addr, length, flags, nxt):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+def blk_header(at, kind, sector):
+    # type selector 4 = any u32 follows; sector selector 1 = any u64 follows
+    return [5] + list(struct.pack("<H", at)) + [4] + list(struct.pack("<I", kind)) \
+        + [1] + list(struct.pack("<Q", sector))
+
+
+BLK_UP = [2, 4] + list(struct.pack("<HHH", 0x1000, 0x2000, 0x3000))  # queue of 16
+
+
+def blk_request(kind, sector, data_flags, length, avail_idx):
+    descs = (blk_desc(0x4000, 16, 1, 1) + blk_desc(0x5000, length, 1 | data_flags, 2)
+             + blk_desc(0x6000, 1, 2, 0))
+    ring = struct.pack("<HHH", 0, avail_idx, 0) if avail_idx == 1 else \
+        struct.pack("<H", avail_idx)
+    at = 0x2000 if avail_idx == 1 else 0x2002
+    seq = blk_header(0x4000, kind, sector) + blk_mem(0x1000, descs)
+    if avail_idx != 1:
+        seq += blk_mem(0x2004 + 2 * (avail_idx - 1), struct.pack("<H", 0))
+    return seq + blk_mem(at, ring) + [3, 0]
+
+
+put("virtio_blk", "read", BLK_UP + blk_request(0, 1, 2, 512, 1))
+put("virtio_blk", "write-then-read",
+    BLK_UP + blk_mem(0x5000, b"\xab" * 200) + blk_request(1, 3, 0, 512, 1)
+    + blk_request(0, 0, 2, 4096, 2))
+put("virtio_blk", "flush-getid-unsupp",
+    BLK_UP + blk_request(4, 0, 2, 16, 1) + blk_request(8, 0, 2, 20, 2)
+    + blk_request(77, 0, 2, 16, 3))
+put("virtio_blk", "bad-sector", BLK_UP + blk_request(0, 2**64 - 1, 2, 512, 1))

@@ -14,8 +14,10 @@
 //! * [`rtc`]: the CMOS real-time clock (MC146818) with the host's time.
 //! * [`terminal`]: the raw-mode guard for the host terminal.
 //! * [`legacy`]: which legacy ports Linux probes and why we leave them unmapped.
-//! * [`virtio_mmio`]: the virtio-mmio (version 2) transport without virtqueues:
-//!   registers, device status, feature negotiation, shared memory regions.
+//! * [`virtio_mmio`]: the virtio-mmio (version 2) transport: registers,
+//!   device status, feature negotiation, shared memory regions, virtqueues.
+//! * [`virtio_blk`]: the copy-on-write virtio-blk device on that transport
+//!   (a read-only base image shared by VMs, a private overlay per VM).
 //! * [`profiler_device`]: the profiler device on that transport: the guest
 //!   finds the profiler's shared region through it and requests a sampling
 //!   period in its configuration space.
@@ -68,6 +70,7 @@ pub mod rtc;
 pub mod serial;
 pub mod terminal;
 pub mod trigger;
+pub mod virtio_blk;
 pub mod virtio_mmio;
 
 pub use bus::{Bus, BusDevice, BusError};

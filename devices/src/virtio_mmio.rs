@@ -1,4 +1,4 @@
-//! The virtio-mmio transport, version 2 (virtio 1.2, §4.2), without virtqueues.
+//! The virtio-mmio transport, version 2 (virtio 1.2, §4.2), with split virtqueues.
 //!
 //! This module owns [`VirtioMmio`]: the generic register file a guest driver
 //! sees in a device's 4 KiB MMIO window ([`VIRTIO_MMIO_WINDOW`]), its device
@@ -7,10 +7,15 @@
 //! the device *is* comes from a [`VirtioBackend`]: its IDs, offered features,
 //! shared memory regions and device-specific configuration space.
 //!
-//! The devices built on it (so far only the profiler device,
-//! [`crate::profiler_device`]) need no virtqueues, so this transport reports
-//! every queue as absent (`QueueNumMax` reads 0) and never raises the
-//! used-buffer interrupt.
+//! A backend lists its virtqueues ([`VirtioBackend::queue_max_sizes`]); the
+//! queue registers live in [`queues`]. A backend without queues (the profiler
+//! device, [`crate::profiler_device`]) sees every queue reported absent
+//! (`QueueNumMax` reads 0). A `QueueNotify` write for an existing queue,
+//! once the driver has set `DRIVER_OK` (and neither `FAILED` nor
+//! `DEVICE_NEEDS_RESET` is set), calls [`VirtioBackend::queue_notify`] on the
+//! writing vCPU's thread; if the backend reports used buffers that the
+//! driver wants to hear about, the transport sets bit 0 of `InterruptStatus`
+//! and signals the interrupt.
 //!
 //! # Register layout (offsets from the window base)
 //!
@@ -27,17 +32,17 @@
 //! | 0x014   | `DeviceFeaturesSel`           | W   | any value |
 //! | 0x020   | `DriverFeatures`              | W   | 32 accepted bits, word `DriverFeaturesSel`; ignored once `FEATURES_OK` is set |
 //! | 0x024   | `DriverFeaturesSel`           | W   | any value |
-//! | 0x030   | `QueueSel`                    | W   | any value (every queue is absent) |
-//! | 0x034   | `QueueNumMax`                 | R   | 0: no queue is available |
-//! | 0x038   | `QueueNum`                    | W   | ignored (protocol error) |
-//! | 0x044   | `QueueReady`                  | RW  | reads 0; writes ignored (protocol error) |
-//! | 0x050   | `QueueNotify`                 | W   | ignored (protocol error) |
-//! | 0x060   | `InterruptStatus`             | R   | bit 1: configuration change (bit 0 never set) |
+//! | 0x030   | `QueueSel`                    | W   | any value (a missing queue reads as absent) |
+//! | 0x034   | `QueueNumMax`                 | R   | the selected queue's maximum size; 0 if it does not exist |
+//! | 0x038   | `QueueNum`                    | W   | power of two ≤ `QueueNumMax`, queue not ready ([`queues`]) |
+//! | 0x044   | `QueueReady`                  | RW  | 0 or 1 |
+//! | 0x050   | `QueueNotify`                 | W   | queue index: the backend processes it (after `DRIVER_OK`) |
+//! | 0x060   | `InterruptStatus`             | R   | bit 0: used buffers; bit 1: configuration change |
 //! | 0x064   | `InterruptACK`                | W   | clears the bits written |
 //! | 0x070   | `Status`                      | RW  | device status, see below; writing 0 resets |
-//! | 0x080/4 | `QueueDescLow/High`           | W   | ignored (protocol error) |
-//! | 0x090/4 | `QueueDriverLow/High`         | W   | ignored (protocol error) |
-//! | 0x0a0/4 | `QueueDeviceLow/High`         | W   | ignored (protocol error) |
+//! | 0x080/4 | `QueueDescLow/High`           | W   | 16-aligned, queue not ready |
+//! | 0x090/4 | `QueueDriverLow/High`         | W   | 2-aligned, queue not ready |
+//! | 0x0a0/4 | `QueueDeviceLow/High`         | W   | 4-aligned, queue not ready |
 //! | 0x0ac   | `SHMSel`                      | W   | any value |
 //! | 0x0b0/4 | `SHMLenLow/High`              | R   | length of region `SHMSel`; all ones if it does not exist |
 //! | 0x0b8/c | `SHMBaseLow/High`             | R   | guest-physical base of region `SHMSel`; all ones if it does not exist |
@@ -58,7 +63,9 @@
 //! [`VirtioMmioMetrics::bad_accesses`] counts it.
 //!
 //! Well-formed accesses that the state machine rejects (a status write that
-//! clears bits or skips a step, a queue register write, a feature write after
+//! clears bits or skips a step, a queue register write that [`queues`]
+//! refuses or one before `FEATURES_OK`, a notification of a missing queue or
+//! before `DRIVER_OK`, a feature write after
 //! `FEATURES_OK`, a configuration write before `FEATURES_OK` or one the
 //! backend refuses) are dropped and counted in
 //! [`VirtioMmioMetrics::protocol_errors`].
@@ -92,10 +99,15 @@
 //! signals the eventfd once. The bit stays set until the driver writes it to
 //! `InterruptACK`.
 
+mod queues;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use virtio_queue::Queue;
 use vm_superio::Trigger;
+
+use queues::QueueRegisters;
 
 use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
@@ -197,7 +209,7 @@ pub mod status {
 /// required for `FEATURES_OK`.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
-/// `InterruptStatus` bit: a used buffer notification (never set here).
+/// `InterruptStatus` bit: a used buffer notification.
 pub const INTERRUPT_USED_BUFFER: u32 = 1 << 0;
 /// `InterruptStatus` bit: a configuration change notification.
 pub const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
@@ -247,6 +259,21 @@ pub trait VirtioBackend: Send {
     /// The device status changed (not called for a reset; see
     /// [`Self::reset`]). `negotiated` is meaningful once `FEATURES_OK` is set.
     fn status_changed(&mut self, _status: u8, _negotiated: u64) {}
+    /// The maximum sizes of the device's virtqueues, one per queue (each a
+    /// power of two, at most 32768). Read once, when the transport is made.
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        Vec::new()
+    }
+    /// The driver notified queue `index` (always an index into `queues`,
+    /// after `DRIVER_OK`). The backend processes the queue's available
+    /// buffers, on the notifying vCPU's thread, so it must bound its work
+    /// and never block. Every queue field is guest-written: the backend must
+    /// check a queue (e.g. [`virtio_queue::QueueT::is_valid`]) before using
+    /// it. Returns whether the driver must be interrupted (used buffers were
+    /// added and the driver did not suppress the notification).
+    fn queue_notify(&mut self, _index: usize, _queues: &mut [Queue]) -> bool {
+        false
+    }
 }
 
 /// Counters of what happened on a virtio-mmio device. All are monotonic.
@@ -259,6 +286,8 @@ pub struct VirtioMmioMetrics {
     config_interrupts: AtomicU64,
     irq_errors: AtomicU64,
     resets: AtomicU64,
+    queue_notifies: AtomicU64,
+    used_interrupts: AtomicU64,
 }
 
 impl VirtioMmioMetrics {
@@ -289,6 +318,14 @@ impl VirtioMmioMetrics {
     /// Device resets (status writes of 0).
     pub fn resets(&self) -> u64 {
         self.resets.load(Ordering::Relaxed)
+    }
+    /// Queue notifications passed to the backend.
+    pub fn queue_notifies(&self) -> u64 {
+        self.queue_notifies.load(Ordering::Relaxed)
+    }
+    /// Used-buffer interrupts signalled.
+    pub fn used_interrupts(&self) -> u64 {
+        self.used_interrupts.load(Ordering::Relaxed)
     }
 
     fn bump(counter: &AtomicU64) {
@@ -324,12 +361,15 @@ pub struct VirtioMmio<B> {
     shm_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    queues: QueueRegisters,
 }
 
 impl<B: VirtioBackend> VirtioMmio<B> {
     /// A device in the reset state whose interrupt is `interrupt`.
     pub fn new(backend: B, interrupt: EventFdTrigger) -> Self {
+        let queues = QueueRegisters::new(&backend.queue_max_sizes());
         Self {
+            queues,
             backend,
             interrupt,
             metrics: Arc::new(VirtioMmioMetrics::default()),
@@ -388,6 +428,33 @@ impl<B: VirtioBackend> VirtioMmio<B> {
     /// The `ConfigGeneration` register.
     pub fn config_generation(&self) -> u32 {
         self.config_generation
+    }
+
+    /// The device's virtqueues as the driver configured them.
+    pub fn queues(&self) -> &[Queue] {
+        self.queues.queues()
+    }
+
+    /// Passes a `QueueNotify` for queue `value` to the backend and raises
+    /// the used-buffer interrupt if it asks for one.
+    fn notify_queue(&mut self, value: u32) {
+        let live = self.status & status::DRIVER_OK != 0
+            && self.status & (status::FAILED | status::DEVICE_NEEDS_RESET) == 0;
+        let Some(index) = usize::try_from(value)
+            .ok()
+            .filter(|_| live && self.queues.exists(value))
+        else {
+            self.protocol_error();
+            return;
+        };
+        VirtioMmioMetrics::bump(&self.metrics.queue_notifies);
+        if self.backend.queue_notify(index, self.queues.queues_mut()) {
+            self.interrupt_status |= INTERRUPT_USED_BUFFER;
+            VirtioMmioMetrics::bump(&self.metrics.used_interrupts);
+            if self.interrupt.trigger().is_err() {
+                VirtioMmioMetrics::bump(&self.metrics.irq_errors);
+            }
+        }
     }
 
     /// Tells the driver the configuration space changed: bumps
@@ -463,8 +530,9 @@ impl<B: VirtioBackend> VirtioMmio<B> {
                 1 => word(self.offered_features(), true),
                 _ => 0,
             },
-            // No queue exists: none is available, ready or being reset.
-            regs::QUEUE_NUM_MAX | regs::QUEUE_READY | regs::QUEUE_RESET => 0,
+            regs::QUEUE_NUM_MAX | regs::QUEUE_READY => self.queues.read(reg)?,
+            // VIRTIO_F_RING_RESET is never offered: no queue is being reset.
+            regs::QUEUE_RESET => 0,
             regs::INTERRUPT_STATUS => self.interrupt_status,
             regs::STATUS => u32::from(self.status),
             regs::SHM_LEN_LOW | regs::SHM_LEN_HIGH => word(
@@ -488,18 +556,19 @@ impl<B: VirtioBackend> VirtioMmio<B> {
             regs::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             regs::DRIVER_FEATURES => self.write_driver_features(value),
             regs::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            // Selecting a queue is harmless; every queue reads as absent.
-            regs::QUEUE_SEL => {}
-            regs::QUEUE_NUM
-            | regs::QUEUE_READY
-            | regs::QUEUE_NOTIFY
-            | regs::QUEUE_DESC_LOW
-            | regs::QUEUE_DESC_HIGH
-            | regs::QUEUE_DRIVER_LOW
-            | regs::QUEUE_DRIVER_HIGH
-            | regs::QUEUE_DEVICE_LOW
-            | regs::QUEUE_DEVICE_HIGH
-            | regs::QUEUE_RESET => self.protocol_error(),
+            regs::QUEUE_SEL => {
+                // Selecting a queue is harmless at any time.
+                let _ = self.queues.write(reg, value);
+            }
+            _ if QueueRegisters::is_writable(reg) => {
+                let configurable =
+                    self.status & status::FEATURES_OK != 0 && self.status & status::FAILED == 0;
+                if !configurable || self.queues.write(reg, value).is_err() {
+                    self.protocol_error();
+                }
+            }
+            regs::QUEUE_NOTIFY => self.notify_queue(value),
+            regs::QUEUE_RESET => self.protocol_error(),
             regs::INTERRUPT_ACK => self.interrupt_status &= !value,
             regs::STATUS => self.write_status(value),
             regs::SHM_SEL => self.shm_sel = value,
@@ -541,6 +610,7 @@ impl<B: VirtioBackend> VirtioMmio<B> {
         self.driver_features_beyond = false;
         self.shm_sel = 0;
         self.interrupt_status = 0;
+        self.queues.reset();
         self.backend.reset();
     }
 

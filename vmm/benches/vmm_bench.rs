@@ -12,6 +12,8 @@
 //! 10. attribution error (exact vs sampled, against the pages each task touched) and cost;
 //! 11. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
 //!     the sharing scan's cost.
+//! 12. Copy-on-write disk: 4 KiB reads through virtio-blk vs pread, the overlay's write cost
+//!     (no KVM needed).
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`; `--update-readme` merges them into
@@ -39,6 +41,8 @@ mod bare;
 mod common;
 #[path = "vmm_bench/dashboard.rs"]
 mod dashboard;
+#[path = "vmm_bench/disk.rs"]
+mod disk;
 #[path = "vmm_bench/exits.rs"]
 mod exits;
 #[path = "vmm_bench/guest.rs"]
@@ -112,7 +116,8 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11). Group names given as plain
+    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11),
+    /// disk (12). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -209,6 +214,15 @@ fn run(args: &Args) -> Result<()> {
         .name()
         .to_string();
     let mut rows = Vec::new();
+    if args.wants("disk") {
+        group(&mut rows, 12, "disk", || {
+            let dir = std::env::temp_dir().join(format!("vmm-bench-disk-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let rows = disk::run(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            rows
+        });
+    }
     if let Some(why) = kvm_unavailable() {
         println!("vmm_bench: skipped every benchmark: {why}");
         for (n, name) in [(1, "launch"), (3, "exits"), (4, "rss")] {

@@ -53,6 +53,11 @@ pub struct Cli {
     /// for N copies.
     #[arg(long, value_name = "SPEC", conflicts_with = "kernel")]
     pub workload: Vec<TaskSpec>,
+    /// Copy-on-write disk "base.img[,overlay=PATH]" (virtio-blk, /dev/vda in the guest): the
+    /// base image is only read; writes go to a private overlay per VM, in memory or a new
+    /// sparse file PATH (PATH.NAME for each VM of --vms N).
+    #[arg(long, value_name = "SPEC", requires = "kernel")]
+    pub disk: Option<String>,
     /// Run N copies of the guest in this process (named vm0, vm1, …), their memory private
     /// copy-on-write views of one template unless --share none.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -272,6 +277,17 @@ impl RunOptions {
 }
 
 impl Cli {
+    /// `--disk`, parsed, its base opened and its overlay paths checked for every VM.
+    fn disk(&self) -> Result<Option<crate::builder::disk::DiskSpec>, String> {
+        let Some(text) = &self.disk else {
+            return Ok(None);
+        };
+        let spec = crate::builder::disk::DiskSpec::parse(text, self.vms > 1)?;
+        let names: Vec<String> = (0..self.vms).map(|i| format!("vm{i}")).collect();
+        spec.check_overlays(names.iter().map(String::as_str))?;
+        Ok(Some(spec))
+    }
+
     /// Resolves the options into a guest to build.
     pub fn guest(&self) -> Result<GuestConfig, String> {
         if let Some(kernel) = &self.kernel {
@@ -282,6 +298,7 @@ impl Cli {
                 mem_bytes: self.mem.unwrap_or(DEFAULT_MEM_BYTES),
                 vcpus: self.vcpus.unwrap_or(1),
                 profile_period: self.run.sample_period(),
+                disk: self.disk()?,
             }));
         }
         if self.initrd.is_some() || self.cmdline.is_some() {

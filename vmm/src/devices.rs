@@ -28,6 +28,9 @@ pub enum DeviceError {
     /// Two devices overlap on a bus.
     #[error("device bus: {0}")]
     Bus(#[from] BusError),
+    /// The copy-on-write disk's files.
+    #[error(transparent)]
+    Disk(#[from] mirrorball_devices::virtio_blk::disk::DiskError),
     /// KVM refused a device interrupt's irqfd.
     #[error("cannot register a device interrupt with KVM: {0}")]
     Irqfd(kvm_ioctls::Error),
@@ -101,6 +104,30 @@ pub fn add_profiler_device(
     let control = device.control();
     mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;
     Ok(control)
+}
+
+/// Adds a copy-on-write virtio-blk device in `window` (interrupt through an irqfd on the
+/// window's GSI) over `spec`'s base with a new `overlay`; returns its counters.
+pub fn add_disk_device(
+    vm: &Vm,
+    mmio: &mut Bus,
+    window: MmioSlot,
+    spec: &crate::builder::disk::DiskSpec,
+    overlay: &mirrorball_devices::virtio_blk::disk::OverlaySpec,
+    mem: &vm_memory::GuestMemoryMmap,
+    vm_name: &str,
+) -> Result<Arc<mirrorball_devices::virtio_blk::DiskMetrics>, DeviceError> {
+    use mirrorball_devices::virtio_blk::{disk::CowDisk, VirtioBlk, VirtioBlkDevice};
+    let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+    vm.fd()
+        .register_irqfd(irq.event_fd(), window.gsi)
+        .map_err(DeviceError::Irqfd)?;
+    let disk = CowDisk::new(spec.base.clone(), overlay)?;
+    let blk = VirtioBlk::new(disk, mem.clone(), &format!("mirrorball-{vm_name}"));
+    let metrics = blk.metrics();
+    let device = VirtioBlkDevice::new(blk, irq);
+    mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;
+    Ok(metrics)
 }
 
 /// Routes port and MMIO exits to two buses. Unmapped accesses are counted by the buses;

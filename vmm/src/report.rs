@@ -56,6 +56,46 @@ impl DeviceReport {
     }
 }
 
+/// The copy-on-write disk's counters at the end of a run (`--disk`).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DiskReport {
+    /// Read requests completed.
+    pub reads: u64,
+    /// Write requests completed (into the VM's overlay).
+    pub writes: u64,
+    /// Bytes read by the guest.
+    pub read_bytes: u64,
+    /// Bytes written by the guest.
+    pub written_bytes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// 4 KiB blocks the overlay holds.
+    pub overlay_blocks: u64,
+    /// Requests answered with an I/O error (bad sector, size or direction).
+    pub io_errors: u64,
+    /// Requests of an unknown type.
+    pub unsupported: u64,
+    /// Descriptor chains refused as malformed (no status written).
+    pub malformed: u64,
+}
+
+impl DiskReport {
+    /// The counters now.
+    pub fn new(m: &mirrorball_devices::virtio_blk::DiskMetrics) -> Self {
+        Self {
+            reads: m.reads(),
+            writes: m.writes(),
+            read_bytes: m.read_bytes(),
+            written_bytes: m.written_bytes(),
+            flushes: m.flushes(),
+            overlay_blocks: m.overlay_blocks(),
+            io_errors: m.io_errors(),
+            unsupported: m.unsupported(),
+            malformed: m.malformed(),
+        }
+    }
+}
+
 /// The guest part of the profiler region as the host reader found it at the end of a run: the
 /// same validation `vmm top` and `vmm record` apply (every byte is guest-written).
 #[derive(Clone, Debug, Serialize)]
@@ -190,6 +230,9 @@ pub struct RunReport {
     /// What happened to the guest's console output (Linux guests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<ConsoleReport>,
+    /// The copy-on-write disk's counters (`--disk`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskReport>,
     /// The end itself, for the caller's exit code and message.
     #[serde(skip)]
     pub end_reason: VmEnd,
@@ -380,6 +423,7 @@ mod tests {
             guest_region: None,
             sampler: None,
             console: None,
+            disk: None,
             end_reason: VmEnd::WorkloadFinished,
         };
         let text = workload_summary(&report);

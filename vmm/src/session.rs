@@ -248,6 +248,13 @@ impl RunningVm {
             guest_region,
             sampler,
             console,
+            disk: match &self.guest {
+                Guest::Linux {
+                    disk: Some(metrics),
+                    ..
+                } => Some(crate::report::DiskReport::new(metrics)),
+                _ => None,
+            },
             end_reason: end,
         }
     }

@@ -108,6 +108,7 @@ pub fn tiny_linux_config(elf: &std::path::Path) -> vmm::builder::linux::LinuxCon
         mem_bytes: super::launch::TINY_MEM_BYTES,
         vcpus: 1,
         profile_period: None,
+        disk: None,
     }
 }
 

@@ -14,7 +14,7 @@ use mirrorball_workload::PROFILER_REGION_GPA;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{boot_params, gdt, lapic, layout, mptable, msr, paging, regs};
-use crate::devices::{add_profiler_device, LegacyDevices};
+use crate::devices::{add_disk_device, add_profiler_device, LegacyDevices};
 use crate::host::HostContext;
 use crate::loader::{self, DEFAULT_CMDLINE};
 use crate::profiling::sharing::SharingScanner;
@@ -46,6 +46,8 @@ pub struct LinuxConfig {
     pub vcpus: usize,
     /// Profiler sampling period; `None` leaves the profiler (device and regions) out.
     pub profile_period: Option<Duration>,
+    /// The copy-on-write disk (`--disk`), a virtio-blk device after the profiler's.
+    pub disk: Option<super::disk::DiskSpec>,
 }
 
 impl LinuxConfig {
@@ -88,6 +90,12 @@ impl LinuxConfig {
             ),
             ("vCPU count", self.vcpus.to_string()),
             ("profiler", self.profile_period.is_some().to_string()),
+            (
+                "disk",
+                self.disk
+                    .as_ref()
+                    .map_or("none".into(), |d| d.base.path().display().to_string()),
+            ),
         ]
     }
 
@@ -98,7 +106,11 @@ impl LinuxConfig {
             Some(_) => Some((alloc.memslot(), alloc.virtio_mmio(VIRTIO_MMIO_WINDOW)?)),
             None => None,
         };
-        Ok((alloc, LinuxPlatform { profiler }))
+        let disk = match self.disk {
+            Some(_) => Some(alloc.virtio_mmio(VIRTIO_MMIO_WINDOW)?),
+            None => None,
+        };
+        Ok((alloc, LinuxPlatform { profiler, disk }))
     }
 }
 
@@ -116,6 +128,8 @@ pub fn build(
 struct LinuxPlatform {
     /// The profiler region's memory slot and the profiler device's window.
     profiler: Option<(u32, MmioSlot)>,
+    /// The disk device's window.
+    disk: Option<MmioSlot>,
 }
 
 /// What writing a Linux image produced.
@@ -220,6 +234,21 @@ pub(super) fn assemble(
         let control = add_profiler_device(&vm, &mut mmio, window, device)?;
         profiler = Some((regions, period, control));
     }
+    let disk = match (&config.disk, platform.disk) {
+        (Some(spec), Some(window)) => {
+            let overlay = spec.overlay_for(&resources.name);
+            Some(add_disk_device(
+                &vm,
+                &mut mmio,
+                window,
+                spec,
+                &overlay,
+                &mem,
+                &resources.name,
+            )?)
+        }
+        _ => None,
+    };
     let (console_out, console) = resources.console.open()?;
     let devices = LegacyDevices::new(&vm, console_out, mmio)?;
     let exits = devices.exit_handler()?;
@@ -255,6 +284,7 @@ pub(super) fn assemble(
             devices,
             cmdline: image.cmdline.clone(),
             console,
+            disk,
         },
         host: host.kind(),
         profiling,

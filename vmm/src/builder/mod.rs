@@ -26,6 +26,7 @@ use crate::workload::{TaskSpec, WorkloadError, WorkloadMonitor};
 use mirrorball_workload::PROFILER_REGION_GPA;
 
 pub mod console;
+pub mod disk;
 pub mod linux;
 pub mod platform;
 pub mod workload;
@@ -264,6 +265,8 @@ pub enum Guest {
         cmdline: String,
         /// The thread that drains the console's buffer into its sink, if it has one.
         console: Option<mirrorball_devices::serial::ConsoleDrain>,
+        /// The copy-on-write disk's counters, if the VM has one.
+        disk: Option<Arc<mirrorball_devices::virtio_blk::DiskMetrics>>,
     },
     /// The OS-less workload.
     Workload {

@@ -143,6 +143,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
                 mem_bytes: memory.unwrap_or(crate::builder::linux::DEFAULT_MEM_BYTES),
                 vcpus: vcpus.unwrap_or(1),
                 profile_period: period,
+                disk: None,
             }),
         };
         let share = entry.share.or(d.share).unwrap_or(ShareMode::Template);

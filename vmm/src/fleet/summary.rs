@@ -120,6 +120,7 @@ mod tests {
             guest_region: None,
             sampler: None,
             console: None,
+            disk: None,
             end_reason: end,
         })
     }

@@ -1,0 +1,117 @@
+//! `--disk base.img[,overlay=PATH]`: the copy-on-write disk a Linux VM gets (README
+//! "Copy-on-write disk").
+//!
+//! This module owns [`DiskSpec`]: the parsed option, the base image opened once (read-only, one
+//! `Arc` shared by every VM of the process) and where each VM's overlay goes: in memory by
+//! default; with `overlay=PATH`, a new sparse file at PATH for a single VM, or at PATH.NAME for
+//! each VM NAME of a fleet. Overlay files are created by the VM's builder (`O_EXCL`), but a path
+//! that already exists is refused here, before any VM starts.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mirrorball_devices::virtio_blk::disk::{BaseImage, OverlaySpec};
+
+/// One `--disk` option.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    /// The shared base image.
+    pub base: Arc<BaseImage>,
+    /// `overlay=PATH`, if given.
+    pub overlay: Option<PathBuf>,
+    /// Whether each VM's overlay file gets the VM's name appended (several VMs).
+    pub per_vm: bool,
+}
+
+impl DiskSpec {
+    /// Parses `base.img[,overlay=PATH]` and opens the base image; `per_vm` when several VMs
+    /// share it. The error is one line for the user.
+    pub fn parse(text: &str, per_vm: bool) -> Result<Self, String> {
+        let mut parts = text.split(',');
+        let base = parts
+            .next()
+            .filter(|b| !b.is_empty())
+            .ok_or("--disk needs a base image: --disk base.img[,overlay=PATH]")?;
+        let mut overlay = None;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("overlay", path)) if !path.is_empty() && overlay.is_none() => {
+                    overlay = Some(PathBuf::from(path));
+                }
+                _ => {
+                    return Err(format!(
+                        "--disk: unknown or repeated option {part:?} (expected overlay=PATH)"
+                    ))
+                }
+            }
+        }
+        let base =
+            BaseImage::open(std::path::Path::new(base)).map_err(|e| format!("--disk: {e}"))?;
+        Ok(Self {
+            base,
+            overlay,
+            per_vm,
+        })
+    }
+
+    /// Where the overlay of the VM named `vm` goes.
+    pub fn overlay_for(&self, vm: &str) -> OverlaySpec {
+        match &self.overlay {
+            None => OverlaySpec::Memory,
+            Some(path) if self.per_vm => {
+                let mut name = path.clone().into_os_string();
+                name.push(format!(".{vm}"));
+                OverlaySpec::File(PathBuf::from(name))
+            }
+            Some(path) => OverlaySpec::File(path.clone()),
+        }
+    }
+
+    /// Refuses overlay files that already exist (or are dangling symbolic links) for these VMs.
+    pub fn check_overlays<'a>(&self, vms: impl Iterator<Item = &'a str>) -> Result<(), String> {
+        for vm in vms {
+            if let OverlaySpec::File(path) = self.overlay_for(vm) {
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    return Err(format!(
+                        "--disk: overlay {} already exists (overlays are always new files)",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        let dir = std::env::temp_dir().join(format!("mb-diskspec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.img");
+        std::fs::write(&base, [0u8; 1024]).unwrap();
+        let b = base.display();
+        let spec = DiskSpec::parse(&format!("{b},overlay=/x/ov"), true).unwrap();
+        assert_eq!(
+            spec.overlay_for("vm3"),
+            OverlaySpec::File(PathBuf::from("/x/ov.vm3"))
+        );
+        let single = DiskSpec::parse(&format!("{b}"), false).unwrap();
+        assert_eq!(single.overlay_for("vm0"), OverlaySpec::Memory);
+        assert_eq!(single.base.len(), 1024);
+        for bad in [
+            String::new(),
+            format!("{b},overlay="),
+            format!("{b},cache=none"),
+            format!("{b},overlay=a,overlay=b"),
+            dir.join("missing").display().to_string(),
+        ] {
+            assert!(DiskSpec::parse(&bad, false).is_err(), "{bad}");
+        }
+        let taken = DiskSpec::parse(&format!("{b},overlay={b}"), false).unwrap();
+        assert!(taken.check_overlays(["vm0"].into_iter()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
