@@ -115,6 +115,27 @@ pub enum Command {
     Diff(crate::gates::diff::DiffArgs),
     /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
     Fleet(FleetArgs),
+    /// Drive a running VM through its control socket: status, pause, resume, stop, snapshot DIR
+    /// (protocol: vmm/CONTROL.md; exit code 20 = no such VM, 21 = the VM refused).
+    Ctl(CtlArgs),
+}
+
+/// `vmm ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VM: its name (as `vmm top` shows it) or its id `PID-N`.
+    pub name: String,
+    /// status, pause, resume, stop or snapshot.
+    #[arg(value_parser = ["status", "pause", "resume", "stop", "snapshot"])]
+    pub command: String,
+    /// The snapshot directory (snapshot only).
+    pub dir: Option<PathBuf>,
+    /// Run directory [default: $MIRRORBALL_RUN_DIR or /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Seconds to wait for the reply.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// `vmm fleet`.

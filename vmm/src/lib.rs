@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod builder;
 pub mod cli;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod fleet;

@@ -103,8 +103,55 @@ fn run_tool(command: Command) -> Result<i32> {
             )?;
         }
         Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
+        Command::Ctl(a) => return ctl(a),
     }
     Ok(0)
+}
+
+/// `vmm ctl`: one request to a running VM; prints the reply line; exit code 0, 20 or 21.
+fn ctl(args: vmm::cli::CtlArgs) -> Result<i32> {
+    use vmm::control::{client, protocol::Command as Ctl};
+    let command = match (args.command.as_str(), args.dir) {
+        ("snapshot", Some(dir)) => Ctl::Snapshot {
+            dir: std::path::absolute(&dir)
+                .unwrap_or(dir)
+                .to_string_lossy()
+                .into_owned(),
+        },
+        ("snapshot", None) => anyhow::bail!("vmm ctl NAME snapshot needs a directory"),
+        (_, Some(dir)) => anyhow::bail!(
+            "{} takes no directory (got {})",
+            args.command,
+            dir.display()
+        ),
+        ("status", None) => Ctl::Status,
+        ("pause", None) => Ctl::Pause,
+        ("resume", None) => Ctl::Resume,
+        _ => Ctl::Stop,
+    };
+    let run_dir = mirrorball_monitor::resolve_run_dir(args.run_dir.as_deref());
+    let sent = client::find_socket(&run_dir, &args.name).and_then(|path| {
+        client::request(&path, command, std::time::Duration::from_secs(args.timeout))
+    });
+    match sent {
+        Ok(reply) => {
+            println!("{}", String::from_utf8_lossy(&reply.to_line()).trim_end());
+            if reply.ok {
+                Ok(0)
+            } else {
+                eprintln!(
+                    "vmm: {}: {}",
+                    args.name,
+                    reply.error.as_deref().unwrap_or("refused")
+                );
+                Ok(client::EXIT_REFUSED)
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            Ok(e.exit_code())
+        }
+    }
 }
 
 fn run(mut cli: Cli) -> Result<i32> {

@@ -14,7 +14,7 @@ abi_consts! {
     /// ABI major version: readers reject any other major version.
     pub const ABI_VERSION_MAJOR: u16 = 1 => "MB_ABI_VERSION_MAJOR";
     /// ABI minor version written by this crate; readers accept any minor version of their major.
-    pub const ABI_VERSION_MINOR: u16 = 2 => "MB_ABI_VERSION_MINOR";
+    pub const ABI_VERSION_MINOR: u16 = 3 => "MB_ABI_VERSION_MINOR";
     /// Magic of the guest region: the bytes `"MBGR"` (little-endian `u32`).
     pub const GUEST_MAGIC: u32 = 0x5247_424d => "MB_GUEST_MAGIC";
     /// Magic of the host region: the bytes `"MBHR"` (little-endian `u32`).
@@ -79,6 +79,8 @@ abi_consts! {
     pub const ATTR_MERGED: u32 = 0x20 => "MB_ATTR_MERGED";
     /// [`MemSharing::flags`] (minor 2): the VM's RAM is a copy-on-write clone of a template.
     pub const MEM_CLONED: u64 = 0x1 => "MB_MEM_CLONED";
+    /// [`HostHeader::vm_state`] (minor 3): the VM's vCPUs are paused (parked by its VMM).
+    pub const VM_PAUSED: u64 = 0x1 => "MB_VM_PAUSED";
 }
 
 abi_struct! {
@@ -188,8 +190,10 @@ abi_struct! {
         pub ring: RingDesc,
         /// The VM's memory sharing (minor 2; zero before).
         pub mem: MemSharing,
+        /// The VM's run state flags (minor 3; zero before): [`VM_PAUSED`].
+        pub vm_state: AtomicU64,
         /// Reserved, 0.
-        pub reserved: [AtomicU64; 13],
+        pub reserved: [AtomicU64; 12],
     }
 }
 
