@@ -60,6 +60,10 @@ pub struct Cli {
     /// How the VMs' memory is shared: template (the default for --vms > 1) or none.
     #[arg(long, value_name = "MODE")]
     pub share: Option<ShareMode>,
+    /// Start the VM(s) from a snapshot directory (`vmm ctl NAME snapshot DIR`): with --vms N,
+    /// N copy-on-write clones of it (exit code 22 when the snapshot is refused).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "workload", "mem", "vcpus", "share"])]
+    pub restore: Option<PathBuf>,
     /// How the VMs run and report.
     #[command(flatten)]
     pub run: RunOptions,

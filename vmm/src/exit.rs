@@ -12,6 +12,7 @@
 //! | 7 | `--timeout` expired |
 //! | 20 | `vmm ctl`: no running VM has that name (or id) |
 //! | 21 | `vmm ctl`: the VM refused the request (one-line error; the VM is untouched) |
+//! | 22 | `vmm --restore`: the snapshot was refused (missing, truncated, corrupted, wrong version, or taken on a host whose KVM or CPU differs) |
 //! | 130 | interrupted by SIGINT/SIGTERM |
 //!
 //! A VM stopped through its control socket (`vmm ctl NAME stop`) ends with code 0.

@@ -157,6 +157,18 @@ fn ctl(args: vmm::cli::CtlArgs) -> Result<i32> {
 fn run(mut cli: Cli) -> Result<i32> {
     match cli.command.take() {
         Some(command) => run_tool(command),
+        None if cli.restore.is_some() => {
+            let dir = cli.restore.clone().unwrap_or_default();
+            let config = match vmm::snapshot::restore::read_config(&dir) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+                }
+            };
+            let plan = FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
+            run_vms_from(plan, &cli.run, Some(&dir))
+        }
         None => {
             let config = cli.guest().map_err(anyhow::Error::msg)?;
             let plan = FleetPlan::copies(config, cli.vms, cli.share)?;
@@ -184,6 +196,15 @@ fn host_notices(plan: &FleetPlan, host: &HostContext) {
 
 /// Builds, runs and reports the VMs of `plan`; returns the exit code.
 fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
+    run_vms_from(plan, options, None)
+}
+
+/// [`run_vms`], the VMs clones of the snapshot in `restore` if given.
+fn run_vms_from(
+    plan: FleetPlan,
+    options: &RunOptions,
+    restore: Option<&std::path::Path>,
+) -> Result<i32> {
     plan.check()?;
     if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
         // Checked (and created) before the run, not after it.
@@ -208,7 +229,29 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
         None
     };
     let ksm_before = options.ksm.then(ksm::KsmFigures::read);
-    let started = fleet::launch(&plan, consoles, &host, options.attribution);
+    let started = match restore {
+        Some(dir) => match vmm::snapshot::restore::load(dir, &host) {
+            Ok(loaded) => match vmm::snapshot::restore::launch(
+                dir,
+                &loaded,
+                &plan,
+                consoles,
+                &host,
+                options.attribution,
+            ) {
+                Ok(started) => started,
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+                }
+            },
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+            }
+        },
+        None => fleet::launch(&plan, consoles, &host, options.attribution),
+    };
     let results = session::run_all(
         started,
         &SessionOptions {

@@ -108,6 +108,11 @@ impl RunningVcpus {
         }
     }
 
+    /// vCPU threads started.
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
     /// Lets the parked vCPUs run again.
     pub fn resume(&self) {
         self.control.resume();

@@ -30,6 +30,7 @@ use crate::vstate::vcpu::VmControl;
 use crate::vstate::vm::Vm;
 
 mod control;
+mod snapshot;
 
 /// How to run built VMs.
 pub struct SessionOptions<'a> {

@@ -95,7 +95,7 @@ impl RunningVm {
         self.publish_paused();
     }
 
-    fn publish_paused(&mut self) {
+    pub(super) fn publish_paused(&mut self) {
         let paused = self.run_state() == RunState::Paused;
         if paused == self.published_paused {
             return;
@@ -108,9 +108,5 @@ impl RunningVm {
             }
         }
         self.published_paused = paused;
-    }
-
-    fn snapshot_to(&mut self, _dir: &std::path::Path) -> Result<serde_json::Value, String> {
-        Err("snapshots are not supported yet".into())
     }
 }
