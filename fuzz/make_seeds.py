@@ -210,3 +210,12 @@ put("record_parse", "jsonl",
     b'{"kind":"guest","vm":"1-0","seq":0,"timestamp_ns":5,"task_id":1,"pid":2,"min_flt":9}\n'
     b'{"kind":"lost","vm":"1-0","ring":"host","seq":3,"count":2}\n'
     b'{"kind":"nope"}\n{not json\n')
+
+
+# ---- control_protocol: chunk size, then what a client sends ----
+put("control_protocol", "status", b"\x40" + b'{"cmd":"status"}\n{"cmd":"pause","id":3}\n')
+put("control_protocol", "snapshot-split",
+    b"\x03" + b'{"cmd":"snapshot","dir":"/tmp/s"}\r\ngarbage\n{"cmd":"stop","x":1}\n')
+put("control_protocol", "long", b"\xff" + b"x" * 5000 + b'\n{"cmd":"resume"}\n')
+# snapshot_state's seeds are real state files (a workload snapshot; flag byte 0 or 0xff),
+# committed as they are: a new one comes from `vmm ctl NAME snapshot DIR`.
