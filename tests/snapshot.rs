@@ -297,3 +297,55 @@ fn bad_snapshots_and_directories_are_refused_with_one_line() {
     refused(&t, "lacks CPU features");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn snapshot_after_a_time_restores_to_the_same_results() {
+    if !kvm_available("snapshot_after_a_time_restores_to_the_same_results") {
+        return;
+    }
+    let dir = scratch("after");
+    let snap = dir.join("snap");
+    let stats = dir.join("orig.json");
+    let out = run_vmm(
+        &[
+            "--workload",
+            SPEC,
+            "--vcpus",
+            "1",
+            "--snapshot-after",
+            "0.5",
+            snap.to_str().expect("utf-8"),
+            "--stats",
+            stats.to_str().expect("utf-8"),
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("snapshot in"),
+        "{}",
+        text(&out.stderr)
+    );
+    let truth = results(&read_json(&stats));
+    let done = read_json(&snap.join("state.json"))["workload"][0]["iterations"]
+        .as_u64()
+        .expect("iterations");
+    assert!(done < 40, "{done}");
+    let restored = dir.join("restored.json");
+    let out = run_vmm(
+        &[
+            "--restore",
+            snap.to_str().expect("utf-8"),
+            "--stats",
+            restored.to_str().expect("utf-8"),
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(results(&read_json(&restored)), truth);
+    // Bad trigger arguments: one line, exit code 1.
+    let out = run_vmm(&["--snapshot-after", "soon", "/tmp/x"], DEADLINE);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("soon"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -64,9 +64,33 @@ pub struct Cli {
     /// N copy-on-write clones of it (exit code 22 when the snapshot is refused).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "workload", "mem", "vcpus", "share"])]
     pub restore: Option<PathBuf>,
+    /// Take a snapshot of the VM after it ran SECS seconds, into DIR (with --vms N, into
+    /// DIR/NAME for each VM); the VM runs on.
+    #[arg(long, num_args = 2, value_names = ["SECS", "DIR"])]
+    pub snapshot_after: Vec<String>,
     /// How the VMs run and report.
     #[command(flatten)]
     pub run: RunOptions,
+}
+
+impl Cli {
+    /// `--snapshot-after SECS DIR`, checked.
+    pub fn snapshot_trigger(&self) -> Result<Option<(Duration, PathBuf)>, String> {
+        match self.snapshot_after.as_slice() {
+            [] => Ok(None),
+            [secs, dir] => {
+                let secs: f64 = secs
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                    .ok_or_else(|| {
+                        format!("--snapshot-after: {secs:?} is not a number of seconds")
+                    })?;
+                Ok(Some((Duration::from_secs_f64(secs), PathBuf::from(dir))))
+            }
+            _ => Err("--snapshot-after takes SECS and DIR".into()),
+        }
+    }
 }
 
 /// Options of every command that runs VMs (`vmm …` and `vmm fleet FILE`).

@@ -167,12 +167,14 @@ fn run(mut cli: Cli) -> Result<i32> {
                 }
             };
             let plan = FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
-            run_vms_from(plan, &cli.run, Some(&dir))
+            let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
+            run_vms_from(plan, &cli.run, Some(&dir), trigger)
         }
         None => {
             let config = cli.guest().map_err(anyhow::Error::msg)?;
+            let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
             let plan = FleetPlan::copies(config, cli.vms, cli.share)?;
-            run_vms(plan, &cli.run)
+            run_vms_from(plan, &cli.run, None, trigger)
         }
     }
 }
@@ -196,14 +198,16 @@ fn host_notices(plan: &FleetPlan, host: &HostContext) {
 
 /// Builds, runs and reports the VMs of `plan`; returns the exit code.
 fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
-    run_vms_from(plan, options, None)
+    run_vms_from(plan, options, None, None)
 }
 
-/// [`run_vms`], the VMs clones of the snapshot in `restore` if given.
+/// [`run_vms`], the VMs clones of the snapshot in `restore` if given, each snapshotted after
+/// the time `snapshot_after` gives (into DIR, or DIR/NAME when there are several).
 fn run_vms_from(
     plan: FleetPlan,
     options: &RunOptions,
     restore: Option<&std::path::Path>,
+    snapshot_after: Option<(std::time::Duration, std::path::PathBuf)>,
 ) -> Result<i32> {
     plan.check()?;
     if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
@@ -252,6 +256,22 @@ fn run_vms_from(
         },
         None => fleet::launch(&plan, consoles, &host, options.attribution),
     };
+    let mut started = started;
+    if let Some((after, dir)) = snapshot_after {
+        let many = started.len() > 1;
+        if many {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--snapshot-after: cannot create {}", dir.display()))?;
+        }
+        for vm in started.iter_mut().flatten() {
+            let dir = if many {
+                dir.join(vm.name())
+            } else {
+                dir.clone()
+            };
+            vm.snapshot_after(after, dir);
+        }
+    }
     let results = session::run_all(
         started,
         &SessionOptions {

@@ -66,6 +66,8 @@ pub struct RunningVm {
     control_inbox: Option<Inbox>,
     /// Whether the host region says "paused" now.
     published_paused: bool,
+    /// `--snapshot-after`: when and where to take a snapshot (once).
+    snapshot_trigger: Option<(Duration, std::path::PathBuf)>,
 }
 
 /// Starts `built`: its vCPU threads, then its profiler's sampler.
@@ -138,6 +140,7 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
         control_path,
         control_inbox,
         published_paused: false,
+        snapshot_trigger: None,
     })
 }
 

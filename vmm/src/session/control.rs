@@ -27,7 +27,36 @@ impl RunningVm {
             };
             p.reply(&reply);
         }
+        self.snapshot_if_due();
         self.publish_paused();
+    }
+
+    /// Takes a snapshot into `dir` once the VM has run for `after` (`--snapshot-after`).
+    pub fn snapshot_after(&mut self, after: Duration, dir: std::path::PathBuf) {
+        self.snapshot_trigger = Some((after, dir));
+    }
+
+    fn snapshot_if_due(&mut self) {
+        let due = self
+            .snapshot_trigger
+            .as_ref()
+            .is_some_and(|(after, _)| self.uptime() >= *after);
+        if !due || self.is_ending() {
+            return;
+        }
+        let Some((_, dir)) = self.snapshot_trigger.take() else {
+            return;
+        };
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        match self.snapshot_to(&dir) {
+            Ok(detail) => eprintln!(
+                "vmm: {}: snapshot in {} ({:.1} ms paused)",
+                self.name,
+                dir.display(),
+                detail["pause_ms"].as_f64().unwrap_or(0.0)
+            ),
+            Err(e) => eprintln!("vmm: {}: snapshot failed: {e}", self.name),
+        }
     }
 
     /// The VM's state as the protocol names it.

@@ -253,14 +253,29 @@ pub fn launch(
     if let Some(Ok(first)) = built.first() {
         check_cpuid(loaded, first).map_err(|e| SnapshotError::new(dir, e))?;
     }
-    Ok(built
+    // Every clone gets its state before any starts: running clones would slow the others' setup.
+    let ready: Vec<_> = built
         .into_iter()
         .map(|b: Result<BuiltVm, _>| {
             b.and_then(|mut b| {
                 apply(loaded, &mut b).map_err(|e| (b.name.clone(), RunError::Build(e)))?;
+                Ok(b)
+            })
+        })
+        .collect();
+    // Started parked, then let go together: a clone that runs would slow the others' start.
+    let mut started: Vec<Started> = ready
+        .into_iter()
+        .map(|b| {
+            b.and_then(|b| {
+                b.control.request_pause();
                 let name = b.name.clone();
                 session::start(b).map_err(|e| (name, e))
             })
         })
-        .collect())
+        .collect();
+    for vm in started.iter_mut().flatten() {
+        vm.resume();
+    }
+    Ok(started)
 }
