@@ -243,3 +243,36 @@ pub fn missing_features(saved: &[[u32; 4]], now: &[[u32; 4]]) -> Option<String> 
     }
     (!missing.is_empty()).then(|| missing.join(", "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_features_a_host_lacks_and_ignores_guest_state_bits() {
+        let saved = vec![
+            [0, 0, 1 << 27 | 1 << 0, 1 << 9 | 1 << 4],
+            [0, 1 << 3, 1 << 4, 0],
+            [0; 4],
+        ];
+        let same = saved.clone();
+        assert_eq!(missing_features(&saved, &same), None);
+        // OSXSAVE, APIC and OSPKE follow the guest's own state: not a host difference.
+        let fresh = vec![[0, 0, 1, 1 << 4], [0, 1 << 3, 0, 0], [0; 4]];
+        assert_eq!(missing_features(&saved, &fresh), None);
+        let lacking = vec![[0, 0, 1, 1 << 4], [0, 0, 0, 0], [0; 4]];
+        let line = missing_features(&saved, &lacking).expect("differs");
+        assert_eq!(line, "leaf 0x7.0 ebx bits 0x8");
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_wrong_sizes() {
+        let mut regs = kvm_regs::default();
+        regs.rip = 0x1234_5678;
+        let hex = to_hex(&regs);
+        let back: kvm_regs = from_hex(&hex, "regs").expect("round trip");
+        assert_eq!(back.rip, 0x1234_5678);
+        assert!(from_hex::<kvm_regs>(&hex[2..], "regs").is_err());
+        assert!(from_hex::<kvm_regs>(&"zz".repeat(hex.len() / 2), "regs").is_err());
+    }
+}
