@@ -267,8 +267,10 @@ mod tests {
 
     #[test]
     fn hex_round_trips_and_refuses_wrong_sizes() {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x1234_5678;
+        let regs = kvm_regs {
+            rip: 0x1234_5678,
+            ..Default::default()
+        };
         let hex = to_hex(&regs);
         let back: kvm_regs = from_hex(&hex, "regs").expect("round trip");
         assert_eq!(back.rip, 0x1234_5678);
