@@ -251,3 +251,10 @@ put("virtio_blk", "flush-getid-unsupp",
     BLK_UP + blk_request(4, 0, 2, 16, 1) + blk_request(8, 0, 2, 20, 2)
     + blk_request(77, 0, 2, 16, 3))
 put("virtio_blk", "bad-sector", BLK_UP + blk_request(0, 2**64 - 1, 2, 512, 1))
+# ---- control_protocol: chunk size, then what a client sends ----
+put("control_protocol", "status", b"\x40" + b'{"cmd":"status"}\n{"cmd":"pause","id":3}\n')
+put("control_protocol", "snapshot-split",
+    b"\x03" + b'{"cmd":"snapshot","dir":"/tmp/s"}\r\ngarbage\n{"cmd":"stop","x":1}\n')
+put("control_protocol", "long", b"\xff" + b"x" * 5000 + b'\n{"cmd":"resume"}\n')
+# snapshot_state's seeds are real state files (a workload snapshot; flag byte 0 or 0xff),
+# committed as they are: a new one comes from `vmm ctl NAME snapshot DIR`.

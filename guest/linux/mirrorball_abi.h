@@ -110,6 +110,7 @@ typedef uint64_t mb_u64;
 #define MB_ATTR_MERGED 0x20         /* minor 1: excess tasks of one tick, attributed to none */
 #define MB_ATTR_MEMORY 0x40         /* minor 3: a memory record: only cow_breaks is set */
 #define MB_MEM_CLONED 0x1          /* minor 2, struct mb_mem_sharing.flags: RAM cloned from a template */
+#define MB_VM_PAUSED 0x1           /* minor 3, struct mb_host_header.vm_state: vCPUs paused */
 
 /* ---- Headers --------------------------------------------------------------------------- */
 
@@ -168,7 +169,8 @@ struct mb_host_header {
 	struct mb_common_header common;
 	struct mb_ring_desc ring;     /* struct mb_host_sample[] */
 	struct mb_mem_sharing mem;    /* minor 2 */
-	mb_u64 reserved[13];
+	mb_u64 vm_state;              /* minor 3: MB_VM_PAUSED */
+	mb_u64 reserved[12];
 };
 
 /* One cache line: head alone. */
@@ -333,8 +335,10 @@ _Static_assert(offsetof(struct mb_host_header, ring) == 64, "struct mb_host_head
 _Static_assert(sizeof(((const struct mb_host_header *)0)->ring) == 24, "struct mb_host_header.ring size");
 _Static_assert(offsetof(struct mb_host_header, mem) == 88, "struct mb_host_header.mem");
 _Static_assert(sizeof(((const struct mb_host_header *)0)->mem) == 64, "struct mb_host_header.mem size");
-_Static_assert(offsetof(struct mb_host_header, reserved) == 152, "struct mb_host_header.reserved");
-_Static_assert(sizeof(((const struct mb_host_header *)0)->reserved) == 104, "struct mb_host_header.reserved size");
+_Static_assert(offsetof(struct mb_host_header, vm_state) == 152, "struct mb_host_header.vm_state");
+_Static_assert(sizeof(((const struct mb_host_header *)0)->vm_state) == 8, "struct mb_host_header.vm_state size");
+_Static_assert(offsetof(struct mb_host_header, reserved) == 160, "struct mb_host_header.reserved");
+_Static_assert(sizeof(((const struct mb_host_header *)0)->reserved) == 96, "struct mb_host_header.reserved size");
 
 /* struct mb_ring_ctl */
 _Static_assert(sizeof(struct mb_ring_ctl) == 64, "struct mb_ring_ctl size");

@@ -11,9 +11,11 @@
 //! 9. host fault tracking on vs off on a fault-heavy run;
 //! 10. attribution error (exact vs sampled, against the pages each task touched) and cost;
 //! 11. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
-//!     the sharing scan's cost.
+//!     the sharing scan's cost;
 //! 12. Copy-on-write disk: 4 KiB reads through virtio-blk vs pread, the overlay's write cost
-//!     (no KVM needed).
+//!     (no KVM needed);
+//! 13. snapshots: snapshot pause and size (256 MiB, 20 % touched), restore → running against
+//!     the original's way to the same point, 8 clones against 1.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`; `--update-readme` merges them into
@@ -63,6 +65,8 @@ mod readme;
 mod report;
 #[path = "vmm_bench/sharing.rs"]
 mod sharing;
+#[path = "vmm_bench/snapshot.rs"]
+mod snapshot;
 #[path = "vmm_bench/tracking.rs"]
 mod tracking;
 
@@ -117,7 +121,7 @@ struct Args {
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
     /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11),
-    /// disk (12). Group names given as plain
+    /// disk (12), snapshot (13). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -287,6 +291,9 @@ fn run(args: &Args) -> Result<()> {
             group(&mut rows, 10, "sharing", || {
                 sharing::run(&vmm, args.exit_runs)
             });
+        }
+        if args.wants("snapshot") {
+            group(&mut rows, 13, "snapshot", || snapshot::run(scratch.path()));
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {

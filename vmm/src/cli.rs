@@ -65,9 +65,37 @@ pub struct Cli {
     /// How the VMs' memory is shared: template (the default for --vms > 1) or none.
     #[arg(long, value_name = "MODE")]
     pub share: Option<ShareMode>,
+    /// Start the VM(s) from a snapshot directory (`vmm ctl NAME snapshot DIR`): with --vms N,
+    /// N copy-on-write clones of it (exit code 22 when the snapshot is refused).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "workload", "mem", "vcpus", "share"])]
+    pub restore: Option<PathBuf>,
+    /// Take a snapshot of the VM after it ran SECS seconds, into DIR (with --vms N, into
+    /// DIR/NAME for each VM); the VM runs on.
+    #[arg(long, num_args = 2, value_names = ["SECS", "DIR"])]
+    pub snapshot_after: Vec<String>,
     /// How the VMs run and report.
     #[command(flatten)]
     pub run: RunOptions,
+}
+
+impl Cli {
+    /// `--snapshot-after SECS DIR`, checked.
+    pub fn snapshot_trigger(&self) -> Result<Option<(Duration, PathBuf)>, String> {
+        match self.snapshot_after.as_slice() {
+            [] => Ok(None),
+            [secs, dir] => {
+                let secs: f64 = secs
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                    .ok_or_else(|| {
+                        format!("--snapshot-after: {secs:?} is not a number of seconds")
+                    })?;
+                Ok(Some((Duration::from_secs_f64(secs), PathBuf::from(dir))))
+            }
+            _ => Err("--snapshot-after takes SECS and DIR".into()),
+        }
+    }
 }
 
 /// Options of every command that runs VMs (`vmm …` and `vmm fleet FILE`).
@@ -120,6 +148,27 @@ pub enum Command {
     Diff(crate::gates::diff::DiffArgs),
     /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
     Fleet(FleetArgs),
+    /// Drive a running VM through its control socket: status, pause, resume, stop, snapshot DIR
+    /// (protocol: vmm/CONTROL.md; exit code 20 = no such VM, 21 = the VM refused).
+    Ctl(CtlArgs),
+}
+
+/// `vmm ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VM: its name (as `vmm top` shows it) or its id `PID-N`.
+    pub name: String,
+    /// status, pause, resume, stop or snapshot.
+    #[arg(value_parser = ["status", "pause", "resume", "stop", "snapshot"])]
+    pub command: String,
+    /// The snapshot directory (snapshot only).
+    pub dir: Option<PathBuf>,
+    /// Run directory [default: $MIRRORBALL_RUN_DIR or /dev/shm/mirrorball].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Seconds to wait for the reply.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// `vmm fleet`.

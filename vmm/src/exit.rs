@@ -10,7 +10,12 @@
 //! | 5 | KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY) |
 //! | 6 | the workload guest rejected its parameters |
 //! | 7 | `--timeout` expired |
+//! | 20 | `vmm ctl`: no running VM has that name (or id) |
+//! | 21 | `vmm ctl`: the VM refused the request (one-line error; the VM is untouched) |
+//! | 22 | `vmm --restore`: the snapshot was refused (missing, truncated, corrupted, wrong version, or taken on a host whose KVM or CPU differs) |
 //! | 130 | interrupted by SIGINT/SIGTERM |
+//!
+//! A VM stopped through its control socket (`vmm ctl NAME stop`) ends with code 0.
 use std::fmt;
 
 /// Exit code of a VMM error.
@@ -71,6 +76,8 @@ pub enum VmEnd {
     },
     /// A signal asked the VMM to stop.
     Interrupted,
+    /// A controller stopped the VM through its control socket.
+    Stopped,
     /// The VMM itself failed while the VM ran.
     VmmError(String),
 }
@@ -83,7 +90,8 @@ impl VmEnd {
             | Self::GuestShutdown
             | Self::AllVcpusStopped
             | Self::GuestHalted
-            | Self::WorkloadFinished => 0,
+            | Self::WorkloadFinished
+            | Self::Stopped => 0,
             Self::VmmError(_) => EXIT_VMM_ERROR,
             Self::TripleFault { .. } => 3,
             Self::InternalError { .. } => 4,
@@ -108,6 +116,7 @@ impl VmEnd {
             Self::FailEntry { .. } => "kvm_fail_entry",
             Self::Timeout { .. } => "timeout",
             Self::Interrupted => "interrupted",
+            Self::Stopped => "stopped",
             Self::VmmError(_) => "vmm_error",
         }
     }
@@ -171,6 +180,7 @@ impl fmt::Display for VmEnd {
             }
             Self::Timeout { seconds } => write!(f, "timeout after {seconds} s"),
             Self::Interrupted => write!(f, "interrupted"),
+            Self::Stopped => write!(f, "stopped through the control socket"),
             Self::VmmError(msg) => write!(f, "VMM error: {msg}"),
         }
     }

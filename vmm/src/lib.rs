@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod builder;
 pub mod cli;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod fleet;
@@ -19,5 +20,6 @@ pub mod profiling;
 pub mod report;
 pub mod runner;
 pub mod session;
+pub mod snapshot;
 pub mod vstate;
 pub mod workload;

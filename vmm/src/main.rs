@@ -103,17 +103,78 @@ fn run_tool(command: Command) -> Result<i32> {
             )?;
         }
         Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
+        Command::Ctl(a) => return ctl(a),
     }
     Ok(0)
+}
+
+/// `vmm ctl`: one request to a running VM; prints the reply line; exit code 0, 20 or 21.
+fn ctl(args: vmm::cli::CtlArgs) -> Result<i32> {
+    use vmm::control::{client, protocol::Command as Ctl};
+    let command = match (args.command.as_str(), args.dir) {
+        ("snapshot", Some(dir)) => Ctl::Snapshot {
+            dir: std::path::absolute(&dir)
+                .unwrap_or(dir)
+                .to_string_lossy()
+                .into_owned(),
+        },
+        ("snapshot", None) => anyhow::bail!("vmm ctl NAME snapshot needs a directory"),
+        (_, Some(dir)) => anyhow::bail!(
+            "{} takes no directory (got {})",
+            args.command,
+            dir.display()
+        ),
+        ("status", None) => Ctl::Status,
+        ("pause", None) => Ctl::Pause,
+        ("resume", None) => Ctl::Resume,
+        _ => Ctl::Stop,
+    };
+    let run_dir = mirrorball_monitor::resolve_run_dir(args.run_dir.as_deref());
+    let sent = client::find_socket(&run_dir, &args.name).and_then(|path| {
+        client::request(&path, command, std::time::Duration::from_secs(args.timeout))
+    });
+    match sent {
+        Ok(reply) => {
+            println!("{}", String::from_utf8_lossy(&reply.to_line()).trim_end());
+            if reply.ok {
+                Ok(0)
+            } else {
+                eprintln!(
+                    "vmm: {}: {}",
+                    args.name,
+                    reply.error.as_deref().unwrap_or("refused")
+                );
+                Ok(client::EXIT_REFUSED)
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            Ok(e.exit_code())
+        }
+    }
 }
 
 fn run(mut cli: Cli) -> Result<i32> {
     match cli.command.take() {
         Some(command) => run_tool(command),
+        None if cli.restore.is_some() => {
+            let dir = cli.restore.clone().unwrap_or_default();
+            let config = match vmm::snapshot::restore::read_config(&dir) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+                }
+            };
+            let plan = FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
+            let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
+            run_vms_from(plan, &cli.run, Some(&dir), trigger)
+        }
         None => {
             let config = cli.guest().map_err(anyhow::Error::msg)?;
+            let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
             let plan = FleetPlan::copies(config, cli.vms, cli.share)?;
-            run_vms(plan, &cli.run)
+            run_vms_from(plan, &cli.run, None, trigger)
         }
     }
 }
@@ -137,6 +198,17 @@ fn host_notices(plan: &FleetPlan, host: &HostContext) {
 
 /// Builds, runs and reports the VMs of `plan`; returns the exit code.
 fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
+    run_vms_from(plan, options, None, None)
+}
+
+/// [`run_vms`], the VMs clones of the snapshot in `restore` if given, each snapshotted after
+/// the time `snapshot_after` gives (into DIR, or DIR/NAME when there are several).
+fn run_vms_from(
+    plan: FleetPlan,
+    options: &RunOptions,
+    restore: Option<&std::path::Path>,
+    snapshot_after: Option<(std::time::Duration, std::path::PathBuf)>,
+) -> Result<i32> {
     plan.check()?;
     if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
         // Checked (and created) before the run, not after it.
@@ -161,7 +233,45 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
         None
     };
     let ksm_before = options.ksm.then(ksm::KsmFigures::read);
-    let started = fleet::launch(&plan, consoles, &host, options.attribution);
+    let started = match restore {
+        Some(dir) => match vmm::snapshot::restore::load(dir, &host) {
+            Ok(loaded) => match vmm::snapshot::restore::launch(
+                dir,
+                &loaded,
+                &plan,
+                consoles,
+                &host,
+                options.attribution,
+            ) {
+                Ok(started) => started,
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+                }
+            },
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+            }
+        },
+        None => fleet::launch(&plan, consoles, &host, options.attribution),
+    };
+    let mut started = started;
+    if let Some((after, dir)) = snapshot_after {
+        let many = started.len() > 1;
+        if many {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--snapshot-after: cannot create {}", dir.display()))?;
+        }
+        for vm in started.iter_mut().flatten() {
+            let dir = if many {
+                dir.join(vm.name())
+            } else {
+                dir.clone()
+            };
+            vm.snapshot_after(after, dir);
+        }
+    }
     let results = session::run_all(
         started,
         &SessionOptions {

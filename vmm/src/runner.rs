@@ -72,12 +72,53 @@ impl RunningVcpus {
     /// [`VmEnd::GuestHalted`] if every vCPU rested for good since the last round, else kicks
     /// them all so that each records its state again.
     pub fn check_halted(&self) {
+        if self.control.pause_requested() {
+            // Parked vCPUs record no rest: a paused VM has not halted.
+            return;
+        }
         let watch = self.control.halt_watch();
         if watch.stopped_for_good() {
             self.control.end(VmEnd::GuestHalted);
             return;
         }
         watch.new_round();
+        for handle in &self.threads {
+            if !handle.is_finished() {
+                let _ = handle.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Asks every vCPU to park and kicks them out of KVM_RUN until all are parked or `wait`
+    /// passed (a kick that lands just before KVM_RUN is lost, hence the repeats); returns
+    /// whether the VM is fully paused. A VM still pausing parks on its own at the vCPUs' next
+    /// exit.
+    pub fn pause(&self, wait: Duration) -> bool {
+        self.control.request_pause();
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.control.all_parked() {
+                return true;
+            }
+            if Instant::now() >= deadline || self.control.should_stop() {
+                return false;
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// vCPU threads started.
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    fn kick_all(&self) {
         for handle in &self.threads {
             if !handle.is_finished() {
                 let _ = handle.kill(kick_signal());

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::cpuid::HostKind;
 use crate::builder::{BuiltVm, Guest};
+use crate::control::server::{self as control_server, ControlSocket, Inbox, SocketPath};
 use crate::devices::BusExits;
 use crate::exit::VmEnd;
 use crate::profiling::attribution::{guest_totals_by_pid, totals_by_pid};
@@ -27,6 +28,9 @@ use crate::report::{task_reports, GuestRegionReport, RunReport};
 use crate::runner::{self, RunError, RunningVcpus};
 use crate::vstate::vcpu::VmControl;
 use crate::vstate::vm::Vm;
+
+mod control;
+mod snapshot;
 
 /// How to run built VMs.
 pub struct SessionOptions<'a> {
@@ -56,6 +60,14 @@ pub struct RunningVm {
     vm_stats: Option<(StatsFd, mirrorball_profiler::kvm_stats::StatsSample)>,
     sharing: SharingScanner,
     started: Instant,
+    /// The control socket (moved into the event loop by `run_all`), its path and its inbox.
+    control_socket: Option<ControlSocket>,
+    control_path: Option<SocketPath>,
+    control_inbox: Option<Inbox>,
+    /// Whether the host region says "paused" now.
+    published_paused: bool,
+    /// `--snapshot-after`: when and where to take a snapshot (once).
+    snapshot_trigger: Option<(Duration, std::path::PathBuf)>,
 }
 
 /// Starts `built`: its vCPU threads, then its profiler's sampler.
@@ -99,6 +111,19 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
         }
         None => None,
     };
+    let (control_socket, control_path, control_inbox) = match &sampler {
+        Some((_, regions)) => {
+            let path = regions.host.path().with_extension("ctl");
+            match control_server::bind(&path) {
+                Ok((socket, path, inbox)) => (Some(socket), Some(path), Some(inbox)),
+                Err(e) => {
+                    eprintln!("vmm: {name}: no control socket ({}: {e})", path.display());
+                    (None, None, None)
+                }
+            }
+        }
+        None => (None, None, None),
+    };
     Ok(RunningVm {
         name,
         vm,
@@ -112,6 +137,11 @@ pub fn start(built: BuiltVm) -> Result<RunningVm, RunError> {
         vm_stats,
         sharing,
         started,
+        control_socket,
+        control_path,
+        control_inbox,
+        published_paused: false,
+        snapshot_trigger: None,
     })
 }
 
@@ -259,6 +289,11 @@ impl RunningVm {
         }
     }
 
+    /// The control socket's path, if the VM has one.
+    pub fn control_path(&self) -> Option<&std::path::Path> {
+        self.control_path.as_ref().map(SocketPath::path)
+    }
+
     fn watcher(&self) -> Result<EndWatcher, RunError> {
         let reset = match &self.guest {
             Guest::Linux { devices, .. } => {
@@ -344,7 +379,11 @@ pub fn run_all(
         }
     };
     let mut console_attached = false;
-    for (_, vm) in &running {
+    let mut control_subs = std::collections::HashMap::new();
+    for (i, vm) in running.iter_mut() {
+        if let Some(socket) = vm.control_socket.take() {
+            control_subs.insert(*i, manager.add_subscriber(Arc::new(Mutex::new(socket))));
+        }
         match vm.watcher() {
             Ok(w) => {
                 manager.add_subscriber(Arc::new(Mutex::new(w)));
@@ -397,11 +436,17 @@ pub fn run_all(
             if !vm.is_ending() {
                 vm.scan_sharing();
             }
+            vm.serve_control();
         }
         let (ended, still): (Vec<_>, Vec<_>) =
             running.into_iter().partition(|(_, vm)| vm.is_ending());
         running = still;
-        for (i, vm) in ended {
+        for (i, mut vm) in ended {
+            // Requests that came with the end are answered; the socket closes with the VM.
+            vm.serve_control();
+            if let Some(id) = control_subs.remove(&i) {
+                let _ = manager.remove_subscriber(id);
+            }
             results[i] = Some(Ok(vm.finish(options.keep_regions)));
         }
     }

@@ -361,7 +361,7 @@ pub fn stack_top(index: usize) -> u64 {
 }
 
 /// What the VMM saw of one task.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TaskProgress {
     /// Iterations reported done.
     pub iterations: u32,
@@ -418,6 +418,20 @@ impl WorkloadMonitor {
             }
         }
         tasks
+    }
+
+    /// Carries `saved` progress (a snapshot's) over: the unfinished tasks' clocks go on from
+    /// their elapsed time. Extra or missing entries are ignored.
+    pub fn restore_progress(&self, saved: &[TaskProgress]) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for (task, saved) in tasks.iter_mut().zip(saved) {
+            *task = saved.clone();
+            task.started = (saved.elapsed_ns > 0 || saved.iterations > 0).then(|| {
+                Instant::now()
+                    .checked_sub(Duration::from_nanos(saved.elapsed_ns))
+                    .unwrap_or_else(Instant::now)
+            });
+        }
     }
 
     fn on_event(&self, vcpu: usize, index: usize, value: u32) -> VcpuAction {

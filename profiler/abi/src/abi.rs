@@ -83,6 +83,8 @@ abi_consts! {
     /// copy-on-write breaks the VMM's sharing scan found in the attributed task's own memory
     /// since that task's previous memory record); its other deltas and `interval_ns` are 0.
     pub const ATTR_MEMORY: u32 = 0x40 => "MB_ATTR_MEMORY";
+    /// [`HostHeader::vm_state`] (minor 3): the VM's vCPUs are paused (parked by its VMM).
+    pub const VM_PAUSED: u64 = 0x1 => "MB_VM_PAUSED";
 }
 
 abi_struct! {
@@ -192,8 +194,10 @@ abi_struct! {
         pub ring: RingDesc,
         /// The VM's memory sharing (minor 2; zero before).
         pub mem: MemSharing,
+        /// The VM's run state flags (minor 3; zero before): [`VM_PAUSED`].
+        pub vm_state: AtomicU64,
         /// Reserved, 0.
-        pub reserved: [AtomicU64; 13],
+        pub reserved: [AtomicU64; 12],
     }
 }
 

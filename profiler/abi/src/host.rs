@@ -74,6 +74,17 @@ impl<'a> HostRegion<'a> {
         m.seq.store((seq | 1).wrapping_add(1), Ordering::Release);
     }
 
+    /// Publishes whether the VM is paused (minor 3, [`VM_PAUSED`]).
+    pub fn set_paused(&self, paused: bool) {
+        if let Some(h) = self.0.region.get::<HostHeader>(0) {
+            if paused {
+                h.vm_state.fetch_or(VM_PAUSED, Ordering::Release);
+            } else {
+                h.vm_state.fetch_and(!VM_PAUSED, Ordering::Release);
+            }
+        }
+    }
+
     /// The writer of the host sample ring (one per region), continuing at its head.
     pub fn ring_writer(&self) -> Result<RingWriter<'a, HostSample>, AbiError> {
         RingWriter::attach(RingView::new(self.0.region, self.0.layout.ring)?)
@@ -155,6 +166,13 @@ impl<'a> HostRegionView<'a> {
             }
         }
         None
+    }
+
+    /// Whether the VMM published the VM as paused (minor 3; false from older writers).
+    pub fn paused(&self) -> bool {
+        self.region
+            .get::<HostHeader>(0)
+            .is_some_and(|h| h.vm_state.load(Ordering::Acquire) & VM_PAUSED != 0)
     }
 
     /// The host sample ring.

@@ -308,3 +308,24 @@ fn a_larger_mapping_and_a_newer_minor_version_are_accepted() {
     // Records landed at the new stride.
     assert_eq!(peek(&mem, 1408 + (40 % 32) * 72, 8), 40);
 }
+
+#[test]
+fn paused_flag_round_trips_and_reads_false_from_older_writers() {
+    let layout = HostRegionLayout::new(2, 8).unwrap();
+    let mem = memory(layout.size);
+    let host = HostRegion::format(
+        RegionMut::from_atomic_words(&mem),
+        &layout,
+        &RegionInit::default(),
+    )
+    .unwrap();
+    let view = host.view().unwrap();
+    // Zero, as an older writer (minor < 3) leaves it: not paused.
+    assert!(!view.paused());
+    host.set_paused(true);
+    assert!(view.paused());
+    assert_eq!(peek(&mem, 152, 8), VM_PAUSED);
+    host.set_paused(false);
+    assert!(!view.paused());
+    assert_eq!(peek(&mem, 152, 8), 0);
+}

@@ -163,6 +163,7 @@ impl Fleet {
                     observe(*id, &batch);
                     model.ingest_batch(&batch);
                     model.mem = vm.host_view().mem_sharing();
+                    model.paused = vm.host_view().paused();
                 }
                 Err(e) => {
                     gone.push((*id, e.to_string()));

@@ -450,6 +450,8 @@ pub struct VmModel {
     pub windows: u64,
     /// The VM's memory sharing as the VMM last published it (`None` before its first scan).
     pub mem: Option<mirrorball_profiler_abi::MemSharingFigures>,
+    /// Whether the VMM published the VM as paused (host header `vm_state`, ABI minor 3).
+    pub paused: bool,
     cfg: ModelConfig,
     evicted_in: Option<u64>,
 }
@@ -478,6 +480,7 @@ impl VmModel {
             dropped: 0,
             windows: 0,
             mem: None,
+            paused: false,
             cfg,
             evicted_in: None,
         }

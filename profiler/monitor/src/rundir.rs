@@ -5,7 +5,8 @@
 //!
 //! - `vm-<pid>-<n>.guest`: the guest region (written by the guest: hostile), mode 0600;
 //! - `vm-<pid>-<n>.host`: the host region (written only by the VMM), mode 0600;
-//! - `vm-<pid>-<n>.json`: metadata ([`VmMeta`]).
+//! - `vm-<pid>-<n>.json`: metadata ([`VmMeta`]);
+//! - `vm-<pid>-<n>.ctl`: the VM's control socket (the VMM's `control` module), mode 0600.
 //!
 //! The files are removed when the VM ends. While it runs, the VMM holds an exclusive `flock` on
 //! its host region file: that lock, not the pid alone (pids are reused; anyone who can write the
@@ -325,6 +326,11 @@ impl VmHandle {
         self.path("host")
     }
 
+    /// `vm-<pid>-<n>.ctl`: the VM's control socket.
+    pub fn ctl_path(&self) -> PathBuf {
+        self.path("ctl")
+    }
+
     /// `vm-<pid>-<n>.json`.
     pub fn meta_path(&self) -> PathBuf {
         self.path("json")
@@ -396,6 +402,8 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
             Some((id, "guest")) => found.entry(id).or_default().guest = true,
             Some((id, "host")) => found.entry(id).or_default().host = true,
             Some((id, "json")) => found.entry(id).or_default().meta = true,
+            // The control socket belongs to the set but does not make it live.
+            Some((_, "ctl")) => {}
             _ => out.ignored.push(entry.path()),
         }
     }
@@ -442,7 +450,7 @@ pub fn sweep_stale(dir: &Path) -> usize {
         if pid_alive(stale.id.pid) && (!host_present || host_region_locked(&host)) {
             continue;
         }
-        for ext in ["json", "guest", "host"] {
+        for ext in ["json", "guest", "host", "ctl"] {
             if fs::remove_file(dir.join(format!("{}.{ext}", stale.id.stem()))).is_ok() {
                 removed += 1;
             }

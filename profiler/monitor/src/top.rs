@@ -331,6 +331,9 @@ impl App {
                 } else {
                     String::new()
                 };
+                if vm.paused {
+                    lost.insert_str(0, " [paused]");
+                }
                 if self
                     .fleet
                     .vm(id)

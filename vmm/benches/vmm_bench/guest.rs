@@ -125,6 +125,11 @@ impl Scratch {
         Ok(Self { dir })
     }
 
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Writes `data` to `name` in the directory and returns its path.
     pub fn file(&self, name: &str, data: &[u8]) -> anyhow::Result<std::path::PathBuf> {
         let path = self.dir.join(name);

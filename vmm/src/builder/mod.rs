@@ -199,6 +199,19 @@ pub struct SharedImage {
 }
 
 impl SharedImage {
+    /// A template whose memory was prepared elsewhere (a snapshot's memory file) for `config`.
+    pub fn prepared(
+        template: Arc<Template>,
+        image: Image,
+        config: &GuestConfig,
+    ) -> Result<Self, BuildError> {
+        Ok(Self {
+            template,
+            image,
+            key: config.template_key()?,
+        })
+    }
+
     /// Whether a VM of `config` may be cloned from this template; `Err` says what differs.
     pub fn check_compatible(&self, config: &GuestConfig) -> Result<(), BuildError> {
         let key = config.template_key()?;

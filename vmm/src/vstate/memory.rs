@@ -294,6 +294,13 @@ pub struct Template {
 }
 
 impl Template {
+    /// A template over a file prepared elsewhere (a snapshot's memory file, laid out as
+    /// [`ram_ranges`] one after another), never written through: clones map it privately.
+    pub fn from_file(file: File, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        Ok(Self { file, size })
+    }
+
     /// Bytes of guest RAM.
     pub fn size(&self) -> u64 {
         self.size

@@ -1,7 +1,7 @@
 //! The vCPU run loop: one thread per vCPU, exits dispatched to an [`ExitHandler`], the VM's end
 //! decided once through [`VmControl`].
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mirrorball_profiler::exits::ExitKind;
@@ -45,7 +45,36 @@ pub struct VmControl {
     running: AtomicUsize,
     wake: EventFd,
     halt: HaltWatch,
+    pause: PauseGate,
 }
+
+/// Pausing: the controller raises `requested`, kicks the vCPU threads out of KVM_RUN, and each
+/// thread parks on `resumed` (counted in `parked`) until the request is lowered or the VM ends.
+/// While parked, a vCPU thread runs the jobs queued for it (e.g. saving its state).
+#[derive(Debug, Default)]
+struct PauseGate {
+    requested: AtomicBool,
+    parked: Mutex<ParkState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ParkState {
+    parked: usize,
+    jobs: Vec<Option<VcpuJob>>,
+}
+
+impl std::fmt::Debug for ParkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkState")
+            .field("parked", &self.parked)
+            .field("jobs", &self.jobs.iter().filter(|j| j.is_some()).count())
+            .finish()
+    }
+}
+
+/// Work a parked vCPU thread does on its own vCPU fd, handing the result back.
+pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 impl VmControl {
     /// A control block for `vcpus` vCPUs.
@@ -56,7 +85,77 @@ impl VmControl {
             running: AtomicUsize::new(vcpus),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             halt: HaltWatch::new(vcpus),
+            pause: PauseGate {
+                parked: Mutex::new(ParkState {
+                    parked: 0,
+                    jobs: (0..vcpus).map(|_| None).collect(),
+                }),
+                ..PauseGate::default()
+            },
         })
+    }
+
+    /// Asks every vCPU to park at its next exit (the caller kicks them out of KVM_RUN).
+    pub fn request_pause(&self) {
+        self.pause.requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let _guard = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause.requested.store(false, Ordering::SeqCst);
+        self.pause.changed.notify_all();
+    }
+
+    /// Whether a pause was requested (and not yet lifted).
+    pub fn pause_requested(&self) -> bool {
+        self.pause.requested.load(Ordering::SeqCst)
+    }
+
+    /// Whether every vCPU still running is parked (the VM is fully paused).
+    pub fn all_parked(&self) -> bool {
+        let state = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause_requested() && state.parked >= self.running.load(Ordering::SeqCst)
+    }
+
+    /// vCPU threads that have not stopped.
+    pub fn running_vcpus(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Queues `job` for parked vCPU `index` (replacing one not yet run); false if out of range.
+    pub fn queue_job(&self, index: usize, job: VcpuJob) -> bool {
+        let mut state = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = state.jobs.get_mut(index) else {
+            return false;
+        };
+        *slot = Some(job);
+        self.pause.changed.notify_all();
+        true
+    }
+
+    /// Parks the calling vCPU thread while a pause is requested and the VM goes on, running the
+    /// jobs queued for it.
+    fn park(&self, index: usize, fd: &VcpuFd) {
+        let mut state = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+        state.parked += 1;
+        loop {
+            if let Some(job) = state.jobs.get_mut(index).and_then(Option::take) {
+                drop(state);
+                job(fd);
+                state = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            if !self.pause_requested() || self.should_stop() {
+                break;
+            }
+            state = self
+                .pause
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
     }
 
     /// Records why the VM ends (the first reason wins) and tells everyone to stop.
@@ -68,6 +167,11 @@ impl VmControl {
             }
         }
         self.stop.store(true, Ordering::SeqCst);
+        {
+            // Parked vCPUs wake up to leave.
+            let _guard = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
+            self.pause.changed.notify_all();
+        }
         // A full eventfd counter only means a wake-up is already pending.
         let _ = self.wake.write(1);
     }
@@ -183,6 +287,10 @@ impl Vcpu {
         // SAFETY: gettid has no preconditions.
         self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
         while !self.control.should_stop() {
+            if self.control.pause_requested() {
+                self.control.park(self.index, &self.fd);
+                continue;
+            }
             acct.enter_run();
             let (kind, action) = self.run_once();
             acct.exit_run(kind);

@@ -1,0 +1,233 @@
+//! Group 13, snapshots and clones (in this process, the default configuration: profiler on at
+//! 20 Hz):
+//!
+//! - snapshot cost: a 256 MiB workload VM whose task has touched 20 % of its RAM (51 MiB), paused
+//!   and written: the pause and the memory file's size on disk, against the RAM size;
+//! - restore → the clone's vCPUs running (snapshot checked, clone built, state written, threads
+//!   started) against the time the original VM took from its build to the same point, and
+//!   against building and starting a fresh VM of the same configuration;
+//! - 8 clones against 1: restore-to-running time, and host memory right after the restore (the
+//!   clones' private pages + the snapshot file's pages, counted once).
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
+use vmm::exit::VmEnd;
+use vmm::fleet::{FleetPlan, ShareMode};
+use vmm::host::HostContext;
+use vmm::session::{self, RunningVm, SessionOptions};
+use vmm::snapshot::restore;
+
+use super::report::{median, spread, Row, Target};
+
+const MIB: f64 = (1u64 << 20) as f64;
+static NEVER: AtomicBool = AtomicBool::new(false);
+/// 51 MiB of 256: 20 % of the RAM, touched in the first iteration of a long task.
+const SPEC: &str = "work 51 R 2000000 100000";
+
+fn config() -> Result<GuestConfig> {
+    Ok(GuestConfig::Workload(WorkloadConfig {
+        specs: vec![SPEC.parse().context("spec")?],
+        vcpus: 1,
+        mem_bytes: Some(256 << 20),
+        profile_period: Some(Duration::from_millis(50)),
+    }))
+}
+
+fn start_fresh(host: &Arc<HostContext>, name: &str) -> Result<RunningVm> {
+    let built = builder::build(
+        &config()?,
+        VmResources {
+            name: name.into(),
+            memory: MemorySource::Fresh,
+            console: ConsoleSink::Null,
+            host: host.clone(),
+        },
+    )
+    .context("building")?;
+    session::start(built).map_err(|e| anyhow::anyhow!("starting: {e}"))
+}
+
+/// Stops `vms` and returns the private bytes they held (their final sharing scans).
+fn stop_all(vms: Vec<RunningVm>) -> u64 {
+    for vm in &vms {
+        vm.stop(VmEnd::Interrupted);
+    }
+    let mut private = 0;
+    for vm in vms {
+        let report = vm.finish(None);
+        private += report.memory.map_or(0, |m| m.total.private) * 4096;
+    }
+    private
+}
+
+/// Loads the snapshot in `dir` (every check, the memory checksum included); returns it and the
+/// time it took.
+fn load(host: &Arc<HostContext>, dir: &Path) -> Result<(f64, restore::Loaded)> {
+    let t = Instant::now();
+    let loaded = restore::load(dir, host).context("load")?;
+    Ok((t.elapsed().as_secs_f64() * 1e3, loaded))
+}
+
+/// Starts `count` clones of `loaded`; returns the time to running and the clones.
+fn restore_clones(
+    host: &Arc<HostContext>,
+    dir: &Path,
+    loaded: &restore::Loaded,
+    count: usize,
+) -> Result<(f64, Vec<RunningVm>)> {
+    let t = Instant::now();
+    let plan = FleetPlan::copies(loaded.config.clone(), count, Some(ShareMode::Template))?;
+    let consoles = vec![ConsoleSink::Null; count];
+    let started = restore::launch(dir, loaded, &plan, consoles, host, Default::default())?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut vms = Vec::new();
+    for s in started {
+        match s {
+            Ok(vm) => vms.push(vm),
+            Err((name, e)) => bail!("{name}: {e}"),
+        }
+    }
+    Ok((ms, vms))
+}
+
+pub fn run(scratch: &Path) -> Result<Vec<Row>> {
+    let run_dir = scratch.join("snapshot-run");
+    let host = Arc::new(HostContext::new(&run_dir, false)?);
+    let _ = SessionOptions {
+        timeout: None,
+        interrupted: &NEVER,
+        console_input: false,
+        keep_regions: None,
+    };
+    // The template: run until the task has touched its 51 MiB (its first iteration), snapshot.
+    let dir = scratch.join("snapshot-256m");
+    let _ = std::fs::remove_dir_all(&dir);
+    let built_at = Instant::now();
+    let mut original = start_fresh(&host, "template")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let detail = original
+        .snapshot_to(&dir)
+        .map_err(|e| anyhow::anyhow!("snapshot: {e}"))?;
+    let to_point_ms = built_at.elapsed().as_secs_f64() * 1e3;
+    stop_all(vec![original]);
+    let pause_ms = detail["pause_ms"].as_f64().unwrap_or(f64::NAN);
+    let written = detail["memory_pages_written"].as_u64().unwrap_or(0) as f64 * 4096.0;
+    let on_disk = detail["memory_allocated_bytes"].as_u64().unwrap_or(0) as f64;
+    let mut rows = vec![
+        Row::measured(
+            13,
+            "snapshot_pause",
+            "snapshot of 256 MiB, 20 % touched: VM paused",
+            "ms",
+            pause_ms,
+            "",
+            None,
+            Target::None,
+            format!(
+                "{:.0} MiB written (non-zero pages), {:.0} MiB on disk",
+                written / MIB,
+                on_disk / MIB
+            ),
+        ),
+        Row::measured(
+            13,
+            "snapshot_size",
+            "snapshot of 256 MiB, 20 % touched: memory file on disk",
+            "MiB",
+            on_disk / MIB,
+            "guest RAM",
+            Some(256.0),
+            Target::None,
+            "sparse: untouched pages are holes".into(),
+        ),
+    ];
+    // Restore → running, against a fresh build → running and the original's way to the point.
+    let mut load_ms = Vec::new();
+    let mut restore_ms = Vec::new();
+    let mut fresh_ms = Vec::new();
+    for _ in 0..5 {
+        let (ms, loaded) = load(&host, &dir)?;
+        load_ms.push(ms);
+        let (ms, vms) = restore_clones(&host, &dir, &loaded, 1)?;
+        restore_ms.push(ms);
+        stop_all(vms);
+        let t = Instant::now();
+        let vm = start_fresh(&host, "fresh")?;
+        fresh_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        stop_all(vec![vm]);
+    }
+    let restore = median(&restore_ms);
+    rows.push(Row::measured(
+        13,
+        "restore_load",
+        "restore: reading and checking the snapshot (once for any number of clones)",
+        "ms",
+        median(&load_ms),
+        "",
+        None,
+        Target::None,
+        format!(
+            "{} ms over 5 runs; reads and checksums the {:.0} MiB of data in memory.bin",
+            spread(&load_ms, 1),
+            written / MIB
+        ),
+    ));
+    rows.push(Row::measured(
+        13,
+        "restore_vs_original",
+        "restore → vCPUs running (snapshot loaded) vs the original VM's build → snapshot point",
+        "ms",
+        restore,
+        "original to the point",
+        Some(to_point_ms),
+        Target::RatioAtMost { value: 0.001 },
+        format!("{} ms over 5 runs", spread(&restore_ms, 2)),
+    ));
+    rows.push(Row::measured(
+        13,
+        "restore_vs_fresh",
+        "restore → vCPUs running (snapshot loaded) vs a fresh build → vCPUs running (same VM)",
+        "ms",
+        restore,
+        "fresh build",
+        Some(median(&fresh_ms)),
+        Target::None,
+        format!("fresh {} ms", spread(&fresh_ms, 1)),
+    ));
+    // 8 clones against 1.
+    let snapshot_file =
+        vmm::snapshot::allocated_bytes(&dir.join(vmm::snapshot::MEMORY_FILE)) as f64;
+    let (_, loaded) = load(&host, &dir)?;
+    let (one_ms, one) = restore_clones(&host, &dir, &loaded, 1)?;
+    let one_mem = stop_all(one) as f64 + snapshot_file;
+    let (eight_ms, eight) = restore_clones(&host, &dir, &loaded, 8)?;
+    let eight_mem = stop_all(eight) as f64 + snapshot_file;
+    rows.push(Row::measured(
+        13,
+        "clones_8_time",
+        "8 clones from one loaded snapshot: restore → all running",
+        "ms",
+        eight_ms,
+        "1 clone",
+        Some(one_ms),
+        Target::RatioAtMost { value: 2.0 },
+        String::new(),
+    ));
+    rows.push(Row::measured(
+        13,
+        "clones_8_memory",
+        "8 clones right after restore: host memory (private pages + snapshot pages once)",
+        "MiB",
+        eight_mem / MIB,
+        "1 clone",
+        Some(one_mem / MIB),
+        Target::RatioAtMost { value: 1.1 },
+        "the clones run (and write) from their start until all are stopped and counted".into(),
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}

@@ -1,0 +1,281 @@
+//! Restoring a snapshot directory as clones: [`load`] reads and checks it once (state checksum,
+//! format, version, host, memory file and its checksum), [`launch`] builds and starts N VMs whose
+//! RAM is a copy-on-write clone of `memory.bin` (the template mechanism of `vstate::memory`),
+//! each with its own name, profiler regions and console, and writes the saved vCPU and device
+//! state into each before its vCPUs first run.
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::builder::workload::WorkloadImage;
+use crate::builder::{
+    self, BuiltVm, ConsoleSink, Guest, GuestConfig, Image, MemorySource, SharedImage, VmResources,
+    WorkloadConfig,
+};
+use crate::fleet::FleetPlan;
+use crate::host::HostContext;
+use crate::profiling::sampler::AttributionMode;
+use crate::runner::RunError;
+use crate::session::{self, RunningVm};
+use crate::vstate::memory::Template;
+use crate::workload::{self, TaskSpec};
+
+use super::state::{self, SnapshotState};
+use super::{memory, vcpu, SnapshotError, CHECKSUM_FILE, STATE_FILE};
+
+/// Bytes of a guest region header (the VMM formats it; restores keep the new VM's own).
+const REGION_HEADER: usize = 256;
+/// Offset of `guest_boot_id` in the guest region header (the guest writes it).
+const GUEST_BOOT_ID: usize = 120;
+
+/// A snapshot read and checked, ready to clone.
+pub struct Loaded {
+    /// The state file.
+    pub state: SnapshotState,
+    /// The VM configuration it describes.
+    pub config: GuestConfig,
+    shared: Arc<SharedImage>,
+    guest_region: Option<Vec<u8>>,
+}
+
+fn open_read(dir: &Path, name: &str) -> Result<File, SnapshotError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(name))
+        .map_err(|e| SnapshotError::new(dir, format!("cannot open {name}: {e}")))
+}
+
+fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, SnapshotError> {
+    let mut bytes = Vec::new();
+    open_read(dir, name)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| SnapshotError::new(dir, format!("cannot read {name}: {e}")))?;
+    if bytes.len() as u64 > limit {
+        return Err(SnapshotError::new(dir, format!("{name} is too large")));
+    }
+    Ok(bytes)
+}
+
+/// The guest configuration a state file describes.
+pub fn config_of(state: &SnapshotState) -> Result<GuestConfig, String> {
+    let specs = state
+        .vm
+        .specs
+        .iter()
+        .map(|s| s.parse::<TaskSpec>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = GuestConfig::Workload(WorkloadConfig {
+        specs,
+        vcpus: state.vm.vcpus,
+        mem_bytes: Some(state.vm.mem_bytes),
+        profile_period: state.vm.profile_period_ns.map(Duration::from_nanos),
+    });
+    config.check().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    let err = |why: String| SnapshotError::new(dir, why);
+    let meta = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(err("not a directory".into()));
+    }
+    let checksum = read_small(dir, CHECKSUM_FILE, 4096)?;
+    let bytes = read_small(dir, STATE_FILE, state::MAX_STATE_BYTES)?;
+    state::parse(&bytes, &String::from_utf8_lossy(&checksum)).map_err(err)
+}
+
+/// The guest configuration of the snapshot in `dir` (its state file checked; the rest is
+/// checked by [`load`]).
+pub fn read_config(dir: &Path) -> Result<GuestConfig, SnapshotError> {
+    config_of(&read_state(dir)?).map_err(|e| SnapshotError::new(dir, e))
+}
+
+/// Reads and checks the snapshot in `dir` for restoring on `host`.
+pub fn load(dir: &Path, host: &HostContext) -> Result<Loaded, SnapshotError> {
+    let err = |why: String| SnapshotError::new(dir, why);
+    let state = read_state(dir)?;
+    let kind = host.kind().name();
+    if state.host.kind != kind {
+        return Err(err(format!(
+            "taken on a {} KVM host, this host is {kind}",
+            state.host.kind
+        )));
+    }
+    let api = host.kvm().get_api_version();
+    if state.host.kvm_api_version != api {
+        return Err(err(format!(
+            "taken with KVM API version {}, this host has {api}",
+            state.host.kvm_api_version
+        )));
+    }
+    let config = config_of(&state).map_err(err)?;
+    let mem = open_read(dir, &state.memory.file)?;
+    let size = mem.metadata().map_err(|e| err(e.to_string()))?.len();
+    if size != state.memory.bytes {
+        return Err(err(format!(
+            "{} has {size} bytes, the state says {} (truncated?)",
+            state.memory.file, state.memory.bytes
+        )));
+    }
+    let found = memory::verify(&mem, size).map_err(|e| err(e.to_string()))?;
+    if (found.pages, found.crc) != (state.memory.pages, state.memory.crc32) {
+        return Err(err(format!(
+            "{} does not match its checksum (corrupted)",
+            state.memory.file
+        )));
+    }
+    let guest_region = match &state.guest_region {
+        Some(f) => {
+            let bytes = read_small(dir, &f.file, 1 << 30)?;
+            if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
+                return Err(err(format!("{} does not match its checksum", f.file)));
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    let template = Template::from_file(mem, size).map_err(|e| err(e.to_string()))?;
+    let plan = match &config {
+        GuestConfig::Workload(c) => {
+            workload::layout(&c.specs, c.vcpus).map_err(|e| err(e.to_string()))?
+        }
+        GuestConfig::Linux(_) => return Err(err("Linux snapshots are not supported yet".into())),
+    };
+    let image = Image::Workload(WorkloadImage {
+        plan,
+        entry: mirrorball_workload::IMAGE_GPA,
+    });
+    let shared = SharedImage::prepared(Arc::new(template), image, &config)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Loaded {
+        state,
+        config,
+        shared: Arc::new(shared),
+        guest_region,
+    })
+}
+
+/// Whether the CPU this host gives a clone's vCPUs has every feature the snapshot's guest saw.
+pub fn check_cpuid(loaded: &Loaded, built: &BuiltVm) -> Result<(), String> {
+    for (i, (v, saved)) in built.vcpus.iter().zip(&loaded.state.vcpus).enumerate() {
+        let now = vcpu::guest_cpuid(v.fd())?;
+        if let Some(missing) = vcpu::missing_features(&saved.cpuid, &now) {
+            return Err(format!(
+                "this host lacks CPU features the snapshot's guest saw on vCPU {i}: {missing}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the snapshot's vCPU and device state into a freshly built clone.
+pub fn apply(loaded: &Loaded, built: &mut BuiltVm) -> Result<(), String> {
+    check_cpuid(loaded, built)?;
+    for (i, (v, saved)) in built.vcpus.iter().zip(&loaded.state.vcpus).enumerate() {
+        vcpu::apply(v.fd(), saved).map_err(|e| format!("vCPU {i}: {e}"))?;
+    }
+    if let (Guest::Workload { monitor, .. }, Some(progress)) =
+        (&built.guest, &loaded.state.workload)
+    {
+        monitor.restore_progress(progress);
+    }
+    if let (Some(p), Some(saved)) = (&built.profiling, &loaded.guest_region) {
+        let region = &p.regions.guest;
+        if region.len() != saved.len() {
+            return Err(format!(
+                "the profiler's guest region has {} bytes, the snapshot's {}",
+                region.len(),
+                saved.len()
+            ));
+        }
+        let dst = region.host_addr();
+        // SAFETY: `dst` maps the new VM's guest region of `region.len()` bytes, alive while
+        // `p.regions` is; no vCPU runs yet. The VMM-formatted header is kept, the guest's own
+        // boot id and everything after the header are carried over.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                saved.as_ptr().add(GUEST_BOOT_ID),
+                dst.add(GUEST_BOOT_ID),
+                8,
+            );
+            std::ptr::copy_nonoverlapping(
+                saved.as_ptr().add(REGION_HEADER),
+                dst.add(REGION_HEADER),
+                saved.len().saturating_sub(REGION_HEADER),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A clone started, or why it could not be.
+pub type Started = Result<RunningVm, (String, RunError)>;
+
+/// Builds and starts the VMs of `plan` (copies of the snapshot's configuration) as clones of
+/// `loaded`, each started once all are built. A host whose CPU lacks what the snapshot's guest
+/// saw refuses the snapshot as a whole; other failures refuse one clone alone.
+pub fn launch(
+    dir: &Path,
+    loaded: &Loaded,
+    plan: &FleetPlan,
+    consoles: Vec<ConsoleSink>,
+    host: &Arc<HostContext>,
+    attribution: AttributionMode,
+) -> Result<Vec<Started>, SnapshotError> {
+    let built: Vec<_> = plan
+        .vms
+        .iter()
+        .zip(consoles)
+        .map(|(vm, console)| {
+            let fail = |e: String| (vm.name.clone(), RunError::Build(e));
+            let mut b = builder::build(
+                &loaded.config,
+                VmResources {
+                    name: vm.name.clone(),
+                    memory: MemorySource::Template(loaded.shared.clone()),
+                    console,
+                    host: host.clone(),
+                },
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            if let Some(p) = b.profiling.as_mut() {
+                p.set_attribution(attribution);
+            }
+            Ok(b)
+        })
+        .collect();
+    if let Some(Ok(first)) = built.first() {
+        check_cpuid(loaded, first).map_err(|e| SnapshotError::new(dir, e))?;
+    }
+    // Every clone gets its state before any starts: running clones would slow the others' setup.
+    let ready: Vec<_> = built
+        .into_iter()
+        .map(|b: Result<BuiltVm, _>| {
+            b.and_then(|mut b| {
+                apply(loaded, &mut b).map_err(|e| (b.name.clone(), RunError::Build(e)))?;
+                Ok(b)
+            })
+        })
+        .collect();
+    // Started parked, then let go together: a clone that runs would slow the others' start.
+    let mut started: Vec<Started> = ready
+        .into_iter()
+        .map(|b| {
+            b.and_then(|b| {
+                b.control.request_pause();
+                let name = b.name.clone();
+                session::start(b).map_err(|e| (name, e))
+            })
+        })
+        .collect();
+    for vm in started.iter_mut().flatten() {
+        vm.resume();
+    }
+    Ok(started)
+}

@@ -1,0 +1,175 @@
+//! The state file `state.json` of a snapshot directory and its checksum file: what a restore
+//! needs besides the memory — the VM's configuration, the host it was taken on, every vCPU's
+//! state, the devices' state (the workload guest's task progress; the profiler's guest region,
+//! in its own file) and the memory file's figures. Parsing is pure and bounded, for fuzzing.
+use serde::{Deserialize, Serialize};
+
+use super::vcpu::{self, VcpuState};
+use crate::workload::TaskProgress;
+
+/// `format` of every state file.
+pub const FORMAT: &str = "mirrorball-snapshot";
+/// Version this VMM writes and reads.
+pub const VERSION: u32 = 1;
+/// Largest state file read.
+pub const MAX_STATE_BYTES: u64 = 16 << 20;
+/// Most vCPUs a state file may describe.
+pub const MAX_VCPUS: usize = 256;
+
+/// The state file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotState {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// [`VERSION`] of the writer.
+    pub version: u32,
+    /// The VM's configuration.
+    pub vm: VmConfig,
+    /// Where it was taken.
+    pub host: HostFacts,
+    /// Per vCPU, in order.
+    pub vcpus: Vec<VcpuState>,
+    /// The workload guest's per-task progress.
+    #[serde(default)]
+    pub workload: Option<Vec<TaskProgress>>,
+    /// The guest memory file.
+    pub memory: FileFacts,
+    /// The profiler's guest region (tasks the guest registered), if the VM had one.
+    #[serde(default)]
+    pub guest_region: Option<FileFacts>,
+    /// How long the VM was paused for the snapshot, ms.
+    #[serde(default)]
+    pub pause_ms: f64,
+}
+
+/// What is needed to build the VM again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// `"workload"` (`"linux"` is not supported yet).
+    pub guest: String,
+    /// The workload's task specs.
+    pub specs: Vec<String>,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// Profiler period, ns (`None`: profiler off).
+    pub profile_period_ns: Option<u64>,
+    /// The VM's name.
+    pub name: String,
+}
+
+/// Host facts a restore compares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFacts {
+    /// KVM host kind (`pvm`, `intel`, `amd`).
+    pub kind: String,
+    /// `KVM_GET_API_VERSION`.
+    pub kvm_api_version: i32,
+}
+
+/// A data file of the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFacts {
+    /// Its name in the snapshot directory.
+    pub file: String,
+    /// Its size, bytes.
+    pub bytes: u64,
+    /// Non-zero pages it holds.
+    pub pages: u64,
+    /// CRC-32 over (offset, page) of its non-zero pages.
+    pub crc32: u32,
+}
+
+/// The checksum file's one line for `state` bytes.
+pub fn checksum_line(state: &[u8]) -> String {
+    format!("crc32 state.json {:08x}\n", crc32fast::hash(state))
+}
+
+/// Parses a state file, given its checksum file's text: checks the checksum, the format, the
+/// version and every field's bounds. Errors are one line.
+pub fn parse(bytes: &[u8], checksum: &str) -> Result<SnapshotState, String> {
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(format!("state.json is larger than {MAX_STATE_BYTES} bytes"));
+    }
+    if checksum.trim() != checksum_line(bytes).trim() {
+        return Err("state.json does not match its checksum (truncated or corrupted)".into());
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| format!("state.json is not JSON ({e}): truncated or corrupted"))?;
+    match value.get("format").and_then(serde_json::Value::as_str) {
+        Some(FORMAT) => {}
+        _ => return Err("state.json is not a Mirrorball snapshot".into()),
+    }
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "snapshot version {v}; this vmm reads version {VERSION}"
+            ))
+        }
+        None => return Err("state.json has no version".into()),
+    }
+    let state: SnapshotState =
+        serde_json::from_value(value).map_err(|e| format!("state.json: {e}"))?;
+    check(&state)?;
+    Ok(state)
+}
+
+fn check(state: &SnapshotState) -> Result<(), String> {
+    let vm = &state.vm;
+    if vm.guest != "workload" {
+        return Err(format!(
+            "snapshots of {:?} guests cannot be restored yet",
+            vm.guest
+        ));
+    }
+    if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS || state.vcpus.len() != vm.vcpus {
+        return Err(format!(
+            "state.json describes {} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            vm.vcpus
+        ));
+    }
+    if state.memory.bytes != vm.mem_bytes || !vm.mem_bytes.is_multiple_of(4096) || vm.mem_bytes == 0
+    {
+        return Err("state.json: memory size does not match the VM's".into());
+    }
+    for f in std::iter::once(&state.memory).chain(&state.guest_region) {
+        if f.file.is_empty() || f.file.contains('/') || f.file.starts_with('.') {
+            return Err(format!("state.json: bad file name {:?}", f.file));
+        }
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        vcpu::validate(v, i)?;
+    }
+    if let Some(p) = &state.workload {
+        if p.len() != vm.specs.len() {
+            return Err("state.json: task progress does not match the tasks".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_bad_checksums_formats_and_versions() {
+        let text = br#"{"format":"mirrorball-snapshot","version":99}"#;
+        let e = parse(text, &checksum_line(text)).expect_err("version");
+        assert!(e.contains("version 99"), "{e}");
+        let e = parse(text, "crc32 state.json 00000000").expect_err("crc");
+        assert!(e.contains("checksum"), "{e}");
+        let text = br#"{"format":"x","version":1}"#;
+        assert!(parse(text, &checksum_line(text)).is_err());
+        let text = b"{\"format\":\"mirrorball-snap";
+        let e = parse(text, &checksum_line(text)).expect_err("truncated");
+        assert!(e.contains("truncated"), "{e}");
+    }
+}
