@@ -94,6 +94,9 @@ pub struct RunOptions {
     /// Where the serial consoles of several Linux VMs are logged, one NAME.log each.
     #[arg(long, value_name = "DIR", default_value = "vmm-logs")]
     pub log_dir: PathBuf,
+    // Machine-memory budget (`vmm::budget`): --machine-mem, --swap.
+    #[command(flatten)]
+    pub budget: crate::budget::BudgetArgs,
     // Gates (`vmm::gates`, README "Gates"): --expect, --baseline, --junit.
     #[command(flatten)]
     pub gates: crate::gates::GateArgs,

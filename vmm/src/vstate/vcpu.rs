@@ -109,7 +109,14 @@ pub struct Vcpu {
     tid: Arc<AtomicI32>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<Box<dyn FnOnce() + Send>>,
+    /// KVM_RUN EFAULTs in a row (see [`MAX_EFAULT_RETRIES`]).
+    efaults: u32,
 }
+
+/// How many KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
+/// memory cgroup limit (`crate::budget`) the host's reclaim can fall behind a thrashing guest:
+/// KVM's fault-in of a guest page then fails with EFAULT once and succeeds a moment later.
+pub const MAX_EFAULT_RETRIES: u32 = 10_000;
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -141,6 +148,7 @@ impl Vcpu {
             tid: Arc::new(AtomicI32::new(0)),
             on_start: None,
             on_stop: None,
+            efaults: 0,
         }
     }
 
@@ -220,7 +228,17 @@ impl Vcpu {
     fn run_once(&mut self) -> (ExitKind, VcpuAction) {
         let i = self.index;
         let h = &self.handler;
-        match self.fd.run() {
+        let result = self.fd.run();
+        match &result {
+            Err(e) if e.errno() == libc::EFAULT && self.efaults < MAX_EFAULT_RETRIES => {
+                self.efaults += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                return (ExitKind::Other, VcpuAction::Continue);
+            }
+            Err(_) => {}
+            Ok(_) => self.efaults = 0,
+        }
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => (ExitKind::IoIn, h.io_in(i, port, data)),
             Ok(VcpuExit::IoOut(port, data)) => (ExitKind::IoOut, h.io_out(i, port, data)),
             Ok(VcpuExit::MmioRead(addr, data)) => (ExitKind::MmioRead, h.mmio_read(i, addr, data)),
