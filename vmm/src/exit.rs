@@ -10,6 +10,8 @@
 //! | 5 | KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY) |
 //! | 6 | the workload guest rejected its parameters |
 //! | 7 | `--timeout` expired |
+//! | 13 | `--machine-mem`: the budget cannot be set up (too small, no root, no memory controller, no swap space) |
+//! | 14 | `--machine-mem`: the budget ran out while the VMs ran (swap full or memory not reclaimable) |
 //! | 130 | interrupted by SIGINT/SIGTERM |
 use std::fmt;
 

@@ -193,9 +193,9 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
     }
     let mut code = fleet::summary::exit_code(&results);
     // KVM could not fault a guest page in for seconds: the cgroup cannot reclaim.
-    let faulted = results.iter().flatten().any(|r| {
-        matches!(&r.end_reason, vmm::exit::VmEnd::VmmError(m) if m.contains("os error 14"))
-    });
+    let faulted = results.iter().flatten().any(
+        |r| matches!(&r.end_reason, vmm::exit::VmEnd::VmmError(m) if m.contains("os error 14")),
+    );
     if let Some(report) = budget_report.as_ref().filter(|r| r.exhausted || faulted) {
         code = budget::EXIT_BUDGET_EXHAUSTED;
         eprintln!(

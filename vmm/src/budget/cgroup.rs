@@ -171,7 +171,10 @@ impl BudgetCgroup {
         std::fs::read_to_string(self.dir.join(file))
             .unwrap_or_default()
             .lines()
-            .any(|l| l.split_once(' ').is_some_and(|(k, v)| k == key && v.trim() != "0"))
+            .any(|l| {
+                l.split_once(' ')
+                    .is_some_and(|(k, v)| k == key && v.trim() != "0")
+            })
     }
 
     /// Lifts the limit so that stalled threads can run on to their end (the budget is broken

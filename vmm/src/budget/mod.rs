@@ -59,7 +59,12 @@ pub struct BudgetArgs {
     /// Where pages over --machine-mem go: auto (the host's free swap if enough, else a swap
     /// file in /var/tmp made for the run and deleted after), none (every VM must fit), or a
     /// swap file PATH (created for the run if it does not exist).
-    #[arg(long, value_name = "auto|none|PATH", default_value = "auto", requires = "machine_mem")]
+    #[arg(
+        long,
+        value_name = "auto|none|PATH",
+        default_value = "auto",
+        requires = "machine_mem"
+    )]
     pub swap: SwapChoice,
 }
 
@@ -95,7 +100,9 @@ impl std::str::FromStr for SwapChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
     /// The budget cannot hold the VMs' start.
-    #[error("--machine-mem {budget_mib} MiB is too small to start {vms} VM(s): at least {min_mib} MiB")]
+    #[error(
+        "--machine-mem {budget_mib} MiB is too small to start {vms} VM(s): at least {min_mib} MiB"
+    )]
     TooSmall {
         /// The budget.
         budget_mib: u64,
@@ -118,7 +125,9 @@ pub enum BudgetError {
     #[error("cannot create the memory cgroup {0} (needs root or a delegated cgroup)")]
     NotPermitted(PathBuf),
     /// No memory controller is mounted.
-    #[error("no cgroup memory controller is mounted (neither cgroup v2 with memory nor v1 memory)")]
+    #[error(
+        "no cgroup memory controller is mounted (neither cgroup v2 with memory nor v1 memory)"
+    )]
     NoMemoryController,
     /// Another cgroup step failed.
     #[error("memory cgroup: {what}: {source}")]

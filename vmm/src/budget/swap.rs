@@ -246,7 +246,10 @@ mod tests {
         let areas = parse_swaps(text);
         assert_eq!(areas.len(), 2);
         assert_eq!(areas[0].path, PathBuf::from("/var/tmp/a b"));
-        assert_eq!((areas[0].size, areas[0].used), (1048572 * 1024, 4096 * 1024));
+        assert_eq!(
+            (areas[0].size, areas[0].used),
+            (1048572 * 1024, 4096 * 1024)
+        );
         assert!(parse_swaps("Filename Type Size Used Priority\n").is_empty());
     }
 
@@ -255,7 +258,10 @@ mod tests {
         let page = header_page(256).expect("header");
         assert_eq!(&page[4086..], b"SWAPSPACE2");
         assert_eq!(u32::from_ne_bytes(page[1024..1028].try_into().unwrap()), 1);
-        assert_eq!(u32::from_ne_bytes(page[1028..1032].try_into().unwrap()), 255);
+        assert_eq!(
+            u32::from_ne_bytes(page[1028..1032].try_into().unwrap()),
+            255
+        );
         assert!(header_page(1 << 40).is_err());
     }
 }
