@@ -203,3 +203,75 @@ fn sigterm_restores_the_host() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(leftovers(pid), Vec::<String>::new(), "host state restored");
 }
+
+#[test]
+fn thrash_study_writes_csvs_plots_and_a_table() {
+    let bad = run_vmm(
+        &[
+            "study",
+            "thrash",
+            "--vms",
+            "3..1",
+            "--machine-mem",
+            "64M",
+            "--workload",
+            "work 8 R 1",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    if !budget_possible("thrash_study_writes_csvs_plots_and_a_table") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out_dir = temp_file("budget", "study", b"");
+    let _ = std::fs::remove_file(&out_dir);
+    let dir = out_dir.to_str().expect("path");
+    let out = run_vmm(
+        &[
+            "study",
+            "thrash",
+            "--vms",
+            "1..2",
+            "--machine-mem",
+            "64M",
+            "--workload",
+            "work 24 R 40000",
+            "--out",
+            dir,
+        ],
+        DEADLINE,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let summary = std::fs::read_to_string(out_dir.join("summary.csv")).expect("summary");
+    let rows: Vec<&str> = summary.lines().collect();
+    assert_eq!(rows.len(), 3, "{summary}");
+    assert!(rows[0].starts_with("vms,seconds,work_per_s,host_major_faults_per_s"));
+    assert!(
+        rows[1].starts_with("1,") && rows[2].starts_with("2,"),
+        "{summary}"
+    );
+    // Two 24 MiB VMs do not fit next to the VMM in 64 MiB: the second run pages.
+    let majflt: f64 = rows[2]
+        .split(',')
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .expect("col");
+    assert!(majflt > 0.0, "{summary}");
+    for name in [
+        "run-1.csv",
+        "run-2.csv",
+        "thrash-faults.png",
+        "thrash-faults.svg",
+        "thrash-work.png",
+        "thrash-work.svg",
+    ] {
+        let len = std::fs::metadata(out_dir.join(name))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{name} missing or empty");
+    }
+    assert!(stdout.contains("<- knee"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("thrash-work.svg"), "{stdout}");
+}

@@ -116,6 +116,8 @@ pub enum Command {
     Prometheus(PrometheusArgs),
     /// Compare two --stats files figure by figure (exit code 12 when one regressed).
     Diff(crate::gates::diff::DiffArgs),
+    /// Case studies over many runs: `vmm study thrash` (see vmm/src/study).
+    Study(crate::study::StudyArgs),
     /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
     Fleet(FleetArgs),
 }

@@ -20,5 +20,6 @@ pub mod profiling;
 pub mod report;
 pub mod runner;
 pub mod session;
+pub mod study;
 pub mod vstate;
 pub mod workload;

@@ -104,6 +104,7 @@ fn run_tool(command: Command) -> Result<i32> {
             )?;
         }
         Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
+        Command::Study(a) => return vmm::study::run(&a),
     }
     Ok(0)
 }
