@@ -275,3 +275,48 @@ fn thrash_study_writes_csvs_plots_and_a_table() {
     assert!(stdout.contains("<- knee"), "{stdout}");
     assert!(stdout.trim_end().ends_with("thrash-work.svg"), "{stdout}");
 }
+
+#[test]
+fn share_study_shows_the_template_saving() {
+    if !kvm_available("share_study_shows_the_template_saving") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out_dir = temp_file("budget", "share", b"");
+    let _ = std::fs::remove_file(&out_dir);
+    let dir = out_dir.to_str().expect("path");
+    let out = run_vmm(
+        &[
+            "study",
+            "share",
+            "--vms",
+            "1..3",
+            "--workload",
+            "read 16 L 50000",
+            "--out",
+            dir,
+        ],
+        DEADLINE,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let csv = std::fs::read_to_string(out_dir.join("share.csv")).expect("csv");
+    let bytes = |mode: &str, n: usize| -> f64 {
+        csv.lines()
+            .find(|l| l.starts_with(&format!("{mode},{n},")))
+            .and_then(|l| l.split(',').nth(2))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{mode} {n} missing: {csv}"))
+    };
+    let mib = 1048576.0;
+    // Without sharing, each VM adds its 16 MiB read set; with the template, the set is once.
+    let none_step = bytes("none", 3) - bytes("none", 1);
+    let template_step = bytes("template", 3) - bytes("template", 1);
+    assert!(none_step > 2.0 * 12.0 * mib, "{csv}");
+    assert!(template_step < 2.0 * 4.0 * mib, "{csv}");
+    assert!(stdout.contains("saving per VM with template"), "{stdout}");
+    for name in ["share-memory.png", "share-memory.svg"] {
+        assert!(out_dir.join(name).exists(), "{name}");
+    }
+    assert!(stdout.trim_end().ends_with("share-memory.svg"), "{stdout}");
+}

@@ -1,4 +1,4 @@
-//! `vmm study thrash`: for each N of a range, runs N OS-less VMs under one machine-memory budget
+//! `vmm study thrash` (and `vmm study share`, [`share`]): for each N of a range, runs N OS-less VMs under one machine-memory budget
 //! (a child `vmm` process per N, so each run has its own cgroup and swap), samples the host
 //! major faults of every vCPU thread over time, and writes a CSV per run, a summary CSV, plots
 //! ([`plot`]) and a terminal table.
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod plot;
+pub mod share;
 
 /// `vmm study`.
 #[derive(Debug, clap::Args)]
@@ -27,6 +28,8 @@ pub struct StudyArgs {
 pub enum Study {
     /// Total work per second vs number of VMs under one machine-memory budget.
     Thrash(ThrashArgs),
+    /// Host memory vs number of VMs with template sharing, without it, and with KSM.
+    Share(share::ShareArgs),
 }
 
 /// `vmm study thrash`.
@@ -120,7 +123,7 @@ fn vcpu_threads(pid: u32) -> Vec<(u32, u64)> {
     out
 }
 
-fn progress(done: usize, total: usize, what: &str) {
+pub(crate) fn progress(done: usize, total: usize, what: &str) {
     let width = 30;
     let filled = done * width / total.max(1);
     eprint!(
@@ -256,7 +259,10 @@ fn write_csvs(out: &Path, runs: &[RunSummary], seed: u64) -> Result<PathBuf> {
 
 /// Runs `vmm study …`; returns the exit code.
 pub fn run(args: &StudyArgs) -> Result<i32> {
-    let Study::Thrash(t) = &args.study;
+    let t = match &args.study {
+        Study::Thrash(t) => t,
+        Study::Share(s) => return share::run(s),
+    };
     std::fs::create_dir_all(&t.out)
         .with_context(|| format!("cannot create {}", t.out.display()))?;
     let (a, b) = t.vms;

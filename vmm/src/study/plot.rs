@@ -1,4 +1,4 @@
-//! The thrash study's plots, PNG and SVG: host major faults per second vs time, one line per VM
+//! The studies' plots (thrash; share: host memory vs N per mode), PNG and SVG: host major faults per second vs time, one line per VM
 //! and one panel per N; and total work per second vs N with the thrashing knee marked.
 use std::path::{Path, PathBuf};
 
@@ -139,4 +139,73 @@ pub fn plots(out: &Path, runs: &[RunSummary], knee: Option<usize>) -> Result<Vec
         knee,
     )?;
     Ok(vec![faults_png, faults_svg, work_png, work_svg])
+}
+
+fn share<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    runs: &[super::share::ShareRun],
+    modes: &[&str],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let x_max = runs.iter().map(|r| r.vms).max().unwrap_or(1) as f64 + 0.5;
+    let y_max = runs.iter().map(|r| mib(r.bytes)).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(root)
+        .caption("Host memory vs number of VMs", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.5..x_max, 0.0..y_max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("VMs")
+        .y_desc("host memory, Pss (MiB)")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err)?;
+    for (k, mode) in modes.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let points: Vec<(f64, f64)> = runs
+            .iter()
+            .filter(|r| r.mode == *mode)
+            .map(|r| (r.vms as f64, mib(r.bytes)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(err)?
+            .label(mode.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 13))
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Draws the share plot as PNG and SVG into `out`; returns the paths.
+pub fn share_plots(
+    out: &Path,
+    runs: &[super::share::ShareRun],
+    modes: &[&str],
+) -> Result<Vec<PathBuf>> {
+    let _ = mirrorball_monitor::plot::load_font(&mirrorball_monitor::plot::FontChoice::Auto);
+    let png = out.join("share-memory.png");
+    let svg = out.join("share-memory.svg");
+    share(
+        &BitMapBackend::new(&png, (800, 500)).into_drawing_area(),
+        runs,
+        modes,
+    )?;
+    share(
+        &SVGBackend::new(&svg, (800, 500)).into_drawing_area(),
+        runs,
+        modes,
+    )?;
+    Ok(vec![png, svg])
 }
