@@ -198,7 +198,7 @@ fn sigterm_restores_the_host() {
     );
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    unsafe { libc::kill(pid.cast_signed(), libc::SIGTERM) };
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130));
     assert_eq!(leftovers(pid), Vec::<String>::new(), "host state restored");

@@ -11,7 +11,8 @@
 //! 9. host fault tracking on vs off on a fault-heavy run;
 //! 10. attribution error (exact vs sampled, against the pages each task touched) and cost;
 //! 11. Disco memory: 8 template clones' host memory, clone launch, copy-on-write break cost,
-//!     the sharing scan's cost.
+//!     the sharing scan's cost;
+//! 12. machine-memory budget: its cost on a workload that fits, and the thrashing knee.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`; `--update-readme` merges them into
@@ -34,6 +35,8 @@ use clap::Parser;
 mod attribution;
 #[path = "vmm_bench/bare.rs"]
 mod bare;
+#[path = "vmm_bench/budget.rs"]
+mod budget;
 /// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -112,7 +115,7 @@ struct Args {
     #[arg(long, value_name = "K", default_value_t = 8)]
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
-    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11). Group names given as plain
+    /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11), budget (12). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -272,6 +275,11 @@ fn run(args: &Args) -> Result<()> {
         if args.wants("sharing") {
             group(&mut rows, 10, "sharing", || {
                 sharing::run(&vmm, args.exit_runs)
+            });
+        }
+        if args.wants("budget") {
+            group(&mut rows, 12, "budget", || {
+                budget::run(&vmm, args.exit_runs)
             });
         }
         match &args.linux {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::BudgetError;
 
 const PAGE: u64 = 4096;
+const PAGE_LEN: usize = 4096;
 
 /// One line of `/proc/swaps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +57,7 @@ pub fn free_bytes() -> u64 {
 /// The 4 KiB header page of a version-1 swap area of `pages` pages (page 0 is the header).
 fn header_page(pages: u64) -> Result<Vec<u8>, BudgetError> {
     let last_page = u32::try_from(pages - 1).map_err(|_| BudgetError::SwapTooLarge)?;
-    let mut page = vec![0u8; PAGE as usize];
+    let mut page = vec![0u8; PAGE_LEN];
     // The header sits after 1 KiB of boot-block space: version, last page, bad-page count, uuid,
     // label; the magic ends the page.
     page[1024..1028].copy_from_slice(&1u32.to_ne_bytes());
@@ -64,7 +65,7 @@ fn header_page(pages: u64) -> Result<Vec<u8>, BudgetError> {
     let label = b"mirrorball";
     page[1036 + 16..1036 + 16 + label.len()].copy_from_slice(label);
     let magic = b"SWAPSPACE2";
-    page[PAGE as usize - magic.len()..].copy_from_slice(magic);
+    page[PAGE_LEN - magic.len()..].copy_from_slice(magic);
     Ok(page)
 }
 
@@ -85,7 +86,7 @@ fn fs_free_bytes(dir: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Turns swap on for `path`.
