@@ -1,7 +1,8 @@
-//! `vmm study thrash` (and `vmm study share`, [`share`]): for each N of a range, runs N OS-less VMs under one machine-memory budget
-//! (a child `vmm` process per N, so each run has its own cgroup and swap), samples the host
-//! major faults of every vCPU thread over time, and writes a CSV per run, a summary CSV, plots
-//! ([`plot`]) and a terminal table.
+//! `vmm study thrash` (and `vmm study share`, [`share`]): for each N of a range, runs N OS-less
+//! VMs under one machine-memory budget (a child `vmm` process per N, so each run has its own
+//! cgroup and swap; the VMs are template clones, the default for several VMs, also for N = 1),
+//! samples the host major faults of every vCPU thread over time, and writes a CSV per run, a
+//! summary CSV, plots ([`plot`]) and a terminal table.
 //!
 //! VMs of one child are told apart by their vCPU threads' ids: the VMs are built and started in
 //! order (vm0 first), each with one vCPU, so the k-th `vcpu0` thread by id belongs to VM k.
@@ -145,7 +146,7 @@ fn run_one(args: &ThrashArgs, n: usize) -> Result<RunSummary> {
             "--vms",
             &n.to_string(),
             "--share",
-            "none",
+            "template",
         ])
         .args(["--machine-mem", &format!("{}K", args.machine_mem >> 10)])
         .arg("--stats")
