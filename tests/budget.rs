@@ -320,3 +320,43 @@ fn share_study_shows_the_template_saving() {
     }
     assert!(stdout.trim_end().ends_with("share-memory.svg"), "{stdout}");
 }
+
+#[test]
+fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
+    if !budget_possible("a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A 16 MiB swap file of the user's, far too small for what does not fit in 48 MiB.
+    let swap = Path::new("/var/tmp").join(format!("mirrorball-test-swap-{}", std::process::id()));
+    let _ = std::fs::remove_file(&swap);
+    std::fs::write(&swap, vec![0u8; 16 << 20]).expect("swap file");
+    std::fs::set_permissions(&swap, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let made = Command::new("mkswap").arg(&swap).output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        let _ = std::fs::remove_file(&swap);
+        assert!(std::env::var_os("CI").is_none(), "mkswap is missing (CI=1)");
+        eprintln!("skipped: no mkswap");
+        return;
+    }
+    let path = swap.to_str().expect("path");
+    let out = run_vmm(
+        &[
+            "--workload",
+            PRESSURE,
+            "--machine-mem",
+            "48M",
+            "--swap",
+            path,
+        ],
+        DEADLINE,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(14), "{stderr}");
+    assert!(stderr.contains("budget ran out"), "{stderr}");
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    assert!(!swaps.contains(path), "the user's swap file is off again");
+    assert!(swap.exists(), "the user's swap file is not deleted");
+    let _ = std::fs::remove_file(&swap);
+}

@@ -241,19 +241,13 @@ fn enter_budget(plan: &FleetPlan, options: &RunOptions) -> Result<Option<Machine
         .iter()
         .map(|vm| vm.config.ram_bytes().unwrap_or(0))
         .sum();
-    MachineBudget::enter(
-        bytes,
-        &options.budget.swap,
-        guest_bytes,
-        plan.vms.len(),
-        &INTERRUPTED,
-    )
-    .map(Some)
-    .map_err(|e| {
-        let code = budget::EXIT_BUDGET_SETUP;
-        eprintln!("vmm: machine memory: {e} (exit code {code})");
-        code
-    })
+    MachineBudget::enter(bytes, &options.budget.swap, guest_bytes, plan.vms.len())
+        .map(Some)
+        .map_err(|e| {
+            let code = budget::EXIT_BUDGET_SETUP;
+            eprintln!("vmm: machine memory: {e} (exit code {code})");
+            code
+        })
 }
 
 /// `--stats`: one VM's report object, or {"vms": [...]} for a fleet (a VM that could not be

@@ -89,8 +89,8 @@ pub fn cgroup_name(pid: u32) -> String {
 
 impl BudgetCgroup {
     /// Creates the cgroup with a limit of `limit` bytes (v2: `memory.high`, and `memory.max`
-    /// `slack` above it as the backstop) and moves this process into it.
-    pub fn enter(limit: u64, slack: u64) -> Result<Self, BudgetError> {
+    /// `slack` above it as the backstop); [`Self::join`] moves the process in.
+    pub fn create(limit: u64, slack: u64) -> Result<Self, BudgetError> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let (version, root) =
             find_memory_mount(&mountinfo).ok_or(BudgetError::NoMemoryController)?;
@@ -138,9 +138,27 @@ impl BudgetCgroup {
                 }
             }
         }
-        let pid = std::process::id().to_string();
-        write(&cgroup.dir, "cgroup.procs", &pid)?;
         Ok(cgroup)
+    }
+
+    /// Moves this process into the cgroup.
+    pub fn join(&self) -> Result<(), BudgetError> {
+        write(&self.dir, "cgroup.procs", &std::process::id().to_string())
+    }
+
+    /// Whether the limit was lifted ([`Self::lift`], by the watchdog).
+    pub fn lifted(&self) -> bool {
+        let file = match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        };
+        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        match text.trim() {
+            "max" => true,
+            t => t
+                .parse::<u64>()
+                .is_ok_and(|v| v > self.limit.saturating_mul(2)),
+        }
     }
 
     /// Bytes charged to the cgroup now.

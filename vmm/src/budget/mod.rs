@@ -13,8 +13,10 @@
 //!   file; `none` requires every VM to fit.
 //! - **Never an OOM kill**: on v1 the cgroup's OOM killer is off (threads wait instead) and on v2
 //!   the limit is `memory.high` (reclaim and throttling) with `memory.max` a slack above it. A
-//!   monitor thread sees when memory cannot be reclaimed (swap full), lifts the limit so the
-//!   stalled threads can run, and ends the VMs: exit code [`EXIT_BUDGET_EXHAUSTED`].
+//!   watchdog process forked before the VMM moves into the cgroup (so it never waits for memory
+//!   itself) sees when memory cannot be reclaimed for 3 s (OOM wait, or swap full at the limit),
+//!   lifts the limit so the stalled threads can run, and sends the VMM SIGTERM to end the VMs:
+//!   exit code [`EXIT_BUDGET_EXHAUSTED`].
 //! - **Host state is restored** on every exit the process survives: normal end, error return,
 //!   SIGINT/SIGTERM (they end the VMs and return normally) and panic (a panic hook; the build
 //!   aborts on panic, so no destructors run). A process killed with SIGKILL leaves its cgroup
@@ -22,13 +24,11 @@
 //!
 //! One budget per process: it is the process's by definition.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 pub mod cgroup;
 pub mod swap;
+mod watchdog;
 
 use cgroup::BudgetCgroup;
 use swap::OwnedSwap;
@@ -46,8 +46,6 @@ pub const PER_VM_RESERVE: u64 = 4 << 20;
 const KEEP_DISK_FREE: u64 = 512 << 20;
 /// Where `--swap auto` creates its file.
 pub const AUTO_SWAP_DIR: &str = "/var/tmp";
-/// How often the monitor looks at the cgroup.
-const MONITOR_PERIOD: Duration = Duration::from_millis(50);
 
 /// The budget's command-line options (flattened into every command that runs VMs).
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -67,10 +65,6 @@ pub struct BudgetArgs {
     )]
     pub swap: SwapChoice,
 }
-
-/// How long the cgroup may wait for memory it cannot reclaim before the budget counts as
-/// exhausted.
-const STALL_LIMIT: Duration = Duration::from_secs(3);
 
 /// Where pages over the budget go.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -183,10 +177,9 @@ pub struct BudgetReport {
     pub cgroup: cgroup::Version,
     /// The cgroup directory.
     pub cgroup_dir: PathBuf,
-    /// Highest charge the monitor saw.
+    /// Highest charge: the kernel's peak (v1 `max_usage_in_bytes`, v2 `memory.peak`; the
+    /// charge at the end where the kernel keeps none).
     pub peak_bytes: u64,
-    /// The kernel's own peak (v1 `max_usage_in_bytes`, v2 `memory.peak`).
-    pub kernel_peak_bytes: Option<u64>,
     /// The swap file set up for the run, if any.
     pub swap_file: Option<PathBuf>,
     /// Its size.
@@ -234,10 +227,7 @@ fn install_panic_hook() {
 pub struct MachineBudget {
     inner: Arc<Mutex<Inner>>,
     budget: u64,
-    stop: Arc<AtomicBool>,
-    exhausted: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    monitor: Option<JoinHandle<()>>,
+    watchdog: Option<watchdog::Watchdog>,
 }
 
 /// The least budget that starts `vms` VMs.
@@ -278,13 +268,13 @@ pub fn remove_stale() {
 
 impl MachineBudget {
     /// Sets the budget up for `vms` VMs with `guest_bytes` of guest memory together and moves
-    /// this process under it; `stop_all` is raised when the budget runs out, to end the VMs.
+    /// this process under it. When the budget runs out, the watchdog lifts the limit and sends
+    /// the process SIGTERM (whose handler ends the VMs); [`Self::exhausted`] then says so.
     pub fn enter(
         budget: u64,
         swap_choice: &SwapChoice,
         guest_bytes: u64,
         vms: usize,
-        stop_all: &'static AtomicBool,
     ) -> Result<Self, BudgetError> {
         let min = minimum(vms);
         if budget < min {
@@ -321,35 +311,30 @@ impl MachineBudget {
             SwapChoice::Path(path) => Some(OwnedSwap::create(path, needed, KEEP_DISK_FREE)?),
         };
         let slack = (budget / 16).max(16 << 20);
-        let cgroup = BudgetCgroup::enter(budget, slack)?;
+        let cgroup = BudgetCgroup::create(budget, slack)?;
+        // Forked before the process moves in: the watchdog stays outside the budget, so it
+        // still runs when every thread of the VMM waits for memory.
+        let watchdog = watchdog::Watchdog::spawn(&cgroup, swap.as_ref().map(|s| s.size));
+        // On an error, `cgroup`, `swap` and `watchdog` are dropped: the host is as before.
+        cgroup.join()?;
         let inner = Arc::new(Mutex::new(Inner { cgroup, swap }));
         *active = Some(inner.clone());
         drop(active);
         install_panic_hook();
-        let stop = Arc::new(AtomicBool::new(false));
-        let exhausted = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let monitor = {
-            let (inner, stop, exhausted, peak) =
-                (inner.clone(), stop.clone(), exhausted.clone(), peak.clone());
-            std::thread::Builder::new()
-                .name("budget".into())
-                .spawn(move || monitor(&inner, &stop, &exhausted, &peak, stop_all))
-                .ok()
-        };
         Ok(Self {
             inner,
             budget,
-            stop,
-            exhausted,
-            peak,
-            monitor,
+            watchdog,
         })
     }
 
-    /// Whether the budget ran out while the VMs ran.
+    /// Whether the budget ran out while the VMs ran (the watchdog lifted the limit).
     pub fn exhausted(&self) -> bool {
-        self.exhausted.load(Ordering::SeqCst)
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup
+            .lifted()
     }
 
     /// What the budget did so far.
@@ -359,51 +344,20 @@ impl MachineBudget {
             budget_bytes: self.budget,
             cgroup: inner.cgroup.version,
             cgroup_dir: inner.cgroup.dir.clone(),
-            peak_bytes: self.peak.load(Ordering::SeqCst),
-            kernel_peak_bytes: inner.cgroup.kernel_peak(),
+            peak_bytes: inner
+                .cgroup
+                .kernel_peak()
+                .unwrap_or_else(|| inner.cgroup.usage()),
             swap_file: inner.swap.as_ref().map(|s| s.path.clone()),
             swap_file_bytes: inner.swap.as_ref().map_or(0, |s| s.size),
-            exhausted: self.exhausted(),
+            exhausted: inner.cgroup.lifted(),
         }
-    }
-}
-
-fn monitor(
-    inner: &Mutex<Inner>,
-    stop: &AtomicBool,
-    exhausted: &AtomicBool,
-    peak: &AtomicU64,
-    stop_all: &AtomicBool,
-) {
-    let mut stalled_since: Option<std::time::Instant> = None;
-    while !stop.load(Ordering::SeqCst) {
-        {
-            let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
-            peak.fetch_max(inner.cgroup.usage(), Ordering::SeqCst);
-            // Reclaim can fall behind for a moment (pages still being written to swap); only
-            // a stall that lasts is the end of the budget.
-            stalled_since = if inner.cgroup.out_of_memory() {
-                stalled_since.or_else(|| Some(std::time::Instant::now()))
-            } else {
-                None
-            };
-            let stalled = stalled_since.is_some_and(|t| t.elapsed() >= STALL_LIMIT);
-            if !exhausted.load(Ordering::SeqCst) && stalled {
-                exhausted.store(true, Ordering::SeqCst);
-                inner.cgroup.lift();
-                stop_all.store(true, Ordering::SeqCst);
-            }
-        }
-        std::thread::sleep(MONITOR_PERIOD);
     }
 }
 
 impl Drop for MachineBudget {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(m) = self.monitor.take() {
-            let _ = m.join();
-        }
+        drop(self.watchdog.take());
         self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())

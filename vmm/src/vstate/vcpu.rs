@@ -109,14 +109,14 @@ pub struct Vcpu {
     tid: Arc<AtomicI32>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<Box<dyn FnOnce() + Send>>,
-    /// KVM_RUN EFAULTs in a row (see [`MAX_EFAULT_RETRIES`]).
-    efaults: u32,
+    /// Since when KVM_RUN has failed with EFAULT without a success (see [`EFAULT_RETRY_FOR`]).
+    efault_since: Option<std::time::Instant>,
 }
 
-/// How many KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
+/// How long KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
 /// memory cgroup limit (`crate::budget`) the host's reclaim can fall behind a thrashing guest:
 /// KVM's fault-in of a guest page then fails with EFAULT once and succeeds a moment later.
-pub const MAX_EFAULT_RETRIES: u32 = 10_000;
+pub const EFAULT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -148,7 +148,7 @@ impl Vcpu {
             tid: Arc::new(AtomicI32::new(0)),
             on_start: None,
             on_stop: None,
-            efaults: 0,
+            efault_since: None,
         }
     }
 
@@ -230,13 +230,19 @@ impl Vcpu {
         let h = &self.handler;
         let result = self.fd.run();
         match &result {
-            Err(e) if e.errno() == libc::EFAULT && self.efaults < MAX_EFAULT_RETRIES => {
-                self.efaults += 1;
+            Err(e)
+                if e.errno() == libc::EFAULT
+                    && self
+                        .efault_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < EFAULT_RETRY_FOR =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 return (ExitKind::Other, VcpuAction::Continue);
             }
             Err(_) => {}
-            Ok(_) => self.efaults = 0,
+            Ok(_) => self.efault_since = None,
         }
         match result {
             Ok(VcpuExit::IoIn(port, data)) => (ExitKind::IoIn, h.io_in(i, port, data)),
