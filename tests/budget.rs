@@ -164,8 +164,8 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
     assert!(s["vcpus"][0]["host_major_faults"].as_u64().unwrap_or(0) >= majflt);
     let m = &s["machine_memory"];
     assert_eq!(m["budget_bytes"].as_u64(), Some(budget));
-    // v1 enforces the limit exactly; 1 MiB slack for the sampling of a moving charge.
-    let slack = 1 << 20;
+    // The stated slack: the watchdog's breath lets the charge go 4 MiB over for a moment.
+    let slack = 4 << 20;
     let peak = m["peak_bytes"].as_u64().expect("peak");
     assert!(peak > budget / 2 && peak <= budget + slack, "peak {peak}");
     if samples > 0 {

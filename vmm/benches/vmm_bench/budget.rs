@@ -80,7 +80,7 @@ fn knee(vmm: &Path, dir: &Path) -> Result<Vec<Row>> {
             "study",
             "thrash",
             "--vms",
-            "1..8",
+            "1..6",
             "--machine-mem",
             KNEE_BUDGET,
         ])

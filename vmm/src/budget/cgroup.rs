@@ -195,6 +195,16 @@ impl BudgetCgroup {
             })
     }
 
+    /// Sets the hard limit (v1 `memory.limit_in_bytes`, v2 `memory.high`) to `bytes`; false
+    /// when the kernel refused (v1: EBUSY, the charge could not be reclaimed below it yet).
+    pub fn set_limit(&self, bytes: u64) -> bool {
+        let file = match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.high",
+        };
+        std::fs::write(self.dir.join(file), bytes.to_string()).is_ok()
+    }
+
     /// Lifts the limit so that stalled threads can run on to their end (the budget is broken
     /// then, and the VMs are ended).
     pub fn lift(&self) {

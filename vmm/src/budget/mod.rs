@@ -14,9 +14,9 @@
 //! - **Never an OOM kill**: on v1 the cgroup's OOM killer is off (threads wait instead) and on v2
 //!   the limit is `memory.high` (reclaim and throttling) with `memory.max` a slack above it. A
 //!   watchdog process forked before the VMM moves into the cgroup (so it never waits for memory
-//!   itself) sees when memory cannot be reclaimed for 3 s (OOM wait, or swap full at the limit),
-//!   lifts the limit so the stalled threads can run, and sends the VMM SIGTERM to end the VMs:
-//!   exit code [`EXIT_BUDGET_EXHAUSTED`].
+//!   itself) gives waiting tasks a breath (v1: the limit 4 MiB higher for a moment) while swap
+//!   has room, and when swap is full at the limit for 3 s lifts the limit so stalled threads run
+//!   on and sends the VMM SIGTERM to end the VMs: exit code [`EXIT_BUDGET_EXHAUSTED`].
 //! - **Host state is restored** on every exit the process survives: normal end, error return,
 //!   SIGINT/SIGTERM (they end the VMs and return normally) and panic (a panic hook; the build
 //!   aborts on panic, so no destructors run). A process killed with SIGKILL leaves its cgroup
@@ -242,6 +242,17 @@ pub fn swap_needed(guest_bytes: u64, vms: usize, budget: u64) -> u64 {
     with_margin.max(64 << 20).div_ceil(1 << 20) << 20
 }
 
+/// `path` absolute with its directories resolved (the file itself may not exist yet).
+fn resolve(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or(absolute.clone()),
+        _ => absolute,
+    }
+}
+
 /// Removes what processes killed with SIGKILL left behind: their cgroups and the swap files
 /// `--swap auto` made for them.
 pub fn remove_stale() {
@@ -307,8 +318,17 @@ impl MachineBudget {
                     .join(format!("mirrorball-swap-{}-0", std::process::id()));
                 Some(OwnedSwap::create(&path, needed, KEEP_DISK_FREE)?)
             }
-            SwapChoice::Path(path) if path.exists() => Some(OwnedSwap::existing(path)?),
-            SwapChoice::Path(path) => Some(OwnedSwap::create(path, needed, KEEP_DISK_FREE)?),
+            SwapChoice::Path(given) => {
+                // As /proc/swaps names it: absolute, directories resolved.
+                let path = resolve(given);
+                if swap::active().iter().any(|a| a.path == path) {
+                    None // already on: used as it is, and left on
+                } else if path.exists() {
+                    Some(OwnedSwap::existing(&path)?)
+                } else {
+                    Some(OwnedSwap::create(&path, needed, KEEP_DISK_FREE)?)
+                }
+            }
         };
         let slack = (budget / 16).max(16 << 20);
         let cgroup = BudgetCgroup::create(budget, slack)?;

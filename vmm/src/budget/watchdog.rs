@@ -1,8 +1,9 @@
 //! The budget's watchdog: a child process forked while the VMM is still single-threaded and
-//! outside its budget cgroup. Every 50 ms it looks at the cgroup; when the cgroup's tasks have
-//! waited for memory the kernel cannot reclaim for [`STALL_LIMIT`] (v1 `under_oom`, a v2 OOM
-//! event, or swap full with the charge at the limit), it lifts the limit (so the stalled threads
-//! can run to their end), sends the VMM SIGTERM and exits. It dies with the VMM
+//! outside its budget cgroup. Every 50 ms it looks at the cgroup. When tasks wait for memory
+//! (v1 `under_oom`) while swap has room, it gives a breath: the limit [`BREATH`] higher for a
+//! moment, then the budget again. When swap is full with the charge at the limit (or tasks wait
+//! and there is no swap) for [`STALL_LIMIT`], it lifts the limit (so the stalled threads can run
+//! to their end), sends the VMM SIGTERM and exits. It dies with the VMM
 //! (`PR_SET_PDEATHSIG`) and never touches the host state the VMM restores.
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,10 @@ use super::swap;
 /// How long the cgroup may wait for memory before the budget counts as exhausted.
 pub const STALL_LIMIT: Duration = Duration::from_secs(3);
 const PERIOD: Duration = Duration::from_millis(50);
+/// How far a breath lets the charge go over the budget, for a moment.
+pub const BREATH: u64 = 4 << 20;
+/// How long tasks wait for memory before a breath.
+const BREATH_AFTER: Duration = Duration::from_millis(200);
 
 /// The running watchdog; dropping it ends it.
 pub struct Watchdog {
@@ -52,6 +57,8 @@ impl Watchdog {
 
 fn watch(cgroup: &BudgetCgroup, swap_size: Option<u64>, parent: libc::pid_t) {
     let mut stalled_since: Option<Instant> = None;
+    let mut waiting_since: Option<Instant> = None;
+    let mut raised = false;
     loop {
         // SAFETY: getppid has no preconditions.
         if unsafe { libc::getppid() } != parent {
@@ -61,7 +68,26 @@ fn watch(cgroup: &BudgetCgroup, swap_size: Option<u64>, parent: libc::pid_t) {
             swap::free_bytes() < (size / 32).max(4 << 20)
                 && cgroup.usage() + (1 << 20) >= cgroup.limit
         });
-        stalled_since = if cgroup.out_of_memory() || swap_full {
+        let waiting = cgroup.out_of_memory();
+        // v1: tasks waiting for memory are woken only when some is freed; reclaim that fell
+        // behind (pages still being written to swap) leaves them waiting while swap has room.
+        // A breath — BREATH more for a moment, then the budget again (which makes the
+        // writer reclaim) — lets them go on.
+        if waiting && !swap_full {
+            waiting_since = waiting_since.or_else(|| Some(Instant::now()));
+            if waiting_since.is_some_and(|t| t.elapsed() >= BREATH_AFTER) {
+                cgroup.set_limit(cgroup.limit + BREATH);
+                std::thread::sleep(Duration::from_millis(20));
+                raised = true;
+                waiting_since = None;
+            }
+        } else {
+            waiting_since = None;
+        }
+        if raised && cgroup.set_limit(cgroup.limit) {
+            raised = false;
+        }
+        stalled_since = if swap_full || (waiting && swap_size.is_none()) {
             stalled_since.or_else(|| Some(Instant::now()))
         } else {
             None
