@@ -5,7 +5,7 @@
 //!   `--machine-mem 1G` (the cgroup is set up, nothing is swapped) and without, in back-to-back
 //!   pairs alternating which goes first; runtime = the task's runtime from `--stats`; the ratio
 //!   is the median of the pairs' ratios (target ≤ 1.05).
-//! - Knee: `vmm study thrash --vms 1..6 --machine-mem 128M --workload "work 32 R 400000"`: N at
+//! - Knee: `vmm study thrash --vms 1..6 --machine-mem 160M --workload "work 32 R 400000"`: N at
 //!   peak total work/s, work/s there and at 2× the knee, and host major faults/s per VM at 2×
 //!   the knee (or at the largest N when 2× the knee is past 6).
 use std::path::Path;
@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::report::{median, spread, Row, Target};
 
 const FITS: &str = "work 64 R 3000000";
-const KNEE_BUDGET: &str = "128M";
+const KNEE_BUDGET: &str = "160M";
 const KNEE_WORKLOAD: &str = "work 32 R 400000";
 
 fn runtime_s(vmm: &Path, budget: bool, stats: &Path) -> Result<f64> {

@@ -178,11 +178,13 @@ fn run_one(args: &ThrashArgs, n: usize) -> Result<RunSummary> {
         let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
     let code = status.code().unwrap_or(-1);
-    if code != 0 {
-        bail!(
-            "N={n}: vmm ended with exit code {code}: {}",
-            err.lines().last().unwrap_or("")
-        );
+    if !status.success() {
+        let how = match std::os::unix::process::ExitStatusExt::signal(&status) {
+            Some(sig) => format!("was killed by signal {sig}"),
+            None => format!("ended with exit code {code}"),
+        };
+        let last = err.lines().last().unwrap_or("").trim();
+        bail!("N={n}: vmm {how}: {last}");
     }
     let doc: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&stats).with_context(|| format!("{}", stats.display()))?,
