@@ -155,7 +155,7 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
         Err(code) => return Ok(code),
     };
     let mut host = HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?;
-    host.set_private_ram(budget.is_some());
+    host.set_private_ram(budget.as_ref().is_some_and(MachineBudget::may_swap));
     let host = Arc::new(host);
     host_notices(&plan, &host);
     let consoles = fleet::consoles(&plan, &options.log_dir)?;

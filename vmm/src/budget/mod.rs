@@ -228,6 +228,7 @@ pub struct MachineBudget {
     inner: Arc<Mutex<Inner>>,
     budget: u64,
     watchdog: Option<watchdog::Watchdog>,
+    fits: bool,
 }
 
 /// The least budget that starts `vms` VMs.
@@ -345,7 +346,13 @@ impl MachineBudget {
             inner,
             budget,
             watchdog,
+            fits,
         })
+    }
+
+    /// Whether the VMs' memory may be swapped: it does not all fit in the budget.
+    pub fn may_swap(&self) -> bool {
+        !self.fits
     }
 
     /// Whether the budget ran out while the VMs ran (the watchdog lifted the limit).
