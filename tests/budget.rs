@@ -313,7 +313,7 @@ fn share_study_shows_the_template_saving() {
     let none_step = bytes("none", 3) - bytes("none", 1);
     let template_step = bytes("template", 3) - bytes("template", 1);
     assert!(none_step > 2.0 * 12.0 * mib, "{csv}");
-    assert!(template_step < 2.0 * 4.0 * mib, "{csv}");
+    assert!(template_step < none_step / 2.0, "{csv}");
     assert!(stdout.contains("saving per VM with template"), "{stdout}");
     for name in ["share-memory.png", "share-memory.svg"] {
         assert!(out_dir.join(name).exists(), "{name}");
@@ -353,7 +353,7 @@ fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
         DEADLINE,
     );
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(14), "{stderr}");
+    assert_eq!(out.status.code(), Some(14), "{:?}: {stderr}", out.status);
     assert!(stderr.contains("budget ran out"), "{stderr}");
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
     assert!(!swaps.contains(path), "the user's swap file is off again");

@@ -336,6 +336,8 @@ impl MachineBudget {
         // Forked before the process moves in: the watchdog stays outside the budget, so it
         // still runs when every thread of the VMM waits for memory.
         let watchdog = watchdog::Watchdog::spawn(&cgroup, swap.as_ref().map(|s| s.size));
+        // The main thread takes SIGTERM/SIGINT: its signal frames must never need a swap-in.
+        crate::vstate::vcpu::lock_stack_window();
         // On an error, `cgroup`, `swap` and `watchdog` are dropped: the host is as before.
         cgroup.join()?;
         let inner = Arc::new(Mutex::new(Inner { cgroup, swap }));
