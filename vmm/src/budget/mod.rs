@@ -206,6 +206,11 @@ impl Inner {
 /// The one active budget of the process, for the panic hook.
 static ACTIVE: Mutex<Option<Arc<Mutex<Inner>>>> = Mutex::new(None);
 
+/// Whether this process runs under a machine-memory budget.
+pub fn is_active() -> bool {
+    ACTIVE.lock().is_ok_and(|a| a.is_some())
+}
+
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -202,7 +202,9 @@ impl Vcpu {
                 return VcpuReport::default();
             }
         };
-        lock_stack_window();
+        if crate::budget::is_active() {
+            lock_stack_window();
+        }
         if let Some(hook) = self.on_start.take() {
             hook();
         }
