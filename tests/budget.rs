@@ -342,6 +342,15 @@ fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
         eprintln!("skipped: no mkswap");
         return;
     }
+    // Turned off and deleted however the test ends (a VMM killed by a signal leaves it on).
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("swapoff").arg(&self.0).output();
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(swap.clone());
     let path = swap.to_str().expect("path");
     let out = run_vmm(
         &[
@@ -360,5 +369,4 @@ fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
     assert!(!swaps.contains(path), "the user's swap file is off again");
     assert!(swap.exists(), "the user's swap file is not deleted");
-    let _ = std::fs::remove_file(&swap);
 }
