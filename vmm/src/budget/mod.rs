@@ -206,11 +206,6 @@ impl Inner {
 /// The one active budget of the process, for the panic hook.
 static ACTIVE: Mutex<Option<Arc<Mutex<Inner>>>> = Mutex::new(None);
 
-/// Whether this process runs under a machine-memory budget.
-pub fn is_active() -> bool {
-    ACTIVE.lock().is_ok_and(|a| a.is_some())
-}
-
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -341,8 +336,6 @@ impl MachineBudget {
         // Forked before the process moves in: the watchdog stays outside the budget, so it
         // still runs when every thread of the VMM waits for memory.
         let watchdog = watchdog::Watchdog::spawn(&cgroup, swap.as_ref().map(|s| s.size));
-        // The main thread takes SIGTERM/SIGINT: its signal frames must never need a swap-in.
-        crate::vstate::vcpu::lock_stack_window();
         // On an error, `cgroup`, `swap` and `watchdog` are dropped: the host is as before.
         cgroup.join()?;
         let inner = Arc::new(Mutex::new(Inner { cgroup, swap }));

@@ -118,23 +118,6 @@ pub struct Vcpu {
 /// KVM's fault-in of a guest page then fails with EFAULT once and succeeds a moment later.
 pub const EFAULT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Bytes of stack [`lock_stack_window`] locks.
-pub const LOCKED_STACK: usize = 256 << 10;
-
-/// Touches and locks [`LOCKED_STACK`] bytes of the calling thread's stack below the caller's
-/// frame, so that the kernel can always write a signal frame there: under a machine-memory
-/// budget (`crate::budget`) a swapped-out stack page whose swap-in could not be charged made the
-/// kernel kill the VMM with SIGSEGV while delivering a signal. Best effort: errors are ignored.
-#[inline(never)]
-pub fn lock_stack_window() {
-    // Touched first, so the stack mapping reaches that far (the main thread's grows on demand).
-    let mut pad = [0u8; LOCKED_STACK];
-    std::hint::black_box(&mut pad);
-    let start = pad.as_ptr() as usize;
-    // SAFETY: mlock only pins pages of this thread's own, mapped stack; no contents change.
-    unsafe { libc::mlock(start as *const libc::c_void, LOCKED_STACK) };
-}
-
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
@@ -202,9 +185,6 @@ impl Vcpu {
                 return VcpuReport::default();
             }
         };
-        if crate::budget::is_active() {
-            lock_stack_window();
-        }
         if let Some(hook) = self.on_start.take() {
             hook();
         }
