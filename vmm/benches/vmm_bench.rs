@@ -15,7 +15,8 @@
 //! 12. Copy-on-write disk: 4 KiB reads through virtio-blk vs pread, the overlay's write cost
 //!     (no KVM needed);
 //! 13. snapshots: snapshot pause and size (256 MiB, 20 % touched), restore → running against
-//!     the original's way to the same point, 8 clones against 1.
+//!     the original's way to the same point, 8 clones against 1;
+//! 14. machine-memory budget: its cost on a workload that fits, and the thrashing knee.
 //!
 //! Results are ratios of numbers measured in this one run, printed as a Markdown table (and
 //! written as JSON with `--json PATH`; `--update-readme` merges them into
@@ -38,6 +39,8 @@ use clap::Parser;
 mod attribution;
 #[path = "vmm_bench/bare.rs"]
 mod bare;
+#[path = "vmm_bench/budget.rs"]
+mod budget;
 /// The end-to-end tests' helpers (the tiny-guest ELF writer is shared with them).
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -121,7 +124,7 @@ struct Args {
     vms: usize,
     /// Run only these groups: launch (1, 2), exits (3), rss (4), linux (5; also needs --linux),
     /// profiler (6), latency (7), dashboard (8), tracking (9), attribution (10), sharing (11),
-    /// disk (12), snapshot (13). Group names given as plain
+    /// disk (12), snapshot (13), budget (14). Group names given as plain
     /// arguments (`cargo bench ... -- latency`) select groups too.
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
@@ -294,6 +297,11 @@ fn run(args: &Args) -> Result<()> {
         }
         if args.wants("snapshot") {
             group(&mut rows, 13, "snapshot", || snapshot::run(scratch.path()));
+        }
+        if args.wants("budget") {
+            group(&mut rows, 14, "budget", || {
+                budget::run(&vmm, args.exit_runs)
+            });
         }
         match &args.linux {
             Some(paths) if args.wants("linux") => {

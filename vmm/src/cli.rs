@@ -127,6 +127,9 @@ pub struct RunOptions {
     /// Where the serial consoles of several Linux VMs are logged, one NAME.log each.
     #[arg(long, value_name = "DIR", default_value = "vmm-logs")]
     pub log_dir: PathBuf,
+    // Machine-memory budget (`vmm::budget`): --machine-mem, --swap.
+    #[command(flatten)]
+    pub budget: crate::budget::BudgetArgs,
     // Gates (`vmm::gates`, README "Gates"): --expect, --baseline, --junit.
     #[command(flatten)]
     pub gates: crate::gates::GateArgs,
@@ -146,6 +149,8 @@ pub enum Command {
     Prometheus(PrometheusArgs),
     /// Compare two --stats files figure by figure (exit code 12 when one regressed).
     Diff(crate::gates::diff::DiffArgs),
+    /// Case studies over many runs: `vmm study thrash` (see vmm/src/study).
+    Study(crate::study::StudyArgs),
     /// Run the VMs a fleet file describes (TOML: one [[vm]] per VM; see vmm/src/fleet/file.rs).
     Fleet(FleetArgs),
     /// Drive a running VM through its control socket: status, pause, resume, stop, snapshot DIR

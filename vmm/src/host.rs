@@ -17,6 +17,7 @@ pub struct HostContext {
     kind: HostKind,
     run_dir: PathBuf,
     ksm: bool,
+    private_ram: bool,
     supported_cpuid: OnceLock<Result<CpuId, String>>,
     pvm_kernel_args: OnceLock<Result<String, String>>,
 }
@@ -31,6 +32,7 @@ impl HostContext {
             kind: HostKind::detect(),
             run_dir: run_dir.to_path_buf(),
             ksm,
+            private_ram: false,
             supported_cpuid: OnceLock::new(),
             pvm_kernel_args: OnceLock::new(),
         })
@@ -54,6 +56,19 @@ impl HostContext {
     /// Whether guest memory is marked mergeable for KSM.
     pub fn ksm(&self) -> bool {
         self.ksm
+    }
+
+    /// Maps fresh guest memory privately (anonymous pages over the memfd). Under a
+    /// machine-memory budget (`crate::budget`): with shared memfd pages near a v1 memory
+    /// cgroup's limit the VMM was killed by SIGSEGV here, while anonymous pages are swapped out
+    /// and in cleanly.
+    pub fn set_private_ram(&mut self, private: bool) {
+        self.private_ram = private;
+    }
+
+    /// Whether fresh guest memory is mapped privately (with KSM or a budget).
+    pub fn private_ram(&self) -> bool {
+        self.ksm || self.private_ram
     }
 
     /// `KVM_GET_SUPPORTED_CPUID`, read once.

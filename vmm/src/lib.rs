@@ -6,6 +6,7 @@
 //! resources to a VM ready to run), `fleet` (many VMs from one command or file), `session` (VMs
 //! running under one event loop), `exit` (why a VM ended).
 pub mod arch;
+pub mod budget;
 pub mod builder;
 pub mod cli;
 pub mod control;
@@ -21,5 +22,6 @@ pub mod report;
 pub mod runner;
 pub mod session;
 pub mod snapshot;
+pub mod study;
 pub mod vstate;
 pub mod workload;

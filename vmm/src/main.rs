@@ -8,6 +8,7 @@ use clap::Parser;
 use std::sync::Arc;
 
 use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
+use vmm::budget::{self, MachineBudget};
 use vmm::builder::ConsoleSink;
 use vmm::cli::{Cli, Command, RunOptions};
 use vmm::exit::EXIT_VMM_ERROR;
@@ -104,6 +105,7 @@ fn run_tool(command: Command) -> Result<i32> {
         }
         Command::Diff(a) => return Ok(vmm::gates::diff::run(&a)),
         Command::Ctl(a) => return ctl(a),
+        Command::Study(a) => return vmm::study::run(&a),
     }
     Ok(0)
 }
@@ -220,8 +222,13 @@ fn run_vms_from(
         Err(code) => return Ok(code),
     };
     install_interrupt_handlers()?;
-    let host =
-        Arc::new(HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?);
+    let budget = match enter_budget(&plan, options) {
+        Ok(budget) => budget,
+        Err(code) => return Ok(code),
+    };
+    let mut host = HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?;
+    host.set_private_ram(budget.as_ref().is_some_and(MachineBudget::may_swap));
+    let host = Arc::new(host);
     host_notices(&plan, &host);
     let consoles = fleet::consoles(&plan, &options.log_dir)?;
     let terminal = if consoles.contains(&ConsoleSink::Stdout) {
@@ -290,10 +297,25 @@ fn run_vms_from(
     if let Some(before) = ksm_before {
         eprintln!("vmm: {}", ksm::KsmFigures::read().summary_since(&before));
     }
+    let budget_report = budget.as_ref().map(MachineBudget::report);
     if let Some(path) = &options.stats {
-        write_stats(path, &results).with_context(|| format!("cannot write the stats to {path}"))?;
+        write_stats(path, &results, budget_report.as_ref())
+            .with_context(|| format!("cannot write the stats to {path}"))?;
     }
-    let code = fleet::summary::exit_code(&results);
+    let mut code = fleet::summary::exit_code(&results);
+    // KVM could not fault a guest page in for seconds: the cgroup cannot reclaim.
+    let faulted = results.iter().flatten().any(
+        |r| matches!(&r.end_reason, vmm::exit::VmEnd::VmmError(m) if m.contains("os error 14")),
+    );
+    if let Some(report) = budget_report.as_ref().filter(|r| r.exhausted || faulted) {
+        code = budget::EXIT_BUDGET_EXHAUSTED;
+        eprintln!(
+            "vmm: machine memory: the {} MiB budget ran out (swap full or not reclaimable); \
+             the VMs were ended (exit code {code})",
+            report.budget_bytes >> 20
+        );
+    }
+    drop(budget);
     match results.as_slice() {
         [Ok(report)] => {
             eprint!("{}", fleet::summary::where_vcpus_stopped(report, "vmm: "));
@@ -318,10 +340,34 @@ fn run_vms_from(
     Ok(gates.judge(&judged, code))
 }
 
+/// Sets up `--machine-mem` (none without it); a budget that cannot be set up is one line and
+/// exit code [`budget::EXIT_BUDGET_SETUP`].
+fn enter_budget(plan: &FleetPlan, options: &RunOptions) -> Result<Option<MachineBudget>, i32> {
+    let Some(bytes) = options.budget.machine_mem else {
+        return Ok(None);
+    };
+    let guest_bytes = plan
+        .vms
+        .iter()
+        .map(|vm| vm.config.ram_bytes().unwrap_or(0))
+        .sum();
+    MachineBudget::enter(bytes, &options.budget.swap, guest_bytes, plan.vms.len())
+        .map(Some)
+        .map_err(|e| {
+            let code = budget::EXIT_BUDGET_SETUP;
+            eprintln!("vmm: machine memory: {e} (exit code {code})");
+            code
+        })
+}
+
 /// `--stats`: one VM's report object, or {"vms": [...]} for a fleet (a VM that could not be
-/// built is {"name", "refused"}).
-fn write_stats(path: &str, results: &[fleet::summary::VmResult]) -> Result<()> {
-    let value = match results {
+/// built is {"name", "refused"}); with a budget, also "machine_memory".
+fn write_stats(
+    path: &str,
+    results: &[fleet::summary::VmResult],
+    budget: Option<&budget::BudgetReport>,
+) -> Result<()> {
+    let mut value = match results {
         [Ok(report)] => serde_json::to_value(report)?,
         _ => serde_json::json!({
             "vms": results
@@ -333,6 +379,9 @@ fn write_stats(path: &str, results: &[fleet::summary::VmResult]) -> Result<()> {
                 .collect::<Result<Vec<_>, _>>()?
         }),
     };
+    if let (Some(b), Some(object)) = (budget, value.as_object_mut()) {
+        object.insert("machine_memory".into(), serde_json::to_value(b)?);
+    }
     mirrorball_profiler::report::write_json(path, &value)?;
     Ok(())
 }

@@ -366,8 +366,9 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
     let (ram, image) = match &resources.memory {
         MemorySource::Fresh => {
             let size = config.ram_bytes()?;
-            // KSM merges only anonymous pages: with it, fresh memory is mapped privately.
-            let ram = if host.ksm() {
+            // KSM merges only anonymous pages, and a budget swaps them cleanly: with either,
+            // fresh memory is mapped privately.
+            let ram = if host.private_ram() {
                 GuestRam::new_private(size)?
             } else {
                 GuestRam::new(size)?

@@ -213,7 +213,14 @@ pub struct Vcpu {
     tid: Arc<AtomicI32>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<Box<dyn FnOnce() + Send>>,
+    /// Since when KVM_RUN has failed with EFAULT without a success (see [`EFAULT_RETRY_FOR`]).
+    efault_since: Option<std::time::Instant>,
 }
+
+/// How long KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
+/// memory cgroup limit (`crate::budget`) the host's reclaim can fall behind a thrashing guest:
+/// KVM's fault-in of a guest page then fails with EFAULT once and succeeds a moment later.
+pub const EFAULT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -245,6 +252,7 @@ impl Vcpu {
             tid: Arc::new(AtomicI32::new(0)),
             on_start: None,
             on_stop: None,
+            efault_since: None,
         }
     }
 
@@ -328,7 +336,23 @@ impl Vcpu {
     fn run_once(&mut self) -> (ExitKind, VcpuAction) {
         let i = self.index;
         let h = &self.handler;
-        match self.fd.run() {
+        let result = self.fd.run();
+        match &result {
+            Err(e)
+                if e.errno() == libc::EFAULT
+                    && self
+                        .efault_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < EFAULT_RETRY_FOR =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                return (ExitKind::Other, VcpuAction::Continue);
+            }
+            Err(_) => {}
+            Ok(_) => self.efault_since = None,
+        }
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => (ExitKind::IoIn, h.io_in(i, port, data)),
             Ok(VcpuExit::IoOut(port, data)) => (ExitKind::IoOut, h.io_out(i, port, data)),
             Ok(VcpuExit::MmioRead(addr, data)) => (ExitKind::MmioRead, h.mmio_read(i, addr, data)),
