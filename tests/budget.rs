@@ -117,16 +117,9 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
     let budget: u64 = 80 << 20;
     let capped = temp_file("budget", "capped.json", b"");
     let mut child = Command::new(common::vmm_bin())
-        // Profiler off: with it on, heavy pressure kills the VMM with SIGSEGV in about one
-        // run in four here (known issue, README); the vCPU accounting counts the faults.
-        .args([
-            "--workload",
-            PRESSURE,
-            "--machine-mem",
-            "80M",
-            "--sample-hz",
-            "0",
-        ])
+        // The default configuration, profiler on (it used to be killed by SIGSEGV in about
+        // one run in four here: see `vmm::budget::rseq`).
+        .args(["--workload", PRESSURE, "--machine-mem", "80M"])
         .args(["--stats", capped.to_str().expect("path")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -189,14 +182,7 @@ fn sigterm_restores_the_host() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new(common::vmm_bin())
-        .args([
-            "--workload",
-            "work 64 R 50000000",
-            "--machine-mem",
-            "88M",
-            "--sample-hz",
-            "0",
-        ])
+        .args(["--workload", "work 64 R 50000000", "--machine-mem", "88M"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -337,8 +323,6 @@ fn share_study_shows_the_template_saving() {
 }
 
 #[test]
-#[ignore = "known bug: under a full swap the VMM is killed by SIGSEGV in some runs (about \
-            one in three here) instead of ending with exit code 14. Run with --ignored"]
 fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
     if !budget_possible("a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill") {
         return;

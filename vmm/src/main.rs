@@ -425,6 +425,7 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    budget::rseq::exec_without_rseq_if_budgeted();
     let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -22,11 +22,15 @@
 //!   aborts on panic, so no destructors run). A process killed with SIGKILL leaves its cgroup
 //!   and swap file; the next `vmm --machine-mem` removes them ([`remove_stale`]).
 //!
+//! - **No rseq**: a budgeted process runs without glibc's restartable sequences ([`rseq`]),
+//!   whose per-thread kernel writes kill it with SIGSEGV when they hit a swapped-out page.
+//!
 //! One budget per process: it is the process's by definition.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod cgroup;
+pub mod rseq;
 pub mod swap;
 mod watchdog;
 
