@@ -22,22 +22,26 @@ pub struct RangeOwner {
     pub vcpu: u32,
 }
 
-/// Breaks found by scans and not yet written to the ring, per owned range.
+/// Breaks found by scans and not yet written to the ring, per accounted range.
 #[derive(Debug, Default)]
 pub struct CowCharges {
-    owners: Vec<RangeOwner>,
+    owners: Vec<Option<RangeOwner>>,
     pending: Vec<AtomicU64>,
 }
 
 impl CowCharges {
-    /// One counter per owner, in range order.
-    pub fn new(owners: Vec<RangeOwner>) -> Self {
+    /// One counter per range, in range order; a range without an owner charges nobody.
+    pub fn new(owners: Vec<Option<RangeOwner>>) -> Self {
         let pending = owners.iter().map(|_| AtomicU64::new(0)).collect();
         Self { owners, pending }
     }
 
-    /// Adds `breaks` to range `index` (ignored past the end).
+    /// Adds `breaks` to range `index` (ignored past the end, for a range without an owner, or
+    /// when 0).
     pub fn charge(&self, index: usize, breaks: u64) {
+        if breaks == 0 || self.owners.get(index).is_none_or(Option::is_none) {
+            return;
+        }
         if let Some(p) = self.pending.get(index) {
             p.fetch_add(breaks, Ordering::AcqRel);
         }
@@ -54,7 +58,8 @@ impl CowCharges {
         task_of: impl Fn(u32) -> Option<u32>,
     ) -> Vec<HostSample> {
         let mut out = Vec::new();
-        for (owner, pending) in self.owners.iter().zip(&self.pending) {
+        let owned = self.owners.iter().zip(&self.pending);
+        for (owner, pending) in owned.filter_map(|(o, p)| o.as_ref().map(|o| (o, p))) {
             if pending.load(Ordering::Acquire) == 0 {
                 continue;
             }
@@ -98,8 +103,9 @@ mod tests {
 
     fn owners() -> CowCharges {
         CowCharges::new(vec![
-            RangeOwner { pid: 1, vcpu: 0 },
-            RangeOwner { pid: 2, vcpu: 1 },
+            Some(RangeOwner { pid: 1, vcpu: 0 }),
+            None,
+            Some(RangeOwner { pid: 2, vcpu: 1 }),
         ])
     }
 
@@ -108,7 +114,8 @@ mod tests {
         let charges = owners();
         charges.charge(0, 5);
         charges.charge(0, 2);
-        charges.charge(1, 3);
+        charges.charge(1, 50);
+        charges.charge(2, 3);
         charges.charge(9, 100);
         let known = |pid: u32| (pid == 1).then_some(7);
         let records = charges.take_records(42, false, known);

@@ -114,9 +114,8 @@ pub struct SharingScanner {
     ranges: Vec<AccountedRange>,
     buf: Vec<u64>,
     latest: SharingReport,
+    /// Per range, in the same order.
     charges: Arc<CowCharges>,
-    /// Index in `charges` of each range with an owner.
-    charge_index: Vec<Option<usize>>,
 }
 
 impl SharingScanner {
@@ -140,20 +139,8 @@ impl SharingScanner {
                 .collect(),
             ..Default::default()
         };
-        let owners: Vec<RangeOwner> = ranges.iter().filter_map(|r| r.owner).collect();
-        let mut next = 0;
-        let charge_index = ranges
-            .iter()
-            .map(|r| {
-                r.owner.map(|_| {
-                    next += 1;
-                    next - 1
-                })
-            })
-            .collect();
         Self {
-            charges: Arc::new(CowCharges::new(owners)),
-            charge_index,
+            charges: Arc::new(CowCharges::new(ranges.iter().map(|r| r.owner).collect())),
             publish_to: None,
             period: Some(DEFAULT_SCAN_PERIOD),
             last_scan: None,
@@ -292,18 +279,11 @@ impl SharingScanner {
         let latest = &mut self.latest;
         latest.cow_breaks += total.private.saturating_sub(latest.total.private);
         latest.total = total;
-        for ((report, counts), charge) in latest
-            .ranges
-            .iter_mut()
-            .zip(per_range)
-            .zip(&self.charge_index)
-        {
+        for (i, (report, counts)) in latest.ranges.iter_mut().zip(per_range).enumerate() {
             let breaks = counts.private.saturating_sub(report.pages.private);
             report.cow_breaks += breaks;
             report.pages = counts;
-            if let (Some(i), true) = (charge, breaks > 0) {
-                self.charges.charge(*i, breaks);
-            }
+            self.charges.charge(i, breaks);
         }
         latest.scans += 1;
         let report = latest.clone();
