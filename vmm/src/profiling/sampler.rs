@@ -75,8 +75,8 @@ struct ProbeState {
     ledger: Ledger,
     stats_buf: Vec<u64>,
     last_kvm: [u64; 3],
-    /// The vCPU thread's `schedstat`, kept open (by thread id), and the last wait read.
-    schedstat: Option<(i32, std::fs::File)>,
+    /// The vCPU thread's `schedstat`, kept open, and the last wait read.
+    schedstat: Option<ThreadProcFile>,
     last_wait_ns: u64,
 }
 
@@ -105,20 +105,8 @@ impl VcpuProbe {
     /// The run-queue wait of thread `tid` so far, ns (`/proc/self/task/<tid>/schedstat`, second
     /// field); the last value read if the read fails.
     fn read_wait(st: &mut ProbeState, tid: i32) -> u64 {
-        use std::os::unix::fs::FileExt;
-        if tid <= 0 {
-            return st.last_wait_ns;
-        }
-        if st.schedstat.as_ref().map(|(t, _)| *t) != Some(tid) {
-            st.schedstat = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat"))
-                .ok()
-                .map(|f| (tid, f));
-        }
-        let mut buf = [0u8; 96];
-        let wait = st.schedstat.as_ref().and_then(|(_, f)| {
-            let n = f.read_at(&mut buf, 0).ok()?;
-            parse_schedstat_wait(std::str::from_utf8(buf.get(..n)?).ok()?)
-        });
+        let wait = ThreadProcFile::cached(&mut st.schedstat, tid, "schedstat")
+            .and_then(|f| f.read_with(&mut [0u8; 96], parse_schedstat_wait));
         if let Some(w) = wait {
             st.last_wait_ns = w;
         }
@@ -364,44 +352,49 @@ pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
 
 #[cfg(test)]
 fn read_thread(tid: i32, tick_ns: u64) -> Option<ThreadCounters> {
-    ThreadStat::open(tid)?.read(tick_ns)
+    read_thread_cached(&mut None, tid, tick_ns)
 }
 
-/// `/proc/self/task/<tid>/stat` kept open: every read is one `pread` from offset 0 (procfs
-/// regenerates the text), instead of an open, a read and a close per tick.
-struct ThreadStat {
+/// A file of `/proc/self/task/<tid>/` kept open: every read is one `pread` from offset 0
+/// (procfs regenerates the text), instead of an open, a read and a close per tick.
+struct ThreadProcFile {
     tid: i32,
     file: std::fs::File,
 }
 
-impl ThreadStat {
-    fn open(tid: i32) -> Option<Self> {
+impl ThreadProcFile {
+    /// The file `name` of thread `tid` through `cache`, reopened when the thread id changes
+    /// (and dropped while there is no thread id yet).
+    fn cached<'a>(cache: &'a mut Option<Self>, tid: i32, name: &str) -> Option<&'a Self> {
         if tid <= 0 {
+            *cache = None;
             return None;
         }
-        let file = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok()?;
-        Some(Self { tid, file })
+        if cache.as_ref().map(|c| c.tid) != Some(tid) {
+            *cache = std::fs::File::open(format!("/proc/self/task/{tid}/{name}"))
+                .ok()
+                .map(|file| Self { tid, file });
+        }
+        cache.as_ref()
     }
 
-    fn read(&self, tick_ns: u64) -> Option<ThreadCounters> {
+    /// Reads the file into `buf` and parses what it read as text.
+    fn read_with<T>(&self, buf: &mut [u8], parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
         use std::os::unix::fs::FileExt;
-        // A stat line is about 300 bytes; the command name is at most 64.
-        let mut buf = [0u8; 1024];
-        let n = self.file.read_at(&mut buf, 0).ok()?;
-        parse_task_stat(std::str::from_utf8(buf.get(..n)?).ok()?, tick_ns)
+        let n = self.file.read_at(buf, 0).ok()?;
+        parse(std::str::from_utf8(buf.get(..n)?).ok()?)
     }
 }
 
 /// The counters of thread `tid`, through `cache` (reopened when the thread id changes).
 fn read_thread_cached(
-    cache: &mut Option<ThreadStat>,
+    cache: &mut Option<ThreadProcFile>,
     tid: i32,
     tick_ns: u64,
 ) -> Option<ThreadCounters> {
-    if cache.as_ref().map(|c| c.tid) != Some(tid) {
-        *cache = ThreadStat::open(tid);
-    }
-    cache.as_ref()?.read(tick_ns)
+    // A stat line is about 300 bytes; the command name is at most 64.
+    ThreadProcFile::cached(cache, tid, "stat")?
+        .read_with(&mut [0u8; 1024], |line| parse_task_stat(line, tick_ns))
 }
 
 pub(crate) fn monotonic_ns() -> u64 {
@@ -412,7 +405,7 @@ pub(crate) fn monotonic_ns() -> u64 {
 struct VcpuState {
     vcpu: SampledVcpu,
     /// The thread's stat file, once its id is known (faults and the user/system split).
-    thread_stat: Option<ThreadStat>,
+    thread_stat: Option<ThreadProcFile>,
     /// The last user and system times read from it, to split CPU time between them.
     last_split: Option<(u64, u64)>,
     /// Share of user time in the vCPU thread's CPU time, in 1/65536.
