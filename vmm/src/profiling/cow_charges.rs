@@ -47,6 +47,11 @@ impl CowCharges {
         }
     }
 
+    /// Whether guest thread `pid` owns an accounted range.
+    pub fn owns(&self, pid: u32) -> bool {
+        self.owners.iter().flatten().any(|o| o.pid == pid)
+    }
+
     /// Takes the pending breaks of every range that has some, as memory records stamped
     /// `now_ns`. `task_of(pid)` names the task-table index the guest registered the owner as;
     /// breaks of an owner it does not know yet stay pending, unless `last` (the VM ended: they
@@ -124,6 +129,7 @@ mod tests {
         assert_eq!((r.task_id, r.pid, r.vcpu, r.cow_breaks), (7, 1, 0, 7));
         assert_eq!(r.attr_flags, ATTR_SLOT_VALID | ATTR_EXACT | ATTR_MEMORY);
         assert_eq!((r.interval_ns, r.host_min_flt, r.timestamp_ns), (0, 0, 42));
+        assert!(charges.owns(1) && charges.owns(2) && !charges.owns(3));
         // Task 2 is not known yet: its breaks wait, then go to no task at the end.
         assert!(charges.take_records(43, false, known).is_empty());
         let last = charges.take_records(44, true, known);

@@ -603,7 +603,8 @@ fn run(
             user_share: 1 << 16,
         })
         .collect();
-    // Task-table index of each guest thread id seen in a record (names the owners of CoW breaks).
+    // Task-table index of each range owner's thread id seen in a record (names the owners of CoW
+    // breaks); at most one entry per owned range.
     let mut task_of_pid: Vec<(u32, u32)> = Vec::new();
     let mut next = Instant::now() + period_now();
     loop {
@@ -636,7 +637,12 @@ fn run(
             let now_ns = monotonic_ns();
             for e in &entries {
                 let a = &e.attribution;
-                if a.task_id != TASK_NONE && !task_of_pid.contains(&(a.pid, a.task_id)) {
+                // Only owners of accounted ranges: the pids are the guest's claims, and a guest
+                // naming a new one at every switch must not grow this list.
+                if a.task_id != TASK_NONE
+                    && cow.owns(a.pid)
+                    && !task_of_pid.contains(&(a.pid, a.task_id))
+                {
                     task_of_pid.retain(|&(pid, _)| pid != a.pid);
                     task_of_pid.push((a.pid, a.task_id));
                 }
