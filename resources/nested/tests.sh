@@ -27,11 +27,18 @@ linux() {
 }
 
 # 1. The OS-less workload (the README's main job) on a non-PVM KVM.
+# It takes about 4 s; once in CI the L2 guest hung under L1's emulated SVM and took the whole
+# bed's time with it, so a run gets 120 s and a hung first attempt (kept in attempt1/) is
+# followed by one more.
 test_osless() {
-	vmm --stats stats.json </dev/null >out.txt 2>err.txt
-	rc=$?
-	cat out.txt err.txt
-	[ $rc = 0 ] && grep -q 'host KVM: amd' out.txt
+	for attempt in 1 2; do
+		vmm --stats stats.json --timeout 120 </dev/null >out.txt 2>err.txt
+		rc=$?
+		cat out.txt err.txt
+		[ $rc = 0 ] && grep -q 'host KVM: amd' out.txt && return 0
+		[ $attempt = 1 ] && mkdir -p attempt1 && cp out.txt err.txt attempt1/
+	done
+	return 1
 }
 
 # 2. The reference kernel to user space, 1 and 2 vCPUs, ending by reboot.
