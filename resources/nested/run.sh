@@ -9,10 +9,17 @@
 #
 # TEST: names from tests.sh (default: all of them, in its order). Results go to
 # DIR (default: a new directory under ${TMPDIR:-/tmp}); its layout:
-#   console.log        the L1 console (markers NESTED-BEGIN/NESTED-END per test)
+#   console.log        the L1 console (markers NESTED-BEGIN/NESTED-END per test);
+#                      every boot's, in order, when L1 had to boot again
 #   results.txt        one line per test: NAME rc=N secs=S
 #   files/NAME/...     what each test wrote inside L1 (logs, CSVs, stats JSON)
 #   timings.txt        test bed phases (prepare, boot, tests) in seconds
+#   bootN.*            each L1 boot's console and files stream
+# A test that hangs is killed inside L1 at its limit and runs once more (see
+# l1-init). When L1 itself panics or freezes (nothing on its console for
+# $MIRRORBALL_NESTED_SILENT_LIMIT s, default 120), the tests without a result
+# run in a new L1, the one it stopped in once more (at most 3 boots); a test
+# that stops L1 twice gets rc=125.
 # The last line of stdout is DIR. Exit: 0 when every selected test reported
 # rc=0, 1 when one did not, 2 for usage, 3 when the test bed cannot run
 # (missing QEMU, packages, space; one line on stderr says which).
@@ -223,64 +230,112 @@ if [[ ! -f $L1/l1.cpio ]]; then
 fi
 exec 9>&-
 
-# --- boot L1 -----------------------------------------------------------------
+# --- boot L1 (again when it dies or freezes mid-way) ---------------------------
 [[ -n $OUT ]] || OUT=$(mktemp -d "${TMPDIR:-/tmp}/mb-nested.XXXXXX")
 mkdir -p "$OUT"
-rm -rf "$OUT/files" "$OUT/files.tar" "$OUT/console.log" "$OUT/results.txt"
+rm -rf "$OUT/files" "$OUT"/*.tar "$OUT"/*console.log "$OUT/results.txt"
+mkdir -p "$OUT/files"
+: >"$OUT/results.txt"
 T_PREP=$((SECONDS - T0))
-log "booting L1 ($(du -m "$L1/l1.cpio" | cut -f1) MB initramfs), tests: ${TESTS[*]}"
-tests_arg=$(IFS=,; echo "${TESTS[*]}")
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
-T1=$SECONDS
-# Multi-threaded TCG: with one TCG thread for both L1 CPUs, an L2 Linux on 2
-# vCPUs hangs in its first cross-CPU TLB flush (mark_rodata_ro). The L1
-# console goes to console.log; ttyS1 is a raw byte channel into files.tar.
-qemu-system-x86_64 -accel tcg,thread=${MIRRORBALL_NESTED_TCG_THREAD:-multi} -cpu EPYC,+svm,+npt -smp 2 -m "$L1_MEM" \
-  -display none -monitor none -no-reboot -net none \
-  -chardev file,id=con,path="$OUT/console.log" -serial chardev:con \
-  -chardev file,id=files,path="$OUT/files.tar" -serial chardev:files \
-  -kernel "$KDIR/vmlinuz" -initrd "$L1/l1.cpio" \
-  -append "console=ttyS0 panic=-1 quiet tsc=reliable${khz:+ tsc_early_khz=$khz} mb.tests=$tests_arg${MIRRORBALL_NESTED_VERBOSE:+ mb.verbose=1}" \
-  </dev/null 2> >(grep -v 'host doesn.t support requested feature' >&2) &
-qemu=$!
-deadline=$((SECONDS + TIMEOUT))
-seen=0
-while kill -0 "$qemu" 2>/dev/null; do
-  if ((SECONDS > deadline)); then
-    log "L1 did not finish within $TIMEOUT s; stopping QEMU"
-    kill "$qemu" 2>/dev/null || true
-    break
-  fi
-  # An L1 kernel that panicked or locked up (seen now and then under QEMU's emulated SVM on a
-  # loaded machine) will not finish: stop now; tests/nested retries such a boot once.
-  if [[ -f $OUT/console.log ]] && grep -aq 'Kernel panic\|BUG: soft lockup' "$OUT/console.log"; then
-    log "the L1 kernel failed (panic or soft lockup; see $OUT/console.log); stopping QEMU"
-    kill "$qemu" 2>/dev/null || true
-    break
-  fi
-  # Echo the markers as they come (progress for a person watching).
-  if [[ -f $OUT/console.log ]]; then
-    n=$(grep -c '^NESTED-' "$OUT/console.log" || true)
+# L1 prints NESTED-ALIVE every 15 s: a console silent for this long means L1 froze.
+SILENT_LIMIT=${MIRRORBALL_NESTED_SILENT_LIMIT:-120}
+MAX_BOOTS=3
+
+# boot_l1 N TEST...: boots L1 once for these tests (console bootN.console.log,
+# files bootN.files.tar) and watches it; sets STOP_WHY when it had to stop it.
+boot_l1() {
+  local n=$1 con=$OUT/boot$1.console.log tarf=$OUT/boot$1.files.tar qemu seen=0 deadline
+  shift
+  STOP_WHY=
+  log "booting L1 #$n ($(du -m "$L1/l1.cpio" | cut -f1) MB initramfs), tests: $*"
+  : >"$con"
+  # Multi-threaded TCG: with one TCG thread for both L1 CPUs, an L2 Linux on 2
+  # vCPUs hangs in its first cross-CPU TLB flush (mark_rodata_ro). The L1
+  # console goes to $con; ttyS1 is a raw byte channel (a tar stream per test).
+  qemu-system-x86_64 -accel tcg,thread=${MIRRORBALL_NESTED_TCG_THREAD:-multi} -cpu EPYC,+svm,+npt -smp 2 -m "$L1_MEM" \
+    -display none -monitor none -no-reboot -net none \
+    -chardev file,id=con,path="$con" -serial chardev:con \
+    -chardev file,id=files,path="$tarf" -serial chardev:files \
+    -kernel "$KDIR/vmlinuz" -initrd "$L1/l1.cpio" \
+    -append "console=ttyS0 panic=-1 quiet tsc=reliable${khz:+ tsc_early_khz=$khz} mb.tests=$(IFS=,; echo "$*")${MIRRORBALL_NESTED_VERBOSE:+ mb.verbose=1}" \
+    </dev/null 2> >(grep -v 'host doesn.t support requested feature\|TCG doesn.t support requested feature' >&2) &
+  qemu=$!
+  while kill -0 "$qemu" 2>/dev/null; do
+    if ((SECONDS > BED_DEADLINE)); then
+      STOP_WHY="the test bed's $TIMEOUT s ran out"
+    # An L1 kernel that panicked or locked up (seen now and then under QEMU's emulated SVM on
+    # a loaded machine) will not finish.
+    elif grep -aq 'Kernel panic\|BUG: soft lockup' "$con"; then
+      STOP_WHY="the L1 kernel failed (panic or soft lockup)"
+    elif (($(date +%s) - $(stat -c %Y "$con") > SILENT_LIMIT)); then
+      STOP_WHY="L1 printed nothing for $SILENT_LIMIT s (frozen)"
+    fi
+    if [[ -n $STOP_WHY ]]; then
+      log "$STOP_WHY; stopping QEMU"
+      kill "$qemu" 2>/dev/null || true
+      break
+    fi
+    # Echo the markers as they come (progress for a person watching).
+    n=$(grep -ac '^NESTED-[BERT]' "$con" || true)
     if ((n > seen)); then
-      grep '^NESTED-' "$OUT/console.log" | tail -n +$((seen + 1)) | sed 's/^/nested: /' >&2
+      grep -a '^NESTED-[BERT]' "$con" | tail -n +$((seen + 1)) | sed 's/^/nested: /' >&2
       seen=$n
     fi
+    sleep 0.5
+  done
+  wait "$qemu" 2>/dev/null || true
+  grep -a '^NESTED-[BERT]' "$con" | tail -n +$((seen + 1)) | sed 's/^/nested: /' >&2 || true
+  if [[ -z $STOP_WHY ]] && ! grep -aq '^NESTED-DONE' "$con"; then
+    STOP_WHY="L1 ended early"
+    grep -aq 'Kernel panic' "$con" && STOP_WHY="the L1 kernel panicked"
   fi
-  sleep 0.5
+  tr -d '\r' <"$con" | grep -a '^NESTED-END ' | sed 's/^NESTED-END //' >>"$OUT/results.txt" || true
+  # One tar stream per finished test: GNU tar reads them all with -i.
+  if [[ -s $tarf ]]; then
+    tar -xif "$tarf" -C "$OUT/files" 2>/dev/null || log "boot $n: the last files stream is incomplete"
+  fi
+}
+
+T1=$SECONDS
+BED_DEADLINE=$((SECONDS + TIMEOUT))
+remaining=("${TESTS[@]}")
+retried=" "
+boots=0
+while ((${#remaining[@]} && boots < MAX_BOOTS && SECONDS < BED_DEADLINE)); do
+  boots=$((boots + 1))
+  boot_l1 "$boots" "${remaining[@]}"
+  con=$OUT/boot$boots.console.log
+  grep -aq '^NESTED-DONE' "$con" && break
+  # L1 died or froze inside a test: the others run in a new L1; that test once more.
+  current=$(tr -d '\r' <"$con" | awk '/^NESTED-BEGIN / { t = $2 } /^NESTED-END / { if ($2 == t) t = "" } END { print t }')
+  if [[ -n $current ]]; then
+    if [[ $retried == *" $current "* ]]; then
+      echo "$current rc=125 secs=? (L1 stopped during it twice: $STOP_WHY)" >>"$OUT/results.txt"
+    else
+      retried+="$current "
+    fi
+  fi
+  left=()
+  for t in "${remaining[@]}"; do
+    grep -q "^$t " "$OUT/results.txt" || left+=("$t")
+  done
+  remaining=("${left[@]}")
+  ((${#remaining[@]})) &&
+    log "L1 stopped${current:+ during $current} ($STOP_WHY); again for: ${remaining[*]}"
 done
-wait "$qemu" 2>/dev/null || true
 T_RUN=$((SECONDS - T1))
 
-grep -a '^NESTED-END ' "$OUT/console.log" | sed 's/^NESTED-END //' >"$OUT/results.txt" || true
-mkdir -p "$OUT/files"
-if [[ -s $OUT/files.tar ]]; then
-  tar -xf "$OUT/files.tar" -C "$OUT/files" 2>/dev/null || log "files.tar is incomplete"
-fi
+# console.log: every boot's console, in order.
+for ((i = 1; i <= boots; i++)); do
+  ((boots > 1)) && echo "=== nested test bed: L1 boot $i ==="
+  cat "$OUT/boot$i.console.log"
+done >"$OUT/console.log"
 boot=$(sed -n 's/^NESTED-READY uptime=\([0-9.]*\).*/\1/p' "$OUT/console.log" | head -n1)
-printf 'prepare %s\nl1_ready_uptime %s\nqemu_total %s\n' "$T_PREP" "${boot:-?}" "$T_RUN" >"$OUT/timings.txt"
+printf 'prepare %s\nl1_ready_uptime %s\nqemu_total %s\nl1_boots %s\n' "$T_PREP" "${boot:-?}" "$T_RUN" "$boots" >"$OUT/timings.txt"
 rc=0
 for t in "${TESTS[@]}"; do
-  line=$(grep "^$t " "$OUT/results.txt" || true)
+  line=$(grep "^$t " "$OUT/results.txt" | tail -n1 || true)
   if [[ -z $line ]]; then
     log "$t: no result"
     rc=1
@@ -289,7 +344,6 @@ for t in "${TESTS[@]}"; do
     rc=1
   fi
 done
-grep -q '^NESTED-DONE' "$OUT/console.log" || { log "L1 did not finish (see $OUT/console.log)"; rc=1; }
-log "prepare ${T_PREP} s, L1 run ${T_RUN} s (L1 ready at ${boot:-?} s of uptime)"
+log "prepare ${T_PREP} s, L1 run ${T_RUN} s in $boots boot(s) (L1 ready at ${boot:-?} s of uptime)"
 printf '%s\n' "$OUT"
 exit $rc

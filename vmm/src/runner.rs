@@ -130,12 +130,23 @@ impl RunningVcpus {
     pub fn stop(self, reason: VmEnd) -> (VmEnd, Vec<VcpuReport>) {
         self.control.end(reason);
         let mut reports = Vec::with_capacity(self.threads.len());
-        for handle in self.threads {
+        let deadline = Instant::now() + VCPU_EXIT_GRACE;
+        for (index, handle) in self.threads.into_iter().enumerate() {
             // Kick until the thread leaves KVM_RUN; a kick that lands just before the thread
             // enters KVM_RUN would otherwise be lost.
-            while !handle.is_finished() {
+            while !handle.is_finished() && Instant::now() < deadline {
                 let _ = handle.kill(kick_signal());
                 std::thread::sleep(Duration::from_micros(500));
+            }
+            if !handle.is_finished() {
+                // Stuck in the host kernel (seen under a nested hypervisor): waiting for it
+                // would hang the whole process; it is left behind and ends with the process.
+                eprintln!(
+                    "vCPU {index} did not leave KVM_RUN within {} s of the VM's end; left behind \
+                     without its report",
+                    VCPU_EXIT_GRACE.as_secs()
+                );
+                continue;
             }
             if let Ok(report) = handle.join() {
                 reports.push(report);
@@ -148,6 +159,9 @@ impl RunningVcpus {
         (end, reports)
     }
 }
+
+/// How long a stop waits for the vCPU threads to leave KVM_RUN before it leaves them behind.
+pub const VCPU_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// How often the vCPUs are kicked to check whether they halted for good.
 pub const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
