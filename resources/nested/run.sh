@@ -26,7 +26,8 @@
 #
 # Inputs (all from Debian packages or this repository):
 #   - linux-image-*-cloud-amd64 (apt-get download + dpkg-deb -x, never
-#     installed): L1 kernel, its kvm, kvm-amd, irqbypass modules; also the
+#     installed): L1 kernel, its kvm, kvm-amd, irqbypass modules (and zram's,
+#     for swap in L1); also the
 #     "stock kernel" L2 guest;
 #   - busybox-static, gcc (static mbtest), cpio;
 #   - vmm (--vmm, $MIRRORBALL_VMM, else `cargo build -p vmm`) and the shared
@@ -40,7 +41,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORKSPACE=$(cd "$HERE/../.." && pwd)
 CACHE="${MIRRORBALL_CACHE_DIR:-$HOME/.cache/mirrorball}/nested"
 KPKG=linux-image-cloud-amd64
-MODULES=(irqbypass kvm kvm-amd)
+# L1's modules, in load order: KVM on AMD; zram (swap in RAM) for the budget test.
+MODULES=(irqbypass kvm kvm-amd zsmalloc lzo-rle zram)
 L1_MEM=${MIRRORBALL_NESTED_MEM:-2048}
 MIN_FREE_MB=1024
 
@@ -99,7 +101,7 @@ if [[ -z $deb ]]; then
   mv "$CACHE/tmp/${KDEB_PKG}_"*.deb "$CACHE/debs/"
   deb=$(ls "$CACHE/debs/${KDEB_PKG}_"*.deb | head -n1)
 fi
-KKEY=$(hash16 <"$deb")
+KKEY=$({ cat "$deb"; echo "${MODULES[*]}"; } | hash16)
 KDIR=$CACHE/kernel/$KKEY
 if [[ ! -f $KDIR/vmlinuz ]]; then
   log "extracting $(basename "$deb")"
@@ -177,6 +179,7 @@ if [[ ! -f $L1/l1.cpio ]]; then
   chmod 755 "$R/init" "$R/tests.sh"
   gcc -O2 -Wall -Wextra -Werror -static -o "$R/bin/ptyrun" "$HERE/ptyrun.c" -lutil
   for m in "${MODULES[@]}"; do cp "$KDIR/$m.ko" "$R/modules/"; done
+  echo "${MODULES[*]}" >"$R/modules/order"
   # vmm without its debug info, and the libraries it links at their paths.
   objcopy --strip-debug "$VMM" "$R/bin/vmm"
   [[ -n $BENCH_BIN ]] && objcopy --strip-debug "$BENCH_BIN" "$R/bin/vmm_bench"
