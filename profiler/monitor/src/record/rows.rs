@@ -64,142 +64,96 @@ pub struct MetaRow {
 /// One guest sample.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(default)]
 pub struct GuestRow {
-    #[serde(default)]
     pub vm: String,
-    #[serde(default)]
     pub seq: u64,
-    #[serde(default)]
     pub read_ns: u64,
-    #[serde(default)]
     pub timestamp_ns: u64,
-    #[serde(default)]
     pub task_id: u32,
-    #[serde(default)]
     pub pid: u32,
-    #[serde(default)]
     pub comm: String,
-    #[serde(default)]
     pub cpu: u32,
-    #[serde(default)]
     pub flags: u32,
-    #[serde(default)]
     pub min_flt: u64,
-    #[serde(default)]
     pub maj_flt: u64,
-    #[serde(default)]
     pub utime_ns: u64,
-    #[serde(default)]
     pub stime_ns: u64,
 }
 
 /// One host sample.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(default)]
 pub struct HostRow {
-    #[serde(default)]
     pub vm: String,
-    #[serde(default)]
     pub seq: u64,
-    #[serde(default)]
     pub read_ns: u64,
-    #[serde(default)]
     pub timestamp_ns: u64,
-    #[serde(default)]
     pub task_id: u32,
-    #[serde(default)]
     pub pid: u32,
-    #[serde(default)]
     pub comm: String,
-    #[serde(default)]
     pub vcpu: u32,
-    #[serde(default)]
     pub attr_flags: u32,
-    #[serde(default)]
     pub interval_ns: u64,
-    #[serde(default)]
     pub pf_taken: u64,
-    #[serde(default)]
     pub pf_fixed: u64,
-    #[serde(default)]
     pub exits: u64,
-    #[serde(default)]
     pub host_min_flt: u64,
-    #[serde(default)]
     pub host_maj_flt: u64,
-    #[serde(default)]
     pub vcpu_utime_ns: u64,
-    #[serde(default)]
     pub vcpu_stime_ns: u64,
-    #[serde(default)]
     pub guest_switch_count: u64,
     /// The vCPU slot's flags of the attributed task (idle, kernel thread).
-    #[serde(default)]
     pub slot_flags: u32,
     /// Announced task switches that closed intervals of this record.
-    #[serde(default)]
     pub switches: u32,
     /// How the figures were attributed (`attribution_name` of `attr_flags`).
-    #[serde(default)]
     pub attribution: String,
     /// Copy-on-write breaks charged to the task (memory records; ABI minor 3).
-    #[serde(default)]
     pub cow_breaks: u64,
     /// Host run-queue wait of the vCPU thread (steal), ns (ABI minor 3).
-    #[serde(default)]
     pub vcpu_wait_ns: u64,
 }
 
 /// Records lost on one ring.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LostRow {
     /// `PID-N`.
-    #[serde(default)]
     pub vm: String,
     /// `guest` or `host`.
-    #[serde(default)]
     pub ring: String,
     /// First lost sequence number.
-    #[serde(default)]
     pub seq: u64,
     /// Records lost.
-    #[serde(default)]
     pub count: u64,
     /// When the loss was noticed (host monotonic ns).
-    #[serde(default)]
     pub read_ns: u64,
 }
 
 /// The VM's memory against its template at one sharing scan (the host region's
 /// `mb_mem_sharing`), written when a new scan is seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemoryRow {
     /// `PID-N`.
-    #[serde(default)]
     pub vm: String,
     /// When the recorder read it (host monotonic ns).
-    #[serde(default)]
     pub read_ns: u64,
     /// When the VMM scanned (host monotonic ns).
-    #[serde(default)]
     pub timestamp_ns: u64,
     /// 1 when the VM's RAM is a copy-on-write clone of a template.
-    #[serde(default)]
     pub flags: u32,
     /// Guest RAM, pages.
-    #[serde(default)]
     pub ram_pages: u64,
     /// Pages that map the template's.
-    #[serde(default)]
     pub shared_pages: u64,
     /// Pages of the VM's own.
-    #[serde(default)]
     pub private_pages: u64,
     /// Private pages KSM merged.
-    #[serde(default)]
     pub merged_pages: u64,
     /// Copy-on-write breaks since the VM started.
-    #[serde(default)]
     pub cow_breaks: u64,
 }
 
