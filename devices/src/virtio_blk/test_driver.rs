@@ -9,7 +9,10 @@
 //! [`DATA`] onwards free for request buffers, up to [`MEM_SIZE`].
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use std::sync::Arc;
+
 use super::disk::CowDisk;
+use super::map::{BaseMapper, MappedPages};
 use super::{VirtioBlk, VirtioBlkDevice};
 use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
@@ -58,9 +61,25 @@ impl TestDriver {
     /// Guest memory of [`MEM_SIZE`] bytes and a device over `disk`, brought
     /// up to `DRIVER_OK` with one queue of [`DRIVER_QUEUE_SIZE`].
     pub fn new(disk: CowDisk) -> Self {
+        Self::build(disk, None)
+    }
+
+    /// As [`Self::new`], with reads of whole base pages mapped (`map=on`) for at most `budget`
+    /// mappings; also returns the record of mapped pages.
+    pub fn with_mapping(disk: CowDisk, budget: u64) -> (Self, Arc<MappedPages>) {
+        let pages = Arc::new(MappedPages::new(MEM_SIZE as u64));
+        let driver = Self::build(disk, Some((budget, pages.clone())));
+        (driver, pages)
+    }
+
+    fn build(disk: CowDisk, mapping: Option<(u64, Arc<MappedPages>)>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .unwrap_or_else(|e| panic!("test memory: {e}"));
-        let blk = VirtioBlk::new(disk, mem.clone(), "test-disk");
+        let base = disk.base().clone();
+        let mut blk = VirtioBlk::new(disk, mem.clone(), "test-disk");
+        if let Some((budget, pages)) = mapping {
+            blk = blk.with_mapper(BaseMapper::new(mem.clone(), base, budget, pages));
+        }
         let irq = EventFdTrigger::new().unwrap_or_else(|e| panic!("eventfd: {e}"));
         let mut driver = Self {
             mem,
