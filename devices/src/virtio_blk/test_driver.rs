@@ -227,6 +227,22 @@ impl TestDriver {
         (status, used)
     }
 
+    /// Reads `len` bytes of the disk at `sector` into guest memory at `buf` (header at
+    /// [`DATA`], status byte at `DATA + 0x800`; `buf` should not overlap them). Returns the
+    /// status (0xff: the device wrote none).
+    pub fn read_to(&mut self, sector: u64, len: u32, buf: u64) -> u8 {
+        let status_at = DATA + 0x800;
+        self.write_header(DATA, super::request::VIRTIO_BLK_T_IN, sector);
+        let _ = self.mem.write_obj(0xffu8, GuestAddress(status_at));
+        let descs = [
+            (DATA, 16, F_NEXT, 1),
+            (buf, len, F_NEXT | F_WRITE, 2),
+            (status_at, 1, F_WRITE, 0),
+        ];
+        let _ = self.submit_raw(&descs, 0);
+        self.mem.read_obj(GuestAddress(status_at)).unwrap_or(0xfe)
+    }
+
     /// Reads `len` bytes of the disk at `sector` through the device.
     pub fn read_disk(&mut self, sector: u64, len: u32) -> Option<Vec<u8>> {
         let (status, _) = self.request(super::request::VIRTIO_BLK_T_IN, sector, len);

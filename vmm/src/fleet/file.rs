@@ -169,6 +169,19 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             share,
         });
     }
+    // The VMs that map base pages share the process's mapping budget.
+    let mapping = vms
+        .iter()
+        .filter(|vm| matches!(&vm.config, GuestConfig::Linux(l) if l.disk.as_ref().is_some_and(|d| d.map)))
+        .count();
+    for vm in &mut vms {
+        if let GuestConfig::Linux(LinuxConfig {
+            disk: Some(disk), ..
+        }) = &mut vm.config
+        {
+            disk.map_vms = mapping.max(1);
+        }
+    }
     Ok(FleetPlan { vms })
 }
 
