@@ -207,7 +207,9 @@ fn wait_for_line(path: &Path, needle: &str, child: &mut std::process::Child) -> 
 /// of its own) mount one ext2 base image read-write. VM b is paused until VM a has mounted, so a's
 /// superblock write (mount count 0 → 1) happens before b reads the superblock. b must still see
 /// the base's count (no "maximal mount count" warning, and b writes 1, not 2), the base image is
-/// unchanged, and each overlay holds its own VM's superblock write.
+/// unchanged, and each overlay holds its own VM's superblock write. Both disks map base pages
+/// (`map=on`): the superblock's block is mapped into each guest's page cache, which the guest
+/// then writes (a copy-on-write break under KVM) before writing it to its overlay.
 #[test]
 fn overlays_isolate_the_vms_of_a_fleet() {
     let name = "overlays_isolate_the_vms_of_a_fleet";
@@ -231,7 +233,7 @@ fn overlays_isolate_the_vms_of_a_fleet() {
     std::fs::write(
         &fleet,
         format!(
-            "[defaults]\ndisk = \"shared.ext2,overlay=ov\"\n\
+            "[defaults]\ndisk = \"shared.ext2,overlay=ov,map=on\"\n\
              [[vm]]\nname = \"a\"\nkernel = \"{k}\"\ncmdline = \"{c}\"\n\
              [[vm]]\nname = \"b\"\nkernel = \"{k}\"\ncmdline = \"{c}\"\n",
             k = kernel.display(),
@@ -323,6 +325,7 @@ fn overlays_isolate_the_vms_of_a_fleet() {
         let disk = &vm["disk"];
         assert!(disk["writes"].as_u64().unwrap_or(0) > 0, "{vm}");
         assert!(disk["overlay_blocks"].as_u64().unwrap_or(0) > 0, "{vm}");
+        assert!(disk["mapped_pages"].as_u64().unwrap_or(0) > 0, "{vm}");
         assert_eq!(disk["malformed"].as_u64(), Some(0), "{vm}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -110,6 +110,16 @@ fn two_vms_reading_the_same_blocks_share_machine_pages() {
         assert_eq!(m.reads(), 1);
     }
     assert_eq!(c.dev.backend().metrics().mapped_pages(), 0);
+    // Mapped pages are present at once, before the guest looks at them.
+    let mut d = f.mapped(1000);
+    assert_eq!(d.read_to(16, 16 << 10, BUF), 0);
+    for page in 0..4 {
+        let e = pagemap(&d, BUF + page * PAGE);
+        assert!(
+            e & PM_PRESENT != 0 && e & PM_FILE != 0,
+            "page {page}: {e:#x}"
+        );
+    }
     let root = pagemap(&a, BUF) & PFN_MASK != 0;
     for page in 0..4 {
         let gpa = BUF + page * PAGE;

@@ -21,6 +21,10 @@
 //!   the same time (only a misbehaving guest would: the page is the device's to fill) sees
 //!   either the old or the new page, never a hole.
 //! - A block the overlay holds (written by this VM) is copied from the overlay, never mapped.
+//! - Each mapped page is read once right away, so it is present in the host's page tables
+//!   (the base's page-cache page, read-only) like a copied page would be: the sharing scan and
+//!   snapshots (which read present pages and the memfd's data) see it. (`MAP_POPULATE` would
+//!   not do: on a private writable mapping it breaks copy-on-write at once.)
 //!
 //! Bounds: every mapping may split a VMA in three, and the process may hold at most
 //! `vm.max_map_count` VMAs (65,530 by default); when that runs out `mmap` fails. So each VM gets
@@ -200,6 +204,14 @@ impl BaseMapper {
         }
         for page in 0..pages {
             self.pages.set(gpa.0 + page * PAGE_SIZE);
+            // Fault the page in now (read-only: the page-cache page itself), so the host page
+            // tables hold it from here on as they would hold a copy: the sharing scan counts it
+            // and a snapshot, which reads present pages and the memfd's data, does not miss it.
+            // SAFETY: page `page` of the `size` bytes just mapped readable at `host`.
+            unsafe {
+                host.add(usize::try_from(page * PAGE_SIZE).unwrap_or(0))
+                    .read_volatile();
+            }
         }
         counters.mapped_pages.fetch_add(pages, Ordering::Relaxed);
         counters.mappings.fetch_add(1, Ordering::Relaxed);
