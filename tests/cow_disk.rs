@@ -59,6 +59,15 @@ fn bad_disk_arguments_are_one_line_errors() {
         ],
         "unknown or repeated option",
     );
+    one_line_error(
+        &[
+            "--kernel",
+            "/nonexistent",
+            "--disk",
+            &format!("{},map=maybe", s(&good)),
+        ],
+        "expected overlay=PATH or map=on|off",
+    );
     // --disk is for Linux guests.
     let out = run_vmm(&["--disk", &s(&good)], Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
