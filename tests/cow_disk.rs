@@ -59,6 +59,15 @@ fn bad_disk_arguments_are_one_line_errors() {
         ],
         "unknown or repeated option",
     );
+    one_line_error(
+        &[
+            "--kernel",
+            "/nonexistent",
+            "--disk",
+            &format!("{},map=maybe", s(&good)),
+        ],
+        "expected overlay=PATH or map=on|off",
+    );
     // --disk is for Linux guests.
     let out = run_vmm(&["--disk", &s(&good)], Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
@@ -140,5 +149,193 @@ fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
     assert_eq!(disk["malformed"].as_u64(), Some(0), "{disk}");
     assert_eq!(disk["io_errors"].as_u64(), Some(0), "{disk}");
     assert_eq!(std::fs::read(&image).expect("read image"), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Byte offsets of ext2 superblock fields (the superblock starts at byte 1024).
+const S_MNT_COUNT: usize = 1024 + 0x34;
+const S_MAX_MNT_COUNT: usize = 1024 + 0x36;
+
+fn le16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+/// An 8 MiB ext2 image of 4 KiB blocks, never mounted (`s_mnt_count` 0) and due for a check
+/// after one mount (`s_max_mnt_count` 1): a read-write mount writes `s_mnt_count` 1 into the
+/// superblock, and a kernel that mounts a superblock already holding 1 warns "maximal mount
+/// count reached".
+fn ext2_image_counting_mounts(dir: &Path) -> Result<PathBuf, String> {
+    let image = dir.join("shared.ext2");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2", "-b", "4096"])
+        .arg(&image)
+        .arg("2048")
+        .output()
+        .map_err(|e| format!("cannot run mke2fs (install e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("mke2fs failed: {}", text(&out.stderr)));
+    }
+    let mut bytes = std::fs::read(&image).map_err(|e| e.to_string())?;
+    bytes[S_MNT_COUNT..S_MNT_COUNT + 2].copy_from_slice(&0u16.to_le_bytes());
+    bytes[S_MAX_MNT_COUNT..S_MAX_MNT_COUNT + 2].copy_from_slice(&1u16.to_le_bytes());
+    std::fs::write(&image, bytes).map_err(|e| e.to_string())?;
+    Ok(image)
+}
+
+/// Runs `vmm ctl VM CMD` against `run_dir`; panics unless it succeeds.
+fn ctl(run_dir: &Path, vm: &str, cmd: &str) {
+    let out = Command::new(common::vmm_bin())
+        .args(["ctl", vm, cmd, "--run-dir"])
+        .arg(run_dir)
+        .output()
+        .expect("vmm ctl");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ctl {vm} {cmd}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// Waits until `path` contains `needle` or `child` ends; whether it appeared.
+fn wait_for_line(path: &Path, needle: &str, child: &mut std::process::Child) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(600) {
+        if std::fs::read(path).is_ok_and(|b| text(&b).contains(needle)) {
+            return true;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Two Linux VMs of one fleet (a fleet file with a `disk` entry, so each VM gets an overlay file
+/// of its own) mount one ext2 base image read-write. VM b is paused until VM a has mounted, so a's
+/// superblock write (mount count 0 → 1) happens before b reads the superblock. b must still see
+/// the base's count (no "maximal mount count" warning, and b writes 1, not 2), the base image is
+/// unchanged, and each overlay holds its own VM's superblock write. Both disks map base pages
+/// (`map=on`): the superblock's block is mapped into each guest's page cache, which the guest
+/// then writes (a copy-on-write break under KVM) before writing it to its overlay.
+#[test]
+fn overlays_isolate_the_vms_of_a_fleet() {
+    let name = "overlays_isolate_the_vms_of_a_fleet";
+    if !kvm_available(name) {
+        return;
+    }
+    let (kernel, _) = match reference_guest() {
+        Ok(guest) => guest,
+        Err(why) => return skip_or_fail(name, &format!("no reference guest ({why})")),
+    };
+    let vmlinux = kernel.with_file_name("vmlinux");
+    let kernel = if vmlinux.exists() { vmlinux } else { kernel };
+    let stats = temp_file("cow_disk_fleet", "stats.json", b"");
+    let dir = stats.parent().expect("dir").to_path_buf();
+    let image = match ext2_image_counting_mounts(&dir) {
+        Ok(image) => image,
+        Err(why) => return skip_or_fail(name, &why),
+    };
+    let before = std::fs::read(&image).expect("read image");
+    let fleet = dir.join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        format!(
+            "[defaults]\ndisk = \"shared.ext2,overlay=ov,map=on\"\n\
+             [[vm]]\nname = \"a\"\nkernel = \"{k}\"\ncmdline = \"{c}\"\n\
+             [[vm]]\nname = \"b\"\nkernel = \"{k}\"\ncmdline = \"{c}\"\n",
+            k = kernel.display(),
+            c = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw",
+        ),
+    )
+    .expect("fleet file");
+    let run_dir = dir.join("run");
+    let logs = dir.join("logs");
+    let mut child = Command::new(common::vmm_bin())
+        .arg("fleet")
+        .arg(&fleet)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--log-dir")
+        .arg(&logs)
+        .args(["--timeout", "900"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    // The control sockets appear within milliseconds; the kernels need a minute to mount.
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(&run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "ctl"))
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no control sockets"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ctl(&run_dir, "b", "pause");
+    let mounted = "VFS: Mounted root (ext2 filesystem) on device";
+    let a_mounted = wait_for_line(&logs.join("a.log"), mounted, &mut child);
+    ctl(&run_dir, "b", "resume");
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let log = |vm: &str| text(&std::fs::read(logs.join(format!("{vm}.log"))).unwrap_or_default());
+    let context = || {
+        format!(
+            "--- a.log ---\n{}\n--- b.log ---\n{}\n--- stderr ---\n{stderr}",
+            log("a"),
+            log("b")
+        )
+    };
+    assert!(a_mounted, "vm a did not mount its root:\n{}", context());
+    assert!(
+        log("b").contains(mounted),
+        "vm b did not mount:\n{}",
+        context()
+    );
+    for vm in ["a", "b"] {
+        assert!(
+            !log(vm).contains("maximal mount count reached"),
+            "vm {vm} saw another VM's mount:\n{}",
+            context()
+        );
+    }
+    assert_eq!(status.code(), Some(0), "{}", context());
+    assert_eq!(
+        std::fs::read(&image).expect("image"),
+        before,
+        "base changed"
+    );
+    for vm in ["a", "b"] {
+        let overlay = std::fs::read(dir.join(format!("ov.{vm}"))).expect("overlay");
+        assert_eq!(overlay.len(), before.len());
+        assert_eq!(
+            le16(&overlay, S_MNT_COUNT),
+            1,
+            "vm {vm}'s overlay holds its own first mount"
+        );
+    }
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
+    for vm in stats["vms"].as_array().expect("vms") {
+        let disk = &vm["disk"];
+        assert!(disk["writes"].as_u64().unwrap_or(0) > 0, "{vm}");
+        assert!(disk["overlay_blocks"].as_u64().unwrap_or(0) > 0, "{vm}");
+        assert!(disk["mapped_pages"].as_u64().unwrap_or(0) > 0, "{vm}");
+        assert_eq!(disk["malformed"].as_u64(), Some(0), "{vm}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

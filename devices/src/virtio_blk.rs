@@ -27,6 +27,7 @@
 //! (queue size − 2 segments per request), `VIRTIO_BLK_F_BLK_SIZE` (512) and
 //! `VIRTIO_BLK_F_FLUSH`; no event index, no multiqueue, no discard.
 pub mod disk;
+pub mod map;
 pub mod request;
 pub mod test_driver;
 
@@ -38,6 +39,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::virtio_mmio::{VirtioBackend, VirtioMmio};
 use disk::{CowDisk, SECTOR_SIZE};
+use map::{BaseMapper, MapCounters};
 use request::ID_LEN;
 
 /// virtio device ID of a block device.
@@ -74,6 +76,7 @@ pub struct DiskMetrics {
     pub(crate) malformed: AtomicU64,
     pub(crate) bad_queues: AtomicU64,
     overlay_blocks: AtomicU64,
+    pub(crate) map: MapCounters,
 }
 
 impl DiskMetrics {
@@ -127,6 +130,19 @@ impl DiskMetrics {
     pub fn overlay_blocks(&self) -> u64 {
         self.overlay_blocks.load(Ordering::Relaxed)
     }
+    /// Guest pages a read mapped from the base instead of copying (`map=on`).
+    pub fn mapped_pages(&self) -> u64 {
+        self.map.mapped_pages.load(Ordering::Relaxed)
+    }
+    /// `mmap` calls that mapped them.
+    pub fn mappings(&self) -> u64 {
+        self.map.mappings.load(Ordering::Relaxed)
+    }
+    /// Pages that could have been mapped but were copied (the VM's mapping budget was spent or
+    /// `mmap` failed).
+    pub fn map_fallback_pages(&self) -> u64 {
+        self.map.fallback_pages.load(Ordering::Relaxed)
+    }
 }
 
 /// The block device backend: one VM's copy-on-write disk and its queue
@@ -138,6 +154,7 @@ pub struct VirtioBlk {
     metrics: Arc<DiskMetrics>,
     id: [u8; ID_LEN],
     scratch: Vec<u8>,
+    mapper: Option<BaseMapper>,
 }
 
 /// A block device as the bus sees it.
@@ -156,7 +173,14 @@ impl VirtioBlk {
             metrics: Arc::new(DiskMetrics::default()),
             id: bytes,
             scratch: Vec::new(),
+            mapper: None,
         }
+    }
+
+    /// Satisfies reads of whole base pages by mapping them (see [`map`]).
+    pub fn with_mapper(mut self, mapper: BaseMapper) -> Self {
+        self.mapper = Some(mapper);
+        self
     }
 
     /// The device's counters, shareable with a reporter.
@@ -187,8 +211,11 @@ impl VirtioBlk {
                 &self.mem,
                 descriptors,
                 &mut self.disk,
-                &self.id,
-                &mut self.scratch,
+                request::Io {
+                    id: &self.id,
+                    scratch: &mut self.scratch,
+                    mapper: self.mapper.as_mut(),
+                },
                 &self.metrics,
             );
             if queue.add_used(&self.mem, head, used).is_err() {

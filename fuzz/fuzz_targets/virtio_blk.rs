@@ -14,6 +14,10 @@
 //! * 5: a request header in memory — offset (u16, 16-aligned), type (a known one or any u32),
 //!   sector (a small one or any u64)
 //!
+//! An input whose first byte has its top bit set runs the device with `map=on` (reads of whole
+//! base pages mapped into guest memory, at most 16 mappings, then copies): the guest chooses
+//! which pages of its memory get replaced.
+//!
 //! Checked: nothing panics; the base image file is never written; counters never go down; the
 //! overlay never holds more blocks than the disk has; the interrupt eventfd was signalled
 //! exactly `used_interrupts` times.
@@ -25,6 +29,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use mirrorball_devices::bus::BusDevice;
 use mirrorball_devices::virtio_blk::disk::{BaseImage, CowDisk, OverlaySpec, BLOCK_SIZE};
+use mirrorball_devices::virtio_blk::map::{BaseMapper, MappedPages};
 use mirrorball_devices::virtio_blk::{VirtioBlk, VirtioBlkDevice};
 use mirrorball_devices::virtio_mmio::{regs, status as st, VIRTIO_MMIO_WINDOW};
 use mirrorball_devices::EventFdTrigger;
@@ -71,9 +76,13 @@ fn write32(dev: &mut VirtioBlkDevice, reg: u64, value: u32) {
 fuzz_target!(|data: &[u8]| {
     let (path, original) = base_image();
     let base = BaseImage::open(path).expect("open base");
-    let disk = CowDisk::new(base, &OverlaySpec::Memory).expect("disk");
+    let disk = CowDisk::new(base.clone(), &OverlaySpec::Memory).expect("disk");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
-    let blk = VirtioBlk::new(disk, mem.clone(), "fuzz");
+    let mut blk = VirtioBlk::new(disk, mem.clone(), "fuzz");
+    if data.first().is_some_and(|b| b & 0x80 != 0) {
+        let pages = std::sync::Arc::new(MappedPages::new(MEM as u64));
+        blk = blk.with_mapper(BaseMapper::new(mem.clone(), base, 16, pages));
+    }
     let disk_metrics = blk.metrics();
     let irq = EventFdTrigger::new().expect("eventfd");
     let irq_watch = irq.try_clone_event_fd().expect("eventfd clone");

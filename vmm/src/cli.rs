@@ -336,7 +336,8 @@ impl Cli {
         let Some(text) = &self.disk else {
             return Ok(None);
         };
-        let spec = crate::builder::disk::DiskSpec::parse(text, self.vms > 1)?;
+        let mut spec = crate::builder::disk::DiskSpec::parse(text, self.vms > 1)?;
+        spec.map_vms = self.vms;
         let names: Vec<String> = (0..self.vms).map(|i| format!("vm{i}")).collect();
         spec.check_overlays(names.iter().map(String::as_str))?;
         Ok(Some(spec))

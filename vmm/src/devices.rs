@@ -107,23 +107,30 @@ pub fn add_profiler_device(
 }
 
 /// Adds a copy-on-write virtio-blk device in `window` (interrupt through an irqfd on the
-/// window's GSI) over `spec`'s base with a new `overlay`; returns its counters.
+/// window's GSI) over `spec`'s base with the VM's new overlay; returns its counters. With `mapped`,
+/// reads of whole base pages are mapped into `mem` and recorded there (`map=on`).
 pub fn add_disk_device(
     vm: &Vm,
     mmio: &mut Bus,
     window: MmioSlot,
     spec: &crate::builder::disk::DiskSpec,
-    overlay: &mirrorball_devices::virtio_blk::disk::OverlaySpec,
     mem: &vm_memory::GuestMemoryMmap,
     vm_name: &str,
+    mapped: Option<Arc<mirrorball_devices::virtio_blk::map::MappedPages>>,
 ) -> Result<Arc<mirrorball_devices::virtio_blk::DiskMetrics>, DeviceError> {
-    use mirrorball_devices::virtio_blk::{disk::CowDisk, VirtioBlk, VirtioBlkDevice};
+    use mirrorball_devices::virtio_blk::{
+        disk::CowDisk, map::BaseMapper, VirtioBlk, VirtioBlkDevice,
+    };
     let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
     vm.fd()
         .register_irqfd(irq.event_fd(), window.gsi)
         .map_err(DeviceError::Irqfd)?;
-    let disk = CowDisk::new(spec.base.clone(), overlay)?;
-    let blk = VirtioBlk::new(disk, mem.clone(), &format!("mirrorball-{vm_name}"));
+    let disk = CowDisk::new(spec.base.clone(), &spec.overlay_for(vm_name))?;
+    let mut blk = VirtioBlk::new(disk, mem.clone(), &format!("mirrorball-{vm_name}"));
+    if let Some(pages) = mapped {
+        let mapper = BaseMapper::new(mem.clone(), spec.base.clone(), spec.map_budget(), pages);
+        blk = blk.with_mapper(mapper);
+    }
     let metrics = blk.metrics();
     let device = VirtioBlkDevice::new(blk, irq);
     mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;

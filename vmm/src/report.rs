@@ -77,6 +77,12 @@ pub struct DiskReport {
     pub unsupported: u64,
     /// Descriptor chains refused as malformed (no status written).
     pub malformed: u64,
+    /// Guest pages a read mapped from the base instead of copying (`map=on`).
+    pub mapped_pages: u64,
+    /// `mmap` calls that mapped them.
+    pub mappings: u64,
+    /// Pages that could have been mapped but were copied (mapping budget spent).
+    pub map_fallback_pages: u64,
 }
 
 impl DiskReport {
@@ -92,6 +98,9 @@ impl DiskReport {
             io_errors: m.io_errors(),
             unsupported: m.unsupported(),
             malformed: m.malformed(),
+            mapped_pages: m.mapped_pages(),
+            mappings: m.mappings(),
+            map_fallback_pages: m.map_fallback_pages(),
         }
     }
 }

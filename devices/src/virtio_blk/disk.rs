@@ -107,6 +107,11 @@ impl BaseImage {
         self.len == 0
     }
 
+    /// The open file (read-only).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -198,6 +203,11 @@ impl CowDisk {
             bitmap: vec![0; words],
             overlay_blocks: 0,
         })
+    }
+
+    /// The base image.
+    pub fn base(&self) -> &Arc<BaseImage> {
+        &self.base
     }
 
     /// Capacity in bytes.

@@ -20,7 +20,8 @@
 //! `VIRTIO_BLK_S_UNSUPP`.
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::disk::{CowDisk, SECTOR_SIZE};
+use super::disk::{CowDisk, BLOCK_SIZE, SECTOR_SIZE};
+use super::map::{BaseMapper, PAGE_SIZE};
 use super::DiskMetrics;
 
 /// Request type: read sectors into the guest.
@@ -148,13 +149,14 @@ fn scatter<M: GuestMemory>(mem: &M, segments: &[Segment], buf: &[u8]) -> Option<
 
 /// Executes one request chain against `disk`; returns the used length
 /// (bytes written into guest memory, status included). `scratch` is a
-/// reusable bounce buffer, `id` the `GET_ID` answer.
+/// reusable bounce buffer, `id` the `GET_ID` answer; with a `mapper`, reads
+/// map whole base pages into guest memory instead of copying them (see
+/// [`super::map`]).
 pub fn execute<M: GuestMemory>(
     mem: &M,
     descriptors: impl Iterator<Item = (u64, u32, bool)>,
     disk: &mut CowDisk,
-    id: &[u8; ID_LEN],
-    scratch: &mut Vec<u8>,
+    io: Io<'_>,
     metrics: &DiskMetrics,
 ) -> u32 {
     let Some(chain) = split(mem, descriptors) else {
@@ -168,7 +170,7 @@ pub fn execute<M: GuestMemory>(
     let status_addr = GuestAddress(last.addr.0 + last.len - 1);
     let out_len = total(&chain.writable) - 1;
     let data_out = sub_range(&chain.writable, 0, out_len);
-    let (status, written) = run(mem, &chain, &data_out, out_len, disk, id, scratch, metrics);
+    let (status, written) = run(mem, &chain, &data_out, out_len, disk, io, metrics);
     if status == VIRTIO_BLK_S_IOERR {
         DiskMetrics::bump(&metrics.io_errors);
     }
@@ -180,18 +182,75 @@ pub fn execute<M: GuestMemory>(
     u32::try_from(written + 1).unwrap_or(u32::MAX)
 }
 
+/// What a request may use besides the disk: the `GET_ID` answer, a reusable
+/// bounce buffer, and the mapper of base pages (`map=on`), if any.
+#[derive(Debug)]
+pub struct Io<'a> {
+    /// The `GET_ID` answer.
+    pub id: &'a [u8; ID_LEN],
+    /// Bounce buffer.
+    pub scratch: &'a mut Vec<u8>,
+    /// Maps base pages into guest memory instead of copying them.
+    pub mapper: Option<&'a mut BaseMapper>,
+}
+
+/// Reads `len` disk bytes at `offset` into the guest buffers `data_out`,
+/// mapping the base's pages where the mapper can and copying the rest.
+fn read_into<M: GuestMemory>(
+    mem: &M,
+    data_out: &[Segment],
+    offset: u64,
+    disk: &CowDisk,
+    mapper: &mut BaseMapper,
+    scratch: &mut Vec<u8>,
+    metrics: &DiskMetrics,
+) -> Option<()> {
+    let mut pos = offset;
+    for s in data_out {
+        let end = s.addr.0.checked_add(s.len)?;
+        let mut at = s.addr.0;
+        while at < end {
+            // A run of whole pages, aligned in the guest and on the disk, that the overlay
+            // does not hold: mapped if the mapper can.
+            let mut run = 0;
+            if at.is_multiple_of(PAGE_SIZE) && pos.is_multiple_of(BLOCK_SIZE) {
+                while at + run + PAGE_SIZE <= end && !disk.in_overlay((pos + run) / BLOCK_SIZE) {
+                    run += PAGE_SIZE;
+                }
+            }
+            if run > 0 && mapper.map(GuestAddress(at), pos, run, &metrics.map) {
+                at += run;
+                pos += run;
+                continue;
+            }
+            // Otherwise copy up to the next page boundary (a whole page when aligned).
+            let step = (run.max(PAGE_SIZE - at % PAGE_SIZE)).min(end - at);
+            let len = usize::try_from(step).ok()?;
+            scratch.resize(len, 0);
+            disk.read(pos, scratch).ok()?;
+            mem.write_slice(scratch, GuestAddress(at)).ok()?;
+            at += step;
+            pos += step;
+        }
+    }
+    Some(())
+}
+
 /// The request's status and the data bytes written into the guest.
-#[allow(clippy::too_many_arguments)]
 fn run<M: GuestMemory>(
     mem: &M,
     chain: &Chain,
     data_out: &[Segment],
     out_len: u64,
     disk: &mut CowDisk,
-    id: &[u8; ID_LEN],
-    scratch: &mut Vec<u8>,
+    io: Io<'_>,
     metrics: &DiskMetrics,
 ) -> (u8, u64) {
+    let Io {
+        id,
+        scratch,
+        mapper,
+    } = io;
     const FAIL: (u8, u64) = (VIRTIO_BLK_S_IOERR, 0);
     let in_len = total(&chain.readable);
     if in_len < HEADER_LEN {
@@ -222,12 +281,19 @@ fn run<M: GuestMemory>(
             let Some(offset) = disk_range(out_len).filter(|_| data_in_len == 0) else {
                 return FAIL;
             };
-            let Ok(len) = usize::try_from(out_len) else {
-                return FAIL;
-            };
-            scratch.resize(len, 0);
-            if disk.read(offset, scratch).is_err() || scatter(mem, data_out, scratch).is_none() {
-                return FAIL;
+            if let Some(mapper) = mapper {
+                if read_into(mem, data_out, offset, disk, mapper, scratch, metrics).is_none() {
+                    return FAIL;
+                }
+            } else {
+                let Ok(len) = usize::try_from(out_len) else {
+                    return FAIL;
+                };
+                scratch.resize(len, 0);
+                if disk.read(offset, scratch).is_err() || scatter(mem, data_out, scratch).is_none()
+                {
+                    return FAIL;
+                }
             }
             DiskMetrics::bump(&metrics.reads);
             DiskMetrics::add(&metrics.read_bytes, out_len);

@@ -9,7 +9,10 @@
 //! [`DATA`] onwards free for request buffers, up to [`MEM_SIZE`].
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use std::sync::Arc;
+
 use super::disk::CowDisk;
+use super::map::{BaseMapper, MappedPages};
 use super::{VirtioBlk, VirtioBlkDevice};
 use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
@@ -58,9 +61,25 @@ impl TestDriver {
     /// Guest memory of [`MEM_SIZE`] bytes and a device over `disk`, brought
     /// up to `DRIVER_OK` with one queue of [`DRIVER_QUEUE_SIZE`].
     pub fn new(disk: CowDisk) -> Self {
+        Self::build(disk, None)
+    }
+
+    /// As [`Self::new`], with reads of whole base pages mapped (`map=on`) for at most `budget`
+    /// mappings; also returns the record of mapped pages.
+    pub fn with_mapping(disk: CowDisk, budget: u64) -> (Self, Arc<MappedPages>) {
+        let pages = Arc::new(MappedPages::new(MEM_SIZE as u64));
+        let driver = Self::build(disk, Some((budget, pages.clone())));
+        (driver, pages)
+    }
+
+    fn build(disk: CowDisk, mapping: Option<(u64, Arc<MappedPages>)>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .unwrap_or_else(|e| panic!("test memory: {e}"));
-        let blk = VirtioBlk::new(disk, mem.clone(), "test-disk");
+        let base = disk.base().clone();
+        let mut blk = VirtioBlk::new(disk, mem.clone(), "test-disk");
+        if let Some((budget, pages)) = mapping {
+            blk = blk.with_mapper(BaseMapper::new(mem.clone(), base, budget, pages));
+        }
         let irq = EventFdTrigger::new().unwrap_or_else(|e| panic!("eventfd: {e}"));
         let mut driver = Self {
             mem,
@@ -206,6 +225,22 @@ impl TestDriver {
         let used = self.submit_raw(&descs, 0).map_or(u32::MAX, |(_, l)| l);
         let status: u8 = self.mem.read_obj(GuestAddress(status_at)).unwrap_or(0xfe);
         (status, used)
+    }
+
+    /// Reads `len` bytes of the disk at `sector` into guest memory at `buf` (header at
+    /// [`DATA`], status byte at `DATA + 0x800`; `buf` should not overlap them). Returns the
+    /// status (0xff: the device wrote none).
+    pub fn read_to(&mut self, sector: u64, len: u32, buf: u64) -> u8 {
+        let status_at = DATA + 0x800;
+        self.write_header(DATA, super::request::VIRTIO_BLK_T_IN, sector);
+        let _ = self.mem.write_obj(0xffu8, GuestAddress(status_at));
+        let descs = [
+            (DATA, 16, F_NEXT, 1),
+            (buf, len, F_NEXT | F_WRITE, 2),
+            (status_at, 1, F_WRITE, 0),
+        ];
+        let _ = self.submit_raw(&descs, 0);
+        self.mem.read_obj(GuestAddress(status_at)).unwrap_or(0xfe)
     }
 
     /// Reads `len` bytes of the disk at `sector` through the device.

@@ -1,11 +1,13 @@
-//! `--disk base.img[,overlay=PATH]`: the copy-on-write disk a Linux VM gets (README
+//! `--disk base.img[,overlay=PATH][,map=on|off]`: the copy-on-write disk a Linux VM gets (README
 //! "Copy-on-write disk").
 //!
 //! This module owns [`DiskSpec`]: the parsed option, the base image opened once (read-only, one
 //! `Arc` shared by every VM of the process) and where each VM's overlay goes: in memory by
 //! default; with `overlay=PATH`, a new sparse file at PATH for a single VM, or at PATH.NAME for
 //! each VM NAME of a fleet. Overlay files are created by the VM's builder (`O_EXCL`), but a path
-//! that already exists is refused here, before any VM starts.
+//! that already exists is refused here, before any VM starts. With `map=on`, reads of whole base
+//! pages are mapped into guest memory instead of copied (`mirrorball_devices::virtio_blk::map`),
+//! each VM within its share of the process's mapping budget.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,6 +22,10 @@ pub struct DiskSpec {
     pub overlay: Option<PathBuf>,
     /// Whether each VM's overlay file gets the VM's name appended (several VMs).
     pub per_vm: bool,
+    /// `map=on`: reads of whole base pages are mapped, not copied.
+    pub map: bool,
+    /// VMs of the process that map base pages (each gets its share of the mapping budget).
+    pub map_vms: usize,
 }
 
 impl DiskSpec {
@@ -32,14 +38,19 @@ impl DiskSpec {
             .filter(|b| !b.is_empty())
             .ok_or("--disk needs a base image: --disk base.img[,overlay=PATH]")?;
         let mut overlay = None;
+        let mut map = None;
         for part in parts {
             match part.split_once('=') {
                 Some(("overlay", path)) if !path.is_empty() && overlay.is_none() => {
                     overlay = Some(PathBuf::from(path));
                 }
+                Some(("map", value @ ("on" | "off"))) if map.is_none() => {
+                    map = Some(value == "on");
+                }
                 _ => {
                     return Err(format!(
-                        "--disk: unknown or repeated option {part:?} (expected overlay=PATH)"
+                        "--disk: unknown or repeated option {part:?} (expected overlay=PATH or \
+                         map=on|off)"
                     ))
                 }
             }
@@ -50,7 +61,15 @@ impl DiskSpec {
             base,
             overlay,
             per_vm,
+            map: map.unwrap_or(false),
+            map_vms: 1,
         })
+    }
+
+    /// Mappings of base pages each VM may make (see
+    /// [`mirrorball_devices::virtio_blk::map::map_budget`]).
+    pub fn map_budget(&self) -> u64 {
+        mirrorball_devices::virtio_blk::map::map_budget(self.map_vms)
     }
 
     /// Where the overlay of the VM named `vm` goes.
@@ -100,12 +119,18 @@ mod tests {
         );
         let single = DiskSpec::parse(&format!("{b}"), false).unwrap();
         assert_eq!(single.overlay_for("vm0"), OverlaySpec::Memory);
+        assert!(!single.map && !spec.map);
+        let mapped = DiskSpec::parse(&format!("{b},map=on"), false).unwrap();
+        assert!(mapped.map);
+        assert!(mapped.map_budget() > 1000, "{}", mapped.map_budget());
         assert_eq!(single.base.len(), 1024);
         for bad in [
             String::new(),
             format!("{b},overlay="),
             format!("{b},cache=none"),
             format!("{b},overlay=a,overlay=b"),
+            format!("{b},map=yes"),
+            format!("{b},map=on,map=off"),
             dir.join("missing").display().to_string(),
         ] {
             assert!(DiskSpec::parse(&bad, false).is_err(), "{bad}");

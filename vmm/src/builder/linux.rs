@@ -207,8 +207,16 @@ pub(super) fn assemble(
     resources: VmResources,
 ) -> Result<BuiltVm, BuildError> {
     let host = resources.host;
-    let sharing = SharingScanner::new(&ram, Vec::new());
+    let mut sharing = SharingScanner::new(&ram, Vec::new());
     let mem = ram.memory().clone();
+    // With `map=on`, the guest pages the disk maps from its base, for the sharing accounting.
+    let mapped = config.disk.as_ref().filter(|d| d.map).map(|_| {
+        use vm_memory::GuestMemoryBackend;
+        let top = mem.last_addr().0.saturating_add(1);
+        let pages = Arc::new(mirrorball_devices::virtio_blk::map::MappedPages::new(top));
+        sharing.set_disk_pages(pages.clone());
+        pages
+    });
     let mut vm = Vm::new(host.kvm(), ram, true)?;
     let (_, platform) = config.platform(vm.ram_slots())?;
 
@@ -235,18 +243,15 @@ pub(super) fn assemble(
         profiler = Some((regions, period, control));
     }
     let disk = match (&config.disk, platform.disk) {
-        (Some(spec), Some(window)) => {
-            let overlay = spec.overlay_for(&resources.name);
-            Some(add_disk_device(
-                &vm,
-                &mut mmio,
-                window,
-                spec,
-                &overlay,
-                &mem,
-                &resources.name,
-            )?)
-        }
+        (Some(spec), Some(window)) => Some(add_disk_device(
+            &vm,
+            &mut mmio,
+            window,
+            spec,
+            &mem,
+            &resources.name,
+            mapped,
+        )?),
         _ => None,
     };
     let (console_out, console) = resources.console.open()?;

@@ -16,13 +16,20 @@
 //! kernel = "bzImage"    # relative paths are relative to the fleet file
 //! initrd = "rootfs.cpio"
 //! memory = "256M"
+//! disk = "base.img,overlay=ov"  # a copy-on-write disk; this VM's overlay is ov.linux
 //! ```
+//!
+//! `disk` (per VM or in `[defaults]`, Linux VMs only) takes what `--disk` takes; every VM gets
+//! an overlay of its own (in memory, or `PATH.NAME` with `overlay=PATH`), and VMs naming one base
+//! image share it.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{FleetError, FleetPlan, ShareMode, VmPlan, MAX_VMS};
+use crate::builder::disk::DiskSpec;
 use crate::builder::{GuestConfig, LinuxConfig, WorkloadConfig};
 use crate::cli::parse_size;
 use crate::workload::TaskSpec;
@@ -37,6 +44,7 @@ struct Defaults {
     sample_hz: Option<u32>,
     memory: Option<String>,
     vcpus: Option<usize>,
+    disk: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +59,7 @@ struct VmEntry {
     vcpus: Option<usize>,
     sample_hz: Option<u32>,
     share: Option<ShareMode>,
+    disk: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +109,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
     }
     let d = &file.defaults;
     let mut vms = Vec::with_capacity(file.vm.len());
+    let mut bases = HashMap::new();
     for entry in file.vm {
         let name = entry.name.clone();
         let bad = |why: String| format!("VM {name:?}: {why}");
@@ -119,8 +129,8 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             }
             (None, None) => return Err(bad("give a workload or a kernel".into())),
             (Some(specs), None) => {
-                if entry.initrd.is_some() || entry.cmdline.is_some() {
-                    return Err(bad("initrd and cmdline go with a kernel".into()));
+                if entry.initrd.is_some() || entry.cmdline.is_some() || entry.disk.is_some() {
+                    return Err(bad("initrd, cmdline and disk go with a kernel".into()));
                 }
                 let specs = specs
                     .iter()
@@ -136,15 +146,21 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
                     profile_period: period,
                 })
             }
-            (None, Some(kernel)) => GuestConfig::Linux(LinuxConfig {
-                kernel: base.join(kernel),
-                initrd: entry.initrd.map(|p| base.join(p)),
-                cmdline: entry.cmdline,
-                mem_bytes: memory.unwrap_or(crate::builder::linux::DEFAULT_MEM_BYTES),
-                vcpus: vcpus.unwrap_or(1),
-                profile_period: period,
-                disk: None,
-            }),
+            (None, Some(kernel)) => {
+                let disk = match entry.disk.as_ref().or(d.disk.as_ref()) {
+                    Some(text) => Some(vm_disk(text, base, &name, &mut bases).map_err(bad)?),
+                    None => None,
+                };
+                GuestConfig::Linux(LinuxConfig {
+                    kernel: base.join(kernel),
+                    initrd: entry.initrd.map(|p| base.join(p)),
+                    cmdline: entry.cmdline,
+                    mem_bytes: memory.unwrap_or(crate::builder::linux::DEFAULT_MEM_BYTES),
+                    vcpus: vcpus.unwrap_or(1),
+                    profile_period: period,
+                    disk,
+                })
+            }
         };
         let share = entry.share.or(d.share).unwrap_or(ShareMode::Template);
         vms.push(VmPlan {
@@ -153,12 +169,57 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             share,
         });
     }
+    // The VMs that map base pages share the process's mapping budget.
+    let mapping = vms
+        .iter()
+        .filter(|vm| matches!(&vm.config, GuestConfig::Linux(l) if l.disk.as_ref().is_some_and(|d| d.map)))
+        .count();
+    for vm in &mut vms {
+        if let GuestConfig::Linux(LinuxConfig {
+            disk: Some(disk), ..
+        }) = &mut vm.config
+        {
+            disk.map_vms = mapping.max(1);
+        }
+    }
     Ok(FleetPlan { vms })
+}
+
+/// A VM's `disk` entry: its paths resolved against `base`, its overlay `PATH.NAME` (checked to
+/// be new), and one opened base image for all VMs that name the same file.
+fn vm_disk(
+    text: &str,
+    base: &Path,
+    name: &str,
+    bases: &mut HashMap<PathBuf, DiskSpec>,
+) -> Result<DiskSpec, String> {
+    let resolved = text
+        .split(',')
+        .enumerate()
+        .map(|(i, part)| match (i, part.split_once('=')) {
+            (0, _) if !part.is_empty() => base.join(part).display().to_string(),
+            (_, Some(("overlay", path))) if !path.is_empty() => {
+                format!("overlay={}", base.join(path).display())
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let one_line = |e: String| format!("disk: {}", e.trim_start_matches("--disk: "));
+    let mut spec = DiskSpec::parse(&resolved, true).map_err(one_line)?;
+    let opened = bases
+        .entry(spec.base.path().to_path_buf())
+        .or_insert_with(|| spec.clone());
+    spec.base = opened.base.clone();
+    spec.check_overlays(std::iter::once(name))
+        .map_err(one_line)?;
+    Ok(spec)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     const TWO: &str = r#"
 [defaults]
@@ -208,6 +269,61 @@ sample_hz = 0
         };
         assert_eq!(l.kernel, PathBuf::from("/etc/fleets/k/bzImage"));
         assert_eq!(l.initrd, Some(PathBuf::from("/abs/i")));
+    }
+
+    #[test]
+    fn every_vm_gets_its_own_overlay_on_one_shared_base() {
+        let dir = std::env::temp_dir().join(format!("mb-fleet-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("base.img"), [0u8; 4096]).unwrap();
+        let text = "[defaults]\ndisk = \"base.img,overlay=ov\"\n\
+                    [[vm]]\nname = \"a\"\nkernel = \"k\"\n\
+                    [[vm]]\nname = \"b\"\nkernel = \"k\"\n\
+                    [[vm]]\nname = \"c\"\nkernel = \"k\"\ndisk = \"base.img\"\n\
+                    [[vm]]\nname = \"d\"\nkernel = \"k\"\n";
+        let plan = parse(text, &dir, 20).expect("fleet");
+        let disks: Vec<&DiskSpec> = plan
+            .vms
+            .iter()
+            .map(|vm| match &vm.config {
+                GuestConfig::Linux(l) => l.disk.as_ref().expect("disk"),
+                GuestConfig::Workload(_) => panic!("linux"),
+            })
+            .collect();
+        use mirrorball_devices::virtio_blk::disk::OverlaySpec;
+        assert_eq!(
+            disks[0].overlay_for("a"),
+            OverlaySpec::File(dir.join("ov.a"))
+        );
+        assert_eq!(
+            disks[1].overlay_for("b"),
+            OverlaySpec::File(dir.join("ov.b"))
+        );
+        assert_eq!(disks[2].overlay_for("c"), OverlaySpec::Memory);
+        assert!(
+            disks.iter().all(|d| Arc::ptr_eq(&d.base, &disks[0].base)),
+            "one base image for all"
+        );
+        // An overlay that exists, a missing base, a disk for a workload VM: one line each.
+        std::fs::write(dir.join("ov.b"), b"x").unwrap();
+        let cases = [
+            (text.to_string(), "ov.b already exists"),
+            (
+                "[[vm]]\nname = \"a\"\nkernel = \"k\"\ndisk = \"missing.img\"\n".into(),
+                "disk: cannot open base image",
+            ),
+            (
+                "[[vm]]\nname = \"a\"\nworkload = [\"work 1 R 1\"]\ndisk = \"base.img\"\n".into(),
+                "go with a kernel",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = parse(&text, &dir, 20).expect_err(&text);
+            assert!(e.contains(expected), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct PageCounts {
     pub merged: u64,
     /// Pages swapped out.
     pub swapped: u64,
+    /// Pages that map the disk's base image (a read mapped them, `--disk …,map=on`, and the
+    /// guest has not written them): machine pages shared with every VM that read the same
+    /// blocks. Counted neither as shared nor as private.
+    pub disk_shared: u64,
 }
 
 impl PageCounts {
@@ -49,6 +53,7 @@ impl PageCounts {
         self.private += other.private;
         self.merged += other.merged;
         self.swapped += other.swapped;
+        self.disk_shared += other.disk_shared;
     }
 }
 
@@ -116,6 +121,8 @@ pub struct SharingScanner {
     latest: SharingReport,
     /// Per range, in the same order.
     charges: Arc<CowCharges>,
+    /// The guest pages the VM's disk mapped from its base image, if it maps.
+    disk_pages: Option<Arc<mirrorball_devices::virtio_blk::map::MappedPages>>,
 }
 
 impl SharingScanner {
@@ -151,7 +158,14 @@ impl SharingScanner {
             ranges,
             buf: Vec::new(),
             latest,
+            disk_pages: None,
         }
+    }
+
+    /// Tells present file pages at the guest pages in `pages` apart as the disk base's
+    /// (`disk_shared`), not the template's.
+    pub fn set_disk_pages(&mut self, pages: Arc<mirrorball_devices::virtio_blk::map::MappedPages>) {
+        self.disk_pages = Some(pages);
     }
 
     /// The copy-on-write breaks of owned ranges, for the sampler to write to the host ring.
@@ -216,12 +230,15 @@ impl SharingScanner {
         })
     }
 
-    fn classify(&self, entry: u64, counts: &mut PageCounts) {
+    fn classify(&self, entry: u64, gpa: u64, counts: &mut PageCounts) {
+        let from_disk = || self.disk_pages.as_ref().is_some_and(|p| p.contains(gpa));
         if entry & PM_SWAPPED != 0 {
             counts.swapped += 1;
             counts.private += 1;
         } else if entry & PM_PRESENT != 0 {
-            if !self.private_mapping {
+            if entry & PM_FILE != 0 && from_disk() {
+                counts.disk_shared += 1;
+            } else if !self.private_mapping {
                 counts.private += 1;
             } else if entry & PM_FILE != 0 {
                 counts.shared += 1;
@@ -234,7 +251,7 @@ impl SharingScanner {
         }
     }
 
-    fn count(&mut self, host: usize, len: usize) -> std::io::Result<PageCounts> {
+    fn count(&mut self, gpa: u64, host: usize, len: usize) -> std::io::Result<PageCounts> {
         let mut counts = PageCounts::default();
         let Some(pagemap) = self.pagemap.take() else {
             return Err(std::io::Error::from(std::io::ErrorKind::NotFound));
@@ -250,7 +267,8 @@ impl SharingScanner {
                 pagemap.read_exact_at(bytes, offset)?;
                 for i in 0..n {
                     let entry = self.buf[i];
-                    self.classify(entry, &mut counts);
+                    let page_gpa = gpa + ((done + i) * PAGE) as u64;
+                    self.classify(entry, page_gpa, &mut counts);
                 }
                 done += n;
             }
@@ -265,13 +283,13 @@ impl SharingScanner {
         let started = std::time::Instant::now();
         self.last_scan = Some(started);
         let mut total = PageCounts::default();
-        for (_, host, len) in self.mappings.clone() {
-            total.add(&self.count(host, len)?);
+        for (gpa, host, len) in self.mappings.clone() {
+            total.add(&self.count(gpa, host, len)?);
         }
         let mut per_range = Vec::with_capacity(self.ranges.len());
         for r in self.ranges.clone() {
             let counts = match self.host_range(r.gpa, r.len) {
-                Some((host, len)) => self.count(host, len)?,
+                Some((host, len)) => self.count(r.gpa, host, len)?,
                 None => PageCounts::default(),
             };
             per_range.push(counts);
@@ -375,5 +393,50 @@ mod tests {
         assert!(!r.cloned);
         assert_eq!(r.total.shared, 0);
         assert_eq!(r.total.private, 50);
+    }
+
+    #[test]
+    fn pages_mapped_from_a_disk_base_are_counted_as_the_disk_s() {
+        use mirrorball_devices::virtio_blk::disk::BaseImage;
+        use mirrorball_devices::virtio_blk::map::{BaseMapper, MapCounters, MappedPages};
+        let dir = std::env::temp_dir().join(format!("mb-sharing-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("base.img");
+        std::fs::write(&path, vec![9u8; 64 << 10]).expect("base");
+        let base = BaseImage::open(&path).expect("open");
+        let builder = TemplateBuilder::new(4 << 20).expect("template");
+        let template = Arc::new(builder.seal().expect("seal"));
+        // A VM with memory of its own (shared memfd) and a template clone (private mapping).
+        for ram in [
+            GuestRam::new(4 << 20).expect("ram"),
+            GuestRam::clone_of(&template).expect("clone"),
+        ] {
+            let pages = Arc::new(MappedPages::new(4 << 20));
+            let mut mapper = BaseMapper::new(ram.memory().clone(), base.clone(), 10, pages.clone());
+            let mut scanner = SharingScanner::new(&ram, Vec::new());
+            scanner.set_disk_pages(pages);
+            touch(&ram, 0x1000, true);
+            assert!(mapper.map(
+                GuestAddress(0x10000),
+                0x4000,
+                0x3000,
+                &MapCounters::default()
+            ));
+            for page in 0..3u64 {
+                touch(&ram, 0x10000 + page * 4096, false);
+            }
+            let r = scanner.scan().expect("scan");
+            assert_eq!(r.total.disk_shared, 3, "{r:?}");
+            assert_eq!((r.total.shared, r.total.private), (0, 1), "{r:?}");
+            // A write breaks one: the VM's own page from then on.
+            touch(&ram, 0x11000, true);
+            let r = scanner.scan().expect("scan");
+            assert_eq!(r.total.disk_shared, 2, "{r:?}");
+            assert_eq!(r.total.private, 2, "{r:?}");
+            let byte: u8 = ram.memory().read_obj(GuestAddress(0x12000)).expect("read");
+            assert_eq!(byte, 9, "the guest sees the base's bytes");
+        }
+        assert_eq!(std::fs::read(&path).expect("base"), vec![9u8; 64 << 10]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
