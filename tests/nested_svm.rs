@@ -332,6 +332,47 @@ fn machine_memory_budget_holds_on_cgroup_v2() {
     );
 }
 
+/// Issue 10's guest swap on the copy-on-write disk: an MP3 case study in a 64 MiB L2 guest
+/// whose swap is the VMM's virtio-blk disk (a sparse base, an overlay file) finishes, its guest
+/// swaps out and in through the disk (the guest's block counters and the device's agree in
+/// direction), the swapped pages land in the overlay, and the workers see major faults.
+#[test]
+fn an_mp3_study_swaps_to_the_copy_on_write_disk() {
+    let Some(bed) = bed("an_mp3_study_swaps_to_the_copy_on_write_disk") else {
+        return;
+    };
+    bed.assert_passed("swapstudy");
+    let console = bed.read("swapstudy", "study.console");
+    let swap = line_after(&console, "mirrorball-study: swap read ").expect("swap line");
+    // "R KiB written W KiB"
+    let words: Vec<&str> = swap.split_whitespace().collect();
+    let kib = |i: usize| {
+        words
+            .get(i)
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (read, written) = (kib(0), kib(3));
+    assert!(read > 0 && written > 0, "guest swap traffic: {swap}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read("swapstudy", "stats.json")).expect("stats.json");
+    let disk = &stats["disk"];
+    let n = |k: &str| disk[k].as_u64().unwrap_or(0);
+    assert!(
+        n("written_bytes") >= written * 1024,
+        "device writes cover the guest's swap-outs: {disk}"
+    );
+    assert!(n("read_bytes") >= read * 1024, "{disk}");
+    assert!(n("overlay_blocks") > 0 && n("malformed") == 0, "{disk}");
+    let major: u64 = console
+        .lines()
+        .filter(|l| l.contains("work: pid") && l.contains(" done: "))
+        .filter_map(|l| line_after(l, "maj_flt="))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(major > 0, "the workers' major faults:\n{console}");
+}
+
 /// Terminal output with its CSI escape sequences replaced by a space.
 fn strip_escapes(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
