@@ -2,7 +2,7 @@
 //! configuration and ring positions. Restoring checks the saved queues against the device's
 //! own (count, maximum sizes, sizes, ring alignment) through `virtio_queue`'s validated
 //! constructor, and loads nothing unless all of it is valid.
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::{VirtioBackend, VirtioMmio};
 use crate::state::{QueueState, StateError, TransportState};

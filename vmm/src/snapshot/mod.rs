@@ -11,6 +11,7 @@
 //!
 //! Supported now: the OS-less workload guest. Linux guests (irqchip, PIT, clock, devices) are
 //! refused with a clear error.
+pub mod machine;
 pub mod memory;
 pub mod restore;
 pub mod state;
