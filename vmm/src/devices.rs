@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use mirrorball_devices::bus::{Bus, BusError};
 use mirrorball_devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use mirrorball_devices::rtc::{Rtc, RTC_PORT_BASE, RTC_PORT_LEN};
+use mirrorball_devices::serial::watch::{SerialWatch, WatchedWriter};
 use mirrorball_devices::serial::{
     SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
 };
@@ -54,6 +55,8 @@ pub struct LegacyDevices {
     pub profiler: Option<Arc<Mutex<ProfilerDevice>>>,
     /// Whether the VM has a disk (not snapshotted yet).
     pub has_disk: bool,
+    /// Watches the console output for `--snapshot-on`'s text.
+    pub serial_watch: Arc<SerialWatch>,
 }
 
 impl LegacyDevices {
@@ -64,6 +67,8 @@ impl LegacyDevices {
         vm.fd()
             .register_irqfd(irq.event_fd(), COM1_IRQ)
             .map_err(DeviceError::Irqfd)?;
+        let serial_watch = Arc::new(SerialWatch::default());
+        let out: SerialWriter = Box::new(WatchedWriter::new(out, serial_watch.clone()));
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(irq, out).map_err(DeviceError::Serial)?,
         ));
@@ -84,6 +89,7 @@ impl LegacyDevices {
             rtc,
             profiler: None,
             has_disk: false,
+            serial_watch,
         })
     }
 

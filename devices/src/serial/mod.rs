@@ -32,6 +32,7 @@
 
 mod console;
 mod input;
+pub mod watch;
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -16,6 +16,10 @@
 //! kernel = "bzImage"    # relative paths are relative to the fleet file
 //! initrd = "rootfs.cpio"
 //! memory = "256M"
+//!
+//! [[vm]]
+//! name = "clone1"
+//! restore = "snap"      # a snapshot directory: the VM is a copy-on-write clone of it
 //! ```
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,6 +55,7 @@ struct VmEntry {
     vcpus: Option<usize>,
     sample_hz: Option<u32>,
     share: Option<ShareMode>,
+    restore: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +118,33 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             None => None,
         };
         let vcpus = entry.vcpus.or(d.vcpus);
+        if let Some(dir) = &entry.restore {
+            let own = [
+                ("workload", entry.workload.is_some()),
+                ("kernel", entry.kernel.is_some()),
+                ("initrd", entry.initrd.is_some()),
+                ("cmdline", entry.cmdline.is_some()),
+                ("memory", entry.memory.is_some()),
+                ("vcpus", entry.vcpus.is_some()),
+                ("sample_hz", entry.sample_hz.is_some()),
+                ("share", entry.share.is_some()),
+            ];
+            if let Some((key, _)) = own.iter().find(|(_, given)| *given) {
+                return Err(bad(format!(
+                    "{key} does not go with restore: the snapshot decides it"
+                )));
+            }
+            let dir = base.join(dir);
+            let config =
+                crate::snapshot::restore::read_config(&dir).map_err(|e| bad(e.to_string()))?;
+            vms.push(VmPlan {
+                name,
+                config,
+                share: ShareMode::Template,
+                restore: Some(dir),
+            });
+            continue;
+        }
         let config = match (entry.workload, entry.kernel) {
             (Some(_), Some(_)) => {
                 return Err(bad("give either workload or kernel, not both".into()))
@@ -151,6 +183,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             name,
             config,
             share,
+            restore: None,
         });
     }
     Ok(FleetPlan { vms })
