@@ -229,6 +229,16 @@ sample_hz = 0
     }
 
     #[test]
+    fn a_restored_vm_takes_everything_from_its_snapshot() {
+        let both = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\nvcpus = 2\n";
+        let e = parse(both, Path::new("/nowhere"), 20).expect_err("vcpus");
+        assert!(e.contains("vcpus does not go with restore"), "{e}");
+        let missing = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\n";
+        let e = parse(missing, Path::new("/nowhere"), 20).expect_err("no snapshot");
+        assert!(e.starts_with("VM \"c\": snapshot /nowhere/snap:"), "{e}");
+    }
+
+    #[test]
     fn linux_paths_are_relative_to_the_file() {
         let plan = parse(
             "[[vm]]\nname = \"l\"\nkernel = \"k/bzImage\"\ninitrd = \"/abs/i\"\n",
