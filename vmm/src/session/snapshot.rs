@@ -118,6 +118,7 @@ impl RunningVm {
             },
             guest_region,
             pause_ms: started.elapsed().as_secs_f64() * 1e3,
+            uptime_ms: self.uptime().as_secs_f64() * 1e3,
             linux,
             machine,
             devices,

@@ -45,6 +45,9 @@ pub struct SnapshotState {
     /// How long the VM was paused for the snapshot, ms.
     #[serde(default)]
     pub pause_ms: f64,
+    /// How long the VM had run (since its vCPUs started) when the snapshot was taken, ms.
+    #[serde(default)]
+    pub uptime_ms: f64,
     /// A Linux guest's boot configuration.
     #[serde(default)]
     pub linux: Option<LinuxBoot>,
