@@ -1,8 +1,9 @@
 //! Watching a UART's output for a line that contains a text (`--snapshot-on`): a writer that
 //! sits between the UART and its sink and scans every byte as it is written. The guest controls
 //! the bytes, so the scan is bounded and never blocks: it keeps only the last `text.len()` bytes
-//! of the current line (a newline starts a new one), compares them at each byte, and calls the
-//! watch's action once, on the writing (vCPU) thread, when they match.
+//! of the current line (a newline starts a new one) and compares them at each byte; once they
+//! matched, the newline that ends that line calls the watch's action, once, on the writing
+//! (vCPU) thread: the line is whole when the action runs.
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -47,8 +48,9 @@ impl SerialWatch {
 pub struct WatchedWriter<W> {
     inner: W,
     watch: Arc<SerialWatch>,
-    /// The last bytes of the current line, at most the text's length.
-    window: Mutex<Vec<u8>>,
+    /// The last bytes of the current line, at most the text's length, and whether the current
+    /// line contained the text.
+    window: Mutex<(Vec<u8>, bool)>,
 }
 
 impl<W: Write> WatchedWriter<W> {
@@ -57,7 +59,7 @@ impl<W: Write> WatchedWriter<W> {
         Self {
             inner,
             watch,
-            window: Mutex::new(Vec::new()),
+            window: Mutex::new((Vec::new(), false)),
         }
     }
 
@@ -68,21 +70,26 @@ impl<W: Write> WatchedWriter<W> {
         if self.watch.fired() {
             return;
         }
-        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let (window, seen) = &mut *guard;
         for &b in bytes {
             if b == b'\n' {
+                if *seen {
+                    self.watch.fired.store(true, Ordering::Release);
+                    action();
+                    return;
+                }
                 window.clear();
+                continue;
+            }
+            if *seen {
                 continue;
             }
             if window.len() == text.len() {
                 window.remove(0);
             }
             window.push(b);
-            if window.as_slice() == text.as_slice() {
-                self.watch.fired.store(true, Ordering::Release);
-                action();
-                return;
-            }
+            *seen = window.as_slice() == text.as_slice();
         }
     }
 }
@@ -120,11 +127,16 @@ mod tests {
     #[test]
     fn fires_once_on_a_line_containing_the_text_byte_by_byte() {
         let (mut w, watch, count) = watched("Run /init");
-        for &b in b"[ 1.0] Run /in\nit\n[ 2.0] x Run /init as init process\nRun /init\n" {
+        let input = b"[ 1.0] Run /in\nit\n[ 2.0] x Run /init as init process\nRun /init\n";
+        // It fires at the newline that ends the line with the text, not before.
+        let fire_at = input
+            .windows(13)
+            .position(|w| w == b"init process\n")
+            .expect("in the input")
+            + 12;
+        for (i, &b) in input.iter().enumerate() {
             w.write_all(&[b]).expect("write");
-            if !watch.fired() {
-                assert_eq!(count.load(Ordering::SeqCst), 0);
-            }
+            assert_eq!(watch.fired(), i >= fire_at, "at byte {i}");
         }
         assert!(watch.fired());
         assert_eq!(count.load(Ordering::SeqCst), 1, "fires once");
@@ -137,7 +149,7 @@ mod tests {
         w.write_all(b"ab\nc").expect("write");
         w.write_all(&vec![b'x'; 1 << 16]).expect("write");
         assert!(!watch.fired());
-        assert_eq!(w.window.lock().unwrap().len(), 3, "bounded");
+        assert_eq!(w.window.lock().unwrap().0.len(), 3, "bounded");
         let fresh = SerialWatch::default();
         assert!(!fresh.arm("", Box::new(|| {})));
         assert!(!fresh.arm("a\nb", Box::new(|| {})));
