@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 /// The TSC deadline MSR: written after every other MSR (the TSC first, the LAPIC already set).
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM's async page fault enable MSR: written after its interrupt vector MSR (as QEMU does).
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 /// Most MSRs a state may carry.
 const MAX_MSRS: usize = 1024;
 
@@ -226,7 +228,7 @@ pub fn capture(fd: &VcpuFd, irqchip: bool, msr_list: &[u32]) -> Result<VcpuState
     })
 }
 
-/// Writes `msrs` (the TSC deadline last), naming the first one KVM refuses. One it refuses but
+/// Writes `msrs` (the TSC deadline last, async page faults' enable just before it), naming the first one KVM refuses. One it refuses but
 /// that already reads the saved value on the new vCPU (one the guest never changed: KVM may
 /// list MSRs its guest CPUID does not expose and refuse writes to them) is left as it is.
 fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), String> {
@@ -238,7 +240,7 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), String> {
             ..Default::default()
         })
         .collect();
-    entries.sort_by_key(|e| e.index == MSR_TSC_DEADLINE);
+    entries.sort_by_key(|e| (e.index == MSR_TSC_DEADLINE, e.index == MSR_KVM_ASYNC_PF_EN));
     let mut at = 0;
     while at < entries.len() {
         let list = Msrs::from_entries(&entries[at..]).map_err(|e| format!("MSR list: {e:?}"))?;
