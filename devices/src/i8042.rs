@@ -153,6 +153,52 @@ impl I8042 {
         self.reset_errors
     }
 
+    /// The controller's state for a snapshot.
+    pub fn state(&self) -> crate::state::I8042State {
+        crate::state::I8042State {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            last_was_command: self.last_was_command,
+            pending: match self.pending {
+                Pending::None => 0,
+                Pending::Ctr => 1,
+                Pending::OutputPort => 2,
+                Pending::KbdLoop => 3,
+                Pending::AuxLoop => 4,
+                Pending::AuxSend => 5,
+            },
+            out: self.out.iter().copied().collect(),
+            last_read: self.last_read,
+        }
+    }
+
+    /// Loads a saved state (the reset eventfd stays this controller's own).
+    pub fn restore(
+        &mut self,
+        state: &crate::state::I8042State,
+    ) -> Result<(), crate::state::StateError> {
+        let err = |why: &str| crate::state::StateError::new("i8042", why);
+        let pending = match state.pending {
+            0 => Pending::None,
+            1 => Pending::Ctr,
+            2 => Pending::OutputPort,
+            3 => Pending::KbdLoop,
+            4 => Pending::AuxLoop,
+            5 => Pending::AuxSend,
+            _ => return Err(err("unknown pending command")),
+        };
+        if state.out.len() > OUT_CAPACITY {
+            return Err(err("output buffer too long"));
+        }
+        self.ctr = state.ctr;
+        self.output_port = state.output_port;
+        self.last_was_command = state.last_was_command;
+        self.pending = pending;
+        self.out = state.out.iter().copied().collect();
+        self.last_read = state.last_read;
+        Ok(())
+    }
+
     fn answer(&mut self, byte: u8, aux: bool) {
         if self.out.len() < OUT_CAPACITY {
             self.out.push_back((byte, aux));

@@ -68,6 +68,7 @@ pub mod legacy;
 pub mod profiler_device;
 pub mod rtc;
 pub mod serial;
+pub mod state;
 pub mod terminal;
 pub mod trigger;
 pub mod virtio_blk;

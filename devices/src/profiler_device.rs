@@ -643,6 +643,44 @@ impl ProfilerDevice {
     }
 }
 
+impl ProfilerDevice {
+    /// The transport and what the guest set, for a snapshot.
+    pub fn state(&self) -> crate::state::ProfilerDeviceState {
+        let backend = self.inner.backend();
+        crate::state::ProfilerDeviceState {
+            transport: self.inner.transport_state(),
+            requested_period_ns: backend.space.requested_period_ns,
+            staged_period: backend.staged_period,
+        }
+    }
+
+    /// Loads a saved state. The configuration the VMM gave this device (ABI, vCPUs, default
+    /// period, host region id, sampler flag) stays this device's own.
+    pub fn restore(
+        &mut self,
+        state: &crate::state::ProfilerDeviceState,
+    ) -> Result<(), crate::state::StateError> {
+        let ns = state.requested_period_ns;
+        if clamp_requested_period(ns) != ns {
+            return Err(crate::state::StateError::new(
+                "profiler device",
+                "requested period out of range",
+            ));
+        }
+        self.inner
+            .restore_transport("profiler device", &state.transport)?;
+        let backend = self.inner.backend_mut();
+        backend.staged_period = state.staged_period;
+        backend.space.requested_period_ns = ns;
+        backend
+            .control
+            .requested_period_ns
+            .store(ns, Ordering::Release);
+        backend.control_changed();
+        Ok(())
+    }
+}
+
 impl BusDevice for ProfilerDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.inner.read(offset, data);

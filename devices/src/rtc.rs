@@ -158,6 +158,33 @@ impl Rtc {
         }
     }
 
+    /// The index register and CMOS RAM, for a snapshot.
+    pub fn state(&self) -> crate::state::RtcState {
+        crate::state::RtcState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// Loads a saved state (the clock stays this RTC's own).
+    pub fn restore(
+        &mut self,
+        state: &crate::state::RtcState,
+    ) -> Result<(), crate::state::StateError> {
+        let err = |why: &str| crate::state::StateError::new("rtc", why);
+        let ram: [u8; 128] = state
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| err("CMOS RAM is not 128 bytes"))?;
+        if state.index > 0x7f {
+            return Err(err("index register out of range"));
+        }
+        self.index = state.index;
+        self.ram = ram;
+        Ok(())
+    }
+
     fn encode(&self, v: u32) -> u8 {
         let v = (v % 100) as u8;
         if self.ram[usize::from(REG_B)] & B_BINARY != 0 {

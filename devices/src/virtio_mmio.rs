@@ -100,6 +100,7 @@
 //! `InterruptACK`.
 
 mod queues;
+mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

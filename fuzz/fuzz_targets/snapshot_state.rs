@@ -28,5 +28,5 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(state.version, VERSION);
     assert_eq!(state.vcpus.len(), state.vm.vcpus);
     assert_eq!(state.vm.mem_bytes % 4096, 0);
-    let _ = config_of(&state);
+    let _ = config_of(&state, std::path::Path::new("/nonexistent"));
 });

@@ -8,6 +8,7 @@ use crate::builder::linux::{LinuxConfig, DEFAULT_MEM_BYTES};
 use crate::builder::MAX_VCPUS;
 use crate::builder::{GuestConfig, WorkloadConfig};
 use crate::fleet::ShareMode;
+use crate::session::SnapshotWhen;
 use crate::workload::TaskSpec;
 
 /// Tasks of the embedded default job: one random-access and one locality task, so a first run
@@ -71,16 +72,31 @@ pub struct Cli {
     pub restore: Option<PathBuf>,
     /// Take a snapshot of the VM after it ran SECS seconds, into DIR (with --vms N, into
     /// DIR/NAME for each VM); the VM runs on.
-    #[arg(long, num_args = 2, value_names = ["SECS", "DIR"])]
+    #[arg(long, num_args = 2, value_names = ["SECS", "DIR"], conflicts_with = "snapshot_on")]
     pub snapshot_after: Vec<String>,
+    /// Take a snapshot of a Linux VM when its console prints a line containing TEXT (at most
+    /// 256 bytes), into DIR (with --vms N, DIR/NAME); the VM runs on.
+    #[arg(long, num_args = 2, value_names = ["TEXT", "DIR"])]
+    pub snapshot_on: Vec<String>,
     /// How the VMs run and report.
     #[command(flatten)]
     pub run: RunOptions,
 }
 
 impl Cli {
-    /// `--snapshot-after SECS DIR`, checked.
-    pub fn snapshot_trigger(&self) -> Result<Option<(Duration, PathBuf)>, String> {
+    /// `--snapshot-after SECS DIR` or `--snapshot-on TEXT DIR`, checked.
+    pub fn snapshot_trigger(&self) -> Result<Option<(SnapshotWhen, PathBuf)>, String> {
+        if let [text, dir] = self.snapshot_on.as_slice() {
+            let ok = (1..=mirrorball_devices::serial::watch::MAX_WATCH_TEXT).contains(&text.len())
+                && !text.contains(['\n', '\r']);
+            if !ok {
+                return Err("--snapshot-on: TEXT must be 1 to 256 bytes on one line".into());
+            }
+            return Ok(Some((
+                SnapshotWhen::OnSerial(text.clone()),
+                PathBuf::from(dir),
+            )));
+        }
         match self.snapshot_after.as_slice() {
             [] => Ok(None),
             [secs, dir] => {
@@ -91,7 +107,10 @@ impl Cli {
                     .ok_or_else(|| {
                         format!("--snapshot-after: {secs:?} is not a number of seconds")
                     })?;
-                Ok(Some((Duration::from_secs_f64(secs), PathBuf::from(dir))))
+                Ok(Some((
+                    SnapshotWhen::After(Duration::from_secs_f64(secs)),
+                    PathBuf::from(dir),
+                )))
             }
             _ => Err("--snapshot-after takes SECS and DIR".into()),
         }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use mirrorball_devices::bus::{Bus, BusError};
 use mirrorball_devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use mirrorball_devices::rtc::{Rtc, RTC_PORT_BASE, RTC_PORT_LEN};
+use mirrorball_devices::serial::watch::{SerialWatch, WatchedWriter};
 use mirrorball_devices::serial::{
     SerialDevice, SerialWriter, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
 };
@@ -46,6 +47,16 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Signalled when the guest resets the CPU through the i8042.
     pub reset_evt: EventFd,
+    /// The i8042 (for snapshots).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS RTC (for snapshots).
+    pub rtc: Arc<Mutex<Rtc>>,
+    /// The profiler device, if the VM has one (for snapshots).
+    pub profiler: Option<Arc<Mutex<ProfilerDevice>>>,
+    /// Whether the VM has a disk (not snapshotted yet).
+    pub has_disk: bool,
+    /// Watches the console output for `--snapshot-on`'s text.
+    pub serial_watch: Arc<SerialWatch>,
 }
 
 impl LegacyDevices {
@@ -56,26 +67,64 @@ impl LegacyDevices {
         vm.fd()
             .register_irqfd(irq.event_fd(), COM1_IRQ)
             .map_err(DeviceError::Irqfd)?;
+        let serial_watch = Arc::new(SerialWatch::default());
+        let out: SerialWriter = Box::new(WatchedWriter::new(out, serial_watch.clone()));
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(irq, out).map_err(DeviceError::Serial)?,
         ));
         let reset = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
         let reset_evt = reset.try_clone_event_fd().map_err(DeviceError::EventFd)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
         let mut pio = Bus::new();
         pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())?;
-        pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
-        pio.insert(
-            RTC_PORT_BASE,
-            RTC_PORT_LEN,
-            Arc::new(Mutex::new(Rtc::new())),
-        )?;
+        pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone())?;
+        pio.insert(RTC_PORT_BASE, RTC_PORT_LEN, rtc.clone())?;
         Ok(Self {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             serial,
             reset_evt,
+            i8042,
+            rtc,
+            profiler: None,
+            has_disk: false,
+            serial_watch,
         })
+    }
+
+    /// Every device's state, for a snapshot (the vCPUs parked, so no exit holds a device).
+    pub fn state(&self) -> Result<crate::snapshot::state::DeviceStates, String> {
+        if self.has_disk {
+            return Err("VMs with a --disk cannot be snapshotted yet".into());
+        }
+        Ok(crate::snapshot::state::DeviceStates {
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+            rtc: lock(&self.rtc).state(),
+            profiler: self.profiler.as_ref().map(|p| lock(p).state()),
+        })
+    }
+
+    /// Loads saved device state into these (new, not yet running) devices.
+    pub fn restore(&self, saved: &crate::snapshot::state::DeviceStates) -> Result<(), String> {
+        lock(&self.serial)
+            .restore(&saved.serial)
+            .map_err(|e| e.to_string())?;
+        lock(&self.i8042)
+            .restore(&saved.i8042)
+            .map_err(|e| e.to_string())?;
+        lock(&self.rtc)
+            .restore(&saved.rtc)
+            .map_err(|e| e.to_string())?;
+        match (&self.profiler, &saved.profiler) {
+            (Some(device), Some(state)) => lock(device).restore(state).map_err(|e| e.to_string()),
+            (None, None) => Ok(()),
+            (Some(_), None) => Err("the snapshot's VM had no profiler device".into()),
+            (None, Some(_)) => {
+                Err("the snapshot's VM had a profiler device, this one has none".into())
+            }
+        }
     }
 
     /// The exit handler over these devices' buses; it ends the VM on the i8042's CPU reset.
@@ -88,22 +137,28 @@ impl LegacyDevices {
     }
 }
 
+/// A device's lock, poisoned or not (a device's state stays valid across a panic elsewhere).
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Adds the profiler device in `window` (its interrupt through an irqfd on the window's GSI) to
-/// `mmio`; returns its control block.
+/// `mmio`; returns its control block and the device.
 pub fn add_profiler_device(
     vm: &Vm,
     mmio: &mut Bus,
     window: MmioSlot,
     config: ProfilerDeviceConfig,
-) -> Result<Arc<ProfilerControl>, DeviceError> {
+) -> Result<(Arc<ProfilerControl>, Arc<Mutex<ProfilerDevice>>), DeviceError> {
     let irq = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
     vm.fd()
         .register_irqfd(irq.event_fd(), window.gsi)
         .map_err(DeviceError::Irqfd)?;
     let device = ProfilerDevice::new(config, irq);
     let control = device.control();
-    mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;
-    Ok(control)
+    let device = Arc::new(Mutex::new(device));
+    mmio.insert(window.base, window.len, device.clone())?;
+    Ok((control, device))
 }
 
 /// Adds a copy-on-write virtio-blk device in `window` (interrupt through an irqfd on the

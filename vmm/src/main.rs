@@ -203,13 +203,13 @@ fn run_vms(plan: FleetPlan, options: &RunOptions) -> Result<i32> {
     run_vms_from(plan, options, None, None)
 }
 
-/// [`run_vms`], the VMs clones of the snapshot in `restore` if given, each snapshotted after
-/// the time `snapshot_after` gives (into DIR, or DIR/NAME when there are several).
+/// [`run_vms`], the VMs clones of the snapshot in `restore` if given, each snapshotted when
+/// `snapshot` says (into DIR, or DIR/NAME when there are several).
 fn run_vms_from(
     plan: FleetPlan,
     options: &RunOptions,
     restore: Option<&std::path::Path>,
-    snapshot_after: Option<(std::time::Duration, std::path::PathBuf)>,
+    snapshot: Option<(vmm::session::SnapshotWhen, std::path::PathBuf)>,
 ) -> Result<i32> {
     plan.check()?;
     if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
@@ -264,11 +264,11 @@ fn run_vms_from(
         None => fleet::launch(&plan, consoles, &host, options.attribution),
     };
     let mut started = started;
-    if let Some((after, dir)) = snapshot_after {
+    if let Some((when, dir)) = snapshot {
         let many = started.len() > 1;
         if many {
             std::fs::create_dir_all(&dir)
-                .with_context(|| format!("--snapshot-after: cannot create {}", dir.display()))?;
+                .with_context(|| format!("snapshot: cannot create {}", dir.display()))?;
         }
         for vm in started.iter_mut().flatten() {
             let dir = if many {
@@ -276,7 +276,23 @@ fn run_vms_from(
             } else {
                 dir.clone()
             };
-            vm.snapshot_after(after, dir);
+            if let Err(e) = vm.snapshot_when(when.clone(), dir) {
+                // Refused before anything ran: every VM ends at once, the command with 2.
+                eprintln!("vmm: error: {e}");
+                for vm in started.iter().flatten() {
+                    vm.stop(vmm::exit::VmEnd::Interrupted);
+                }
+                drop(session::run_all(
+                    started,
+                    &SessionOptions {
+                        timeout: None,
+                        interrupted: &INTERRUPTED,
+                        console_input: false,
+                        keep_regions: None,
+                    },
+                ));
+                return Ok(2);
+            }
         }
     }
     let results = session::run_all(

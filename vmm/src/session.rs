@@ -32,6 +32,8 @@ use crate::vstate::vm::Vm;
 mod control;
 mod snapshot;
 
+pub use control::SnapshotWhen;
+
 /// How to run built VMs.
 pub struct SessionOptions<'a> {
     /// End each VM this long after it started.
@@ -66,8 +68,8 @@ pub struct RunningVm {
     control_inbox: Option<Inbox>,
     /// Whether the host region says "paused" now.
     published_paused: bool,
-    /// `--snapshot-after`: when and where to take a snapshot (once).
-    snapshot_trigger: Option<(Duration, std::path::PathBuf)>,
+    /// `--snapshot-after`/`--snapshot-on`: when and where to take a snapshot (once).
+    snapshot_trigger: Option<(control::Trigger, std::path::PathBuf)>,
 }
 
 /// Starts `built`: its vCPU threads, then its profiler's sampler.

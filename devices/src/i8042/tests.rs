@@ -164,3 +164,21 @@ fn answers_beyond_the_buffer_are_dropped() {
     }
     assert_eq!(n, OUT_CAPACITY);
 }
+
+#[test]
+fn state_round_trips_and_bad_states_are_refused() {
+    let mut a = I8042::new(EventFdTrigger::new().unwrap());
+    // Read the configuration byte: one byte waits in the output buffer.
+    crate::bus::BusDevice::write(&mut a, 4, &[0x20]);
+    let state = a.state();
+    assert_eq!(state.out.len(), 1);
+    let mut b = I8042::new(EventFdTrigger::new().unwrap());
+    b.restore(&state).expect("restore");
+    assert_eq!(b.state(), state);
+    let mut bad = state.clone();
+    bad.pending = 9;
+    assert!(b.restore(&bad).is_err());
+    bad = state;
+    bad.out = vec![(0, false); 17];
+    assert!(b.restore(&bad).is_err());
+}

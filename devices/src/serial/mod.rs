@@ -32,6 +32,7 @@
 
 mod console;
 mod input;
+pub mod watch;
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -243,6 +244,71 @@ impl SerialDevice {
             return fitting;
         }
         taken
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> crate::state::SerialState {
+        let s = self.serial.state();
+        crate::state::SerialState {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+
+    /// Loads a saved state into this UART (its interrupt, writer and counters stay its own).
+    pub fn restore(
+        &mut self,
+        state: &crate::state::SerialState,
+    ) -> Result<(), crate::state::StateError> {
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: state.divisor[0],
+            baud_divisor_high: state.divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.rx_fifo.clone(),
+        };
+        // `from_state` needs the parts by value: swap in a placeholder writer while rebuilding.
+        let placeholder = Serial::with_events(
+            self.serial.interrupt_evt().try_clone().map_err(|e| {
+                crate::state::StateError::new("serial", format!("cannot clone its eventfd: {e}"))
+            })?,
+            SerialHooks {
+                metrics: Arc::clone(&self.metrics),
+                wakeup: Arc::clone(&self.wakeup),
+            },
+            Box::new(io::sink()) as SerialWriter,
+        );
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let trigger = old.interrupt_evt().try_clone().map_err(|e| {
+            crate::state::StateError::new("serial", format!("cannot clone its eventfd: {e}"))
+        })?;
+        let out = old.into_writer();
+        let hooks = SerialHooks {
+            metrics: Arc::clone(&self.metrics),
+            wakeup: Arc::clone(&self.wakeup),
+        };
+        match Serial::from_state(&saved, trigger, hooks, out) {
+            Ok(serial) => {
+                self.serial = serial;
+                Ok(())
+            }
+            Err(e) => Err(crate::state::StateError::new(
+                "serial",
+                format!("refused: {e:?}"),
+            )),
+        }
     }
 
     /// Marks host input as paused on a full FIFO; the next guest read that

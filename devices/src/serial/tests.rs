@@ -275,3 +275,31 @@ fn unpollable_input_is_closed_at_registration() {
     assert_eq!(state(&input), InputState::Closed);
     assert_eq!(manager.run_with_timeout(10).unwrap(), 0);
 }
+
+#[test]
+fn a_restored_uart_keeps_its_writer_and_takes_the_saved_registers_and_fifo() {
+    let a = fixture();
+    {
+        let mut s = a.serial.lock().unwrap();
+        s.write(IER, &[IER_RDA]);
+        s.enqueue_input(b"hi");
+    }
+    let state = a.serial.lock().unwrap().state();
+    assert_eq!(state.rx_fifo, b"hi");
+    let b = fixture();
+    let mut s = b.serial.lock().unwrap();
+    s.restore(&state).expect("restore");
+    assert_eq!(s.state(), state);
+    let mut byte = [0u8];
+    s.read(RBR, &mut byte);
+    assert_eq!(byte[0], b'h');
+    s.write(THR, b"x");
+    assert_eq!(
+        b.out.contents(),
+        b"x",
+        "output still reaches this UART's writer"
+    );
+    let mut long = state.clone();
+    long.rx_fifo = vec![0; 65];
+    assert!(s.restore(&long).is_err());
+}

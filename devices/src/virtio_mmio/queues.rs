@@ -74,6 +74,18 @@ impl QueueRegisters {
         &self.queues
     }
 
+    /// `QueueSel`.
+    pub(super) fn sel(&self) -> u32 {
+        self.sel
+    }
+
+    /// Replaces the selector and the queues (a restored snapshot; the caller checked that
+    /// `queues` matches the device's queue count and sizes).
+    pub(super) fn load(&mut self, sel: u32, queues: Vec<Queue>) {
+        self.sel = sel;
+        self.queues = queues;
+    }
+
     /// Whether `index` names a queue.
     pub(super) fn exists(&self, index: u32) -> bool {
         usize::try_from(index).is_ok_and(|i| i < self.queues.len())

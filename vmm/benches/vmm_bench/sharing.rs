@@ -176,6 +176,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
                     name: format!("l{i}"),
                     config: tiny.clone(),
                     share: vmm::fleet::ShareMode::Template,
+                    restore: None,
                 })
                 .collect(),
         };

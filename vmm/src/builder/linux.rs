@@ -239,8 +239,8 @@ pub(super) fn assemble(
             host_region_id: regions.id,
             abi_version: (ABI_VERSION_MAJOR, ABI_VERSION_MINOR),
         };
-        let control = add_profiler_device(&vm, &mut mmio, window, device)?;
-        profiler = Some((regions, period, control));
+        let (control, device) = add_profiler_device(&vm, &mut mmio, window, device)?;
+        profiler = Some((regions, period, control, device));
     }
     let disk = match (&config.disk, platform.disk) {
         (Some(spec), Some(window)) => Some(add_disk_device(
@@ -255,7 +255,9 @@ pub(super) fn assemble(
         _ => None,
     };
     let (console_out, console) = resources.console.open()?;
-    let devices = LegacyDevices::new(&vm, console_out, mmio)?;
+    let mut devices = LegacyDevices::new(&vm, console_out, mmio)?;
+    devices.profiler = profiler.as_ref().map(|p| p.3.clone());
+    devices.has_disk = disk.is_some();
     let exits = devices.exit_handler()?;
     let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
     let mut vcpus = Vec::with_capacity(config.vcpus);
@@ -273,7 +275,7 @@ pub(super) fn assemble(
         let handler: Arc<dyn ExitHandler> = exits.clone();
         vcpus.push(Vcpu::new(index, fd, handler, control.clone(), mem.clone()));
     }
-    let profiling = profiler.map(|(regions, period, control)| {
+    let profiling = profiler.map(|(regions, period, control, _)| {
         let p = Profiling::new(regions, &mut vcpus, period, Some(control.clone()));
         // The driver announces task switches through the device's switch doorbell.
         control.set_switch_sink(p.switches.clone());
@@ -288,6 +290,7 @@ pub(super) fn assemble(
         guest: Guest::Linux {
             devices,
             cmdline: image.cmdline.clone(),
+            boot_files: (config.kernel.clone(), config.initrd.clone()),
             console,
             disk,
         },

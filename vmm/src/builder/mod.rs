@@ -276,6 +276,8 @@ pub enum Guest {
         devices: LegacyDevices,
         /// The command line given to the kernel (with what the VMM appended).
         cmdline: String,
+        /// The kernel and initramfs files it booted (for a snapshot's record).
+        boot_files: (std::path::PathBuf, Option<std::path::PathBuf>),
         /// The thread that drains the console's buffer into its sink, if it has one.
         console: Option<mirrorball_devices::serial::ConsoleDrain>,
         /// The copy-on-write disk's counters, if the VM has one.

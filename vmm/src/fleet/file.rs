@@ -17,6 +17,10 @@
 //! initrd = "rootfs.cpio"
 //! memory = "256M"
 //! disk = "base.img,overlay=ov"  # a copy-on-write disk; this VM's overlay is ov.linux
+//!
+//! [[vm]]
+//! name = "clone1"
+//! restore = "snap"      # a snapshot directory: the VM is a copy-on-write clone of it
 //! ```
 //!
 //! `disk` (per VM or in `[defaults]`, Linux VMs only) takes what `--disk` takes; every VM gets
@@ -60,6 +64,7 @@ struct VmEntry {
     sample_hz: Option<u32>,
     share: Option<ShareMode>,
     disk: Option<String>,
+    restore: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +128,34 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             None => None,
         };
         let vcpus = entry.vcpus.or(d.vcpus);
+        if let Some(dir) = &entry.restore {
+            let own = [
+                ("workload", entry.workload.is_some()),
+                ("kernel", entry.kernel.is_some()),
+                ("initrd", entry.initrd.is_some()),
+                ("cmdline", entry.cmdline.is_some()),
+                ("memory", entry.memory.is_some()),
+                ("vcpus", entry.vcpus.is_some()),
+                ("sample_hz", entry.sample_hz.is_some()),
+                ("share", entry.share.is_some()),
+                ("disk", entry.disk.is_some()),
+            ];
+            if let Some((key, _)) = own.iter().find(|(_, given)| *given) {
+                return Err(bad(format!(
+                    "{key} does not go with restore: the snapshot decides it"
+                )));
+            }
+            let dir = base.join(dir);
+            let config =
+                crate::snapshot::restore::read_config(&dir).map_err(|e| bad(e.to_string()))?;
+            vms.push(VmPlan {
+                name,
+                config,
+                share: ShareMode::Template,
+                restore: Some(dir),
+            });
+            continue;
+        }
         let config = match (entry.workload, entry.kernel) {
             (Some(_), Some(_)) => {
                 return Err(bad("give either workload or kernel, not both".into()))
@@ -167,6 +200,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             name,
             config,
             share,
+            restore: None,
         });
     }
     // The VMs that map base pages share the process's mapping budget.
@@ -254,6 +288,16 @@ sample_hz = 0
         };
         assert_eq!((b.vcpus, b.profile_period), (2, None));
         plan.check().expect("valid");
+    }
+
+    #[test]
+    fn a_restored_vm_takes_everything_from_its_snapshot() {
+        let both = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\nvcpus = 2\n";
+        let e = parse(both, Path::new("/nowhere"), 20).expect_err("vcpus");
+        assert!(e.contains("vcpus does not go with restore"), "{e}");
+        let missing = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\n";
+        let e = parse(missing, Path::new("/nowhere"), 20).expect_err("no snapshot");
+        assert!(e.starts_with("VM \"c\": snapshot /nowhere/snap:"), "{e}");
     }
 
     #[test]

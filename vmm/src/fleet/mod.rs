@@ -92,6 +92,9 @@ pub struct VmPlan {
     pub config: GuestConfig,
     /// How its memory is shared.
     pub share: ShareMode,
+    /// Restored from this snapshot directory (`config` is then the snapshot's): VMs restored
+    /// from one directory are copy-on-write clones of its memory, whatever `share` says.
+    pub restore: Option<PathBuf>,
 }
 
 /// The VMs of one command.
@@ -123,6 +126,7 @@ impl FleetPlan {
                     name: format!("vm{i}"),
                     config: config.clone(),
                     share,
+                    restore: None,
                 })
                 .collect(),
         })
@@ -138,6 +142,7 @@ impl FleetPlan {
         let mut vcpus = 0;
         let mut needed = 0u64;
         let mut template: Option<(&VmPlan, Vec<(&'static str, String)>)> = None;
+        let mut snapshots = BTreeSet::new();
         for vm in &self.vms {
             check_name(&vm.name)?;
             if !names.insert(vm.name.as_str()) {
@@ -150,6 +155,13 @@ impl FleetPlan {
             vm.config.check().map_err(err)?;
             vcpus += vm.config.vcpus();
             let ram = vm.config.ram_bytes().map_err(err)?;
+            if let Some(dir) = &vm.restore {
+                // One copy of each snapshot's memory, however many clones.
+                if snapshots.insert(dir) {
+                    needed = needed.saturating_add(ram);
+                }
+                continue;
+            }
             match vm.share {
                 ShareMode::None => needed = needed.saturating_add(ram),
                 ShareMode::Template => {
@@ -249,9 +261,44 @@ pub fn launch(
     host: &Arc<HostContext>,
     attribution: AttributionMode,
 ) -> Vec<Result<RunningVm, (String, RunError)>> {
+    let mut consoles: Vec<Option<ConsoleSink>> = consoles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<Result<RunningVm, (String, RunError)>>> =
+        plan.vms.iter().map(|_| None).collect();
+    let dirs: BTreeSet<&PathBuf> = plan.vms.iter().filter_map(|v| v.restore.as_ref()).collect();
+    for dir in dirs {
+        let index: Vec<usize> = (0..plan.vms.len())
+            .filter(|&i| plan.vms[i].restore.as_ref() == Some(dir))
+            .collect();
+        let group = FleetPlan {
+            vms: index.iter().map(|&i| plan.vms[i].clone()).collect(),
+        };
+        let sinks = index
+            .iter()
+            .map(|&i| consoles[i].take().unwrap_or(ConsoleSink::Null))
+            .collect();
+        let started = crate::snapshot::restore::load(dir, host).and_then(|loaded| {
+            crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution)
+        });
+        match started {
+            Ok(started) => {
+                for (&i, vm) in index.iter().zip(started) {
+                    results[i] = Some(vm);
+                }
+            }
+            Err(e) => {
+                for &i in &index {
+                    let refused = RunError::Build(e.to_string());
+                    results[i] = Some(Err((plan.vms[i].name.clone(), refused)));
+                }
+            }
+        }
+    }
     let mut shared: Option<Result<Arc<SharedImage>, String>> = None;
     let mut built = Vec::with_capacity(plan.vms.len());
-    for (vm, console) in plan.vms.iter().zip(consoles) {
+    for (i, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
+        let Some(console) = console.filter(|_| vm.restore.is_none()) else {
+            continue;
+        };
         let memory = match vm.share {
             ShareMode::None => Ok(MemorySource::Fresh),
             ShareMode::Template => shared
@@ -283,16 +330,18 @@ pub fn launch(
                 }
                 b
             });
-        built.push(result);
+        built.push((i, result));
     }
     // Started together, after every VM is built, so clone launch time is measured as a whole.
-    built
+    for (i, b) in built {
+        results[i] = Some(b.and_then(|b| {
+            let name = b.name.clone();
+            session::start(b).map_err(|e| (name, e))
+        }));
+    }
+    results
         .into_iter()
-        .map(|b| {
-            b.and_then(|b| {
-                let name = b.name.clone();
-                session::start(b).map_err(|e| (name, e))
-            })
-        })
+        .zip(&plan.vms)
+        .map(|(r, vm)| r.unwrap_or_else(|| Err((vm.name.clone(), RunError::NotRun))))
         .collect()
 }

@@ -4,10 +4,32 @@
 //! VM reports `pausing` until then).
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use mirrorball_devices::serial::watch::{SerialWatch, MAX_WATCH_TEXT};
+
+use crate::builder::Guest;
 use crate::control::protocol::{Command, Reply, Request, RunState};
 use crate::exit::VmEnd;
 
 use super::RunningVm;
+
+/// When a VM takes a snapshot on its own.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SnapshotWhen {
+    /// Once it has run this long (`--snapshot-after`).
+    After(Duration),
+    /// When its console prints a line containing this text (`--snapshot-on`).
+    OnSerial(String),
+}
+
+/// An armed snapshot trigger.
+pub(super) enum Trigger {
+    /// At this uptime.
+    After(Duration),
+    /// When this watch fires.
+    OnSerial(Arc<SerialWatch>),
+}
 
 /// Longest the event loop waits for the vCPUs of a VM to park.
 pub const PAUSE_WAIT: Duration = Duration::from_millis(100);
@@ -31,24 +53,58 @@ impl RunningVm {
         self.publish_paused();
     }
 
-    /// Takes a snapshot into `dir` once the VM has run for `after` (`--snapshot-after`).
-    pub fn snapshot_after(&mut self, after: Duration, dir: std::path::PathBuf) {
-        self.snapshot_trigger = Some((after, dir));
+    /// Takes a snapshot into `dir` when `when` says (`--snapshot-after`, `--snapshot-on`).
+    /// Err: the trigger does not fit this VM (one line).
+    pub fn snapshot_when(
+        &mut self,
+        when: SnapshotWhen,
+        dir: std::path::PathBuf,
+    ) -> Result<(), String> {
+        let trigger = match when {
+            SnapshotWhen::After(after) => Trigger::After(after),
+            SnapshotWhen::OnSerial(text) => {
+                let Guest::Linux { devices, .. } = &self.guest else {
+                    return Err(
+                        "--snapshot-on needs a Linux guest (it watches the serial console)".into(),
+                    );
+                };
+                let control = self.control.clone();
+                // On the vCPU thread that wrote the line: the vCPU parks at once, before the
+                // guest runs on, and the event loop takes the snapshot.
+                let armed = devices
+                    .serial_watch
+                    .arm(&text, Box::new(move || control.request_pause()));
+                if !armed {
+                    return Err(format!(
+                        "--snapshot-on: the text must be 1 to {MAX_WATCH_TEXT} bytes on one line"
+                    ));
+                }
+                Trigger::OnSerial(devices.serial_watch.clone())
+            }
+        };
+        self.snapshot_trigger = Some((trigger, dir));
+        Ok(())
     }
 
     fn snapshot_if_due(&mut self) {
-        let due = self
-            .snapshot_trigger
-            .as_ref()
-            .is_some_and(|(after, _)| self.uptime() >= *after);
+        let due = match &self.snapshot_trigger {
+            Some((Trigger::After(after), _)) => self.uptime() >= *after,
+            Some((Trigger::OnSerial(watch), _)) => watch.fired(),
+            None => false,
+        };
         if !due || self.is_ending() {
             return;
         }
-        let Some((_, dir)) = self.snapshot_trigger.take() else {
+        let Some((trigger, dir)) = self.snapshot_trigger.take() else {
             return;
         };
         let dir = std::path::absolute(&dir).unwrap_or(dir);
-        match self.snapshot_to(&dir) {
+        let result = self.snapshot_to(&dir);
+        if matches!(trigger, Trigger::OnSerial(_)) {
+            // The watch paused the VM; it runs on after the snapshot.
+            self.resume();
+        }
+        match result {
             Ok(detail) => eprintln!(
                 "vmm: {}: snapshot in {} ({:.1} ms paused)",
                 self.name,

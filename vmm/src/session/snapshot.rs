@@ -1,15 +1,17 @@
 //! Taking a snapshot of a running VM: pause it (if it runs), have each parked vCPU thread read
-//! its own state, write the memory, the profiler's guest region and the state file, then resume
-//! it if it ran before. The VM is paused for the whole write; the reply says how long. On any
+//! its own state, read the VM-wide KVM state and the devices' (Linux guests), write the memory,
+//! the profiler's guest region and the state file, then resume it if it ran before. The VM is paused for the whole write; the reply says how long. On any
 //! failure the files written are removed and the VM goes on as before.
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::builder::Guest;
-use crate::snapshot::state::{FileFacts, HostFacts, SnapshotState, VmConfig, FORMAT, VERSION};
+use crate::snapshot::state::{
+    DeviceStates, FileFacts, HostFacts, LinuxBoot, SnapshotState, VmConfig, FORMAT, VERSION,
+};
 use crate::snapshot::vcpu::{capture, VcpuState};
-use crate::snapshot::{self, memory, GUEST_REGION_FILE, MEMORY_FILE};
+use crate::snapshot::{self, machine, memory, GUEST_REGION_FILE, MEMORY_FILE};
 
 use super::RunningVm;
 
@@ -21,8 +23,10 @@ type Slot = Arc<Mutex<Option<Result<VcpuState, String>>>>;
 impl RunningVm {
     /// Writes a snapshot of the VM into `dir`; returns figures for the reply.
     pub fn snapshot_to(&mut self, dir: &Path) -> Result<serde_json::Value, String> {
-        if !matches!(self.guest, Guest::Workload { .. }) {
-            return Err("snapshots of Linux guests are not supported yet".into());
+        if let Guest::Linux { devices, .. } = &self.guest {
+            if devices.has_disk {
+                return Err("VMs with a --disk cannot be snapshotted yet".into());
+            }
         }
         if !dir.is_absolute() {
             return Err(format!(
@@ -70,21 +74,31 @@ impl RunningVm {
             );
         }
         let vcpus = self.capture_vcpus(count)?;
+        let linux = self.capture_linux()?;
         let ram = self.vm.ram();
         let mem_file = snapshot::create_file(dir, MEMORY_FILE)?;
         let written = memory::write(ram, &mem_file)
             .map_err(|e| format!("cannot write {}: {e}", dir.join(MEMORY_FILE).display()))?;
         let guest_region = self.write_guest_region(dir)?;
-        let Guest::Workload { monitor, specs, .. } = &self.guest else {
-            return Err("not a workload guest".into());
+        let (guest, specs, workload) = match &self.guest {
+            Guest::Workload { monitor, specs, .. } => (
+                "workload",
+                specs.iter().map(ToString::to_string).collect(),
+                Some(monitor.progress()),
+            ),
+            Guest::Linux { .. } => ("linux", Vec::new(), None),
+        };
+        let (linux, machine, devices) = match linux {
+            Some((boot, machine, devices)) => (Some(boot), Some(machine), Some(devices)),
+            None => (None, None, None),
         };
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open KVM: {e}"))?;
         let state = SnapshotState {
             format: FORMAT.into(),
             version: VERSION,
             vm: VmConfig {
-                guest: "workload".into(),
-                specs: specs.iter().map(ToString::to_string).collect(),
+                guest: guest.into(),
+                specs,
                 vcpus: count,
                 mem_bytes: ram.size(),
                 profile_period_ns: self.sampler.as_ref().map(|(_, r)| r.period_ns),
@@ -95,7 +109,7 @@ impl RunningVm {
                 kvm_api_version: kvm.get_api_version(),
             },
             vcpus,
-            workload: Some(monitor.progress()),
+            workload,
             memory: FileFacts {
                 file: MEMORY_FILE.into(),
                 bytes: ram.size(),
@@ -104,6 +118,10 @@ impl RunningVm {
             },
             guest_region,
             pause_ms: started.elapsed().as_secs_f64() * 1e3,
+            uptime_ms: self.uptime().as_secs_f64() * 1e3,
+            linux,
+            machine,
+            devices,
         };
         let state_bytes = snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
         Ok(serde_json::json!({
@@ -113,6 +131,28 @@ impl RunningVm {
             "memory_allocated_bytes": snapshot::allocated_bytes(&dir.join(MEMORY_FILE)),
             "state_bytes": state_bytes,
         }))
+    }
+
+    /// A Linux guest's boot record, VM-wide KVM state and devices (`None` for the workload).
+    fn capture_linux(
+        &self,
+    ) -> Result<Option<(LinuxBoot, machine::MachineState, DeviceStates)>, String> {
+        let Guest::Linux {
+            devices,
+            cmdline,
+            boot_files,
+            ..
+        } = &self.guest
+        else {
+            return Ok(None);
+        };
+        let boot = LinuxBoot {
+            kernel: boot_files.0.display().to_string(),
+            initrd: boot_files.1.as_ref().map(|p| p.display().to_string()),
+            cmdline: cmdline.clone(),
+        };
+        let machine = machine::capture(self.vm.fd())?;
+        Ok(Some((boot, machine, devices.state()?)))
     }
 
     /// Has every parked vCPU thread read its own state.

@@ -9,8 +9,10 @@
 //! `vstate::memory` (so the sharing accounting applies unchanged). Taking one is the session's
 //! (`session/snapshot.rs`): pause, capture each vCPU on its own parked thread, write, resume.
 //!
-//! Supported now: the OS-less workload guest. Linux guests (irqchip, PIT, clock, devices) are
+//! Both guests are supported: the OS-less workload (task progress) and Linux (the in-kernel
+//! interrupt chips, PIT and clock in [`machine`], the devices' state). Linux VMs with a disk are
 //! refused with a clear error.
+pub mod machine;
 pub mod memory;
 pub mod restore;
 pub mod state;

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::builder::linux::LinuxImage;
 use crate::builder::workload::WorkloadImage;
 use crate::builder::{
-    self, BuiltVm, ConsoleSink, Guest, GuestConfig, Image, MemorySource, SharedImage, VmResources,
-    WorkloadConfig,
+    self, BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LinuxConfig, MemorySource, SharedImage,
+    VmResources, WorkloadConfig,
 };
 use crate::fleet::FleetPlan;
 use crate::host::HostContext;
@@ -24,7 +25,7 @@ use crate::vstate::memory::Template;
 use crate::workload::{self, TaskSpec};
 
 use super::state::{self, SnapshotState};
-use super::{memory, vcpu, SnapshotError, CHECKSUM_FILE, STATE_FILE};
+use super::{machine, memory, vcpu, SnapshotError, CHECKSUM_FILE, STATE_FILE};
 
 /// Bytes of a guest region header (the VMM formats it; restores keep the new VM's own).
 const REGION_HEADER: usize = 256;
@@ -61,8 +62,24 @@ fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, SnapshotErr
     Ok(bytes)
 }
 
-/// The guest configuration a state file describes.
-pub fn config_of(state: &SnapshotState) -> Result<GuestConfig, String> {
+/// The guest configuration a state file describes, for the snapshot in `dir`. A Linux guest's
+/// kernel and initramfs are already in the snapshot's memory: its configuration names the
+/// memory file as its "kernel" (nothing is loaded from it; the clones' template key and the
+/// check that the file exists use it), so a restore needs neither of the original files.
+pub fn config_of(state: &SnapshotState, dir: &Path) -> Result<GuestConfig, String> {
+    if let Some(linux) = &state.linux {
+        let config = GuestConfig::Linux(LinuxConfig {
+            kernel: dir.join(&state.memory.file),
+            initrd: None,
+            cmdline: Some(linux.cmdline.clone()),
+            mem_bytes: state.vm.mem_bytes,
+            vcpus: state.vm.vcpus,
+            profile_period: state.vm.profile_period_ns.map(Duration::from_nanos),
+            disk: None,
+        });
+        config.check().map_err(|e| e.to_string())?;
+        return Ok(config);
+    }
     let specs = state
         .vm
         .specs
@@ -93,7 +110,7 @@ fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
 /// The guest configuration of the snapshot in `dir` (its state file checked; the rest is
 /// checked by [`load`]).
 pub fn read_config(dir: &Path) -> Result<GuestConfig, SnapshotError> {
-    config_of(&read_state(dir)?).map_err(|e| SnapshotError::new(dir, e))
+    config_of(&read_state(dir)?, dir).map_err(|e| SnapshotError::new(dir, e))
 }
 
 /// Reads and checks the snapshot in `dir` for restoring on `host`.
@@ -114,7 +131,7 @@ pub fn load(dir: &Path, host: &HostContext) -> Result<Loaded, SnapshotError> {
             state.host.kvm_api_version
         )));
     }
-    let config = config_of(&state).map_err(err)?;
+    let config = config_of(&state, dir).map_err(err)?;
     let mem = open_read(dir, &state.memory.file)?;
     let size = mem.metadata().map_err(|e| err(e.to_string()))?.len();
     if size != state.memory.bytes {
@@ -141,16 +158,18 @@ pub fn load(dir: &Path, host: &HostContext) -> Result<Loaded, SnapshotError> {
         None => None,
     };
     let template = Template::from_file(mem, size).map_err(|e| err(e.to_string()))?;
-    let plan = match &config {
-        GuestConfig::Workload(c) => {
-            workload::layout(&c.specs, c.vcpus).map_err(|e| err(e.to_string()))?
-        }
-        GuestConfig::Linux(_) => return Err(err("Linux snapshots are not supported yet".into())),
+    let image = match (&config, &state.linux) {
+        (GuestConfig::Workload(c), _) => Image::Workload(WorkloadImage {
+            plan: workload::layout(&c.specs, c.vcpus).map_err(|e| err(e.to_string()))?,
+            entry: mirrorball_workload::IMAGE_GPA,
+        }),
+        (GuestConfig::Linux(_), Some(linux)) => Image::Linux(LinuxImage {
+            // The saved registers say where the guest is; the entry point is not used.
+            entry: 0,
+            cmdline: linux.cmdline.clone(),
+        }),
+        (GuestConfig::Linux(_), None) => return Err(err("no Linux boot state".into())),
     };
-    let image = Image::Workload(WorkloadImage {
-        plan,
-        entry: mirrorball_workload::IMAGE_GPA,
-    });
     let shared = SharedImage::prepared(Arc::new(template), image, &config)
         .map_err(|e| err(e.to_string()))?;
     Ok(Loaded {
@@ -180,10 +199,30 @@ pub fn apply(loaded: &Loaded, built: &mut BuiltVm) -> Result<(), String> {
     for (i, (v, saved)) in built.vcpus.iter().zip(&loaded.state.vcpus).enumerate() {
         vcpu::apply(v.fd(), saved).map_err(|e| format!("vCPU {i}: {e}"))?;
     }
-    if let (Guest::Workload { monitor, .. }, Some(progress)) =
-        (&built.guest, &loaded.state.workload)
-    {
-        monitor.restore_progress(progress);
+    match (&built.guest, &loaded.state) {
+        (
+            Guest::Workload { monitor, .. },
+            SnapshotState {
+                workload: Some(progress),
+                ..
+            },
+        ) => {
+            monitor.restore_progress(progress);
+        }
+        (
+            Guest::Linux { devices, .. },
+            SnapshotState {
+                machine: Some(m),
+                devices: Some(saved),
+                ..
+            },
+        ) => {
+            machine::apply_chips(built.vm.fd(), m)?;
+            // After the chips: an interrupt a device raises again lands on the restored ones.
+            devices.restore(saved)?;
+        }
+        (Guest::Linux { .. }, _) => return Err("the snapshot has no Linux machine state".into()),
+        _ => {}
     }
     if let (Some(p), Some(saved)) = (&built.profiling, &loaded.guest_region) {
         let region = &p.regions.guest;
@@ -210,6 +249,9 @@ pub fn apply(loaded: &Loaded, built: &mut BuiltVm) -> Result<(), String> {
                 saved.len().saturating_sub(REGION_HEADER),
             );
         }
+    }
+    if let Some(m) = &loaded.state.machine {
+        machine::apply_clock(built.vm.fd(), m)?;
     }
     Ok(())
 }

@@ -1,16 +1,20 @@
 //! The state file `state.json` of a snapshot directory and its checksum file: what a restore
 //! needs besides the memory — the VM's configuration, the host it was taken on, every vCPU's
-//! state, the devices' state (the workload guest's task progress; the profiler's guest region,
-//! in its own file) and the memory file's figures. Parsing is pure and bounded, for fuzzing.
+//! state, the VM-wide KVM state and the devices' state of a Linux guest (the workload guest's
+//! task progress; the profiler's guest region, in its own file) and the memory file's figures.
+//! Parsing is pure and bounded, for fuzzing. Version 2 added Linux guests (version 1 files are
+//! refused: their vCPU state lacks XSAVE, debug registers and most MSRs).
 use serde::{Deserialize, Serialize};
 
+use super::machine::{self, MachineState};
 use super::vcpu::{self, VcpuState};
 use crate::workload::TaskProgress;
+use mirrorball_devices::state::{I8042State, ProfilerDeviceState, RtcState, SerialState};
 
 /// `format` of every state file.
 pub const FORMAT: &str = "mirrorball-snapshot";
 /// Version this VMM writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest state file read.
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 /// Most vCPUs a state file may describe.
@@ -41,13 +45,53 @@ pub struct SnapshotState {
     /// How long the VM was paused for the snapshot, ms.
     #[serde(default)]
     pub pause_ms: f64,
+    /// How long the VM had run (since its vCPUs started) when the snapshot was taken, ms.
+    #[serde(default)]
+    pub uptime_ms: f64,
+    /// A Linux guest's boot configuration.
+    #[serde(default)]
+    pub linux: Option<LinuxBoot>,
+    /// A Linux guest's interrupt chips, PIT and clock.
+    #[serde(default)]
+    pub machine: Option<MachineState>,
+    /// A Linux guest's devices.
+    #[serde(default)]
+    pub devices: Option<DeviceStates>,
+}
+
+/// What a Linux guest was booted with (its memory holds the kernel and initramfs already).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxBoot {
+    /// The kernel file it was booted from (for the record).
+    pub kernel: String,
+    /// The initramfs file, if any (for the record).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// The command line the kernel got (with what the VMM appended).
+    pub cmdline: String,
+}
+
+/// The state of a Linux guest's devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: SerialState,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// The CMOS RTC.
+    pub rtc: RtcState,
+    /// The profiler device, if the VM has one.
+    #[serde(default)]
+    pub profiler: Option<ProfilerDeviceState>,
 }
 
 /// What is needed to build the VM again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// `"workload"` (`"linux"` is not supported yet).
+    /// `"workload"` or `"linux"`.
     pub guest: String,
     /// The workload's task specs.
     pub specs: Vec<String>,
@@ -122,11 +166,26 @@ pub fn parse(bytes: &[u8], checksum: &str) -> Result<SnapshotState, String> {
 
 fn check(state: &SnapshotState) -> Result<(), String> {
     let vm = &state.vm;
-    if vm.guest != "workload" {
-        return Err(format!(
-            "snapshots of {:?} guests cannot be restored yet",
-            vm.guest
-        ));
+    match (
+        vm.guest.as_str(),
+        &state.linux,
+        &state.machine,
+        &state.devices,
+    ) {
+        ("workload", None, None, None) => {}
+        ("linux", Some(linux), Some(m), Some(_)) => {
+            machine::validate(m)?;
+            if linux.cmdline.len() > 64 << 10 {
+                return Err("state.json: the command line is too long".into());
+            }
+        }
+        ("linux", ..) => {
+            return Err(
+                "state.json: a Linux guest's boot, machine or device state is missing".into(),
+            )
+        }
+        ("workload", ..) => return Err("state.json: Linux state in a workload snapshot".into()),
+        (other, ..) => return Err(format!("state.json: unknown guest kind {other:?}")),
     }
     if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS || state.vcpus.len() != vm.vcpus {
         return Err(format!(
@@ -166,7 +225,10 @@ mod tests {
         assert!(e.contains("version 99"), "{e}");
         let e = parse(text, "crc32 state.json 00000000").expect_err("crc");
         assert!(e.contains("checksum"), "{e}");
-        let text = br#"{"format":"x","version":1}"#;
+        let text = br#"{"format":"mirrorball-snapshot","version":1}"#;
+        let e = parse(text, &checksum_line(text)).expect_err("old version");
+        assert_eq!(e, "snapshot version 1; this vmm reads version 2");
+        let text = br#"{"format":"x","version":2}"#;
         assert!(parse(text, &checksum_line(text)).is_err());
         let text = b"{\"format\":\"mirrorball-snap";
         let e = parse(text, &checksum_line(text)).expect_err("truncated");

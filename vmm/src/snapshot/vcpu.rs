@@ -1,39 +1,25 @@
 //! One vCPU's state as a snapshot holds it: the KVM structures (`kvm_regs`, `kvm_sregs`,
-//! `kvm_fpu`, `kvm_vcpu_events`, and the LAPIC with an in-kernel irqchip) as hex of their bytes,
-//! the MP state, the MSRs KVM lists that the VMM sets or a guest may change, and the CPUID
+//! `kvm_fpu`, XSAVE and XCRs where KVM has them, `kvm_debugregs`, `kvm_vcpu_events`, and the
+//! LAPIC with an in-kernel irqchip) as hex of their bytes, the MP state, every MSR KVM lists
+//! (`KVM_GET_MSR_INDEX_LIST`) that it lets the VMM read, the TSC frequency and the CPUID
 //! features the guest saw (compared on restore). Captured on the vCPU's own thread while it is
-//! parked; applied before a restored vCPU first runs.
+//! parked; applied before a restored vCPU first runs, in the order KVM needs: special registers
+//! (modes, EFER, APIC base) first, then registers and FPU/XSAVE, the LAPIC, the MSRs (the TSC
+//! before the TSC deadline, which the LAPIC must already be in deadline mode to take), debug
+//! registers, the MP state and last the pending events.
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-use crate::arch::x86_64::msr;
-
-/// MSRs a snapshot carries (those KVM does not list on a host are left out).
-const SAVED_MSRS: &[u32] = &[
-    msr::MSR_IA32_TSC,
-    msr::MSR_IA32_SYSENTER_CS,
-    msr::MSR_IA32_SYSENTER_ESP,
-    msr::MSR_IA32_SYSENTER_EIP,
-    msr::MSR_IA32_MISC_ENABLE,
-    msr::MSR_MTRR_DEF_TYPE,
-    0x277, // IA32_PAT
-    0x6e0, // IA32_TSC_DEADLINE
-    msr::MSR_STAR,
-    msr::MSR_LSTAR,
-    msr::MSR_CSTAR,
-    msr::MSR_SYSCALL_MASK,
-    msr::MSR_KERNEL_GS_BASE,
-    0xc000_0103, // TSC_AUX
-    0x4b56_4d00, // KVM wall clock (new)
-    0x4b56_4d01, // KVM system time (new)
-    0x4b56_4d02, // KVM async PF
-    0x4b56_4d03, // KVM steal time
-    0x4b56_4d04, // KVM PV EOI
-];
+/// The TSC deadline MSR: written after every other MSR (the TSC first, the LAPIC already set).
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM's async page fault enable MSR: written after its interrupt vector MSR (as QEMU does).
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+/// Most MSRs a state may carry.
+const MAX_MSRS: usize = 1024;
 
 /// CPUID leaves whose feature registers are compared on restore: (leaf, subleaf).
 pub const FEATURE_LEAVES: &[(u32, u32)] = &[(1, 0), (7, 0), (0x8000_0001, 0)];
@@ -48,6 +34,14 @@ pub struct VcpuState {
     pub sregs: String,
     /// `kvm_fpu`, hex.
     pub fpu: String,
+    /// `kvm_xsave`, hex (hosts with XSAVE; it supersedes `fpu`).
+    #[serde(default)]
+    pub xsave: Option<String>,
+    /// `kvm_xcrs`, hex (hosts with XSAVE).
+    #[serde(default)]
+    pub xcrs: Option<String>,
+    /// `kvm_debugregs`, hex.
+    pub debugregs: String,
     /// `kvm_vcpu_events`, hex.
     pub events: String,
     /// `kvm_lapic_state`, hex (VMs with an in-kernel irqchip).
@@ -57,12 +51,15 @@ pub struct VcpuState {
     pub mp_state: u32,
     /// (index, value) of the saved MSRs.
     pub msrs: Vec<(u32, u64)>,
+    /// The vCPU's TSC frequency, kHz (`None`: KVM does not say).
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
     /// Per [`FEATURE_LEAVES`] entry: eax, ebx, ecx, edx the guest saw.
     pub cpuid: Vec<[u32; 4]>,
 }
 
 /// Hex of a plain KVM structure's bytes.
-fn to_hex<T: Copy>(value: &T) -> String {
+pub(crate) fn to_hex<T: Copy>(value: &T) -> String {
     // SAFETY: `T` is a plain-old-data KVM structure (integers and arrays of them); its bytes are
     // read within its size.
     let bytes = unsafe {
@@ -72,7 +69,7 @@ fn to_hex<T: Copy>(value: &T) -> String {
 }
 
 /// A plain KVM structure from hex of exactly its size.
-fn from_hex<T: Copy + Default>(text: &str, what: &str) -> Result<T, String> {
+pub(crate) fn from_hex<T: Copy + Default>(text: &str, what: &str) -> Result<T, String> {
     let size = std::mem::size_of::<T>();
     if text.len() != size * 2 {
         return Err(format!(
@@ -95,6 +92,32 @@ fn from_hex<T: Copy + Default>(text: &str, what: &str) -> Result<T, String> {
     Ok(value)
 }
 
+/// A `kvm_xsave` from hex of its 4 KiB region.
+fn xsave_from_hex(text: &str, what: &str) -> Result<kvm_xsave, String> {
+    let mut xsave = kvm_xsave::default();
+    let words = xsave.region.len();
+    let size = words * 4;
+    if text.len() != size * 2 {
+        return Err(format!(
+            "{what}: {} hex digits, expected {}",
+            text.len(),
+            size * 2
+        ));
+    }
+    for (i, word) in xsave.region.iter_mut().enumerate() {
+        let hex = text
+            .get(i * 8..i * 8 + 8)
+            .ok_or_else(|| format!("{what}: not hex"))?;
+        let mut bytes = [0u8; 4];
+        for (j, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(j * 2..j * 2 + 2).unwrap_or("zz"), 16)
+                .map_err(|_| format!("{what}: not hex"))?;
+        }
+        *word = u32::from_ne_bytes(bytes);
+    }
+    Ok(xsave)
+}
+
 /// Checks that every hex field has the size of its structure (the state file's parser).
 pub fn validate(state: &VcpuState, index: usize) -> Result<(), String> {
     let what = |f: &str| format!("vCPU {index} {f}");
@@ -102,10 +125,17 @@ pub fn validate(state: &VcpuState, index: usize) -> Result<(), String> {
     from_hex::<kvm_sregs>(&state.sregs, &what("sregs"))?;
     from_hex::<kvm_fpu>(&state.fpu, &what("fpu"))?;
     from_hex::<kvm_vcpu_events>(&state.events, &what("events"))?;
+    from_hex::<kvm_debugregs>(&state.debugregs, &what("debugregs"))?;
     if let Some(l) = &state.lapic {
         from_hex::<kvm_lapic_state>(l, &what("lapic"))?;
     }
-    if state.msrs.len() > 256 {
+    if let Some(x) = &state.xsave {
+        xsave_from_hex(x, &what("xsave"))?;
+    }
+    if let Some(x) = &state.xcrs {
+        from_hex::<kvm_xcrs>(x, &what("xcrs"))?;
+    }
+    if state.msrs.len() > MAX_MSRS {
         return Err(what("msrs: too many"));
     }
     if state.cpuid.len() != FEATURE_LEAVES.len() {
@@ -131,11 +161,43 @@ pub fn guest_cpuid(fd: &VcpuFd) -> Result<Vec<[u32; 4]>, String> {
         .collect())
 }
 
-/// Reads the state of the vCPU on `fd` (its thread, parked).
+/// Reads the MSRs of `list` that KVM lets the VMM read (`KVM_GET_MSRS` stops at the first it
+/// refuses: that one is left out and the rest read on).
+fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, String> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut at = 0;
+    while at < list.len() {
+        let chunk: Vec<kvm_msr_entry> = list[at..]
+            .iter()
+            .take(MAX_MSRS)
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&chunk).map_err(|e| format!("MSR list: {e:?}"))?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        out.extend(msrs.as_slice().iter().take(read).map(|e| (e.index, e.data)));
+        // The entry after the ones read is one KVM refused (or the chunk ended).
+        at += read + usize::from(read < chunk.len());
+    }
+    Ok(out)
+}
+
+/// Reads the state of the vCPU on `fd` (its thread, parked); `msr_list` is what
+/// `KVM_GET_MSR_INDEX_LIST` reported.
 pub fn capture(fd: &VcpuFd, irqchip: bool, msr_list: &[u32]) -> Result<VcpuState, String> {
     let regs = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
     let sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     let fpu = fd.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))?;
+    // Without XSAVE on the host (or with state beyond 4 KiB) the FPU state alone is kept.
+    let xsave = fd.get_xsave().ok().map(|x| to_hex(&x.region));
+    let xcrs = fd.get_xcrs().ok().map(|x| to_hex(&x));
+    let debugregs = fd
+        .get_debug_regs()
+        .map_err(|e| format!("KVM_GET_DEBUGREGS: {e}"))?;
     let events = fd
         .get_vcpu_events()
         .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
@@ -150,53 +212,27 @@ pub fn capture(fd: &VcpuFd, irqchip: bool, msr_list: &[u32]) -> Result<VcpuState
     } else {
         None
     };
-    let wanted: Vec<kvm_msr_entry> = SAVED_MSRS
-        .iter()
-        .filter(|i| msr_list.contains(i))
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&wanted).map_err(|e| format!("MSR list: {e:?}"))?;
-    let read = fd
-        .get_msrs(&mut msrs)
-        .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
-    let msrs = msrs
-        .as_slice()
-        .iter()
-        .take(read)
-        .map(|e| (e.index, e.data))
-        .collect();
     Ok(VcpuState {
         regs: to_hex(&regs),
         sregs: to_hex(&sregs),
         fpu: to_hex(&fpu),
+        xsave,
+        xcrs,
+        debugregs: to_hex(&debugregs),
         events: to_hex(&events),
         lapic,
         mp_state,
-        msrs,
+        msrs: read_msrs(fd, msr_list)?,
+        tsc_khz: fd.get_tsc_khz().ok(),
         cpuid: guest_cpuid(fd)?,
     })
 }
 
-/// Writes `state` into the (not yet running) vCPU on `fd`.
-pub fn apply(fd: &VcpuFd, state: &VcpuState) -> Result<(), String> {
-    let sregs: kvm_sregs = from_hex(&state.sregs, "sregs")?;
-    fd.set_sregs(&sregs)
-        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-    if let Some(l) = &state.lapic {
-        let lapic: kvm_lapic_state = from_hex(l, "lapic")?;
-        fd.set_lapic(&lapic)
-            .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
-    }
-    let regs: kvm_regs = from_hex(&state.regs, "regs")?;
-    fd.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-    let fpu: kvm_fpu = from_hex(&state.fpu, "fpu")?;
-    fd.set_fpu(&fpu).map_err(|e| format!("KVM_SET_FPU: {e}"))?;
-    let entries: Vec<kvm_msr_entry> = state
-        .msrs
+/// Writes `msrs` (the TSC deadline last, async page faults' enable just before it), naming the first one KVM refuses. One it refuses but
+/// that already reads the saved value on the new vCPU (one the guest never changed: KVM may
+/// list MSRs its guest CPUID does not expose and refuse writes to them) is left as it is.
+fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), String> {
+    let mut entries: Vec<kvm_msr_entry> = msrs
         .iter()
         .map(|&(index, data)| kvm_msr_entry {
             index,
@@ -204,14 +240,70 @@ pub fn apply(fd: &VcpuFd, state: &VcpuState) -> Result<(), String> {
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-    let written = fd
-        .set_msrs(&msrs)
-        .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
-    if written != entries.len() {
-        let refused = entries.get(written).map_or(0, |e| e.index);
-        return Err(format!("KVM_SET_MSRS refused MSR {refused:#x}"));
+    entries.sort_by_key(|e| (e.index == MSR_TSC_DEADLINE, e.index == MSR_KVM_ASYNC_PF_EN));
+    let mut at = 0;
+    while at < entries.len() {
+        let list = Msrs::from_entries(&entries[at..]).map_err(|e| format!("MSR list: {e:?}"))?;
+        let written = fd
+            .set_msrs(&list)
+            .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
+        at += written;
+        let Some(refused) = entries.get(at) else {
+            break;
+        };
+        let unchanged = read_msrs(fd, &[refused.index])
+            .ok()
+            .and_then(|now| now.first().copied())
+            .is_some_and(|(_, value)| value == refused.data);
+        if !unchanged {
+            return Err(format!(
+                "this host's KVM refuses MSR {:#x} = {:#x} the snapshot's guest had",
+                refused.index, refused.data
+            ));
+        }
+        at += 1;
     }
+    Ok(())
+}
+
+/// Writes `state` into the (not yet running) vCPU on `fd`.
+pub fn apply(fd: &VcpuFd, state: &VcpuState) -> Result<(), String> {
+    if let (Some(saved), Ok(now)) = (state.tsc_khz, fd.get_tsc_khz()) {
+        // A guest calibrated its clocks on the saved frequency: make the vCPU's TSC tick at it.
+        if saved != now {
+            fd.set_tsc_khz(saved).map_err(|e| {
+                format!("the snapshot's TSC runs at {saved} kHz, this host's at {now} kHz and KVM cannot scale it ({e})")
+            })?;
+        }
+    }
+    let sregs: kvm_sregs = from_hex(&state.sregs, "sregs")?;
+    fd.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    let regs: kvm_regs = from_hex(&state.regs, "regs")?;
+    fd.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    let fpu: kvm_fpu = from_hex(&state.fpu, "fpu")?;
+    fd.set_fpu(&fpu).map_err(|e| format!("KVM_SET_FPU: {e}"))?;
+    if let Some(x) = &state.xsave {
+        let xsave = xsave_from_hex(x, "xsave")?;
+        // SAFETY: `xsave` is a whole `kvm_xsave` (4 KiB, the legacy layout KVM_GET_XSAVE gave);
+        // KVM reads no more than its size.
+        unsafe { fd.set_xsave(&xsave) }.map_err(|e| format!("KVM_SET_XSAVE: {e}"))?;
+    }
+    if let Some(x) = &state.xcrs {
+        let xcrs: kvm_xcrs = from_hex(x, "xcrs")?;
+        fd.set_xcrs(&xcrs)
+            .map_err(|e| format!("KVM_SET_XCRS: {e}"))?;
+    }
+    if let Some(l) = &state.lapic {
+        let lapic: kvm_lapic_state = from_hex(l, "lapic")?;
+        fd.set_lapic(&lapic)
+            .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
+    }
+    write_msrs(fd, &state.msrs)?;
+    let debugregs: kvm_debugregs = from_hex(&state.debugregs, "debugregs")?;
+    fd.set_debug_regs(&debugregs)
+        .map_err(|e| format!("KVM_SET_DEBUGREGS: {e}"))?;
     fd.set_mp_state(kvm_mp_state {
         mp_state: state.mp_state,
     })

@@ -215,6 +215,9 @@ pub struct Vcpu {
     on_stop: Option<Box<dyn FnOnce() + Send>>,
     /// Since when KVM_RUN has failed with EFAULT without a success (see [`EFAULT_RETRY_FOR`]).
     efault_since: Option<std::time::Instant>,
+    /// The last exit was port I/O or MMIO: KVM finishes that instruction (stores an `in`'s
+    /// data, advances RIP) only at the next KVM_RUN.
+    exit_incomplete: bool,
 }
 
 /// How long KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
@@ -253,6 +256,7 @@ impl Vcpu {
             on_start: None,
             on_stop: None,
             efault_since: None,
+            exit_incomplete: false,
         }
     }
 
@@ -296,12 +300,17 @@ impl Vcpu {
         self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
         while !self.control.should_stop() {
             if self.control.pause_requested() {
+                self.complete_exit();
                 self.control.park(self.index, &self.fd);
                 continue;
             }
             acct.enter_run();
             let (kind, action) = self.run_once();
             acct.exit_run(kind);
+            self.exit_incomplete = matches!(
+                kind,
+                ExitKind::IoIn | ExitKind::IoOut | ExitKind::MmioRead | ExitKind::MmioWrite
+            );
             if kind == ExitKind::Intr {
                 self.record_rest();
             }
@@ -321,6 +330,19 @@ impl Vcpu {
         let mut report = acct.finish();
         report.stopped_at = self.stopped_at();
         report
+    }
+
+    /// Lets KVM finish the instruction of the last I/O exit without running the guest on
+    /// (`immediate_exit`: KVM_RUN completes it, then returns EINTR), so that the state a parked
+    /// vCPU shows (a snapshot) is consistent: the instruction done, its result in place.
+    fn complete_exit(&mut self) {
+        if !std::mem::take(&mut self.exit_incomplete) {
+            return;
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // EINTR is the expected answer; anything else shows up at the next real KVM_RUN.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn stopped_at(&self) -> Option<StoppedAt> {
