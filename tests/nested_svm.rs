@@ -373,6 +373,39 @@ fn an_mp3_study_swaps_to_the_copy_on_write_disk() {
     assert!(major > 0, "the workers' major faults:\n{console}");
 }
 
+/// Issue 11 on a real KVM: a reference-kernel template snapshotted at a late boot message
+/// (`--snapshot-on`) boots on to user space, and two clones restored from the snapshot each
+/// reach user space without replaying the boot before it, marked as clones that share the
+/// snapshot's pages.
+#[test]
+fn linux_snapshot_clones_reach_user_space() {
+    let Some(bed) = bed("linux_snapshot_clones_reach_user_space") else {
+        return;
+    };
+    bed.assert_passed("snapshot");
+    assert!(
+        bed.read("snapshot", "template.err").contains("snapshot in"),
+        "{}",
+        bed.read("snapshot", "template.err")
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.read("snapshot", "stats.json")).expect("stats.json");
+    let vms = stats["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 2, "{stats}");
+    for (i, vm) in vms.iter().enumerate() {
+        let log = bed.read("snapshot", &format!("logs/vm{i}.log"));
+        assert!(log.contains("MIRRORBALL-INIT-OK"), "clone {i}:\n{log}");
+        assert!(
+            !log.contains("Linux version"),
+            "clone {i} replayed the boot:\n{log}"
+        );
+        let memory = &vm["memory"];
+        assert_eq!(memory["cloned"], true, "{memory}");
+        let shared = memory["total"]["shared"].as_u64().unwrap_or(0);
+        assert!(shared > 512, "clone {i} shares {shared} pages: {memory}");
+    }
+}
+
 /// Terminal output with its CSI escape sequences replaced by a space.
 fn strip_escapes(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());

@@ -194,6 +194,35 @@ test_swapstudy() {
 }
 LIMIT_swapstudy=360
 
+# 9. A Linux template snapshotted at a late boot message and restored as two
+# clones (issue 11): each clone boots on from the snapshot to user space.
+# loglevel=7 instead of quiet: the trigger line is a KERN_INFO message.
+test_snapshot() {
+	rm -rf snap logs
+	linux template --kernel $G/bzImage --initrd $G/initramfs.cpio --vcpus 1 \
+		--cmdline "console=ttyS0 reboot=k panic=1 loglevel=7" \
+		--snapshot-on "Write protecting the kernel read-only data" "$PWD/snap" --timeout 90
+	grep -q 'snapshot in' template.err && grep -q MIRRORBALL-INIT-OK template.console &&
+		[ "$(cat template.rc)" = 0 ] || return 1
+	t0=$(now)
+	vmm --restore "$PWD/snap" --vms 2 --log-dir logs --stats stats.json --timeout 90 \
+		</dev/null >restore.out 2>restore.err
+	rc=$?
+	since "$t0" >restore.secs
+	echo "restore: rc=$rc in $(cat restore.secs) s"
+	cat restore.err
+	# The snapshot's memory file: not worth sending back.
+	rm -f snap/memory.bin
+	[ $rc = 0 ] || return 1
+	for vm in vm0 vm1; do
+		grep -q MIRRORBALL-INIT-OK logs/$vm.log || return 1
+		# A clone starts after the snapshot's line: nothing of the boot before it.
+		grep -q 'Linux version' logs/$vm.log && return 1
+	done
+	return 0
+}
+LIMIT_snapshot=200
+
 # Benchmarks (not in the default list: `run.sh bench`). Ratios of medians
 # measured in this one run, interleaved on/off; bench.md is the table.
 # median: the median of the numbers on stdin.
