@@ -67,6 +67,9 @@ pub enum BuildError {
     /// Platform resources (MMIO windows, interrupt lines).
     #[error(transparent)]
     Platform(#[from] platform::PlatformError),
+    /// The userfaultfd pager (`--pager uffd`).
+    #[error(transparent)]
+    Pager(#[from] crate::budget::uffd::PagerError),
     /// Memory too small for the requested workload.
     #[error("--mem of {given} MiB is too small for the workload, which needs {needed} MiB")]
     WorkloadMemory {
@@ -373,10 +376,19 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
             } else {
                 GuestRam::new(size)?
             };
+            let mut ram = ram;
             let image = config.write_image(ram.memory(), ram.ranges(), &host)?;
+            if let Some(pager) = host.pager() {
+                ram.attach_pager(pager)?;
+            }
             (ram, image)
         }
         MemorySource::Template(shared) => {
+            if host.pager().is_some() {
+                return Err(BuildError::Pager(
+                    crate::budget::uffd::PagerError::TemplateSharing,
+                ));
+            }
             shared.check_compatible(config)?;
             (GuestRam::clone_of(&shared.template)?, shared.image.clone())
         }
