@@ -396,7 +396,7 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
     if host.ksm() {
         ram.mark_mergeable()?;
     }
-    match (config, image) {
+    let mut built = match (config, image) {
         (GuestConfig::Linux(c), Image::Linux(image)) => linux::assemble(c, ram, &image, resources),
         (GuestConfig::Workload(c), Image::Workload(image)) => {
             workload::assemble(c, ram, &image, resources)
@@ -404,7 +404,18 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
         _ => Err(BuildError::TemplateMismatch(
             "the guest kind differs from the template's".into(),
         )),
+    }?;
+    if let Some(pager) = host.pager() {
+        // The pager's faults are the vCPU threads' own: charged like the kernel's.
+        let source = pager.fault_source();
+        for vcpu in &mut built.vcpus {
+            vcpu.add_fault_source(source.clone());
+        }
+        for sampled in built.profiling.iter().flat_map(|p| &p.vcpus) {
+            sampled.add_fault_source(source.clone());
+        }
     }
+    Ok(built)
 }
 
 /// Builds one VM of `config` with memory of its own, a console sink, and a host context of its

@@ -205,6 +205,19 @@ impl Pager {
             .unwrap_or_default()
     }
 
+    /// The pager's faults per thread as the profiler takes them: (zero fills, swap-ins), i.e.
+    /// (minor, major) faults the kernel does not count for the faulting thread.
+    pub fn fault_source(self: &Arc<Self>) -> crate::profiling::sampler::ThreadFaultSource {
+        let shared = self.shared.clone();
+        Arc::new(move |tid| {
+            let map = shared.per_thread.lock().unwrap_or_else(|e| e.into_inner());
+            u32::try_from(tid)
+                .ok()
+                .and_then(|t| map.get(&t))
+                .map_or((0, 0), |f| (f.zero_fills, f.swap_ins))
+        })
+    }
+
     /// Whether the swap file filled up (the VMs were sent SIGTERM).
     pub fn exhausted(&self) -> bool {
         self.shared.exhausted.load(Ordering::Acquire)
