@@ -377,10 +377,11 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
                 GuestRam::new(size)?
             };
             let mut ram = ram;
-            let image = config.write_image(ram.memory(), ram.ranges(), &host)?;
             if let Some(pager) = host.pager() {
+                // Before the image is written: its pages count against the budget too.
                 ram.attach_pager(pager)?;
             }
+            let image = config.write_image(ram.memory(), ram.ranges(), &host)?;
             (ram, image)
         }
         MemorySource::Template(shared) => {
