@@ -120,6 +120,7 @@ fn enter_pager(budget: u64, swap: &SwapChoice, demand: &Demand) -> Result<Arc<Pa
             min_mib: demand.guest_bytes.div_ceil(1 << 20),
         });
     }
+    uffd::remove_stale_swap_files();
     let path = match swap {
         SwapChoice::Path(p) => p.clone(),
         _ => uffd::default_swap_path(Path::new(uffd::DEFAULT_SWAP_DIR)),

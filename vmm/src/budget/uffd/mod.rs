@@ -122,6 +122,28 @@ pub fn default_swap_path(dir: &Path) -> PathBuf {
     dir.join(format!("mirrorball-uffd-swap-{}", std::process::id()))
 }
 
+/// Removes the default-place swap files of pagers whose process is gone (killed by a signal
+/// that ran no destructors); a file the user named is theirs to remove.
+pub fn remove_stale_swap_files() {
+    let Ok(entries) = std::fs::read_dir(DEFAULT_SWAP_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mirrorball-uffd-swap-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl Pager {
     /// Starts a pager holding at most `budget` bytes of guest memory resident, paging to a new
     /// swap file at `swap_path` with room for `swap_bytes` reserved.
