@@ -25,6 +25,9 @@
 //! - **No rseq**: a budgeted process runs without glibc's restartable sequences ([`rseq`]),
 //!   whose per-thread kernel writes kill it with SIGSEGV when they hit a swapped-out page.
 //!
+//! Way (b), the VMM paging guest memory itself with userfaultfd (`--pager uffd`), is in
+//! [`uffd`]; [`choice`] sets up whichever way the command line asks for.
+//!
 //! One budget per process: it is the process's by definition.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -57,7 +60,8 @@ pub const AUTO_SWAP_DIR: &str = "/var/tmp";
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct BudgetArgs {
     /// Cap the resident memory of all VMs of this process together (e.g. 512M, 2G), enforced
-    /// by a memory cgroup around the process; pages over it are swapped out (needs root).
+    /// by a memory cgroup around the process (or, with --pager uffd, by the VMM itself); pages
+    /// over it are swapped out (needs root).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_size)]
     pub machine_mem: Option<u64>,
     /// Where pages over --machine-mem go: auto (the host's free swap if enough, else a swap
