@@ -297,3 +297,43 @@ fn vms_under_pressure_finish_correctly_within_the_budget() {
     assert!(saw_swap, "the swap file existed while the VMs ran");
     assert!(!swap_file.exists(), "the swap file is removed at the end");
 }
+
+#[test]
+fn sigterm_ends_the_vms_and_removes_the_swap_file() {
+    if !paging_possible("sigterm_ends_the_vms_and_removes_the_swap_file") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(common::vmm_bin())
+        .args(["--workload", "work 16 R 50000000", "--machine-mem", "8M"])
+        .args(["--pager", "uffd"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmm");
+    let pid = child.id();
+    let swap_file = PathBuf::from(format!("/var/tmp/mirrorball-uffd-swap-{pid}"));
+    let start = Instant::now();
+    while !swap_file.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(swap_file.exists(), "the pager's swap file appears");
+    // Let it page for a moment, then end it.
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: sends SIGTERM to the child this test started.
+    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "vmm did not end on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(!swap_file.exists(), "the swap file is removed on SIGTERM");
+}
