@@ -8,8 +8,9 @@
 //! - Knee: `vmm study thrash --vms 1..6 --machine-mem 160M --workload "work 32 R 400000"`: N at
 //!   peak total work/s, work/s there and at 2× the knee, and host major faults/s per VM at 2×
 //!   the knee (or at the largest N when 2× the knee is past 6).
-//! - Both ways in one run: the same overhead pairs with `--pager uffd` (the VMM's own pager,
-//!   every first touch a userfaultfd round trip), and one VM of `work 48 R 20000 5` (12,288
+//! - Both ways in one run: the same overhead pairs with `--pager uffd` (the VMM's own pager;
+//!   with 1G the VMs' memory fits and nothing is registered, so also with `--mem 256M` under
+//!   `--machine-mem 128M`, where every first touch is a userfaultfd round trip), and one VM of `work 48 R 20000 5` (12,288
 //!   pages touched at random) under pressure with the same room for guest memory in either
 //!   way: `--pager uffd --machine-mem 32M` (its budget counts guest pages only) against the
 //!   cgroup's `--machine-mem 33M` (the cgroup also charges what the VMM allocates after moving
@@ -54,15 +55,23 @@ fn runtime_s(vmm: &Path, extra: &[&str], stats: &Path) -> Result<f64> {
     Ok(run_task(vmm, FITS, extra, stats)?.0)
 }
 
-fn overhead(vmm: &Path, pairs: usize, dir: &Path, way: &[&str], id: &str) -> Result<Row> {
+fn overhead(
+    vmm: &Path,
+    pairs: usize,
+    dir: &Path,
+    (base, way): (&[&str], &[&str]),
+    id: &str,
+) -> Result<Row> {
     let stats = dir.join("budget-stats.json");
+    let way: Vec<&str> = base.iter().chain(way).copied().collect();
+    let way = way.as_slice();
     let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=pairs {
         let (a, b) = if i % 2 == 0 {
             let a = runtime_s(vmm, way, &stats)?;
-            (a, runtime_s(vmm, &[], &stats)?)
+            (a, runtime_s(vmm, base, &stats)?)
         } else {
-            let b = runtime_s(vmm, &[], &stats)?;
+            let b = runtime_s(vmm, base, &stats)?;
             (runtime_s(vmm, way, &stats)?, b)
         };
         if i == 0 {
@@ -76,8 +85,13 @@ fn overhead(vmm: &Path, pairs: usize, dir: &Path, way: &[&str], id: &str) -> Res
         14,
         id,
         &format!(
-            "budget cost on a workload that fits (`{FITS}`, {} vs none)",
-            way.join(" ")
+            "budget cost on a workload that fits (`{FITS}`, {} vs {})",
+            way.join(" "),
+            if base.is_empty() {
+                "none".to_string()
+            } else {
+                base.join(" ")
+            }
         ),
         "s",
         median(&on),
@@ -240,15 +254,28 @@ pub fn run(vmm: &Path, pairs: usize) -> Result<Vec<Row>> {
         vmm,
         pairs,
         &dir,
-        &["--machine-mem", "1G"],
+        (&[], &["--machine-mem", "1G"]),
         "budget_overhead",
     )?];
+    // The VMs' memory fits 1G: the pager registers nothing.
     rows.push(overhead(
         vmm,
         pairs,
         &dir,
-        &["--machine-mem", "1G", "--pager", "uffd"],
+        (&[], &["--machine-mem", "1G", "--pager", "uffd"]),
         "budget_uffd_overhead",
+    )?);
+    // 256 MiB declared over a 128M budget: registered, every first touch through the pager,
+    // and the 64 MiB touched still fit (no eviction).
+    rows.push(overhead(
+        vmm,
+        pairs,
+        &dir,
+        (
+            &["--mem", "256M"],
+            &["--machine-mem", "128M", "--pager", "uffd"],
+        ),
+        "budget_uffd_registered_overhead",
     )?);
     rows.extend(pressure(vmm, &dir)?);
     rows.extend(knee(vmm, &dir)?);

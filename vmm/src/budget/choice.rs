@@ -143,5 +143,7 @@ fn enter_pager(budget: u64, swap: &SwapChoice, demand: &Demand) -> Result<Arc<Pa
             free_mib: free >> 20,
         });
     }
-    Pager::start(budget, &path, over).map_err(|e| BudgetError::Pager(e.to_string()))
+    // VMs whose whole memory fits can never need an eviction: nothing is registered.
+    let paging = over > 0;
+    Pager::start(budget, &path, over, paging).map_err(|e| BudgetError::Pager(e.to_string()))
 }

@@ -91,6 +91,9 @@ pub struct PagerReport {
     pub counts: PagerCounts,
     /// Whether the swap file filled up and the VMs were ended.
     pub exhausted: bool,
+    /// Whether guest memory was registered: not when the VMs' whole memory fits the budget
+    /// (nothing could ever be evicted, so no fault goes through the pager).
+    pub paging: bool,
 }
 
 struct Shared {
@@ -106,6 +109,7 @@ struct Shared {
 pub struct Pager {
     shared: Arc<Shared>,
     budget: u64,
+    paging: bool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -146,8 +150,14 @@ pub fn remove_stale_swap_files() {
 
 impl Pager {
     /// Starts a pager holding at most `budget` bytes of guest memory resident, paging to a new
-    /// swap file at `swap_path` with room for `swap_bytes` reserved.
-    pub fn start(budget: u64, swap_path: &Path, swap_bytes: u64) -> Result<Arc<Self>, PagerError> {
+    /// swap file at `swap_path` with room for `swap_bytes` reserved. Without `paging` (the
+    /// VMs' memory fits the budget) it registers nothing.
+    pub fn start(
+        budget: u64,
+        swap_path: &Path,
+        swap_bytes: u64,
+        paging: bool,
+    ) -> Result<Arc<Self>, PagerError> {
         let uffd =
             Uffd::open(sys::FEATURE_THREAD_ID | sys::FEATURE_MISSING_SHMEM | sys::FEATURE_WP_SHMEM)
                 .map_err(PagerError::Unsupported)?;
@@ -181,6 +191,7 @@ impl Pager {
         Ok(Arc::new(Self {
             shared,
             budget,
+            paging,
             thread: Mutex::new(Some(thread)),
         }))
     }
@@ -195,6 +206,9 @@ impl Pager {
             pager: self.clone(),
             ranges: Vec::new(),
         };
+        if !self.paging {
+            return Ok(registration);
+        }
         for &(start, len) in ranges {
             let resident = resident_pages(start, len).map_err(PagerError::Register)?;
             self.shared
@@ -256,6 +270,7 @@ impl Pager {
             swap_file_bytes: state.swap().reserved_bytes(),
             counts: state.counts,
             exhausted: self.exhausted(),
+            paging: self.paging,
         }
     }
 }
