@@ -10,7 +10,7 @@
 //! | 5 | KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY) |
 //! | 6 | the workload guest rejected its parameters |
 //! | 7 | `--timeout` expired |
-//! | 13 | `--machine-mem`: the budget cannot be set up (too small, no root, no memory controller, no swap space) |
+//! | 13 | `--machine-mem`: the budget cannot be set up (too small, no root, no memory controller, no swap space; `--pager uffd`: no userfaultfd, template clones, `--ksm`, a swap file that exists) |
 //! | 14 | `--machine-mem`: the budget ran out while the VMs ran (swap full or memory not reclaimable) |
 //! | 20 | `vmm ctl`: no running VM has that name (or id) |
 //! | 21 | `vmm ctl`: the VM refused the request (one-line error; the VM is untouched) |

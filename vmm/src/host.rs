@@ -18,6 +18,7 @@ pub struct HostContext {
     run_dir: PathBuf,
     ksm: bool,
     private_ram: bool,
+    pager: Option<Arc<crate::budget::uffd::Pager>>,
     supported_cpuid: OnceLock<Result<CpuId, String>>,
     pvm_kernel_args: OnceLock<Result<String, String>>,
 }
@@ -33,6 +34,7 @@ impl HostContext {
             run_dir: run_dir.to_path_buf(),
             ksm,
             private_ram: false,
+            pager: None,
             supported_cpuid: OnceLock::new(),
             pvm_kernel_args: OnceLock::new(),
         })
@@ -69,6 +71,16 @@ impl HostContext {
     /// Whether fresh guest memory is mapped privately (with KSM or a budget).
     pub fn private_ram(&self) -> bool {
         self.ksm || self.private_ram
+    }
+
+    /// Puts the guest memory of every VM built from now on under `pager` (`--pager uffd`).
+    pub fn set_pager(&mut self, pager: Arc<crate::budget::uffd::Pager>) {
+        self.pager = Some(pager);
+    }
+
+    /// The userfaultfd pager of this process's VMs, if any.
+    pub fn pager(&self) -> Option<&Arc<crate::budget::uffd::Pager>> {
+        self.pager.as_ref()
     }
 
     /// `KVM_GET_SUPPORTED_CPUID`, read once.

@@ -8,7 +8,8 @@ use clap::Parser;
 use std::sync::Arc;
 
 use vmm::arch::x86_64::cpuid::{hidden_features_on_pvm, HostKind};
-use vmm::budget::{self, MachineBudget};
+use vmm::budget::choice::ActiveBudget;
+use vmm::budget::{self};
 use vmm::builder::ConsoleSink;
 use vmm::cli::{Cli, Command, RunOptions};
 use vmm::exit::EXIT_VMM_ERROR;
@@ -222,12 +223,15 @@ fn run_vms_from(
         Err(code) => return Ok(code),
     };
     install_interrupt_handlers()?;
-    let budget = match enter_budget(&plan, options) {
+    let budget = match enter_budget(&plan, options, restore.is_some()) {
         Ok(budget) => budget,
         Err(code) => return Ok(code),
     };
     let mut host = HostContext::new(&options.run_dir(), options.ksm).context("cannot open KVM")?;
-    host.set_private_ram(budget.as_ref().is_some_and(MachineBudget::may_swap));
+    host.set_private_ram(budget.as_ref().is_some_and(ActiveBudget::kernel_may_swap));
+    if let Some(pager) = budget.as_ref().and_then(ActiveBudget::pager) {
+        host.set_pager(pager.clone());
+    }
     let host = Arc::new(host);
     host_notices(&plan, &host);
     let consoles = fleet::consoles(&plan, &options.log_dir)?;
@@ -313,7 +317,7 @@ fn run_vms_from(
     if let Some(before) = ksm_before {
         eprintln!("vmm: {}", ksm::KsmFigures::read().summary_since(&before));
     }
-    let budget_report = budget.as_ref().map(MachineBudget::report);
+    let budget_report = budget.as_ref().map(ActiveBudget::report);
     if let Some(path) = &options.stats {
         write_stats(path, &results, budget_report.as_ref())
             .with_context(|| format!("cannot write the stats to {path}"))?;
@@ -323,14 +327,16 @@ fn run_vms_from(
     let faulted = results.iter().flatten().any(
         |r| matches!(&r.end_reason, vmm::exit::VmEnd::VmmError(m) if m.contains("os error 14")),
     );
-    if let Some(report) = budget_report.as_ref().filter(|r| r.exhausted || faulted) {
+    if let Some(report) = budget_report.as_ref().filter(|r| r.exhausted() || faulted) {
         code = budget::EXIT_BUDGET_EXHAUSTED;
         eprintln!(
             "vmm: machine memory: the {} MiB budget ran out (swap full or not reclaimable); \
              the VMs were ended (exit code {code})",
-            report.budget_bytes >> 20
+            report.budget_bytes() >> 20
         );
     }
+    // The host context holds the pager too: both go before the budget is released.
+    drop(host);
     drop(budget);
     match results.as_slice() {
         [Ok(report)] => {
@@ -358,22 +364,30 @@ fn run_vms_from(
 
 /// Sets up `--machine-mem` (none without it); a budget that cannot be set up is one line and
 /// exit code [`budget::EXIT_BUDGET_SETUP`].
-fn enter_budget(plan: &FleetPlan, options: &RunOptions) -> Result<Option<MachineBudget>, i32> {
-    let Some(bytes) = options.budget.machine_mem else {
-        return Ok(None);
+fn enter_budget(
+    plan: &FleetPlan,
+    options: &RunOptions,
+    restore: bool,
+) -> Result<Option<ActiveBudget>, i32> {
+    let demand = budget::choice::Demand {
+        guest_bytes: plan
+            .vms
+            .iter()
+            .map(|vm| vm.config.ram_bytes().unwrap_or(0))
+            .sum(),
+        vms: plan.vms.len(),
+        template_clones: restore
+            || plan
+                .vms
+                .iter()
+                .any(|vm| vm.share == vmm::fleet::ShareMode::Template),
+        ksm: options.ksm,
     };
-    let guest_bytes = plan
-        .vms
-        .iter()
-        .map(|vm| vm.config.ram_bytes().unwrap_or(0))
-        .sum();
-    MachineBudget::enter(bytes, &options.budget.swap, guest_bytes, plan.vms.len())
-        .map(Some)
-        .map_err(|e| {
-            let code = budget::EXIT_BUDGET_SETUP;
-            eprintln!("vmm: machine memory: {e} (exit code {code})");
-            code
-        })
+    ActiveBudget::enter(&options.budget, &demand).map_err(|e| {
+        let code = budget::EXIT_BUDGET_SETUP;
+        eprintln!("vmm: machine memory: {e} (exit code {code})");
+        code
+    })
 }
 
 /// `--stats`: one VM's report object, or {"vms": [...]} for a fleet (a VM that could not be
@@ -381,7 +395,7 @@ fn enter_budget(plan: &FleetPlan, options: &RunOptions) -> Result<Option<Machine
 fn write_stats(
     path: &str,
     results: &[fleet::summary::VmResult],
-    budget: Option<&budget::BudgetReport>,
+    budget: Option<&budget::choice::AnyBudgetReport>,
 ) -> Result<()> {
     let mut value = match results {
         [Ok(report)] => serde_json::to_value(report)?,

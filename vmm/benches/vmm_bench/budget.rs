@@ -8,6 +8,15 @@
 //! - Knee: `vmm study thrash --vms 1..6 --machine-mem 160M --workload "work 32 R 400000"`: N at
 //!   peak total work/s, work/s there and at 2× the knee, and host major faults/s per VM at 2×
 //!   the knee (or at the largest N when 2× the knee is past 6).
+//! - Both ways in one run: the same overhead pairs with `--pager uffd` (the VMM's own pager;
+//!   with 1G the VMs' memory fits and nothing is registered, so also with `--mem 256M` under
+//!   `--machine-mem 128M`, where every first touch is a userfaultfd round trip), and one VM of `work 48 R 20000 5` (12,288
+//!   pages touched at random) under pressure with the same room for guest memory in either
+//!   way: `--pager uffd --machine-mem 32M` (its budget counts guest pages only) against the
+//!   cgroup's `--machine-mem 33M` (the cgroup also charges what the VMM allocates after moving
+//!   in: about 1 MiB here, measured as the peak charge of the fitting run minus its guest
+//!   pages), alternating, [`PRESSURE_RUNS`] runs each: work/s (iterations per second of task
+//!   runtime) and host major faults/s (the vCPU thread's, which include the pager's swap-ins).
 use std::path::Path;
 use std::process::Command;
 
@@ -19,33 +28,51 @@ const FITS: &str = "work 64 R 3000000";
 const KNEE_BUDGET: &str = "160M";
 const KNEE_WORKLOAD: &str = "work 32 R 400000";
 
-fn runtime_s(vmm: &Path, budget: bool, stats: &Path) -> Result<f64> {
+const PRESSURE: &str = "work 48 R 20000 5";
+const PRESSURE_RUNS: usize = 3;
+/// The same 32 MiB of room for guest memory: the cgroup's budget also holds ~1 MiB of VMM.
+const PRESSURE_UFFD: [&str; 4] = ["--machine-mem", "32M", "--pager", "uffd"];
+const PRESSURE_CGROUP: [&str; 2] = ["--machine-mem", "33M"];
+
+/// One run of the first task of `workload`: (runtime s, iterations, vCPU host major faults).
+fn run_task(vmm: &Path, workload: &str, extra: &[&str], stats: &Path) -> Result<(f64, f64, f64)> {
     let mut cmd = Command::new(vmm);
-    cmd.args(["--workload", FITS, "--stats"]).arg(stats);
-    if budget {
-        cmd.args(["--machine-mem", "1G"]);
-    }
+    cmd.args(["--workload", workload, "--stats"]).arg(stats);
+    cmd.args(extra);
     let out = cmd.output().context("running vmm")?;
     if !out.status.success() {
         bail!("vmm failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(stats)?)?;
-    let ns = doc["tasks"][0]["elapsed_ns"]
-        .as_f64()
-        .context("no task runtime")?;
-    Ok(ns / 1e9)
+    let task = &doc["tasks"][0];
+    let ns = task["elapsed_ns"].as_f64().context("no task runtime")?;
+    let iterations = task["iterations"].as_f64().unwrap_or(0.0);
+    let majflt = doc["vcpus"][0]["host_major_faults"].as_f64().unwrap_or(0.0);
+    Ok((ns / 1e9, iterations, majflt))
 }
 
-fn overhead(vmm: &Path, pairs: usize, dir: &Path) -> Result<Row> {
+fn runtime_s(vmm: &Path, extra: &[&str], stats: &Path) -> Result<f64> {
+    Ok(run_task(vmm, FITS, extra, stats)?.0)
+}
+
+fn overhead(
+    vmm: &Path,
+    pairs: usize,
+    dir: &Path,
+    (base, way): (&[&str], &[&str]),
+    id: &str,
+) -> Result<Row> {
     let stats = dir.join("budget-stats.json");
+    let way: Vec<&str> = base.iter().chain(way).copied().collect();
+    let way = way.as_slice();
     let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=pairs {
         let (a, b) = if i % 2 == 0 {
-            let a = runtime_s(vmm, true, &stats)?;
-            (a, runtime_s(vmm, false, &stats)?)
+            let a = runtime_s(vmm, way, &stats)?;
+            (a, runtime_s(vmm, base, &stats)?)
         } else {
-            let b = runtime_s(vmm, false, &stats)?;
-            (runtime_s(vmm, true, &stats)?, b)
+            let b = runtime_s(vmm, base, &stats)?;
+            (runtime_s(vmm, way, &stats)?, b)
         };
         if i == 0 {
             continue; // warm-up
@@ -56,8 +83,16 @@ fn overhead(vmm: &Path, pairs: usize, dir: &Path) -> Result<Row> {
     }
     Ok(Row::measured(
         14,
-        "budget_overhead",
-        &format!("budget cost on a workload that fits (`{FITS}`, --machine-mem 1G vs none)"),
+        id,
+        &format!(
+            "budget cost on a workload that fits (`{FITS}`, {} vs {})",
+            way.join(" "),
+            if base.is_empty() {
+                "none".to_string()
+            } else {
+                base.join(" ")
+            }
+        ),
         "s",
         median(&on),
         "no budget",
@@ -151,11 +186,98 @@ fn knee(vmm: &Path, dir: &Path) -> Result<Vec<Row>> {
     ])
 }
 
+/// Both ways under the same pressure: work/s and major faults/s, uffd against cgroup.
+fn pressure(vmm: &Path, dir: &Path) -> Result<Vec<Row>> {
+    let stats = dir.join("pressure-stats.json");
+    let (mut uffd, mut cgroup) = (Vec::new(), Vec::new());
+    for i in 0..PRESSURE_RUNS * 2 {
+        let uffd_turn = i % 2 == 0;
+        let way: &[&str] = if uffd_turn {
+            &PRESSURE_UFFD
+        } else {
+            &PRESSURE_CGROUP
+        };
+        let (s, iterations, majflt) = run_task(vmm, PRESSURE, way, &stats)?;
+        let point = (iterations / s, majflt / s);
+        if uffd_turn {
+            uffd.push(point);
+        } else {
+            cgroup.push(point);
+        }
+    }
+    let work = |v: &[(f64, f64)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
+    let faults = |v: &[(f64, f64)]| v.iter().map(|p| p.1).collect::<Vec<_>>();
+    let what = format!(
+        "`{PRESSURE}`, 32 MiB for guest memory: {} vs {}",
+        PRESSURE_UFFD.join(" "),
+        PRESSURE_CGROUP.join(" ")
+    );
+    Ok(vec![
+        Row::measured(
+            14,
+            "budget_pressure_work",
+            &format!("work/s under pressure, uffd vs cgroup ({what})"),
+            "iter/s",
+            median(&work(&uffd)),
+            "cgroup",
+            Some(median(&work(&cgroup))),
+            Target::None,
+            format!(
+                "{PRESSURE_RUNS} runs each, alternating; uffd {} vs cgroup {}",
+                spread(&work(&uffd), 2),
+                spread(&work(&cgroup), 2)
+            ),
+        ),
+        Row::measured(
+            14,
+            "budget_pressure_majflt",
+            &format!("host major faults/s under pressure, uffd vs cgroup ({what})"),
+            "faults/s",
+            median(&faults(&uffd)),
+            "cgroup",
+            Some(median(&faults(&cgroup))),
+            Target::None,
+            format!(
+                "vCPU thread's major faults over task runtime; uffd {} vs cgroup {}",
+                spread(&faults(&uffd), 0),
+                spread(&faults(&cgroup), 0)
+            ),
+        ),
+    ])
+}
+
 /// The budget group.
 pub fn run(vmm: &Path, pairs: usize) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("vmm-bench-budget-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut rows = vec![overhead(vmm, pairs, &dir)?];
+    let mut rows = vec![overhead(
+        vmm,
+        pairs,
+        &dir,
+        (&[], &["--machine-mem", "1G"]),
+        "budget_overhead",
+    )?];
+    // The VMs' memory fits 1G: the pager registers nothing.
+    rows.push(overhead(
+        vmm,
+        pairs,
+        &dir,
+        (&[], &["--machine-mem", "1G", "--pager", "uffd"]),
+        "budget_uffd_overhead",
+    )?);
+    // 256 MiB declared over a 128M budget: registered, every first touch through the pager,
+    // and the 64 MiB touched still fit (no eviction).
+    rows.push(overhead(
+        vmm,
+        pairs,
+        &dir,
+        (
+            &["--mem", "256M"],
+            &["--machine-mem", "128M", "--pager", "uffd"],
+        ),
+        "budget_uffd_registered_overhead",
+    )?);
+    rows.extend(pressure(vmm, &dir)?);
     rows.extend(knee(vmm, &dir)?);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)

@@ -25,13 +25,18 @@
 //! - **No rseq**: a budgeted process runs without glibc's restartable sequences ([`rseq`]),
 //!   whose per-thread kernel writes kill it with SIGSEGV when they hit a swapped-out page.
 //!
+//! Way (b), the VMM paging guest memory itself with userfaultfd (`--pager uffd`), is in
+//! [`uffd`]; [`choice`] sets up whichever way the command line asks for.
+//!
 //! One budget per process: it is the process's by definition.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod cgroup;
+pub mod choice;
 pub mod rseq;
 pub mod swap;
+pub mod uffd;
 mod watchdog;
 
 use cgroup::BudgetCgroup;
@@ -47,7 +52,7 @@ pub const VMM_RESERVE: u64 = 24 << 20;
 /// Memory each VM needs inside the budget to start (its image, page tables, KVM state).
 pub const PER_VM_RESERVE: u64 = 4 << 20;
 /// Space a created swap file leaves free on its file system.
-const KEEP_DISK_FREE: u64 = 512 << 20;
+pub(crate) const KEEP_DISK_FREE: u64 = 512 << 20;
 /// Where `--swap auto` creates its file.
 pub const AUTO_SWAP_DIR: &str = "/var/tmp";
 
@@ -55,7 +60,8 @@ pub const AUTO_SWAP_DIR: &str = "/var/tmp";
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct BudgetArgs {
     /// Cap the resident memory of all VMs of this process together (e.g. 512M, 2G), enforced
-    /// by a memory cgroup around the process; pages over it are swapped out (needs root).
+    /// by a memory cgroup around the process (or, with --pager uffd, by the VMM itself); pages
+    /// over it are swapped out (needs root).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_size)]
     pub machine_mem: Option<u64>,
     /// Where pages over --machine-mem go: auto (the host's free swap if enough, else a swap
@@ -68,6 +74,26 @@ pub struct BudgetArgs {
         requires = "machine_mem"
     )]
     pub swap: SwapChoice,
+    /// Who enforces --machine-mem: cgroup (the host kernel's reclaim and swap, the default) or
+    /// uffd (the VMM pages guest memory itself with userfaultfd, a clock policy and a swap file
+    /// of its own; needs --share none with several VMs).
+    #[arg(
+        long,
+        value_name = "cgroup|uffd",
+        default_value = "cgroup",
+        requires = "machine_mem"
+    )]
+    pub pager: PagerChoice,
+}
+
+/// Who enforces the budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PagerChoice {
+    /// The host kernel: a memory cgroup around the process, and swap.
+    #[default]
+    Cgroup,
+    /// The VMM: userfaultfd on guest memory, its own clock eviction and swap file.
+    Uffd,
 }
 
 /// Where pages over the budget go.
@@ -167,6 +193,9 @@ pub enum BudgetError {
     /// Swap file sizes.
     #[error("the swap file would be smaller than 10 pages")]
     SwapTooSmall,
+    /// The userfaultfd pager cannot be set up or cannot hold these VMs.
+    #[error("{0}")]
+    Pager(String),
     /// A second budget in one process.
     #[error("this process already has a machine-memory budget")]
     AlreadyActive,

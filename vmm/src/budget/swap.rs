@@ -77,7 +77,7 @@ fn c_path(path: &Path) -> Result<CString, BudgetError> {
 }
 
 /// Free bytes of the file system holding `dir`.
-fn fs_free_bytes(dir: &Path) -> std::io::Result<u64> {
+pub(crate) fn fs_free_bytes(dir: &Path) -> std::io::Result<u64> {
     let c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: zeroed statvfs is a valid out-parameter.

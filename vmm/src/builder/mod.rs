@@ -67,6 +67,9 @@ pub enum BuildError {
     /// Platform resources (MMIO windows, interrupt lines).
     #[error(transparent)]
     Platform(#[from] platform::PlatformError),
+    /// The userfaultfd pager (`--pager uffd`).
+    #[error(transparent)]
+    Pager(#[from] crate::budget::uffd::PagerError),
     /// Memory too small for the requested workload.
     #[error("--mem of {given} MiB is too small for the workload, which needs {needed} MiB")]
     WorkloadMemory {
@@ -375,10 +378,20 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
             } else {
                 GuestRam::new(size)?
             };
+            let mut ram = ram;
+            if let Some(pager) = host.pager() {
+                // Before the image is written: its pages count against the budget too.
+                ram.attach_pager(pager)?;
+            }
             let image = config.write_image(ram.memory(), ram.ranges(), &host)?;
             (ram, image)
         }
         MemorySource::Template(shared) => {
+            if host.pager().is_some() {
+                return Err(BuildError::Pager(
+                    crate::budget::uffd::PagerError::TemplateSharing,
+                ));
+            }
             shared.check_compatible(config)?;
             (GuestRam::clone_of(&shared.template)?, shared.image.clone())
         }
@@ -386,7 +399,7 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
     if host.ksm() {
         ram.mark_mergeable()?;
     }
-    match (config, image) {
+    let mut built = match (config, image) {
         (GuestConfig::Linux(c), Image::Linux(image)) => linux::assemble(c, ram, &image, resources),
         (GuestConfig::Workload(c), Image::Workload(image)) => {
             workload::assemble(c, ram, &image, resources)
@@ -394,7 +407,18 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
         _ => Err(BuildError::TemplateMismatch(
             "the guest kind differs from the template's".into(),
         )),
+    }?;
+    if let Some(pager) = host.pager() {
+        // The pager's faults are the vCPU threads' own: charged like the kernel's.
+        let source = pager.fault_source();
+        for vcpu in &mut built.vcpus {
+            vcpu.add_fault_source(source.clone());
+        }
+        for sampled in built.profiling.iter().flat_map(|p| &p.vcpus) {
+            sampled.add_fault_source(source.clone());
+        }
     }
+    Ok(built)
 }
 
 /// Builds one VM of `config` with memory of its own, a console sink, and a host context of its

@@ -58,6 +58,10 @@ impl std::str::FromStr for AttributionMode {
     }
 }
 
+/// Faults of a thread (by id) that the kernel does not count for it: (minor, major) resolved
+/// by the VMM's own pager (`crate::budget::uffd`), added to the thread's host faults.
+pub type ThreadFaultSource = Arc<dyn Fn(i32) -> (u64, u64) + Send + Sync>;
+
 /// One vCPU as both its own thread (at announced switches) and the sampler (at ticks) see it.
 pub struct VcpuProbe {
     index: u32,
@@ -68,6 +72,8 @@ pub struct VcpuProbe {
     regions: Arc<ProfilerRegions>,
     state: Mutex<ProbeState>,
     announced: AtomicU64,
+    /// Faults the VMM's pager resolved for the vCPU thread, if it pages guest memory.
+    pager_faults: std::sync::OnceLock<ThreadFaultSource>,
 }
 
 /// What the probe's lock guards: the ledger, and a buffer for KVM stats reads.
@@ -118,7 +124,9 @@ impl VcpuProbe {
         let kvm = self.read_kvm(st);
         let (min_flt, maj_flt) = own_faults();
         // SAFETY: gettid has no preconditions.
-        let wait_ns = Self::read_wait(st, unsafe { libc::gettid() });
+        let tid = unsafe { libc::gettid() };
+        let (min_flt, maj_flt) = self.with_pager_faults(tid, min_flt, maj_flt);
+        let wait_ns = Self::read_wait(st, tid);
         Counters {
             min_flt,
             maj_flt,
@@ -127,6 +135,17 @@ impl VcpuProbe {
             pf_fixed: kvm[1],
             exits: kvm[2],
             wait_ns,
+        }
+    }
+
+    /// The kernel's fault counts of thread `tid` plus those the VMM's pager resolved for it.
+    fn with_pager_faults(&self, tid: i32, min_flt: u64, maj_flt: u64) -> (u64, u64) {
+        match self.pager_faults.get() {
+            Some(source) => {
+                let (min, maj) = source(tid);
+                (min_flt.saturating_add(min), maj_flt.saturating_add(maj))
+            }
+            None => (min_flt, maj_flt),
         }
     }
 
@@ -196,8 +215,15 @@ impl SampledVcpu {
                     last_wait_ns: 0,
                 }),
                 announced: AtomicU64::new(0),
+                pager_faults: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Adds the faults `source` resolved for the vCPU thread to its host faults (set before
+    /// the vCPU runs; a second call is ignored).
+    pub fn add_fault_source(&self, source: ThreadFaultSource) {
+        let _ = self.probe.pager_faults.set(source);
     }
 
     /// The probe the vCPU thread reports announced switches to.
@@ -431,9 +457,10 @@ impl VcpuState {
         self.last_split = Some((thread.utime_ns, thread.stime_ns));
         let kvm = probe.read_kvm(st);
         let wait_ns = VcpuProbe::read_wait(st, tid);
+        let (min_flt, maj_flt) = probe.with_pager_faults(tid, thread.min_flt, thread.maj_flt);
         Some(Counters {
-            min_flt: thread.min_flt,
-            maj_flt: thread.maj_flt,
+            min_flt,
+            maj_flt,
             cpu_ns,
             pf_taken: kvm[0],
             pf_fixed: kvm[1],

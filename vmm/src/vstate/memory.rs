@@ -138,6 +138,9 @@ fn map_ranges(file: &File, size: u64, private: bool) -> Result<GuestMemoryMmap, 
 /// Guest RAM of one VM.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// Under the userfaultfd pager, the registration of this RAM (dropped first, before the
+    /// mapping goes away).
+    paging: Option<crate::budget::uffd::Registration>,
     memory: GuestMemoryMmap,
     file: File,
     ranges: Vec<(u64, u64)>,
@@ -151,6 +154,7 @@ impl GuestRam {
         check_size(size)?;
         let file = create_memfd("mirrorball-guest-ram", size)?;
         Ok(Self {
+            paging: None,
             memory: map_ranges(&file, size, false)?,
             file,
             ranges: ram_ranges(size),
@@ -165,6 +169,7 @@ impl GuestRam {
         check_size(size)?;
         let file = create_memfd("mirrorball-guest-ram", size)?;
         Ok(Self {
+            paging: None,
             memory: map_ranges(&file, size, true)?,
             file,
             ranges: ram_ranges(size),
@@ -212,12 +217,23 @@ impl GuestRam {
     pub fn clone_of(template: &Arc<Template>) -> Result<Self, MemoryError> {
         let file = template.file.try_clone().map_err(MemoryError::Memfd)?;
         Ok(Self {
+            paging: None,
             memory: map_ranges(&file, template.size, true)?,
             file,
             ranges: ram_ranges(template.size),
             size: template.size,
             template: Some(template.clone()),
         })
+    }
+
+    /// Puts the RAM under the process's userfaultfd pager (`crate::budget::uffd`): its pages
+    /// count against the budget and may be evicted to the pager's swap file.
+    pub fn attach_pager(
+        &mut self,
+        pager: &Arc<crate::budget::uffd::Pager>,
+    ) -> Result<(), crate::budget::uffd::PagerError> {
+        self.paging = Some(pager.register(&self.host_ranges())?);
+        Ok(())
     }
 
     /// The mapped memory.

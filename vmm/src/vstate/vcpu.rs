@@ -213,6 +213,8 @@ pub struct Vcpu {
     tid: Arc<AtomicI32>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<Box<dyn FnOnce() + Send>>,
+    /// Faults the VMM's pager resolves for this thread (added to its host faults).
+    pager_faults: Option<crate::profiling::sampler::ThreadFaultSource>,
     /// Since when KVM_RUN has failed with EFAULT without a success (see [`EFAULT_RETRY_FOR`]).
     efault_since: Option<std::time::Instant>,
     /// The last exit was port I/O or MMIO: KVM finishes that instruction (stores an `in`'s
@@ -255,6 +257,7 @@ impl Vcpu {
             tid: Arc::new(AtomicI32::new(0)),
             on_start: None,
             on_stop: None,
+            pager_faults: None,
             efault_since: None,
             exit_incomplete: false,
         }
@@ -263,6 +266,11 @@ impl Vcpu {
     /// Runs `hook` on the vCPU thread before its first KVM_RUN (e.g. to take baselines).
     pub fn set_on_start(&mut self, hook: Box<dyn FnOnce() + Send>) {
         self.on_start = Some(hook);
+    }
+
+    /// Adds the faults `source` resolves for the vCPU thread to its host faults in the report.
+    pub fn add_fault_source(&mut self, source: crate::profiling::sampler::ThreadFaultSource) {
+        self.pager_faults = Some(source);
     }
 
     /// Runs `hook` on the vCPU thread after its last KVM_RUN, before it reports itself stopped
@@ -297,7 +305,9 @@ impl Vcpu {
             hook();
         }
         // SAFETY: gettid has no preconditions.
-        self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
+        let tid = unsafe { libc::gettid() };
+        self.tid.store(tid, Ordering::Release);
+        let pager_before = self.pager_faults.as_ref().map(|f| f(tid));
         while !self.control.should_stop() {
             if self.control.pause_requested() {
                 self.complete_exit();
@@ -328,6 +338,11 @@ impl Vcpu {
         }
         self.control.vcpu_stopped();
         let mut report = acct.finish();
+        if let (Some(source), Some((min0, maj0))) = (&self.pager_faults, pager_before) {
+            let (min, maj) = source(tid);
+            report.host_minor_faults += min.saturating_sub(min0);
+            report.host_major_faults += maj.saturating_sub(maj0);
+        }
         report.stopped_at = self.stopped_at();
         report
     }
