@@ -152,10 +152,14 @@ pub unsafe extern "C" fn _start(vcpu: u64, params: *const Params) -> ! {
             task.done += 1;
             let min_flt = task.min_flt();
             if let Some(p) = &mut task.profile {
-                p.switch_out();
+                p.checkpoint();
                 p.sample(false, min_flt);
             }
+            // The end of the turn: announces the switch to the VMM (an exit).
             ring(task.index, Event::IterationDone(task.done));
+            if let Some(p) = &mut task.profile {
+                p.checkpoint();
+            }
             if task.done == task.params.iterations {
                 if let Some(p) = &task.profile {
                     p.finish(min_flt);

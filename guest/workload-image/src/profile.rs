@@ -92,8 +92,10 @@ impl Profile {
         Some(me)
     }
 
-    /// Names this task in its vCPU's slot (a context switch) and starts its CPU clock.
+    /// Starts this task's CPU clock and names the task in its vCPU's slot (a context switch:
+    /// like a kernel's, the switch's own work is the incoming task's time).
     pub fn switch_in(&mut self) {
+        self.since_tsc = rdtsc();
         let task = CurrentTask {
             task_id: self.task_id,
             pid: self.pid,
@@ -107,14 +109,16 @@ impl Profile {
                 slot.switch_to(&task, now);
             }
         });
-        self.since_tsc = rdtsc();
     }
 
-    /// Stops this task's CPU clock (it is switched out).
-    pub fn switch_out(&mut self) {
-        self.cpu_tsc = self
-            .cpu_tsc
-            .wrapping_add(rdtsc().wrapping_sub(self.since_tsc));
+    /// Adds the time since the last call (or the switch-in) to this task's CPU clock; the
+    /// clock runs on until the next switch-in of another task. Called before a sample, and
+    /// again after the task's switch announcement returns: the outgoing task's time ends when
+    /// its announcement is done, as the host's charge for it does.
+    pub fn checkpoint(&mut self) {
+        let now = rdtsc();
+        self.cpu_tsc = self.cpu_tsc.wrapping_add(now.wrapping_sub(self.since_tsc));
+        self.since_tsc = now;
     }
 
     /// Clears the slot of `vcpu` (nothing runs there any more).
