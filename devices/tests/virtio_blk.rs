@@ -2,10 +2,12 @@
 //! reads come from the base, writes stay in one device's overlay, partial
 //! blocks are merged, and malformed chains and requests are refused without
 //! a panic.
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
-use mirrorball_devices::virtio_blk::disk::{BaseImage, CowDisk, OverlaySpec};
+use std::path::Path;
+
+use common::BaseFixture as Fixture;
+use mirrorball_devices::virtio_blk::disk::{CowDisk, OverlaySpec};
 use mirrorball_devices::virtio_blk::request::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -18,30 +20,11 @@ use vm_memory::{Bytes, GuestAddress};
 
 const BASE_LEN: usize = 64 << 10;
 
-struct Fixture {
-    dir: PathBuf,
-    base_path: PathBuf,
-    base: Arc<BaseImage>,
-    original: Vec<u8>,
-}
-
 impl Fixture {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("mb-blk-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let base_path = dir.join("base.img");
-        let original: Vec<u8> = (0..BASE_LEN)
-            .map(|i| u8::try_from(i * 7 % 253).unwrap())
-            .collect();
-        std::fs::write(&base_path, &original).unwrap();
-        let base = BaseImage::open(&base_path).unwrap();
-        Self {
-            dir,
-            base_path,
-            base,
-            original,
-        }
+        Self::with_base("mb-blk", tag, BASE_LEN, |i| {
+            u8::try_from(i * 7 % 253).unwrap_or(0)
+        })
     }
 
     fn driver(&self, overlay: &OverlaySpec) -> TestDriver {
@@ -50,12 +33,6 @@ impl Fixture {
 
     fn base_unchanged(&self) -> bool {
         std::fs::read(&self.base_path).unwrap() == self.original
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

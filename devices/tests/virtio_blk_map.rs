@@ -3,12 +3,13 @@
 //! frame, per `/proc/self/pagemap`), a write to a mapped guest page stays private to that guest
 //! and never reaches the base, blocks the overlay holds are copied, unaligned reads are copied,
 //! and a spent mapping budget falls back to copying with the same data.
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::Arc;
 
-use mirrorball_devices::virtio_blk::disk::{BaseImage, CowDisk, OverlaySpec};
+use common::BaseFixture as Fixture;
+use mirrorball_devices::virtio_blk::disk::{CowDisk, OverlaySpec};
 use mirrorball_devices::virtio_blk::test_driver::{TestDriver, DATA};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -21,30 +22,11 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_FILE: u64 = 1 << 61;
 const PFN_MASK: u64 = (1 << 55) - 1;
 
-struct Fixture {
-    dir: PathBuf,
-    base_path: PathBuf,
-    base: Arc<BaseImage>,
-    original: Vec<u8>,
-}
-
 impl Fixture {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("mb-blkmap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let base_path = dir.join("base.img");
-        let original: Vec<u8> = (0..BASE_LEN)
-            .map(|i| u8::try_from(i * 13 % 251).unwrap())
-            .collect();
-        std::fs::write(&base_path, &original).unwrap();
-        let base = BaseImage::open(&base_path).unwrap();
-        Self {
-            dir,
-            base_path,
-            base,
-            original,
-        }
+        Self::with_base("mb-blkmap", tag, BASE_LEN, |i| {
+            u8::try_from(i * 13 % 251).unwrap_or(0)
+        })
     }
 
     fn mapped(&self, budget: u64) -> TestDriver {
@@ -65,12 +47,6 @@ impl Fixture {
 
     fn want(&self, offset: usize, len: usize) -> &[u8] {
         &self.original[offset..offset + len]
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
