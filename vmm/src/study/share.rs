@@ -16,8 +16,12 @@ pub struct ShareArgs {
     /// Numbers of VMs, as A..B (inclusive) or one number.
     #[arg(long, value_name = "A..B", default_value = "1..4", value_parser = super::parse_range)]
     pub vms: (usize, usize),
-    /// The task each VM runs (one vCPU); a read-only task keeps template pages shared.
-    #[arg(long, value_name = "SPEC", default_value = "read 32 L 200000")]
+    /// The task each VM runs (one vCPU); a read-only task keeps template pages shared. Random
+    /// reads touch the whole set in the first iteration and the many iterations keep the VMs
+    /// running side by side at their full footprint long enough to be sampled (with 20
+    /// iterations a VM ran 0.2 s and one could end, freeing its pages, before another had
+    /// read its set).
+    #[arg(long, value_name = "SPEC", default_value = "read 32 R 200000 500")]
     pub workload: crate::workload::TaskSpec,
     /// Also measure KSM (turns /sys/kernel/mm/ksm/run on for those runs, and back after).
     #[arg(long)]
@@ -43,6 +47,9 @@ pub struct ShareRun {
     /// Host memory (Pss) in bytes.
     pub bytes: u64,
 }
+
+/// How often a run's Pss is sampled (its peak is the run's figure).
+const PSS_PERIOD: Duration = Duration::from_millis(20);
 
 fn pss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -75,7 +82,7 @@ fn run_one(args: &ShareArgs, mode: &'static str, n: usize) -> Result<ShareRun> {
         if let Some(b) = pss_bytes(pid) {
             last = last.max(b);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(PSS_PERIOD);
     };
     if status.code() != Some(0) {
         bail!("{mode} N={n}: vmm ended with {status}");
