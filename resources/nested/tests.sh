@@ -97,18 +97,22 @@ test_mbtest() {
 
 LIMIT_mbtest=300
 
-# study NAME MEM SCALE: an MP3 case study (sizes divided by SCALE, mbscale=) with
-# `vmm record` beside it.
+# study NAME MEM SCALE [EXTRA [VMM-ARG...]]: an MP3 case study (sizes divided by
+# SCALE, mbscale=) with `vmm record` beside it; EXTRA goes on the guest command
+# line, the VMM-ARGs to vmm.
 study() {
-	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$2" --timeout 180 </dev/null \
-		--cmdline "$CMD mirrorball.study=$1 mbscale=$3" >study.console 2>study.err &
+	study=$1 mem=$2 scale=$3 extra=${4:-}
+	shift 3
+	[ $# -gt 0 ] && shift
+	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem "$mem" --timeout 180 "$@" </dev/null \
+		--cmdline "$CMD mirrorball.study=$study mbscale=$scale${extra:+ $extra}" >study.console 2>study.err &
 	vm=$!
 	vmm record --wait 20 -o record.csv 2>record.err
 	echo $? >record.rc
 	wait $vm
 	echo $? >study.rc
 	cat study.console study.err record.err
-	grep -q "MIRRORBALL-STUDY-DONE $1 rc=0" study.console && [ "$(cat study.rc)" = 0 ] &&
+	grep -q "MIRRORBALL-STUDY-DONE $study rc=0" study.console && [ "$(cat study.rc)" = 0 ] &&
 		[ "$(cat record.rc)" = 0 ]
 }
 
@@ -178,19 +182,11 @@ test_budget2() {
 test_swapstudy() {
 	truncate -s 256M swap.img
 	rm -f swap.overlay
-	vmm --kernel $G/bzImage --initrd $G/study.cpio --vcpus 2 --mem 64M --timeout 300 \
-		--disk swap.img,overlay=swap.overlay --stats stats.json </dev/null \
-		--cmdline "$CMD mirrorball.study=mp3-1a mbscale=32 mbswap=/dev/vda" >study.console 2>study.err &
-	vm=$!
-	vmm record --wait 20 -o record.csv 2>record.err
-	echo $? >record.rc
-	wait $vm
-	echo $? >study.rc
+	study mp3-1a 64M 32 mbswap=/dev/vda --disk swap.img,overlay=swap.overlay --stats stats.json
+	rc=$?
 	# Sparse 256 MiB each: not worth sending back.
 	rm -f swap.img swap.overlay
-	cat study.console study.err record.err
-	grep -q "MIRRORBALL-STUDY-DONE mp3-1a rc=0" study.console && [ "$(cat study.rc)" = 0 ] &&
-		grep -q "mirrorball-study: swap on /dev/vda" study.console &&
+	[ $rc = 0 ] && grep -q "mirrorball-study: swap on /dev/vda" study.console &&
 		awk '/mirrorball-study: swap read/ { ok = $4 > 0 && $7 > 0 } END { exit !ok }' study.console
 }
 LIMIT_swapstudy=360
