@@ -66,17 +66,12 @@ fn qemu_available() -> bool {
 /// Boots the test bed (`run.sh` itself boots L1 again when it dies or freezes mid-way, and
 /// runs a test that hung once more).
 fn boot() -> Result<Bed, String> {
-    boot_once("")
-}
-
-fn boot_once(suffix: &str) -> Result<Bed, String> {
     if !qemu_available() {
         return Err("qemu-system-x86_64 not found (apt-get install qemu-system-x86)".into());
     }
     let (kernel, initrd) = reference_guest().map_err(|e| format!("no reference guest ({e})"))?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/nested/run.sh");
-    let dir =
-        std::env::temp_dir().join(format!("mirrorball-nested-{}{suffix}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("mirrorball-nested-{}", std::process::id()));
     let start = Instant::now();
     let out = Command::new("bash")
         .arg(&script)

@@ -139,8 +139,9 @@ impl RunningVcpus {
                 std::thread::sleep(Duration::from_micros(500));
             }
             if !handle.is_finished() {
-                // Stuck in the host kernel (seen under a nested hypervisor): waiting for it
-                // would hang the whole process; it is left behind and ends with the process.
+                // Stuck in the host kernel, deaf to the kick (what the nested test bed's
+                // hangs may be): waiting for it would hang the whole process, so it is left
+                // behind and ends with the process.
                 eprintln!(
                     "vCPU {index} did not leave KVM_RUN within {} s of the VM's end; left behind \
                      without its report",
