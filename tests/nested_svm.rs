@@ -332,7 +332,7 @@ fn machine_memory_budget_holds_on_cgroup_v2() {
     );
 }
 
-/// Issue 10's guest swap on the copy-on-write disk: an MP3 case study in a 64 MiB L2 guest
+/// Issue 10's guest swap on the copy-on-write disk: an MP3 case study in a 72 MiB L2 guest
 /// whose swap is the VMM's virtio-blk disk (a sparse base, an overlay file) finishes, its guest
 /// swaps out and in through the disk (the guest's block counters and the device's agree in
 /// direction), the swapped pages land in the overlay, and the workers see major faults.

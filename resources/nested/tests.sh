@@ -175,19 +175,26 @@ test_budget2() {
 }
 
 # 8. An MP3 case study whose L2 guest swaps to the copy-on-write disk: case study 1
-# (sizes / 32: two 32 MiB workers) in a 64 MiB guest whose swap is /dev/vda, the
+# (sizes / 32: two 32 MiB workers) in a 72 MiB guest whose swap is /dev/vda, the
 # VMM's virtio-blk disk over a sparse 256 MiB base with an overlay file (`mbswap=`
 # makes the guest's study runner mkswap/swapon it). Passes when the study finished
 # and the guest both swapped out and in; the disk's counters are in stats.json.
 test_swapstudy() {
-	truncate -s 256M swap.img
-	rm -f swap.overlay
-	study mp3-1a 64M 32 mbswap=/dev/vda --disk swap.img,overlay=swap.overlay --stats stats.json
-	rc=$?
-	# Sparse 256 MiB each: not worth sending back.
-	rm -f swap.img swap.overlay
-	[ $rc = 0 ] && grep -q "mirrorball-study: swap on /dev/vda" study.console &&
-		awk '/mirrorball-study: swap read/ { ok = $4 > 0 && $7 > 0 } END { exit !ok }' study.console
+	for attempt in 1 2; do
+		truncate -s 256M swap.img
+		rm -f swap.overlay
+		study mp3-1a 72M 32 mbswap=/dev/vda --disk swap.img,overlay=swap.overlay --stats stats.json
+		rc=$?
+		# Sparse 256 MiB each: not worth sending back.
+		rm -f swap.img swap.overlay
+		[ $rc = 0 ] && grep -q "mirrorball-study: swap on /dev/vda" study.console &&
+			awk '/mirrorball-study: swap read/ { ok = $4 > 0 && $7 > 0 } END { exit !ok }' study.console &&
+			return 0
+		# Once in CI the guest (then 64 MiB) reset itself mid-study under swap pressure (a
+		# panic, likely the OOM killer reaching init): the first attempt stays in attempt1/.
+		[ $attempt = 1 ] && mkdir -p attempt1 && cp study.console study.err stats.json attempt1/ 2>/dev/null
+	done
+	return 1
 }
 LIMIT_swapstudy=360
 
