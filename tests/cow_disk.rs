@@ -94,18 +94,29 @@ fn ext2_image(dir: &Path) -> Result<PathBuf, String> {
     Ok(image)
 }
 
+/// The reference kernel (its uncompressed `vmlinux` when built), or `None` after skipping (or
+/// failing, under CI) `test` when there is none.
+fn reference_kernel(test: &str) -> Option<std::path::PathBuf> {
+    let (kernel, _) = match reference_guest() {
+        Ok(guest) => guest,
+        Err(why) => {
+            skip_or_fail(test, &format!("no reference guest ({why})"));
+            return None;
+        }
+    };
+    let vmlinux = kernel.with_file_name("vmlinux");
+    Some(if vmlinux.exists() { vmlinux } else { kernel })
+}
+
 #[test]
 fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
     let name = "reference_kernel_mounts_a_read_only_root_from_the_cow_disk";
     if !kvm_available(name) {
         return;
     }
-    let (kernel, _) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => return skip_or_fail(name, &format!("no reference guest ({why})")),
+    let Some(kernel) = reference_kernel(name) else {
+        return;
     };
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if vmlinux.exists() { vmlinux } else { kernel };
     let stats = temp_file("cow_disk_boot", "stats.json", b"");
     let dir = stats.parent().expect("dir").to_path_buf();
     let image = match ext2_image(&dir) {
@@ -225,12 +236,9 @@ fn overlays_isolate_the_vms_of_a_fleet() {
     if !kvm_available(name) {
         return;
     }
-    let (kernel, _) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => return skip_or_fail(name, &format!("no reference guest ({why})")),
+    let Some(kernel) = reference_kernel(name) else {
+        return;
     };
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if vmlinux.exists() { vmlinux } else { kernel };
     let stats = temp_file("cow_disk_fleet", "stats.json", b"");
     let dir = stats.parent().expect("dir").to_path_buf();
     let image = match ext2_image_counting_mounts(&dir) {
