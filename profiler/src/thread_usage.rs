@@ -6,6 +6,7 @@
 //! from `/proc/self/status`, for measuring the VMM's memory overhead).
 //!
 //! Counters are absolute; take two snapshots and use [`ThreadUsage::saturating_sub`] for deltas.
+//! [`monotonic_ns`] reads the host clock the accounting stamps events with.
 
 use std::fs::File;
 use std::io::Read;
@@ -14,6 +15,21 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Error;
+
+/// Host `CLOCK_MONOTONIC` in ns: one clock for every process on the host, so a time one
+/// process records can be compared with another's.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
 
 /// Absolute `getrusage` counters of one thread (or the process, see [`ThreadUsage::process`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

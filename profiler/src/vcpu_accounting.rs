@@ -49,6 +49,8 @@ pub struct VcpuAccounting {
     mark: Instant,
     /// Whether that interval is inside `KVM_RUN`.
     in_run: bool,
+    /// Host `CLOCK_MONOTONIC` (ns) of the first `KVM_RUN`: when the vCPU started running.
+    first_run_ns: Option<u64>,
 }
 
 impl VcpuAccounting {
@@ -68,12 +70,16 @@ impl VcpuAccounting {
             vmm_ns: 0,
             mark: Instant::now(),
             in_run: false,
+            first_run_ns: None,
         })
     }
 
     /// Call just before `KVM_RUN`: the time since the last exit is VMM time.
     #[inline]
     pub fn enter_run(&mut self) {
+        if self.first_run_ns.is_none() {
+            self.first_run_ns = Some(crate::thread_usage::monotonic_ns());
+        }
         self.attribute(Instant::now());
         self.in_run = true;
     }
@@ -175,6 +181,7 @@ impl VcpuAccounting {
             kvm_stats,
             errors,
             stopped_at: None,
+            first_run_monotonic_ns: self.first_run_ns,
         }
     }
 }
@@ -217,6 +224,10 @@ pub struct VcpuReport {
     /// Where the vCPU was when it stopped (filled by the VMM; absent when it could not be read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_at: Option<StoppedAt>,
+    /// Host `CLOCK_MONOTONIC` (ns, comparable across processes) when the vCPU thread first
+    /// entered `KVM_RUN`, i.e. when the vCPU started running; absent if it never did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_run_monotonic_ns: Option<u64>,
 }
 
 /// A vCPU's state when its thread stopped: says where a guest that hung (a timeout) was stuck.

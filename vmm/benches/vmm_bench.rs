@@ -296,7 +296,9 @@ fn run(args: &Args) -> Result<()> {
             });
         }
         if args.wants("snapshot") {
-            group(&mut rows, 13, "snapshot", || snapshot::run(scratch.path()));
+            group(&mut rows, 13, "snapshot", || {
+                snapshot::run(scratch.path(), &vmm)
+            });
         }
         if args.wants("budget") {
             group(&mut rows, 14, "budget", || {

@@ -25,25 +25,48 @@ impl<'a> GuestRegion<'a> {
         layout: &GuestRegionLayout,
         init: &RegionInit,
     ) -> Result<Self, AbiError> {
-        let attached = layout::format(region, layout, init, |region, h: &GuestHeader| {
-            zero_table::<VcpuSlot>(region, &layout.vcpus);
-            zero_table::<TaskEntry>(region, &layout.tasks);
-            let r = Ordering::Relaxed;
-            for i in 0..layout.vcpus.capacity as usize {
-                if let Some(slot) =
-                    region.entry::<VcpuSlot>(layout.vcpus.offset, layout.vcpus.stride, i)
-                {
-                    slot.task_id.store(TASK_NONE, r);
+        Self::format_as(region, layout, init, layout::Contents::Unknown)
+    }
+
+    /// As [`GuestRegion::format`], for a region whose bytes are all zero (a freshly sized
+    /// file): only the header and the vCPU slots' non-zero fields are written, so the pages of
+    /// the ring and the task table are left untouched.
+    pub fn format_zeroed(
+        region: RegionMut<'a>,
+        layout: &GuestRegionLayout,
+        init: &RegionInit,
+    ) -> Result<Self, AbiError> {
+        Self::format_as(region, layout, init, layout::Contents::Zeroed)
+    }
+
+    fn format_as(
+        region: RegionMut<'a>,
+        layout: &GuestRegionLayout,
+        init: &RegionInit,
+        contents: layout::Contents,
+    ) -> Result<Self, AbiError> {
+        let attached =
+            layout::format(region, layout, init, contents, |region, h: &GuestHeader| {
+                if contents == layout::Contents::Unknown {
+                    zero_table::<VcpuSlot>(region, &layout.vcpus);
+                    zero_table::<TaskEntry>(region, &layout.tasks);
                 }
-            }
-            for (desc, table) in [(&h.vcpus, &layout.vcpus), (&h.tasks, &layout.tasks)] {
-                desc.offset.store(table.offset as u64, r);
-                desc.capacity.store(table.capacity, r);
-                // Strides are slot sizes checked by `Layout` (far below 4 GiB).
-                #[allow(clippy::cast_possible_truncation)]
-                desc.stride.store(table.stride as u32, r);
-            }
-        })?;
+                let r = Ordering::Relaxed;
+                for i in 0..layout.vcpus.capacity as usize {
+                    if let Some(slot) =
+                        region.entry::<VcpuSlot>(layout.vcpus.offset, layout.vcpus.stride, i)
+                    {
+                        slot.task_id.store(TASK_NONE, r);
+                    }
+                }
+                for (desc, table) in [(&h.vcpus, &layout.vcpus), (&h.tasks, &layout.tasks)] {
+                    desc.offset.store(table.offset as u64, r);
+                    desc.capacity.store(table.capacity, r);
+                    // Strides are slot sizes checked by `Layout` (far below 4 GiB).
+                    #[allow(clippy::cast_possible_truncation)]
+                    desc.stride.store(table.stride as u32, r);
+                }
+            })?;
         Ok(Self(attached))
     }
 

@@ -22,7 +22,17 @@ impl<'a> HostRegion<'a> {
         init: &RegionInit,
     ) -> Result<Self, AbiError> {
         // The host region has no tables besides the ring.
-        layout::format(region, layout, init, |_, _| {}).map(Self)
+        layout::format(region, layout, init, layout::Contents::Unknown, |_, _| {}).map(Self)
+    }
+
+    /// As [`HostRegion::format`], for a region whose bytes are all zero (a freshly sized file):
+    /// the ring's pages are left untouched.
+    pub fn format_zeroed(
+        region: RegionMut<'a>,
+        layout: &HostRegionLayout,
+        init: &RegionInit,
+    ) -> Result<Self, AbiError> {
+        layout::format(region, layout, init, layout::Contents::Zeroed, |_, _| {}).map(Self)
     }
 
     /// Opens a formatted host region for writing.

@@ -544,16 +544,28 @@ pub(crate) fn zero_table<T: Shared>(region: &Region<'_>, table: &TableLayout) {
     }
 }
 
+/// What a formatter may assume about the bytes of the region it formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Contents {
+    /// Anything: every part is zeroed.
+    Unknown,
+    /// All zero already (a freshly sized file): only the non-zero fields are written, so the
+    /// pages of the ring and tables are not touched (each first touch is a page fault).
+    Zeroed,
+}
+
 /// Formats `region` as an empty region of `layout`'s kind (`layout` must be one its `new`
-/// computes): zeroes the header and the ring, lets `fill` zero and describe the kind's own
-/// tables, writes the common header and the ring descriptor, and stores the magic last
-/// (release), so a reader that sees the magic sees a complete header. Then attaches to it.
+/// computes): zeroes the header and (unless `contents` says it is zero already) the ring, lets
+/// `fill` zero and describe the kind's own tables, writes the common header and the ring
+/// descriptor, and stores the magic last (release), so a reader that sees the magic sees a
+/// complete header. Then attaches to it.
 ///
 /// Must not race with other writers of the region.
 pub(crate) fn format<'a, K: RegionKind>(
     region: RegionMut<'a>,
     layout: &K,
     init: &RegionInit,
+    contents: Contents,
     fill: impl FnOnce(&Region<'a>, &K::Header),
 ) -> Result<Attached<'a, K>, AbiError> {
     if layout.canonical()? != *layout {
@@ -572,7 +584,9 @@ pub(crate) fn format<'a, K: RegionKind>(
     fence(Ordering::Release);
     h.zero();
     let ring = layout.ring();
-    zero_table::<K::Slot>(&region, &ring.slots);
+    if contents == Contents::Unknown {
+        zero_table::<K::Slot>(&region, &ring.slots);
+    }
     let ctl: &RingCtl = region
         .get(ring.ctl_offset)
         .ok_or(AbiError::OutOfBounds(Part::RingCtl))?;

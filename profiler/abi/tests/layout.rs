@@ -329,3 +329,41 @@ fn paused_flag_round_trips_and_reads_false_from_older_writers() {
     assert!(!view.paused());
     assert_eq!(peek(&mem, 152, 8), 0);
 }
+
+#[test]
+fn formatting_zeroed_memory_writes_what_a_full_format_writes() {
+    use std::sync::atomic::Ordering;
+    let init = RegionInit {
+        generation: 77,
+        sample_period_ns: 1_000_000,
+        clock_id: CLOCK_MONOTONIC,
+    };
+    let words = |m: &[std::sync::atomic::AtomicU64]| -> Vec<u64> {
+        m.iter().map(|w| w.load(Ordering::Relaxed)).collect()
+    };
+    let dirty = |m: &[std::sync::atomic::AtomicU64]| {
+        for (i, w) in m.iter().enumerate() {
+            w.store(0x5a5a_5a5a_0000_0000 | i as u64, Ordering::Relaxed);
+        }
+    };
+    // Guest: a full format of dirty memory and a zeroed format of fresh memory agree byte for
+    // byte, and the result validates.
+    let g = GuestRegionLayout::new(3, 40, 300).unwrap();
+    let (full, fresh) = (memory(g.size), memory(g.size));
+    dirty(&full);
+    GuestRegion::format(RegionMut::from_atomic_words(&full), &g, &init).unwrap();
+    GuestRegion::format_zeroed(RegionMut::from_atomic_words(&fresh), &g, &init).unwrap();
+    // Up to the end of the ring: the page-rounding tail after it is no part of any table.
+    let end = g.ring.slots.end() / 8;
+    assert_eq!(words(&full)[..end], words(&fresh)[..end]);
+    validate_guest_region(RegionMut::from_atomic_words(&fresh).as_region()).unwrap();
+    // Host: the same.
+    let h = HostRegionLayout::new(2, 500).unwrap();
+    let (full, fresh) = (memory(h.size), memory(h.size));
+    dirty(&full);
+    HostRegion::format(RegionMut::from_atomic_words(&full), &h, &init).unwrap();
+    HostRegion::format_zeroed(RegionMut::from_atomic_words(&fresh), &h, &init).unwrap();
+    let end = h.ring.slots.end() / 8;
+    assert_eq!(words(&full)[..end], words(&fresh)[..end]);
+    validate_host_region(RegionMut::from_atomic_words(&fresh).as_region()).unwrap();
+}

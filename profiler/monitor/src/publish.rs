@@ -2,8 +2,8 @@
 //! publish both regions and the metadata of one VM. The VMM (`vmm/src/profiling/regions.rs`),
 //! the `fake_vm` example and the tests all publish through it.
 //!
-//! The run directory must pass [`ensure_run_dir`]; stale sets in it are removed first
-//! ([`sweep_stale`]). Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600) under
+//! The run directory must pass [`ensure_run_dir`]; stale sets in it are removed the first time
+//! a process publishes there ([`sweep_stale`]). Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600) under
 //! a hidden temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers ignore), filled, and renamed
 //! into place: the host region (already locked, see [`crate::rundir`]), then the guest region,
 //! then the metadata. Dropping the [`PublishedVm`] removes the three files, then releases the
@@ -13,6 +13,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use mirrorball_profiler_abi::{
     GuestRegion, GuestRegionLayout, HostRegion, HostRegionLayout, RegionInit, CLOCK_MONOTONIC,
@@ -83,6 +84,18 @@ fn abi(e: mirrorball_profiler_abi::AbiError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
 }
 
+/// Sweeps `dir`'s stale sets the first time this process publishes there: a sweep reads every
+/// set's metadata and lock, so sweeping at each publish would make starting N VMs O(N²). A set
+/// left by a VMM that dies later is removed by the next process that publishes.
+fn sweep_once(dir: &Path) {
+    static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
+    if !swept.iter().any(|d| d == dir) {
+        sweep_stale(dir);
+        swept.push(dir.to_path_buf());
+    }
+}
+
 impl PublishedVm {
     /// Publishes a VM of this process (`pid` = our pid) in `dir` (created 0700 if missing).
     pub fn create(dir: &Path, spec: &PublishSpec) -> io::Result<Self> {
@@ -92,7 +105,7 @@ impl PublishedVm {
     /// Publishes a VM under another pid (tests: stale files).
     pub fn create_as(dir: &Path, pid: u32, spec: &PublishSpec) -> io::Result<Self> {
         ensure_run_dir(dir)?;
-        sweep_stale(dir);
+        sweep_once(dir);
         let id = VmId { pid, n: spec.n };
         let glayout =
             GuestRegionLayout::new(spec.vcpus, spec.tasks, spec.guest_ring).map_err(abi)?;
@@ -104,7 +117,9 @@ impl PublishedVm {
         }
         let host = Mapping::create_rw(&tmp("host"), hlayout.size)?;
         host.lock_exclusive()?;
-        HostRegion::format(
+        // The files were just sized: their bytes are zero, so formatting touches only what
+        // is not (zeroing the rings would fault in every page of them).
+        HostRegion::format_zeroed(
             host.region_mut()?,
             &hlayout,
             &RegionInit {
@@ -115,7 +130,7 @@ impl PublishedVm {
         )
         .map_err(abi)?;
         let guest = Mapping::create_rw(&tmp("guest"), glayout.size)?;
-        GuestRegion::format(
+        GuestRegion::format_zeroed(
             guest.region_mut()?,
             &glayout,
             &RegionInit {

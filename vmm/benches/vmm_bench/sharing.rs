@@ -3,9 +3,9 @@
 //! - host memory of 8 clones × 256 MiB reading one data set, against one such VM (and the same
 //!   with memory of their own): private anonymous pages + the shmem pages of the template (or of
 //!   each VM's memfd) + page tables, never RSS (which counts a shared page once per mapping);
-//! - launching 8 clones (template prepared, VMs built, vCPU threads started) against one, in
-//!   process, and the `vmm --vms 8` command's start → exit of the smallest workload against
-//!   `--vms 1`;
+//! - launching 8 clones against one, until every vCPU has entered KVM_RUN: in process (template
+//!   prepared, VMs built and started), and as the `vmm --vms N` command from its spawn (the
+//!   issue's measure; the time comes from `--stats`), with the command's start → exit too;
 //! - a guest's copy-on-write break per page against a first touch of fresh memory and a read of
 //!   a template page (same task, same pages), and a plain 4 KiB copy on the host;
 //! - the sharing scan's cost per GiB of guest memory, and its effect on a workload's run time.
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mirrorball_profiler::thread_usage::monotonic_ns;
 use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
 use vmm::host::HostContext;
 use vmm::session::{self, SessionOptions};
@@ -32,6 +33,27 @@ fn config(spec: &str, period: Option<Duration>) -> Result<GuestConfig> {
         mem_bytes: None,
         profile_period: period,
     }))
+}
+
+/// When the last vCPU of the VMs in a `--stats` file first entered KVM_RUN (host
+/// CLOCK_MONOTONIC, ns).
+pub fn last_first_run(stats: &Path) -> Result<u64> {
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(stats)?)?;
+    // One VM's stats are its report; a fleet's are {"vms": [...]}.
+    let vms = match written.get("vms").and_then(|v| v.as_array()) {
+        Some(vms) => vms.clone(),
+        None => vec![written],
+    };
+    let mut last = 0u64;
+    for vm in &vms {
+        for vcpu in vm["vcpus"].as_array().context("stats: no vcpus")? {
+            let first = vcpu["first_run_monotonic_ns"]
+                .as_u64()
+                .context("stats: a vCPU never ran")?;
+            last = last.max(first);
+        }
+    }
+    Ok(last)
 }
 
 fn options() -> SessionOptions<'static> {
@@ -186,6 +208,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
             &host,
             Default::default(),
         );
+        // `launch` returns once every vCPU thread is released to run.
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         for r in session::run_all(started, &options()) {
             if let Err((name, e)) = r {
@@ -202,48 +225,80 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     rows.push(Row::measured(
         11,
         "clone_launch_8",
-        "launch 8 clones (template, build, vCPU threads started) vs one",
+        "launch 8 clones in process (template, build, start; every vCPU released to run) vs one",
         "ms",
         median(&eights),
         "one",
         Some(median(&ones)),
         Target::OursAtMost { value: 30.0 },
         format!(
-            "median of {}; 8: {} ms, 1: {} ms; target also ≤ 2× one",
+            "median of {}; 8: {} ms, 1: {} ms; the VMM's own work per VM (the command row \
+             below is the issue's measure)",
             eights.len(),
             spread(&eights, 2),
             spread(&ones, 2)
         ),
     ));
-    let command = |n: &str| -> Result<f64> {
-        let start = Instant::now();
+    // Spawn → every vCPU's first KVM_RUN (from `--stats`: host CLOCK_MONOTONIC, one clock for
+    // both processes), and spawn → exit status.
+    let command = |n: &str| -> Result<(f64, f64)> {
+        let stats = scratch.join(format!("launch-{n}.json"));
+        let _ = std::fs::remove_file(&stats);
+        let start = monotonic_ns();
+        let wall = Instant::now();
         let out = std::process::Command::new(vmm)
-            .args(["--vms", n, "--workload", "read 1 R 1 1"])
+            .args(["--vms", n, "--workload", "read 1 R 1 1", "--stats"])
+            .arg(&stats)
             .env("MIRRORBALL_RUN_DIR", &scratch)
             .output()?;
+        let ended = wall.elapsed().as_secs_f64() * 1e3;
         if !out.status.success() {
             bail!(
                 "vmm --vms {n} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+        let last_vcpu_run = last_first_run(&stats)?;
+        Ok((last_vcpu_run.saturating_sub(start) as f64 / 1e6, ended))
     };
     let (mut c1, mut c8) = (Vec::new(), Vec::new());
-    for _ in 0..runs.max(3) {
+    for _ in 0..runs.max(3).max(7) {
         c1.push(command("1")?);
         c8.push(command("8")?);
     }
+    let running = |v: &[(f64, f64)]| v.iter().map(|c| c.0).collect::<Vec<_>>();
+    let ended = |v: &[(f64, f64)]| v.iter().map(|c| c.1).collect::<Vec<_>>();
+    rows.push(Row::measured(
+        11,
+        "clone_command_launch_8",
+        "`vmm --vms 8`: command start → every vCPU in KVM_RUN, vs `--vms 1`",
+        "ms",
+        median(&running(&c8)),
+        "--vms 1",
+        Some(median(&running(&c1))),
+        Target::RatioAtMost { value: 2.0 },
+        format!(
+            "median of {}, interleaved; spawn to the last vCPU's first KVM_RUN (host \
+             CLOCK_MONOTONIC, from `--stats`); 8: {} ms, 1: {} ms; profiler on (20 Hz); \
+             also ≤ 30 ms",
+            c8.len(),
+            spread(&running(&c8), 2),
+            spread(&running(&c1), 2)
+        ),
+    ));
     rows.push(Row::measured(
         11,
         "clone_command_8",
         "`vmm --vms 8` start → exit of the smallest workload vs `--vms 1`",
         "ms",
-        median(&c8),
+        median(&ended(&c8)),
         "--vms 1",
-        Some(median(&c1)),
-        Target::RatioAtMost { value: 2.0 },
-        format!("median of {}; profiler on (20 Hz)", c8.len()),
+        Some(median(&ended(&c1))),
+        Target::None,
+        format!(
+            "median of {}; same runs as the row above; includes the VMs' teardown",
+            c8.len()
+        ),
     ));
 
     // 3. Per page: CoW break vs first touch vs template read, and a host 4 KiB copy.

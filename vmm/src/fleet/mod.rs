@@ -332,12 +332,17 @@ pub fn launch(
             });
         built.push((i, result));
     }
-    // Started together, after every VM is built, so clone launch time is measured as a whole.
+    // Started parked once every VM is built, then let go together: a VM whose guest runs would
+    // take the CPU from the others' start (and the fleet starts at one instant).
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
+            b.control.request_pause();
             let name = b.name.clone();
             session::start(b).map_err(|e| (name, e))
         }));
+    }
+    for vm in results.iter_mut().flatten().flatten() {
+        vm.resume();
     }
     results
         .into_iter()

@@ -35,7 +35,14 @@ pub fn brand_text(bytes: &[u8; 48]) -> String {
 }
 
 /// The host processor's brand bytes, as its own `cpuid` reports them.
+/// The host's brand string, read once per process: `cpuid` traps to the hypervisor when the
+/// host is itself a VM, and every vCPU of every VM asks.
 fn host_brand() -> [u8; 48] {
+    static BRAND: std::sync::OnceLock<[u8; 48]> = std::sync::OnceLock::new();
+    *BRAND.get_or_init(read_host_brand)
+}
+
+fn read_host_brand() -> [u8; 48] {
     let mut out = [0u8; 48];
     // `cpuid` exists on every x86-64 processor; leaf 0x80000000 is always valid.
     let max = std::arch::x86_64::__cpuid(LEAF_EXT_MAX).eax;
@@ -53,6 +60,9 @@ fn host_brand() -> [u8; 48] {
 
 /// Makes the brand leaves of `cpuid` non-empty (see the module docs).
 pub fn fill_brand_string(cpuid: &mut CpuId) -> Result<(), CpuidError> {
+    if !brand_text(&brand_bytes(cpuid)).is_empty() {
+        return Ok(());
+    }
     let host = host_brand();
     let brand = if brand_text(&host).is_empty() {
         let mut b = [0u8; 48];
