@@ -196,6 +196,11 @@ impl VirtioBlk {
         &self.disk
     }
 
+    /// Whether reads of whole base pages are mapped (`map=on`).
+    pub fn maps(&self) -> bool {
+        self.mapper.is_some()
+    }
+
     /// Processes the available chains of `queue` (at most one pass over the
     /// ring). Returns whether the driver must be interrupted.
     pub fn process_queue(&mut self, queue: &mut Queue) -> bool {
