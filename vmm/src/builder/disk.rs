@@ -74,16 +74,16 @@ impl DiskSpec {
         })
     }
 
-    /// The disk of VMs restored from a snapshot: `base`, each VM's overlay in memory, the
-    /// snapshot's layer to be set once loaded.
-    pub fn restored(base: Arc<BaseImage>, map: bool) -> Self {
+    /// The disk of VMs restored from a snapshot: `base`, the snapshot's `layer` above it and
+    /// each VM's overlay in memory.
+    pub fn restored(base: Arc<BaseImage>, layer: Arc<SnapshotLayer>, map: bool) -> Self {
         Self {
             base,
             overlay: None,
             per_vm: false,
             map,
             map_vms: 1,
-            layer: None,
+            layer: Some(layer),
         }
     }
 

@@ -181,10 +181,12 @@ pub fn open_base(id: &BaseIdentity) -> Result<Arc<BaseImage>, String> {
     Ok(base)
 }
 
-/// The disk a restored clone gets: the snapshot's base, the clone's own overlay in memory and
-/// (once [`open_layer`] has loaded it) the snapshot's overlay as a shared layer.
-pub fn spec(d: &DiskSnapshot) -> Result<DiskSpec, String> {
-    Ok(DiskSpec::restored(open_base(&d.base)?, d.map))
+/// The disk a restored clone of the snapshot in `dir` gets: the snapshot's base, the
+/// snapshot's overlay as a shared layer and the clone's own overlay in memory.
+pub fn spec(dir: &Path, d: &DiskSnapshot) -> Result<DiskSpec, String> {
+    let base = open_base(&d.base)?;
+    let layer = open_layer(dir, d).map_err(|e| e.why)?;
+    Ok(DiskSpec::restored(base, layer, d.map))
 }
 
 /// Opens and checks the snapshot's overlay file in `dir`.

@@ -68,7 +68,8 @@ fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, SnapshotErr
 /// kernel and initramfs are already in the snapshot's memory: its configuration names the
 /// memory file as its "kernel" (nothing is loaded from it; the clones' template key and the
 /// check that the file exists use it), so a restore needs neither of the original files. Its
-/// disk's base image is opened and checked here; the snapshot's overlay is loaded by [`load`].
+/// disk's base image and the snapshot's overlay are opened and checked here, before a restore
+/// creates anything.
 pub fn config_of(state: &SnapshotState, dir: &Path) -> Result<GuestConfig, String> {
     if let Some(linux) = &state.linux {
         let config = GuestConfig::Linux(LinuxConfig {
@@ -78,7 +79,11 @@ pub fn config_of(state: &SnapshotState, dir: &Path) -> Result<GuestConfig, Strin
             mem_bytes: state.vm.mem_bytes,
             vcpus: state.vm.vcpus,
             profile_period: state.vm.profile_period_ns.map(Duration::from_nanos),
-            disk: state.disk.as_ref().map(super::disk::spec).transpose()?,
+            disk: state
+                .disk
+                .as_ref()
+                .map(|d| super::disk::spec(dir, d))
+                .transpose()?,
         });
         config.check().map_err(|e| e.to_string())?;
         return Ok(config);
@@ -134,16 +139,7 @@ pub fn load(dir: &Path, host: &HostContext) -> Result<Loaded, SnapshotError> {
             state.host.kvm_api_version
         )));
     }
-    let mut config = config_of(&state, dir).map_err(err)?;
-    if let (
-        GuestConfig::Linux(LinuxConfig {
-            disk: Some(spec), ..
-        }),
-        Some(d),
-    ) = (&mut config, &state.disk)
-    {
-        spec.layer = Some(super::disk::open_layer(dir, d)?);
-    }
+    let config = config_of(&state, dir).map_err(err)?;
     let mem = open_read(dir, &state.memory.file)?;
     let size = mem.metadata().map_err(|e| err(e.to_string()))?.len();
     if size != state.memory.bytes {

@@ -39,8 +39,9 @@ fn a_saved_disk_restores_over_the_same_base() {
         "sparse: {} blocks",
         meta.blocks()
     );
-    let spec = spec(&d).unwrap();
-    let layer = open_layer(&dir.join("snap"), &d).unwrap();
+    let spec = spec(&dir.join("snap"), &d).unwrap();
+    let layer = spec.layer.clone().expect("the snapshot's layer");
+    assert_eq!(layer.blocks(), 2);
     let clone = CowDisk::layered(spec.base.clone(), layer, &OverlaySpec::Memory).unwrap();
     let mut buf = vec![0u8; 8192];
     clone.read(0, &mut buf).unwrap();
@@ -65,7 +66,7 @@ fn a_missing_or_changed_base_is_refused_in_one_line() {
     let copy = dir.join("copy.img");
     std::fs::copy(&path, &copy).unwrap();
     std::fs::rename(&copy, &path).unwrap();
-    let e = one_line(spec(&d).expect_err("replaced"));
+    let e = one_line(spec(&dir.join("snap"), &d).expect_err("replaced"));
     assert!(e.contains("has changed since the snapshot"), "{e}");
     assert!(e.contains("inode"), "{e}");
     // A byte changed in place in the last MiB, the modification time put back.
@@ -79,7 +80,7 @@ fn a_missing_or_changed_base_is_refused_in_one_line() {
     f.write_all_at(&[9], (3 << 20) - 10).unwrap();
     f.set_times(FileTimes::new().set_modified(mtime)).unwrap();
     drop(f);
-    let e = one_line(spec(&d).expect_err("edited"));
+    let e = one_line(spec(&dir.join("snap"), &d).expect_err("edited"));
     assert_eq!(
         e,
         format!(
@@ -93,10 +94,10 @@ fn a_missing_or_changed_base_is_refused_in_one_line() {
         .open(&path)
         .unwrap();
     f.set_len((3 << 20) + 512).unwrap();
-    let e = one_line(spec(&d).expect_err("grown"));
+    let e = one_line(spec(&dir.join("snap"), &d).expect_err("grown"));
     assert!(e.contains("size"), "{e}");
     std::fs::remove_file(&path).unwrap();
-    let e = one_line(spec(&d).expect_err("missing"));
+    let e = one_line(spec(&dir.join("snap"), &d).expect_err("missing"));
     assert_eq!(
         e,
         format!(
