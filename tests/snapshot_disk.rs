@@ -222,7 +222,7 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
     refused(
         &dir,
         &snap,
-        "has changed since the snapshot (modification time differ)",
+        "has changed since the snapshot (modification time differs)",
     );
     std::fs::remove_file(&image).expect("remove base");
     refused(&dir, &snap, "cannot be opened");

@@ -173,9 +173,10 @@ pub fn open_base(id: &BaseIdentity) -> Result<Arc<BaseImage>, String> {
     let what: Vec<&str> = differs.iter().filter(|d| d.1).map(|d| d.0).collect();
     if !what.is_empty() {
         return Err(format!(
-            "the disk's base image {} has changed since the snapshot ({} differ)",
+            "the disk's base image {} has changed since the snapshot ({} {})",
             id.path.display(),
-            what.join(", ")
+            what.join(", "),
+            if what.len() == 1 { "differs" } else { "differ" }
         ));
     }
     Ok(base)

@@ -84,7 +84,7 @@ fn a_missing_or_changed_base_is_refused_in_one_line() {
     assert_eq!(
         e,
         format!(
-            "the disk's base image {} has changed since the snapshot (first/last MiB differ)",
+            "the disk's base image {} has changed since the snapshot (first/last MiB differs)",
             d.base.path.display()
         )
     );
