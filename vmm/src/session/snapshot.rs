@@ -1,7 +1,8 @@
 //! Taking a snapshot of a running VM: pause it (if it runs), have each parked vCPU thread read
 //! its own state, read the VM-wide KVM state and the devices' (Linux guests), write the memory,
-//! the profiler's guest region, the disk's overlay (`snapshot::disk`) and the state file, then resume it if it ran before. The VM is paused for the whole write; the reply says how long. On any
-//! failure the files written are removed and the VM goes on as before.
+//! the profiler's guest region, the disk's overlay (`snapshot::disk`) and the state file, then
+//! resume it if it ran before. The VM is paused for the whole write; the reply says how long. On
+//! any failure the files written are removed and the VM goes on as before.
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
