@@ -137,3 +137,17 @@ pub struct ProfilerDeviceState {
     /// Bytes of a period written but not committed.
     pub staged_period: [u8; 8],
 }
+
+/// The virtio-blk device: its transport (status, features, queue and ring positions) and the
+/// disk geometry and features it offered, which a restored device must offer alike. (Its
+/// configuration space follows from the capacity; the disk's data is saved apart.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceState {
+    /// The transport.
+    pub transport: TransportState,
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Features offered.
+    pub device_features: u64,
+}

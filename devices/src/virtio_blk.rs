@@ -27,9 +27,12 @@
 //! (queue size − 2 segments per request), `VIRTIO_BLK_F_BLK_SIZE` (512) and
 //! `VIRTIO_BLK_F_FLUSH`; no event index, no multiqueue, no discard.
 pub mod disk;
+pub mod layer;
 pub mod map;
 pub mod request;
 pub mod test_driver;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -193,6 +196,11 @@ impl VirtioBlk {
         &self.disk
     }
 
+    /// Whether reads of whole base pages are mapped (`map=on`).
+    pub fn maps(&self) -> bool {
+        self.mapper.is_some()
+    }
+
     /// Processes the available chains of `queue` (at most one pass over the
     /// ring). Returns whether the driver must be interrupted.
     pub fn process_queue(&mut self, queue: &mut Queue) -> bool {
@@ -240,6 +248,50 @@ impl VirtioBlk {
         // 16..20: geometry (not offered).
         c[20..24].copy_from_slice(&512u32.to_le_bytes());
         c
+    }
+}
+
+impl VirtioMmio<VirtioBlk> {
+    /// The device's state, for a snapshot. Requests run to completion inside the notify that
+    /// started them (see "Where requests run"), so with the vCPUs out of the guest none is
+    /// half done: chains the driver made available but did not have processed yet stay in
+    /// the ring, after `next_avail`, and are processed on the next notify.
+    pub fn blk_state(&self) -> crate::state::BlockDeviceState {
+        crate::state::BlockDeviceState {
+            transport: self.transport_state(),
+            capacity_sectors: self.backend().disk.capacity() / SECTOR_SIZE,
+            device_features: self.backend().device_features(),
+        }
+    }
+
+    /// Loads a saved state into this (new) device. Its disk must have the saved capacity and
+    /// the device offer the saved features.
+    pub fn restore_blk(
+        &mut self,
+        state: &crate::state::BlockDeviceState,
+    ) -> Result<(), crate::state::StateError> {
+        const DEVICE: &str = "virtio-blk";
+        let sectors = self.backend().disk.capacity() / SECTOR_SIZE;
+        if state.capacity_sectors != sectors {
+            return Err(crate::state::StateError::new(
+                DEVICE,
+                format!(
+                    "the saved disk has {} sectors, this one {sectors}",
+                    state.capacity_sectors
+                ),
+            ));
+        }
+        if state.device_features != self.backend().device_features() {
+            return Err(crate::state::StateError::new(
+                DEVICE,
+                format!(
+                    "saved features {:#x}, this device offers {:#x}",
+                    state.device_features,
+                    self.backend().device_features()
+                ),
+            ));
+        }
+        self.restore_transport(DEVICE, &state.transport)
     }
 }
 

@@ -216,6 +216,8 @@ if [[ ! -f $L1/l1.cpio ]]; then
   overlay study ""
   # The stock kernel's /init reports brand, RTC and i8042.
   overlay stock "$HERE/l2-stock-init"
+  # A template and clones of it with a copy-on-write disk (test_snapdisk).
+  overlay snapdisk "$HERE/l2-snapdisk-init"
   # Power off: an /init that only runs `poweroff -f` (without ACPI Linux then
   # halts every CPU with interrupts off).
   printf '#!/bin/sh\necho MIRRORBALL-POWEROFF\npoweroff -f\n' >"$x/poweroff-init"

@@ -53,8 +53,8 @@ pub struct LegacyDevices {
     pub rtc: Arc<Mutex<Rtc>>,
     /// The profiler device, if the VM has one (for snapshots).
     pub profiler: Option<Arc<Mutex<ProfilerDevice>>>,
-    /// Whether the VM has a disk (not snapshotted yet).
-    pub has_disk: bool,
+    /// The copy-on-write disk, if the VM has one (for snapshots).
+    pub disk: Option<Arc<Mutex<mirrorball_devices::virtio_blk::VirtioBlkDevice>>>,
     /// Watches the console output for `--snapshot-on`'s text.
     pub serial_watch: Arc<SerialWatch>,
 }
@@ -88,21 +88,19 @@ impl LegacyDevices {
             i8042,
             rtc,
             profiler: None,
-            has_disk: false,
+            disk: None,
             serial_watch,
         })
     }
 
     /// Every device's state, for a snapshot (the vCPUs parked, so no exit holds a device).
     pub fn state(&self) -> Result<crate::snapshot::state::DeviceStates, String> {
-        if self.has_disk {
-            return Err("VMs with a --disk cannot be snapshotted yet".into());
-        }
         Ok(crate::snapshot::state::DeviceStates {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
             rtc: lock(&self.rtc).state(),
             profiler: self.profiler.as_ref().map(|p| lock(p).state()),
+            blk: self.disk.as_ref().map(|d| lock(d).blk_state()),
         })
     }
 
@@ -117,6 +115,14 @@ impl LegacyDevices {
         lock(&self.rtc)
             .restore(&saved.rtc)
             .map_err(|e| e.to_string())?;
+        match (&self.disk, &saved.blk) {
+            (Some(device), Some(state)) => {
+                lock(device).restore_blk(state).map_err(|e| e.to_string())?
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err("the snapshot's VM had no disk".into()),
+            (None, Some(_)) => return Err("the snapshot's VM had a disk, this one has none".into()),
+        }
         match (&self.profiler, &saved.profiler) {
             (Some(device), Some(state)) => lock(device).restore(state).map_err(|e| e.to_string()),
             (None, None) => Ok(()),
@@ -172,7 +178,13 @@ pub fn add_disk_device(
     mem: &vm_memory::GuestMemoryMmap,
     vm_name: &str,
     mapped: Option<Arc<mirrorball_devices::virtio_blk::map::MappedPages>>,
-) -> Result<Arc<mirrorball_devices::virtio_blk::DiskMetrics>, DeviceError> {
+) -> Result<
+    (
+        Arc<mirrorball_devices::virtio_blk::DiskMetrics>,
+        Arc<Mutex<mirrorball_devices::virtio_blk::VirtioBlkDevice>>,
+    ),
+    DeviceError,
+> {
     use mirrorball_devices::virtio_blk::{
         disk::CowDisk, map::BaseMapper, VirtioBlk, VirtioBlkDevice,
     };
@@ -180,16 +192,20 @@ pub fn add_disk_device(
     vm.fd()
         .register_irqfd(irq.event_fd(), window.gsi)
         .map_err(DeviceError::Irqfd)?;
-    let disk = CowDisk::new(spec.base.clone(), &spec.overlay_for(vm_name))?;
+    let overlay = spec.overlay_for(vm_name);
+    let disk = match &spec.layer {
+        Some(layer) => CowDisk::layered(spec.base.clone(), layer.clone(), &overlay)?,
+        None => CowDisk::new(spec.base.clone(), &overlay)?,
+    };
     let mut blk = VirtioBlk::new(disk, mem.clone(), &format!("mirrorball-{vm_name}"));
     if let Some(pages) = mapped {
         let mapper = BaseMapper::new(mem.clone(), spec.base.clone(), spec.map_budget(), pages);
         blk = blk.with_mapper(mapper);
     }
     let metrics = blk.metrics();
-    let device = VirtioBlkDevice::new(blk, irq);
-    mmio.insert(window.base, window.len, Arc::new(Mutex::new(device)))?;
-    Ok(metrics)
+    let device = Arc::new(Mutex::new(VirtioBlkDevice::new(blk, irq)));
+    mmio.insert(window.base, window.len, device.clone())?;
+    Ok((metrics, device))
 }
 
 /// Routes port and MMIO exits to two buses. Unmapped accesses are counted by the buses;

@@ -12,6 +12,11 @@
 //! that only this VM uses (created `O_EXCL|O_NOFOLLOW`, mode 0600; block `n`
 //! at offset `n * BLOCK_SIZE`).
 //!
+//! A disk restored from a snapshot has a third layer between the two: the snapshot's overlay,
+//! read-only and shared by every clone ([`super::layer::SnapshotLayer`]). Reads look in the
+//! VM's own overlay, then in that layer, then in the base; a first write copies the block from
+//! the layer if it holds it, else from the base.
+//!
 //! Offsets and lengths given to [`CowDisk::read`] and [`CowDisk::write`] must
 //! lie inside the disk (the request layer checks the guest's sector numbers
 //! before calling); out-of-range calls fail with `InvalidInput` and touch
@@ -22,6 +27,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use super::layer::SnapshotLayer;
 
 /// Granularity of the overlay: the unit copied from the base on a first
 /// write and tracked by one bitmap bit.
@@ -59,6 +66,14 @@ pub enum DiskError {
         path: PathBuf,
         /// The cause.
         source: io::Error,
+    },
+    /// A snapshot layer taken from a disk of another size.
+    #[error("the snapshot's overlay is for a {layer}-byte disk, the base image has {base} bytes")]
+    LayerSize {
+        /// The layer's disk size.
+        layer: u64,
+        /// The base image's size.
+        base: u64,
     },
 }
 
@@ -156,6 +171,8 @@ enum OverlayStore {
 #[derive(Debug)]
 pub struct CowDisk {
     base: Arc<BaseImage>,
+    /// A snapshot's overlay, between the base and this VM's overlay.
+    layer: Option<Arc<SnapshotLayer>>,
     store: OverlayStore,
     /// One bit per block: set when the block lives in the overlay.
     bitmap: Vec<u64>,
@@ -199,10 +216,45 @@ impl CowDisk {
         let words = usize::try_from(blocks.div_ceil(64)).unwrap_or(usize::MAX);
         Ok(Self {
             base,
+            layer: None,
             store,
             bitmap: vec![0; words],
             overlay_blocks: 0,
         })
+    }
+
+    /// A disk over `base` with `layer` (a snapshot's overlay) above it and a fresh, empty
+    /// overlay on top.
+    pub fn layered(
+        base: Arc<BaseImage>,
+        layer: Arc<SnapshotLayer>,
+        overlay: &OverlaySpec,
+    ) -> Result<Self, DiskError> {
+        if layer.capacity() != base.len() {
+            return Err(DiskError::LayerSize {
+                layer: layer.capacity(),
+                base: base.len(),
+            });
+        }
+        let mut disk = Self::new(base, overlay)?;
+        disk.layer = Some(layer);
+        Ok(disk)
+    }
+
+    /// The snapshot layer, if the disk was restored over one.
+    pub fn layer(&self) -> Option<&Arc<SnapshotLayer>> {
+        self.layer.as_ref()
+    }
+
+    /// Whether block `block` is read from the base image (neither this VM's overlay nor a
+    /// snapshot layer holds it).
+    pub fn from_base(&self, block: u64) -> bool {
+        !self.in_overlay(block) && !self.layer.as_ref().is_some_and(|l| l.holds(block))
+    }
+
+    /// Every block held above the base (in this VM's overlay or the snapshot layer), ascending.
+    pub fn held_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.capacity().div_ceil(BLOCK_SIZE)).filter(|&b| !self.from_base(b))
     }
 
     /// The base image.
@@ -266,10 +318,15 @@ impl CowDisk {
                 let to = from + fits(stop - pos);
                 self.read_overlay(block, pos, &mut buf[from..to])?;
                 pos = stop;
+            } else if let Some(layer) = self.layer.as_ref().filter(|l| l.holds(block)) {
+                let stop = ((block + 1) * BLOCK_SIZE).min(end);
+                let to = from + fits(stop - pos);
+                layer.read_at(&mut buf[from..to], pos)?;
+                pos = stop;
             } else {
                 // One base read for the whole run of untouched blocks.
                 let mut next = block + 1;
-                while next * BLOCK_SIZE < end && !self.in_overlay(next) {
+                while next * BLOCK_SIZE < end && self.from_base(next) {
                     next += 1;
                 }
                 let stop = (next * BLOCK_SIZE).min(end);
@@ -329,7 +386,10 @@ impl CowDisk {
         } else {
             let mut buf = vec![0u8; block_len];
             if !whole {
-                self.base.read_at(&mut buf, block_start)?;
+                match self.layer.as_ref().filter(|l| l.holds(block)) {
+                    Some(layer) => layer.read_at(&mut buf, block_start)?,
+                    None => self.base.read_at(&mut buf, block_start)?,
+                }
             }
             buf.get_mut(at..at + part.len())
                 .ok_or_else(|| invalid("overlay block range"))?

@@ -211,10 +211,10 @@ fn read_into<M: GuestMemory>(
         let mut at = s.addr.0;
         while at < end {
             // A run of whole pages, aligned in the guest and on the disk, that the overlay
-            // does not hold: mapped if the mapper can.
+            // does not hold (nor a snapshot layer under it): mapped if the mapper can.
             let mut run = 0;
             if at.is_multiple_of(PAGE_SIZE) && pos.is_multiple_of(BLOCK_SIZE) {
-                while at + run + PAGE_SIZE <= end && !disk.in_overlay((pos + run) / BLOCK_SIZE) {
+                while at + run + PAGE_SIZE <= end && disk.from_base((pos + run) / BLOCK_SIZE) {
                     run += PAGE_SIZE;
                 }
             }

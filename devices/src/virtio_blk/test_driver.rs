@@ -261,4 +261,28 @@ impl TestDriver {
         self.request(super::request::VIRTIO_BLK_T_OUT, sector, len)
             .0
     }
+
+    /// A snapshot and restore of this driver's VM: a new driver whose guest memory is a copy
+    /// of this one's and whose device, over `disk`, gets this device's saved state (as a
+    /// restored clone's would), with the driver's ring positions carried over.
+    pub fn restored(&self, disk: CowDisk) -> Result<Self, crate::state::StateError> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            .unwrap_or_else(|e| panic!("test memory: {e}"));
+        let mut bytes = vec![0u8; MEM_SIZE];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(0))
+            .unwrap_or_else(|e| panic!("copy memory: {e}"));
+        mem.write_slice(&bytes, GuestAddress(0))
+            .unwrap_or_else(|e| panic!("copy memory: {e}"));
+        let blk = VirtioBlk::new(disk, mem.clone(), "test-disk");
+        let irq = EventFdTrigger::new().unwrap_or_else(|e| panic!("eventfd: {e}"));
+        let mut dev = VirtioBlkDevice::new(blk, irq);
+        dev.restore_blk(&self.dev.blk_state())?;
+        Ok(Self {
+            mem,
+            dev,
+            avail_idx: self.avail_idx,
+            used_seen: self.used_seen,
+        })
+    }
 }

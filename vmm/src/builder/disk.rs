@@ -8,10 +8,15 @@
 //! that already exists is refused here, before any VM starts. With `map=on`, reads of whole base
 //! pages are mapped into guest memory instead of copied (`mirrorball_devices::virtio_blk::map`),
 //! each VM within its share of the process's mapping budget.
+//!
+//! A VM restored from a snapshot of a disk VM gets a [`DiskSpec::restored`]: the snapshot's
+//! base, the snapshot's overlay as a shared read-only layer, and an overlay of its own in memory
+//! (see `snapshot::disk`).
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use mirrorball_devices::virtio_blk::disk::{BaseImage, OverlaySpec};
+use mirrorball_devices::virtio_blk::layer::SnapshotLayer;
 
 /// One `--disk` option.
 #[derive(Clone, Debug)]
@@ -26,6 +31,8 @@ pub struct DiskSpec {
     pub map: bool,
     /// VMs of the process that map base pages (each gets its share of the mapping budget).
     pub map_vms: usize,
+    /// A snapshot's overlay between the base and each VM's own overlay (restored VMs).
+    pub layer: Option<Arc<SnapshotLayer>>,
 }
 
 impl DiskSpec {
@@ -63,7 +70,21 @@ impl DiskSpec {
             per_vm,
             map: map.unwrap_or(false),
             map_vms: 1,
+            layer: None,
         })
+    }
+
+    /// The disk of VMs restored from a snapshot: `base`, the snapshot's `layer` above it and
+    /// each VM's overlay in memory.
+    pub fn restored(base: Arc<BaseImage>, layer: Arc<SnapshotLayer>, map: bool) -> Self {
+        Self {
+            base,
+            overlay: None,
+            per_vm: false,
+            map,
+            map_vms: 1,
+            layer: Some(layer),
+        }
     }
 
     /// Mappings of base pages each VM may make (see

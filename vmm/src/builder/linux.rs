@@ -257,7 +257,8 @@ pub(super) fn assemble(
     let (console_out, console) = resources.console.open()?;
     let mut devices = LegacyDevices::new(&vm, console_out, mmio)?;
     devices.profiler = profiler.as_ref().map(|p| p.3.clone());
-    devices.has_disk = disk.is_some();
+    let (disk, disk_device) = disk.unzip();
+    devices.disk = disk_device;
     let exits = devices.exit_handler()?;
     let control = Arc::new(VmControl::new(config.vcpus).map_err(BuildError::EventFd)?);
     let mut vcpus = Vec::with_capacity(config.vcpus);

@@ -25,7 +25,8 @@
 //!
 //! `disk` (per VM or in `[defaults]`, Linux VMs only) takes what `--disk` takes; every VM gets
 //! an overlay of its own (in memory, or `PATH.NAME` with `overlay=PATH`), and VMs naming one base
-//! image share it.
+//! image share it. A restored VM's disk is its snapshot's (base image, the snapshot's overlay
+//! as a shared layer, an overlay of its own in memory), so `disk` does not go with `restore`.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! Taking a snapshot of a running VM: pause it (if it runs), have each parked vCPU thread read
 //! its own state, read the VM-wide KVM state and the devices' (Linux guests), write the memory,
-//! the profiler's guest region and the state file, then resume it if it ran before. The VM is paused for the whole write; the reply says how long. On any
-//! failure the files written are removed and the VM goes on as before.
+//! the profiler's guest region, the disk's overlay (`snapshot::disk`) and the state file, then
+//! resume it if it ran before. The VM is paused for the whole write; the reply says how long. On
+//! any failure the files written are removed and the VM goes on as before.
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,11 +24,6 @@ type Slot = Arc<Mutex<Option<Result<VcpuState, String>>>>;
 impl RunningVm {
     /// Writes a snapshot of the VM into `dir`; returns figures for the reply.
     pub fn snapshot_to(&mut self, dir: &Path) -> Result<serde_json::Value, String> {
-        if let Guest::Linux { devices, .. } = &self.guest {
-            if devices.has_disk {
-                return Err("VMs with a --disk cannot be snapshotted yet".into());
-            }
-        }
         if !dir.is_absolute() {
             return Err(format!(
                 "snapshot directory {} is not absolute",
@@ -92,6 +88,7 @@ impl RunningVm {
             Some((boot, machine, devices)) => (Some(boot), Some(machine), Some(devices)),
             None => (None, None, None),
         };
+        let disk = self.save_disk(dir)?;
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open KVM: {e}"))?;
         let state = SnapshotState {
             format: FORMAT.into(),
@@ -122,6 +119,7 @@ impl RunningVm {
             linux,
             machine,
             devices,
+            disk,
         };
         let state_bytes = snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
         Ok(serde_json::json!({
@@ -153,6 +151,24 @@ impl RunningVm {
         };
         let machine = machine::capture(self.vm.fd())?;
         Ok(Some((boot, machine, devices.state()?)))
+    }
+
+    /// Saves a Linux guest's disk overlay into `dir` (the vCPUs parked: no request runs, see
+    /// `VirtioMmio::<VirtioBlk>::blk_state`).
+    fn save_disk(&self, dir: &Path) -> Result<Option<snapshot::disk::DiskSnapshot>, String> {
+        let Guest::Linux {
+            devices:
+                crate::devices::LegacyDevices {
+                    disk: Some(device), ..
+                },
+            ..
+        } = &self.guest
+        else {
+            return Ok(None);
+        };
+        let device = device.lock().unwrap_or_else(|p| p.into_inner());
+        let blk = device.backend();
+        snapshot::disk::save(dir, blk.disk(), blk.maps()).map(Some)
     }
 
     /// Has every parked vCPU thread read its own state.

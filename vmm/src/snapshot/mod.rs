@@ -10,8 +10,10 @@
 //! (`session/snapshot.rs`): pause, capture each vCPU on its own parked thread, write, resume.
 //!
 //! Both guests are supported: the OS-less workload (task progress) and Linux (the in-kernel
-//! interrupt chips, PIT and clock in [`machine`], the devices' state). Linux VMs with a disk are
-//! refused with a clear error.
+//! interrupt chips, PIT and clock in [`machine`], the devices' state), with or without a
+//! copy-on-write disk ([`disk`]: `disk-overlay.bin` holds the disk's written blocks; clones
+//! read it as a shared layer under a private overlay each).
+pub mod disk;
 pub mod machine;
 pub mod memory;
 pub mod restore;
@@ -95,6 +97,16 @@ pub fn create_file(dir: &Path, name: &str) -> Result<File, SnapshotError> {
 pub fn write_state(dir: &Path, state: &state::SnapshotState) -> Result<u64, SnapshotError> {
     let bytes = serde_json::to_vec_pretty(state)
         .map_err(|e| SnapshotError::new(dir, format!("cannot encode the state: {e}")))?;
+    if bytes.len() as u64 > state::MAX_STATE_BYTES {
+        return Err(SnapshotError::new(
+            dir,
+            format!(
+                "the state is {} bytes, more than a restore reads ({})",
+                bytes.len(),
+                state::MAX_STATE_BYTES
+            ),
+        ));
+    }
     let io = |e: std::io::Error| SnapshotError::new(dir, e.to_string());
     let mut f = create_file(dir, STATE_FILE)?;
     f.write_all(&bytes)
@@ -109,7 +121,13 @@ pub fn write_state(dir: &Path, state: &state::SnapshotState) -> Result<u64, Snap
 
 /// Removes what a failed snapshot left in `dir` (only the files a snapshot writes).
 pub fn remove_partial(dir: &Path) {
-    for name in [CHECKSUM_FILE, STATE_FILE, MEMORY_FILE, GUEST_REGION_FILE] {
+    for name in [
+        CHECKSUM_FILE,
+        STATE_FILE,
+        MEMORY_FILE,
+        GUEST_REGION_FILE,
+        disk::DISK_OVERLAY_FILE,
+    ] {
         let _ = std::fs::remove_file(dir.join(name));
     }
 }

@@ -2,7 +2,9 @@
 //! format, version, host, memory file and its checksum), [`launch`] builds and starts N VMs whose
 //! RAM is a copy-on-write clone of `memory.bin` (the template mechanism of `vstate::memory`),
 //! each with its own name, profiler regions and console, and writes the saved vCPU and device
-//! state into each before its vCPUs first run.
+//! state into each before its vCPUs first run. A disk VM's clones read the snapshot's base image
+//! (refused if missing or changed) through the snapshot's overlay, a layer all clones share
+//! read-only, under an overlay of their own in memory (`super::disk`).
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -65,7 +67,9 @@ fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, SnapshotErr
 /// The guest configuration a state file describes, for the snapshot in `dir`. A Linux guest's
 /// kernel and initramfs are already in the snapshot's memory: its configuration names the
 /// memory file as its "kernel" (nothing is loaded from it; the clones' template key and the
-/// check that the file exists use it), so a restore needs neither of the original files.
+/// check that the file exists use it), so a restore needs neither of the original files. Its
+/// disk's base image and the snapshot's overlay are opened and checked here, before a restore
+/// creates anything.
 pub fn config_of(state: &SnapshotState, dir: &Path) -> Result<GuestConfig, String> {
     if let Some(linux) = &state.linux {
         let config = GuestConfig::Linux(LinuxConfig {
@@ -75,7 +79,11 @@ pub fn config_of(state: &SnapshotState, dir: &Path) -> Result<GuestConfig, Strin
             mem_bytes: state.vm.mem_bytes,
             vcpus: state.vm.vcpus,
             profile_period: state.vm.profile_period_ns.map(Duration::from_nanos),
-            disk: None,
+            disk: state
+                .disk
+                .as_ref()
+                .map(|d| super::disk::spec(dir, d))
+                .transpose()?,
         });
         config.check().map_err(|e| e.to_string())?;
         return Ok(config);
@@ -256,6 +264,23 @@ pub fn apply(loaded: &Loaded, built: &mut BuiltVm) -> Result<(), String> {
     Ok(())
 }
 
+/// `config` with its disk's share of the mapping budget (`map=on`) set for the VMs of `plan`
+/// (as many as the plan's own configuration says, at least the plan's VMs).
+fn with_map_share(config: &GuestConfig, plan: &FleetPlan) -> GuestConfig {
+    let mut config = config.clone();
+    let planned = plan.vms.first().and_then(|vm| match &vm.config {
+        GuestConfig::Linux(l) => l.disk.as_ref().map(|d| d.map_vms),
+        GuestConfig::Workload(_) => None,
+    });
+    if let GuestConfig::Linux(LinuxConfig {
+        disk: Some(disk), ..
+    }) = &mut config
+    {
+        disk.map_vms = planned.unwrap_or(1).max(plan.vms.len());
+    }
+    config
+}
+
 /// A clone started, or why it could not be.
 pub type Started = Result<RunningVm, (String, RunError)>;
 
@@ -270,6 +295,7 @@ pub fn launch(
     host: &Arc<HostContext>,
     attribution: AttributionMode,
 ) -> Result<Vec<Started>, SnapshotError> {
+    let config = with_map_share(&loaded.config, plan);
     let built: Vec<_> = plan
         .vms
         .iter()
@@ -277,7 +303,7 @@ pub fn launch(
         .map(|(vm, console)| {
             let fail = |e: String| (vm.name.clone(), RunError::Build(e));
             let mut b = builder::build(
-                &loaded.config,
+                &config,
                 VmResources {
                     name: vm.name.clone(),
                     memory: MemorySource::Template(loaded.shared.clone()),

@@ -3,18 +3,25 @@
 //! state, the VM-wide KVM state and the devices' state of a Linux guest (the workload guest's
 //! task progress; the profiler's guest region, in its own file) and the memory file's figures.
 //! Parsing is pure and bounded, for fuzzing. Version 2 added Linux guests (version 1 files are
-//! refused: their vCPU state lacks XSAVE, debug registers and most MSRs).
+//! refused: their vCPU state lacks XSAVE, debug registers and most MSRs). Version 3 added the
+//! copy-on-write disk (`disk`, `devices.blk`); version 2 files, which have neither, are read
+//! as before.
 use serde::{Deserialize, Serialize};
 
+use super::disk::{self, DiskSnapshot};
 use super::machine::{self, MachineState};
 use super::vcpu::{self, VcpuState};
 use crate::workload::TaskProgress;
-use mirrorball_devices::state::{I8042State, ProfilerDeviceState, RtcState, SerialState};
+use mirrorball_devices::state::{
+    BlockDeviceState, I8042State, ProfilerDeviceState, RtcState, SerialState,
+};
 
 /// `format` of every state file.
 pub const FORMAT: &str = "mirrorball-snapshot";
-/// Version this VMM writes and reads.
-pub const VERSION: u32 = 2;
+/// Version this VMM writes.
+pub const VERSION: u32 = 3;
+/// Oldest version this VMM reads.
+pub const OLDEST_VERSION: u32 = 2;
 /// Largest state file read.
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 /// Most vCPUs a state file may describe.
@@ -57,6 +64,9 @@ pub struct SnapshotState {
     /// A Linux guest's devices.
     #[serde(default)]
     pub devices: Option<DeviceStates>,
+    /// A Linux guest's copy-on-write disk: its base image and overlay (version 3).
+    #[serde(default)]
+    pub disk: Option<DiskSnapshot>,
 }
 
 /// What a Linux guest was booted with (its memory holds the kernel and initramfs already).
@@ -85,6 +95,9 @@ pub struct DeviceStates {
     /// The profiler device, if the VM has one.
     #[serde(default)]
     pub profiler: Option<ProfilerDeviceState>,
+    /// The virtio-blk device, if the VM has a disk (version 3).
+    #[serde(default)]
+    pub blk: Option<BlockDeviceState>,
 }
 
 /// What is needed to build the VM again.
@@ -150,10 +163,10 @@ pub fn parse(bytes: &[u8], checksum: &str) -> Result<SnapshotState, String> {
         _ => return Err("state.json is not a Mirrorball snapshot".into()),
     }
     match value.get("version").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) if (u64::from(OLDEST_VERSION)..=u64::from(VERSION)).contains(&v) => {}
         Some(v) => {
             return Err(format!(
-                "snapshot version {v}; this vmm reads version {VERSION}"
+                "snapshot version {v}; this vmm reads versions {OLDEST_VERSION} to {VERSION}"
             ))
         }
         None => return Err("state.json has no version".into()),
@@ -172,11 +185,18 @@ fn check(state: &SnapshotState) -> Result<(), String> {
         &state.machine,
         &state.devices,
     ) {
-        ("workload", None, None, None) => {}
-        ("linux", Some(linux), Some(m), Some(_)) => {
+        ("workload", None, None, None) if state.disk.is_none() => {}
+        ("linux", Some(linux), Some(m), Some(devices)) => {
             machine::validate(m)?;
             if linux.cmdline.len() > 64 << 10 {
                 return Err("state.json: the command line is too long".into());
+            }
+            match (&state.disk, &devices.blk) {
+                (Some(d), Some(_)) => disk::validate(d)?,
+                (None, None) => {}
+                _ => {
+                    return Err("state.json: the disk and the virtio-blk device go together".into())
+                }
             }
         }
         ("linux", ..) => {
@@ -227,7 +247,10 @@ mod tests {
         assert!(e.contains("checksum"), "{e}");
         let text = br#"{"format":"mirrorball-snapshot","version":1}"#;
         let e = parse(text, &checksum_line(text)).expect_err("old version");
-        assert_eq!(e, "snapshot version 1; this vmm reads version 2");
+        assert_eq!(e, "snapshot version 1; this vmm reads versions 2 to 3");
+        let text = br#"{"format":"mirrorball-snapshot","version":4}"#;
+        let e = parse(text, &checksum_line(text)).expect_err("newer version");
+        assert_eq!(e, "snapshot version 4; this vmm reads versions 2 to 3");
         let text = br#"{"format":"x","version":2}"#;
         assert!(parse(text, &checksum_line(text)).is_err());
         let text = b"{\"format\":\"mirrorball-snap";
