@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, run_vmm, temp_file, text};
+use common::{
+    assert_one_line_error, kvm_available, read_json, run_vmm, temp_file, text, wait_watching,
+};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 /// One budgeted vmm at a time: they share the CPU and the swap device.
@@ -19,21 +21,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const PRESSURE: &str = "work 64 R 300000";
 
 fn budget_possible(test: &str) -> bool {
-    if !kvm_available(test) {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
     let memcg = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
         || std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
             .is_ok_and(|c| c.contains("memory"));
-    if root && memcg {
-        return true;
-    }
-    let why = format!("{test}: skipped: needs root and a cgroup memory controller");
-    assert!(std::env::var_os("CI").is_none(), "{why} (CI=1)");
-    eprintln!("{why}");
-    false
+    common::root_and(test, "a cgroup memory controller", memcg)
 }
 
 /// What a process `pid` left behind: its cgroup directory, its swap file, active or not.
@@ -60,10 +51,6 @@ fn leftovers(pid: u32) -> Vec<String> {
     left
 }
 
-fn stats(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("stats")).expect("stats json")
-}
-
 #[test]
 fn bad_budgets_are_one_line_with_their_exit_code() {
     for (args, code, words) in [
@@ -84,14 +71,7 @@ fn bad_budgets_are_one_line_with_their_exit_code() {
             &["--swap none", "do not fit"],
         ),
     ] {
-        let out = run_vmm(args, Duration::from_secs(30));
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: one line expected: {stderr}");
-        for w in words {
-            assert!(lines[0].contains(w), "{args:?}: {w:?} missing: {stderr}");
-        }
+        assert_one_line_error(args, code, words);
     }
 }
 
@@ -112,7 +92,7 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
         DEADLINE,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let reference = stats(&free)["tasks"][0]["checksum"].clone();
+    let reference = read_json(&free)["tasks"][0]["checksum"].clone();
 
     let budget: u64 = 80 << 20;
     let capped = temp_file("budget", "capped.json", b"");
@@ -129,12 +109,7 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
     let pid = child.id();
     let usage_file = format!("/sys/fs/cgroup/memory/mirrorball-{pid}/memory.usage_in_bytes");
     let (mut samples, mut highest) = (0, 0u64);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(start.elapsed() < DEADLINE, "vmm did not finish");
+    let (status, stderr) = wait_watching(&mut child, DEADLINE, "budgeted run", || {
         if let Some(u) = std::fs::read_to_string(&usage_file)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
@@ -142,19 +117,9 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
             samples += 1;
             highest = highest.max(u);
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = child
-        .stderr
-        .take()
-        .map(|mut s| {
-            let mut t = String::new();
-            let _ = std::io::Read::read_to_string(&mut s, &mut t);
-            t
-        })
-        .unwrap_or_default();
+    });
     assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
-    let s = stats(&capped);
+    let s = read_json(&capped);
     let task = &s["tasks"][0];
     assert_eq!(
         task["checksum"], reference,
@@ -340,9 +305,7 @@ fn a_full_swap_ends_the_vms_with_exit_code_14_not_an_oom_kill() {
     let made = Command::new("mkswap").arg(&swap).output();
     if !made.is_ok_and(|o| o.status.success()) {
         let _ = std::fs::remove_file(&swap);
-        assert!(std::env::var_os("CI").is_none(), "mkswap is missing (CI=1)");
-        eprintln!("skipped: no mkswap");
-        return;
+        return common::skip_or_fail("a_full_swap_ends_the_vms_with_exit_code_14", "no mkswap");
     }
     // Turned off and deleted however the test ends (a VMM killed by a signal leaves it on).
     struct Cleanup(std::path::PathBuf);
