@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, text, tiny_elf};
+use common::{kvm_available, reference_linux, run_vmm, skip_or_fail, text, tiny_elf};
 use mirrorball_workload::{AccessStream, Pattern, TaskParams, PAGE_BYTES};
 use serde_json::Value;
 use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
@@ -451,24 +451,9 @@ fn bad_fleets_are_refused_before_anything_starts() {
 
 #[test]
 fn linux_clones_boot_to_init_and_share_the_kernel() {
-    if !kvm_available("linux_clones_boot_to_init_and_share_the_kernel") {
+    let Some((kernel, initrd)) = reference_linux("linux_clones_boot_to_init_and_share_the_kernel")
+    else {
         return;
-    }
-    let (kernel, initrd) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => {
-            return skip_or_fail(
-                "linux_clones_boot_to_init_and_share_the_kernel",
-                &format!("no reference guest ({why})"),
-            )
-        }
-    };
-    // On PVM the ELF vmlinux skips the (emulated, slow) decompressor.
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if Path::new("/sys/module/kvm_pvm").exists() && vmlinux.exists() {
-        vmlinux
-    } else {
-        kernel
     };
     let dir = scratch("fleet-linux");
     let stats_path = dir.join("stats.json");
