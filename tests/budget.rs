@@ -6,12 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_one_line_error, kvm_available, read_json, run_vmm, temp_file, text, wait_watching,
+    assert_one_line_error, kvm_available, read_json, run_vmm, sigterm, spawn_vmm, temp_file, text,
+    wait_watching,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -96,16 +97,17 @@ fn a_vm_under_pressure_finishes_correctly_within_the_budget() {
 
     let budget: u64 = 80 << 20;
     let capped = temp_file("budget", "capped.json", b"");
-    let mut child = Command::new(common::vmm_bin())
-        // The default configuration, profiler on (it used to be killed by SIGSEGV in about
-        // one run in four here: see `vmm::budget::rseq`).
-        .args(["--workload", PRESSURE, "--machine-mem", "80M"])
-        .args(["--stats", capped.to_str().expect("path")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmm");
+    // The default configuration, profiler on (it used to be killed by SIGSEGV in about one
+    // run in four here: see `vmm::budget::rseq`).
+    let capped_path = capped.to_str().expect("path");
+    let mut child = spawn_vmm(&[
+        "--workload",
+        PRESSURE,
+        "--machine-mem",
+        "80M",
+        "--stats",
+        capped_path,
+    ]);
     let pid = child.id();
     let usage_file = format!("/sys/fs/cgroup/memory/mirrorball-{pid}/memory.usage_in_bytes");
     let (mut samples, mut highest) = (0, 0u64);
@@ -146,13 +148,7 @@ fn sigterm_restores_the_host() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(common::vmm_bin())
-        .args(["--workload", "work 64 R 50000000", "--machine-mem", "88M"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("vmm");
+    let mut child = spawn_vmm(&["--workload", "work 64 R 50000000", "--machine-mem", "88M"]);
     let pid = child.id();
     let start = Instant::now();
     while leftovers(pid).len() < 2 && start.elapsed() < Duration::from_secs(20) {
@@ -163,9 +159,8 @@ fn sigterm_restores_the_host() {
         "the budget's cgroup and swap appear"
     );
     std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid.cast_signed(), libc::SIGTERM) };
-    let status = child.wait().expect("wait");
+    sigterm(&child);
+    let (status, _) = wait_watching(&mut child, Duration::from_secs(30), "SIGTERM", || {});
     assert_eq!(status.code(), Some(130));
     assert_eq!(leftovers(pid), Vec::<String>::new(), "host state restored");
 }

@@ -17,7 +17,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_one_line_error, kvm_available, read_json, run_vmm, temp_file, text, wait_watching,
+    assert_one_line_error, kvm_available, read_json, run_vmm, sigterm, spawn_vmm, temp_file, text,
+    wait_watching,
 };
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -268,14 +269,14 @@ fn sigterm_ends_the_vms_and_removes_the_swap_file() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(common::vmm_bin())
-        .args(["--workload", "work 16 R 50000000", "--machine-mem", "8M"])
-        .args(["--pager", "uffd"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmm");
+    let mut child = spawn_vmm(&[
+        "--workload",
+        "work 16 R 50000000",
+        "--machine-mem",
+        "8M",
+        "--pager",
+        "uffd",
+    ]);
     let pid = child.id();
     let swap_file = PathBuf::from(format!("/var/tmp/mirrorball-uffd-swap-{pid}"));
     let start = Instant::now();
@@ -285,8 +286,7 @@ fn sigterm_ends_the_vms_and_removes_the_swap_file() {
     assert!(swap_file.exists(), "the pager's swap file appears");
     // Let it page for a moment, then end it.
     std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: sends SIGTERM to the child this test started.
-    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGTERM) };
+    sigterm(&child);
     let (status, _) = wait_watching(&mut child, Duration::from_secs(30), "SIGTERM", || {});
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(!swap_file.exists(), "the swap file is removed on SIGTERM");

@@ -39,6 +39,25 @@ pub fn run_vmm(args: &[&str], deadline: Duration) -> Output {
     }
 }
 
+/// Starts `vmm args` in the background: no stdin, stdout discarded, stderr piped (for
+/// [`wait_watching`]).
+pub fn spawn_vmm(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning vmm")
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: signals a child this test started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
 /// Waits for `child` to end, calling `watch` about every 10 ms meanwhile (to sample what the
 /// running `vmm` holds); kills it and panics, naming `what`, when it runs past `deadline`.
 /// Returns its exit status and its stderr (empty unless piped).
