@@ -128,19 +128,19 @@ impl DiskBoot {
 
 #[test]
 fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
-    let Some(DiskBoot {
+    let Some(disk) = DiskBoot::prepare(
+        "reference_kernel_mounts_a_read_only_root_from_the_cow_disk",
+        ext2_image,
+    ) else {
+        return;
+    };
+    let DiskBoot {
         kernel,
         stats,
         dir,
         image,
         before,
-    }) = DiskBoot::prepare(
-        "reference_kernel_mounts_a_read_only_root_from_the_cow_disk",
-        ext2_image,
-    )
-    else {
-        return;
-    };
+    } = disk;
     let run = run_vmm_text(
         &[
             "--stats",
@@ -243,19 +243,19 @@ fn wait_for_line(path: &Path, needle: &str, child: &mut std::process::Child) -> 
 /// then writes (a copy-on-write break under KVM) before writing it to its overlay.
 #[test]
 fn overlays_isolate_the_vms_of_a_fleet() {
-    let Some(DiskBoot {
+    let Some(disk) = DiskBoot::prepare(
+        "overlays_isolate_the_vms_of_a_fleet",
+        ext2_image_counting_mounts,
+    ) else {
+        return;
+    };
+    let DiskBoot {
         kernel,
         stats,
         dir,
         image,
         before,
-    }) = DiskBoot::prepare(
-        "overlays_isolate_the_vms_of_a_fleet",
-        ext2_image_counting_mounts,
-    )
-    else {
-        return;
-    };
+    } = disk;
     let fleet = dir.join("fleet.toml");
     std::fs::write(
         &fleet,
