@@ -91,56 +91,33 @@ fn ext2_image(dir: &Path) -> Result<PathBuf, String> {
     Ok(image)
 }
 
-/// What a Linux test of the disk needs: the kernel, a stats path in a scratch directory, the
-/// base image made there and its bytes before the run.
-struct DiskBoot {
-    kernel: PathBuf,
-    stats: PathBuf,
-    dir: PathBuf,
-    image: PathBuf,
-    before: Vec<u8>,
-}
-
-impl DiskBoot {
-    /// `None` after skipping (or failing, under CI) `test` when the kernel or the image cannot
-    /// be had; `make_image` makes the base image in the scratch directory.
-    fn prepare(test: &str, make_image: fn(&Path) -> Result<PathBuf, String>) -> Option<Self> {
-        let (kernel, _) = reference_linux(test)?;
-        let stats = temp_file(test, "stats.json", b"");
-        let dir = stats.parent().expect("dir").to_path_buf();
-        let image = match make_image(&dir) {
-            Ok(image) => image,
-            Err(why) => {
-                skip_or_fail(test, &why);
-                return None;
-            }
-        };
-        let before = std::fs::read(&image).expect("read image");
-        Some(Self {
-            kernel,
-            stats,
-            dir,
-            image,
-            before,
-        })
-    }
+/// What a Linux test of the disk needs: (kernel, a stats path in a scratch directory, that
+/// directory, the base image `make_image` made there, its bytes before the run); `None` after
+/// skipping (or failing, under CI) `test` when the kernel or the image cannot be had.
+fn prepare_disk_boot(
+    test: &str,
+    make_image: fn(&Path) -> Result<PathBuf, String>,
+) -> Option<(PathBuf, PathBuf, PathBuf, PathBuf, Vec<u8>)> {
+    let (kernel, _) = reference_linux(test)?;
+    let stats = temp_file(test, "stats.json", b"");
+    let dir = stats.parent().expect("dir").to_path_buf();
+    let image = match make_image(&dir) {
+        Ok(image) => image,
+        Err(why) => {
+            skip_or_fail(test, &why);
+            return None;
+        }
+    };
+    let before = std::fs::read(&image).expect("read image");
+    Some((kernel, stats, dir, image, before))
 }
 
 #[test]
 fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
-    let Some(disk) = DiskBoot::prepare(
-        "reference_kernel_mounts_a_read_only_root_from_the_cow_disk",
-        ext2_image,
-    ) else {
+    let test = "reference_kernel_mounts_a_read_only_root_from_the_cow_disk";
+    let Some((kernel, stats, dir, image, before)) = prepare_disk_boot(test, ext2_image) else {
         return;
     };
-    let DiskBoot {
-        kernel,
-        stats,
-        dir,
-        image,
-        before,
-    } = disk;
     let run = run_vmm_text(
         &[
             "--stats",
@@ -243,19 +220,12 @@ fn wait_for_line(path: &Path, needle: &str, child: &mut std::process::Child) -> 
 /// then writes (a copy-on-write break under KVM) before writing it to its overlay.
 #[test]
 fn overlays_isolate_the_vms_of_a_fleet() {
-    let Some(disk) = DiskBoot::prepare(
-        "overlays_isolate_the_vms_of_a_fleet",
-        ext2_image_counting_mounts,
-    ) else {
+    let test = "overlays_isolate_the_vms_of_a_fleet";
+    let Some((kernel, stats, dir, image, before)) =
+        prepare_disk_boot(test, ext2_image_counting_mounts)
+    else {
         return;
     };
-    let DiskBoot {
-        kernel,
-        stats,
-        dir,
-        image,
-        before,
-    } = disk;
     let fleet = dir.join("fleet.toml");
     std::fs::write(
         &fleet,

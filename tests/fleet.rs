@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use mirrorball_workload::{AccessStream, Pattern, TaskParams, PAGE_BYTES};
 use serde_json::Value;
 use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
 use vmm::host::HostContext;
-use vmm::session::{self, SessionOptions};
 use vmm::workload::{data_set_byte, layout, TaskMode, TaskSpec};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -176,17 +174,7 @@ fn run_clone(
     .expect("build");
     let anon_at_end = Mutex::new(0);
     let keep = |_| *anon_at_end.lock().expect("lock") = rss_anon();
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(120)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: Some(&keep),
-        },
-    )
-    .expect("run");
+    let report = common::run_in_process(built, Duration::from_secs(120), Some(&keep));
     let anon = *anon_at_end.lock().expect("lock");
     (report, anon)
 }

@@ -131,6 +131,23 @@ pub fn root_and(test: &str, what: &str, present: bool) -> bool {
     false
 }
 
+/// Runs a VM built in this process to its end (no console input, never interrupted), ending
+/// it after `timeout`; `keep_regions` gets its profiler regions once its sampler stopped.
+pub fn run_in_process(
+    built: vmm::builder::BuiltVm,
+    timeout: Duration,
+    keep_regions: Option<&dyn Fn(std::sync::Arc<vmm::profiling::regions::ProfilerRegions>)>,
+) -> vmm::report::RunReport {
+    let interrupted = std::sync::atomic::AtomicBool::new(false);
+    let options = vmm::session::SessionOptions {
+        timeout: Some(timeout),
+        interrupted: &interrupted,
+        console_input: false,
+        keep_regions,
+    };
+    vmm::session::run(built, options).expect("run")
+}
+
 /// Guest-physical load address (and entry) of [`tiny_elf`] guests: where vmlinux loads.
 pub const TINY_GUEST_ADDR: u64 = 0x100_0000;
 
