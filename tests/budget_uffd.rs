@@ -57,6 +57,19 @@ fn task_results(s: &serde_json::Value) -> Vec<(serde_json::Value, u64, u64)> {
 fn bad_pager_arguments_are_one_line_with_their_exit_code() {
     let existing = temp_file("budget-uffd", "taken.swap", b"x");
     let existing = existing.to_str().expect("path");
+    // An 8 MiB budget for a VM that does not fit it, paging to `swap`.
+    let with_swap = |swap| {
+        vec![
+            "--machine-mem",
+            "8M",
+            "--pager",
+            "uffd",
+            "--swap",
+            swap,
+            "--workload",
+            WORK,
+        ]
+    };
     let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
         (vec!["--pager", "uffd"], 2, vec!["--machine-mem"]),
         (
@@ -79,38 +92,12 @@ fn bad_pager_arguments_are_one_line_with_their_exit_code() {
             13,
             vec!["--ksm"],
         ),
-        (
-            vec![
-                "--machine-mem",
-                "8M",
-                "--pager",
-                "uffd",
-                "--swap",
-                "none",
-                "--workload",
-                WORK,
-            ],
-            13,
-            vec!["--swap none", "do not fit"],
-        ),
+        (with_swap("none"), 13, vec!["--swap none", "do not fit"]),
     ];
     let mut cases = cases;
     if common::is_root() && kvm_available("bad_pager_arguments_are_one_line_with_their_exit_code") {
         // A swap file that exists is never reused or overwritten (O_EXCL).
-        cases.push((
-            vec![
-                "--machine-mem",
-                "8M",
-                "--pager",
-                "uffd",
-                "--swap",
-                existing,
-                "--workload",
-                WORK,
-            ],
-            13,
-            vec![existing, "exists"],
-        ));
+        cases.push((with_swap(existing), 13, vec![existing, "exists"]));
     }
     for (args, code, words) in cases {
         assert_one_line_error(&args, code, &words);
