@@ -5,7 +5,7 @@
 //! per task agree. Sampled mode's error is printed beside it (the bench measures it).
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,7 +13,6 @@ use common::{distinct_pages, kvm_available};
 use vmm::builder::workload;
 use vmm::profiling::sampler::AttributionMode;
 use vmm::report::RunReport;
-use vmm::session::{self, SessionOptions};
 use vmm::workload::TaskSpec;
 
 /// Faults every task may be off by besides the 1 %: the pages of its page bitmap and of the
@@ -43,17 +42,7 @@ fn run(specs: &[TaskSpec], vcpus: usize, mode: AttributionMode) -> RunReport {
         .as_mut()
         .expect("profiler on")
         .set_attribution(mode);
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(120)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: None,
-        },
-    )
-    .expect("run");
+    let report = common::run_in_process(built, Duration::from_secs(120), None);
     assert_eq!(report.end.kind, "workload_finished");
     report
 }

@@ -16,7 +16,10 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, run_vmm, temp_file, text};
+use common::{
+    assert_one_line_error, kvm_available, read_json, run_vmm, sigterm, spawn_vmm, temp_file, text,
+    wait_watching,
+};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 /// One paged vmm at a time: they share the CPU and the disk.
@@ -29,22 +32,8 @@ const PAGES_PER_TASK: u64 = 2048;
 const MEMCG: &str = "/sys/fs/cgroup/memory";
 
 fn paging_possible(test: &str) -> bool {
-    if !kvm_available(test) {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && Path::new(MEMCG).join("memory.stat").exists() {
-        return true;
-    }
-    let why = format!("{test}: skipped: needs root and a cgroup v1 memory controller");
-    assert!(std::env::var_os("CI").is_none(), "{why} (CI=1)");
-    eprintln!("{why}");
-    false
-}
-
-fn stats(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("stats")).expect("stats json")
+    let memcg = Path::new(MEMCG).join("memory.stat").exists();
+    common::root_and(test, "a cgroup v1 memory controller", memcg)
 }
 
 /// (checksum, guest minor faults, host major faults) of every task of every VM.
@@ -68,6 +57,19 @@ fn task_results(s: &serde_json::Value) -> Vec<(serde_json::Value, u64, u64)> {
 fn bad_pager_arguments_are_one_line_with_their_exit_code() {
     let existing = temp_file("budget-uffd", "taken.swap", b"x");
     let existing = existing.to_str().expect("path");
+    // An 8 MiB budget for a VM that does not fit it, paging to `swap`.
+    let with_swap = |swap| {
+        vec![
+            "--machine-mem",
+            "8M",
+            "--pager",
+            "uffd",
+            "--swap",
+            swap,
+            "--workload",
+            WORK,
+        ]
+    };
     let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
         (vec!["--pager", "uffd"], 2, vec!["--machine-mem"]),
         (
@@ -90,50 +92,15 @@ fn bad_pager_arguments_are_one_line_with_their_exit_code() {
             13,
             vec!["--ksm"],
         ),
-        (
-            vec![
-                "--machine-mem",
-                "8M",
-                "--pager",
-                "uffd",
-                "--swap",
-                "none",
-                "--workload",
-                WORK,
-            ],
-            13,
-            vec!["--swap none", "do not fit"],
-        ),
+        (with_swap("none"), 13, vec!["--swap none", "do not fit"]),
     ];
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
     let mut cases = cases;
-    if root && kvm_available("bad_pager_arguments_are_one_line_with_their_exit_code") {
+    if common::is_root() && kvm_available("bad_pager_arguments_are_one_line_with_their_exit_code") {
         // A swap file that exists is never reused or overwritten (O_EXCL).
-        cases.push((
-            vec![
-                "--machine-mem",
-                "8M",
-                "--pager",
-                "uffd",
-                "--swap",
-                existing,
-                "--workload",
-                WORK,
-            ],
-            13,
-            vec![existing, "exists"],
-        ));
+        cases.push((with_swap(existing), 13, vec![existing, "exists"]));
     }
     for (args, code, words) in cases {
-        let out = run_vmm(&args, Duration::from_secs(30));
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: one line expected: {stderr}");
-        for w in words {
-            assert!(lines[0].contains(w), "{args:?}: {w:?} missing: {stderr}");
-        }
+        assert_one_line_error(&args, code, &words);
     }
     assert_eq!(std::fs::read(existing).expect("still there"), b"x");
 }
@@ -197,7 +164,7 @@ fn vms_under_pressure_finish_correctly_within_the_budget() {
     args.extend(["--stats", free.to_str().expect("path")]);
     let out = run_vmm(&args, DEADLINE);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let reference = task_results(&stats(&free));
+    let reference = task_results(&read_json(&free));
     assert_eq!(reference.len(), 4);
 
     // 8 MiB for two VMs whose tasks touch 4 x 8 MiB (and whose images hold more).
@@ -239,12 +206,7 @@ fn vms_under_pressure_finish_correctly_within_the_budget() {
     let pid = child.id();
     let swap_file = PathBuf::from(format!("/var/tmp/mirrorball-uffd-swap-{pid}"));
     let (mut samples, mut highest, mut saw_swap) = (0, 0u64, false);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(start.elapsed() < DEADLINE, "vmm did not finish");
+    let (status, stderr) = wait_watching(&mut child, DEADLINE, "paged run", || {
         if let Some(shmem) = meter.shmem() {
             let regions = allocated_in(&run_dir);
             samples += 1;
@@ -255,20 +217,10 @@ fn vms_under_pressure_finish_correctly_within_the_budget() {
             assert_eq!(m.permissions().mode() & 0o777, 0o600, "swap file mode");
             saw_swap = true;
         }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let stderr = child
-        .stderr
-        .take()
-        .map(|mut s| {
-            let mut t = String::new();
-            let _ = std::io::Read::read_to_string(&mut s, &mut t);
-            t
-        })
-        .unwrap_or_default();
+    });
     let _ = std::fs::remove_dir_all(&run_dir);
     assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
-    let s = stats(&capped);
+    let s = read_json(&capped);
     let results = task_results(&s);
     for ((sum, minflt, majflt), (want_sum, _, _)) in results.iter().zip(&reference) {
         assert_eq!(sum, want_sum, "same result as without a budget");
@@ -304,14 +256,14 @@ fn sigterm_ends_the_vms_and_removes_the_swap_file() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(common::vmm_bin())
-        .args(["--workload", "work 16 R 50000000", "--machine-mem", "8M"])
-        .args(["--pager", "uffd"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmm");
+    let mut child = spawn_vmm(&[
+        "--workload",
+        "work 16 R 50000000",
+        "--machine-mem",
+        "8M",
+        "--pager",
+        "uffd",
+    ]);
     let pid = child.id();
     let swap_file = PathBuf::from(format!("/var/tmp/mirrorball-uffd-swap-{pid}"));
     let start = Instant::now();
@@ -321,19 +273,67 @@ fn sigterm_ends_the_vms_and_removes_the_swap_file() {
     assert!(swap_file.exists(), "the pager's swap file appears");
     // Let it page for a moment, then end it.
     std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: sends SIGTERM to the child this test started.
-    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGTERM) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "vmm did not end on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    sigterm(&child);
+    let (status, _) = wait_watching(&mut child, Duration::from_secs(30), "SIGTERM", || {});
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(!swap_file.exists(), "the swap file is removed on SIGTERM");
+}
+
+/// A small tmpfs mounted for one test, unmounted (and its mount point removed) on drop.
+struct SmallMount(PathBuf);
+
+impl SmallMount {
+    fn new(size: &str) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("mb-test-small-fs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(format!("mount failed: {}", text(&out.stderr)));
+        }
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for SmallMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The pager reserves all the swap its VMs can need up front, so its swap cannot fill while
+/// they run (that path is tested in `vmm::budget::uffd`'s unit tests); a swap directory without
+/// that room (and the 512 MiB kept free) is refused before any VM starts: one line, exit code 13,
+/// and no file left there.
+#[test]
+fn a_swap_directory_without_room_is_one_line_with_exit_code_13() {
+    let test = "a_swap_directory_without_room_is_one_line_with_exit_code_13";
+    if !common::is_root() {
+        return common::skip_or_fail(test, "needs root to mount a small tmpfs");
+    }
+    let small = match SmallMount::new("4M") {
+        Ok(mount) => mount,
+        Err(why) => return common::skip_or_fail(test, &why),
+    };
+    let swap = small.0.join("pager.swap");
+    assert_one_line_error(
+        &[
+            "--machine-mem",
+            "8M",
+            "--pager",
+            "uffd",
+            "--swap",
+            swap.to_str().expect("path"),
+            "--workload",
+            WORK,
+        ],
+        13,
+        &["no space for a swap file", "MiB free"],
+    );
+    assert!(!swap.exists(), "no swap file is left behind");
 }

@@ -11,14 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, temp_file, text};
+use common::{reference_linux, run_vmm, run_vmm_text, skip_or_fail, temp_file, text};
 
+/// `vmm args` fails before any VM starts: exit code 1, one line that holds `expected`.
 fn one_line_error(args: &[&str], expected: &str) {
-    let out = run_vmm(args, Duration::from_secs(60));
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    common::assert_one_line_error(args, 1, &[expected]);
 }
 
 #[test]
@@ -94,37 +91,34 @@ fn ext2_image(dir: &Path) -> Result<PathBuf, String> {
     Ok(image)
 }
 
-/// The reference kernel (its uncompressed `vmlinux` when built), or `None` after skipping (or
-/// failing, under CI) `test` when there is none.
-fn reference_kernel(test: &str) -> Option<std::path::PathBuf> {
-    let (kernel, _) = match reference_guest() {
-        Ok(guest) => guest,
+/// What a Linux test of the disk needs: (kernel, a stats path in a scratch directory, that
+/// directory, the base image `make_image` made there, its bytes before the run); `None` after
+/// skipping (or failing, under CI) `test` when the kernel or the image cannot be had.
+fn prepare_disk_boot(
+    test: &str,
+    make_image: fn(&Path) -> Result<PathBuf, String>,
+) -> Option<(PathBuf, PathBuf, PathBuf, PathBuf, Vec<u8>)> {
+    let (kernel, _) = reference_linux(test)?;
+    let stats = temp_file(test, "stats.json", b"");
+    let dir = stats.parent().expect("dir").to_path_buf();
+    let image = match make_image(&dir) {
+        Ok(image) => image,
         Err(why) => {
-            skip_or_fail(test, &format!("no reference guest ({why})"));
+            skip_or_fail(test, &why);
             return None;
         }
     };
-    let vmlinux = kernel.with_file_name("vmlinux");
-    Some(if vmlinux.exists() { vmlinux } else { kernel })
+    let before = std::fs::read(&image).expect("read image");
+    Some((kernel, stats, dir, image, before))
 }
 
 #[test]
 fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
-    let name = "reference_kernel_mounts_a_read_only_root_from_the_cow_disk";
-    if !kvm_available(name) {
-        return;
-    }
-    let Some(kernel) = reference_kernel(name) else {
+    let test = "reference_kernel_mounts_a_read_only_root_from_the_cow_disk";
+    let Some((kernel, stats, dir, image, before)) = prepare_disk_boot(test, ext2_image) else {
         return;
     };
-    let stats = temp_file("cow_disk_boot", "stats.json", b"");
-    let dir = stats.parent().expect("dir").to_path_buf();
-    let image = match ext2_image(&dir) {
-        Ok(image) => image,
-        Err(why) => return skip_or_fail(name, &why),
-    };
-    let before = std::fs::read(&image).expect("read image");
-    let out = run_vmm(
+    let run = run_vmm_text(
         &[
             "--stats",
             stats.to_str().expect("utf-8"),
@@ -139,22 +133,16 @@ fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
         ],
         Duration::from_secs(660),
     );
-    let console = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    let context = || format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
-    assert!(
-        console.contains("[vda] 4096 512-byte logical blocks"),
-        "the kernel did not find the disk:\n{}",
-        context()
+    run.assert_console_has(
+        "[vda] 4096 512-byte logical blocks",
+        "the kernel did not find the disk",
     );
-    assert!(
-        console.contains("VFS: Mounted root (ext2 filesystem) readonly"),
-        "no root mount:\n{}",
-        context()
+    run.assert_console_has(
+        "VFS: Mounted root (ext2 filesystem) readonly",
+        "no root mount",
     );
-    assert_eq!(out.status.code(), Some(0), "{}", context());
-    let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
+    run.assert_success();
+    let stats = common::read_json(&stats);
     let disk = &stats["disk"];
     assert!(disk["reads"].as_u64().unwrap_or(0) > 0, "{disk}");
     assert_eq!(disk["malformed"].as_u64(), Some(0), "{disk}");
@@ -232,20 +220,12 @@ fn wait_for_line(path: &Path, needle: &str, child: &mut std::process::Child) -> 
 /// then writes (a copy-on-write break under KVM) before writing it to its overlay.
 #[test]
 fn overlays_isolate_the_vms_of_a_fleet() {
-    let name = "overlays_isolate_the_vms_of_a_fleet";
-    if !kvm_available(name) {
-        return;
-    }
-    let Some(kernel) = reference_kernel(name) else {
+    let test = "overlays_isolate_the_vms_of_a_fleet";
+    let Some((kernel, stats, dir, image, before)) =
+        prepare_disk_boot(test, ext2_image_counting_mounts)
+    else {
         return;
     };
-    let stats = temp_file("cow_disk_fleet", "stats.json", b"");
-    let dir = stats.parent().expect("dir").to_path_buf();
-    let image = match ext2_image_counting_mounts(&dir) {
-        Ok(image) => image,
-        Err(why) => return skip_or_fail(name, &why),
-    };
-    let before = std::fs::read(&image).expect("read image");
     let fleet = dir.join("fleet.toml");
     std::fs::write(
         &fleet,
@@ -336,8 +316,7 @@ fn overlays_isolate_the_vms_of_a_fleet() {
             "vm {vm}'s overlay holds its own first mount"
         );
     }
-    let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
+    let stats = common::read_json(&stats);
     for vm in stats["vms"].as_array().expect("vms") {
         let disk = &vm["disk"];
         assert!(disk["writes"].as_u64().unwrap_or(0) > 0, "{vm}");

@@ -8,16 +8,14 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, text, tiny_elf};
+use common::{kvm_available, reference_linux, run_vmm, skip_or_fail, text, tiny_elf};
 use mirrorball_workload::{AccessStream, Pattern, TaskParams, PAGE_BYTES};
 use serde_json::Value;
 use vmm::builder::{self, ConsoleSink, GuestConfig, MemorySource, VmResources, WorkloadConfig};
 use vmm::host::HostContext;
-use vmm::session::{self, SessionOptions};
 use vmm::workload::{data_set_byte, layout, TaskMode, TaskSpec};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -176,17 +174,7 @@ fn run_clone(
     .expect("build");
     let anon_at_end = Mutex::new(0);
     let keep = |_| *anon_at_end.lock().expect("lock") = rss_anon();
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(120)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: Some(&keep),
-        },
-    )
-    .expect("run");
+    let report = common::run_in_process(built, Duration::from_secs(120), Some(&keep));
     let anon = *anon_at_end.lock().expect("lock");
     (report, anon)
 }
@@ -451,24 +439,9 @@ fn bad_fleets_are_refused_before_anything_starts() {
 
 #[test]
 fn linux_clones_boot_to_init_and_share_the_kernel() {
-    if !kvm_available("linux_clones_boot_to_init_and_share_the_kernel") {
+    let Some((kernel, initrd)) = reference_linux("linux_clones_boot_to_init_and_share_the_kernel")
+    else {
         return;
-    }
-    let (kernel, initrd) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => {
-            return skip_or_fail(
-                "linux_clones_boot_to_init_and_share_the_kernel",
-                &format!("no reference guest ({why})"),
-            )
-        }
-    };
-    // On PVM the ELF vmlinux skips the (emulated, slow) decompressor.
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if Path::new("/sys/module/kvm_pvm").exists() && vmlinux.exists() {
-        vmlinux
-    } else {
-        kernel
     };
     let dir = scratch("fleet-linux");
     let stats_path = dir.join("stats.json");

@@ -10,40 +10,22 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, text};
+use common::{on_pvm, reference_linux, run_vmm_text};
 use vmm::arch::x86_64::boot_params::{e820_map, E820_RAM};
 use vmm::vstate::memory::ram_ranges;
 
 const MEM: u64 = 256 << 20;
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 mirrorball.test=e820-and-cmdline";
 
-fn on_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
 #[test]
 fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
-    if !kvm_available("reference_kernel_boots_to_init_with_our_e820_and_cmdline") {
+    let Some((kernel, initrd)) =
+        reference_linux("reference_kernel_boots_to_init_with_our_e820_and_cmdline")
+    else {
         return;
-    }
-    let (kernel, initrd) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => {
-            return skip_or_fail(
-                "reference_kernel_boots_to_init",
-                &format!("no reference guest ({why})"),
-            )
-        }
-    };
-    // On PVM the ELF vmlinux skips the (emulated, slow) decompressor.
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if on_pvm() && vmlinux.exists() {
-        vmlinux
-    } else {
-        kernel
     };
     let stats = common::temp_file("linux_boot", "stats.json", b"");
-    let out = run_vmm(
+    let run = run_vmm_text(
         &[
             "--stats",
             stats.to_str().expect("utf-8"),
@@ -62,26 +44,11 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
         ],
         Duration::from_secs(960),
     );
-    let console = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    let context = || format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
-    assert!(
-        console.contains("Run /init as init process"),
-        "no init:\n{}",
-        context()
-    );
+    run.assert_console_has("Run /init as init process", "no init");
     if !on_pvm() {
-        assert!(
-            console.contains("MIRRORBALL-INIT-OK"),
-            "no init marker:\n{}",
-            context()
-        );
+        run.assert_console_has("MIRRORBALL-INIT-OK", "no init marker");
     }
-    assert!(
-        console.contains(&format!("Command line: {CMDLINE}")),
-        "cmdline:\n{}",
-        context()
-    );
+    run.assert_console_has(&format!("Command line: {CMDLINE}"), "cmdline");
     for entry in e820_map(&ram_ranges(MEM)) {
         let (addr, size, kind) = (entry.addr, entry.size, entry.r#type);
         let kind = if kind == E820_RAM {
@@ -93,34 +60,29 @@ fn reference_kernel_boots_to_init_with_our_e820_and_cmdline() {
             "BIOS-e820: [mem {addr:#018x}-{:#018x}] {kind}",
             addr + size - 1
         );
-        assert!(console.contains(&line), "missing {line:?}:\n{}", context());
+        run.assert_console_has(&line, "e820 map");
     }
-    assert!(
-        console.contains("Brought up 1 node, 2 CPUs"),
-        "SMP:\n{}",
-        context()
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "the VM must end by itself:\n{}",
-        context()
-    );
-    assert_profiler_probed(&console, &stats, &context);
+    run.assert_console_has("Brought up 1 node, 2 CPUs", "SMP");
+    run.assert_success();
+    assert_profiler_probed(&run, &stats);
 }
 
 /// The built-in driver found the device, formatted the region and set DRIVER_OK, and the host
 /// reader (the validation `vmm top` uses) sees the guest's header.
-fn assert_profiler_probed(console: &str, stats: &std::path::Path, context: &dyn Fn() -> String) {
-    assert!(
-        console.contains("mirrorball: profiler ready: region"),
-        "the profiler driver did not probe:\n{}",
-        context()
+fn assert_profiler_probed(run: &common::Finished, stats: &std::path::Path) {
+    run.assert_console_has(
+        "mirrorball: profiler ready: region",
+        "the profiler driver did not probe",
     );
     let stats = std::fs::read_to_string(stats).expect("stats file");
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     let device = &stats["profiler_device"];
-    assert_eq!(device["driver_ok"], true, "device: {device}\n{}", context());
+    assert_eq!(
+        device["driver_ok"],
+        true,
+        "device: {device}\n{}",
+        run.context()
+    );
     // The driver's sched_switch probe announced task switches (exact attribution).
     assert!(
         device["switch_doorbells"].as_u64().is_some_and(|n| n > 0),

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,6 @@ use mirrorball_profiler_abi::{
 use vmm::builder::workload;
 use vmm::profiling::regions::ProfilerRegions;
 use vmm::report::RunReport;
-use vmm::session::{self, SessionOptions};
 use vmm::workload::TaskSpec;
 
 /// A workload guest that ran to its end.
@@ -39,17 +38,7 @@ fn run_workload(specs: &[&str], vcpus: usize, period: Duration) -> Run {
     let built = workload::build(specs, vcpus, None, Some(period), &dir).expect("build");
     let kept: Mutex<Option<Arc<ProfilerRegions>>> = Mutex::new(None);
     let keep = |r: Arc<ProfilerRegions>| *kept.lock().expect("lock") = Some(r);
-    let interrupted = AtomicBool::new(false);
-    let report = session::run(
-        built,
-        SessionOptions {
-            timeout: Some(Duration::from_secs(60)),
-            interrupted: &interrupted,
-            console_input: false,
-            keep_regions: Some(&keep),
-        },
-    )
-    .expect("run");
+    let report = common::run_in_process(built, Duration::from_secs(60), Some(&keep));
     assert_eq!(report.end.kind, "workload_finished");
     let regions = kept.lock().expect("lock").take().expect("regions kept");
     Run {

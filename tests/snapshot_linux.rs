@@ -9,16 +9,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, text};
+use common::{on_pvm, read_json, reference_linux, run_vmm, run_vmm_text, text};
 
 /// Printed late in boot (`mark_rodata_ro`, after the initramfs is unpacked), a few lines
 /// before `Run /init`.
 const SNAPSHOT_AT: &str = "Write protecting the kernel read-only data";
 const INIT: &str = "Run /init as init process";
-
-fn on_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
 
 /// The console's lines without their `[   12.345678] ` timestamps.
 fn messages(console: &str) -> Vec<String> {
@@ -41,29 +37,11 @@ fn after_snapshot_through_init(lines: &[String]) -> Option<Vec<String>> {
     Some(lines[start..=end].to_vec())
 }
 
-fn read_json(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).expect("stats")).expect("stats JSON")
-}
-
 #[test]
 fn a_linux_boot_snapshot_restores_as_two_clones_that_boot_on_and_share_pages() {
-    if !kvm_available("a_linux_boot_snapshot_restores_as_two_clones") {
+    let Some((kernel, initrd)) = reference_linux("a_linux_boot_snapshot_restores_as_two_clones")
+    else {
         return;
-    }
-    let (kernel, initrd) = match reference_guest() {
-        Ok(guest) => guest,
-        Err(why) => {
-            return skip_or_fail(
-                "a_linux_boot_snapshot_restores_as_two_clones",
-                &format!("no reference guest ({why})"),
-            )
-        }
-    };
-    let vmlinux = kernel.with_file_name("vmlinux");
-    let kernel = if on_pvm() && vmlinux.exists() {
-        vmlinux
-    } else {
-        kernel
     };
     let dir = std::env::temp_dir().join(format!("mb-snapshot-linux-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -72,7 +50,7 @@ fn a_linux_boot_snapshot_restores_as_two_clones_that_boot_on_and_share_pages() {
     let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
 
     // The template: one boot, snapshotted at the message, running on to its end.
-    let out = run_vmm(
+    let template = run_vmm_text(
         &[
             "--kernel",
             &path(&kernel),
@@ -86,20 +64,16 @@ fn a_linux_boot_snapshot_restores_as_two_clones_that_boot_on_and_share_pages() {
         ],
         Duration::from_secs(1560),
     );
-    let console = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "template boot:\n{console}\n--- stderr ---\n{stderr}"
-    );
+    template.assert_success();
     assert!(
-        stderr.contains("snapshot in"),
-        "no snapshot taken:\n{stderr}"
+        template.stderr.contains("snapshot in"),
+        "no snapshot taken:\n{}",
+        template.stderr
     );
-    let truth = after_snapshot_through_init(&messages(&console))
+    let console = &template.console;
+    let truth = after_snapshot_through_init(&messages(console))
         .unwrap_or_else(|| panic!("template console lacks the marks:\n{console}"));
-    let tail_of_truth: Vec<String> = messages(&console)
+    let tail_of_truth: Vec<String> = messages(console)
         .into_iter()
         .skip_while(|l| !l.contains(INIT))
         .collect();

@@ -133,18 +133,7 @@ fn flood_with_stalled_reader(
 }
 
 fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vmm did not end within {limit:?} (a stalled console blocked it)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_watching(child, limit, "a stalled console blocked it", || {}).0
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Path of the `vmm` binary under test.
@@ -25,19 +25,56 @@ pub fn run_vmm(args: &[&str], deadline: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning vmm");
-    let start = Instant::now();
     let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
     let out_reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = stdout.read_to_end(&mut buf);
         buf
     });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
+    let (status, stderr) = wait_watching(&mut child, deadline, &format!("{args:?}"), || {});
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: stderr.into_bytes(),
+    }
+}
+
+/// Starts `vmm args` in the background: no stdin, stdout discarded, stderr piped (for
+/// [`wait_watching`]).
+pub fn spawn_vmm(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning vmm")
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: signals a child this test started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// Waits for `child` to end, calling `watch` about every 10 ms meanwhile (to sample what the
+/// running `vmm` holds); kills it and panics, naming `what`, when it runs past `deadline`.
+/// Returns its exit status and its stderr (empty unless piped).
+pub fn wait_watching(
+    child: &mut Child,
+    deadline: Duration,
+    what: &str,
+    mut watch: impl FnMut(),
+) -> (ExitStatus, String) {
+    let stderr = child.stderr.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            text(&bytes)
+        })
     });
+    let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for vmm") {
             break status;
@@ -45,15 +82,70 @@ pub fn run_vmm(args: &[&str], deadline: Duration) -> Output {
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("vmm {args:?} did not finish within {deadline:?}");
+            panic!("{what}: vmm did not end within {deadline:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        watch();
+        std::thread::sleep(Duration::from_millis(10));
     };
-    Output {
-        status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
+    let stderr = stderr
+        .map(|reader| reader.join().unwrap_or_default())
+        .unwrap_or_default();
+    (status, stderr)
+}
+
+/// Runs `vmm args` and asserts that it fails with exit code `code` and one line of stderr that
+/// holds each of `words`.
+pub fn assert_one_line_error(args: &[&str], code: i32, words: &[&str]) {
+    let out = run_vmm(args, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line expected: {stderr}");
+    for w in words {
+        assert!(lines[0].contains(w), "{args:?}: {w:?} missing: {stderr}");
     }
+}
+
+/// A JSON file (`--stats`) as a value.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// For a test that needs KVM, root and `what` (`present`): whether it can run; otherwise it
+/// says why and skips, or fails under CI.
+pub fn root_and(test: &str, what: &str, present: bool) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    if is_root() && present {
+        return true;
+    }
+    skip_or_fail(test, &format!("needs root and {what}"));
+    false
+}
+
+/// Runs a VM built in this process to its end (no console input, never interrupted), ending
+/// it after `timeout`; `keep_regions` gets its profiler regions once its sampler stopped.
+pub fn run_in_process(
+    built: vmm::builder::BuiltVm,
+    timeout: Duration,
+    keep_regions: Option<&dyn Fn(std::sync::Arc<vmm::profiling::regions::ProfilerRegions>)>,
+) -> vmm::report::RunReport {
+    let interrupted = std::sync::atomic::AtomicBool::new(false);
+    let options = vmm::session::SessionOptions {
+        timeout: Some(timeout),
+        interrupted: &interrupted,
+        console_input: false,
+        keep_regions,
+    };
+    vmm::session::run(built, options).expect("run")
 }
 
 /// Guest-physical load address (and entry) of [`tiny_elf`] guests: where vmlinux loads.
@@ -158,7 +250,81 @@ pub fn reference_guest() -> Result<(PathBuf, PathBuf), String> {
     }
 }
 
-/// True where a missing prerequisite must fail the test instead of skipping it.
+/// Whether `/dev/kvm` is served by PVM (guest kernel mode emulated, guest user space cannot run).
+pub fn on_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The reference Linux guest a test boots: the kernel (its ELF `vmlinux` on a PVM host when it
+/// was built, which skips the emulated and slow decompressor; else the bzImage) and initramfs.
+/// `None` after [`kvm_available`] or [`skip_or_fail`] said why `test` cannot run: no KVM or no
+/// reference guest.
+pub fn reference_linux(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let (kernel, initrd) = match reference_guest() {
+        Ok(guest) => guest,
+        Err(why) => {
+            skip_or_fail(test, &format!("no reference guest ({why})"));
+            return None;
+        }
+    };
+    let vmlinux = kernel.with_file_name("vmlinux");
+    let kernel = if on_pvm() && vmlinux.exists() {
+        vmlinux
+    } else {
+        kernel
+    };
+    Some((kernel, initrd))
+}
+
+/// A finished `vmm` run, as text: the console (stdout), stderr and the exit code.
+pub struct Finished {
+    pub console: String,
+    pub stderr: String,
+    pub code: Option<i32>,
+}
+
+impl Finished {
+    /// Both outputs, for an assertion's message.
+    pub fn context(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- stderr ---\n{}",
+            self.console, self.stderr
+        )
+    }
+
+    /// Asserts that the console shows `line` (`what` names it in the failure).
+    pub fn assert_console_has(&self, line: &str, what: &str) {
+        assert!(
+            self.console.contains(line),
+            "{what}: no {line:?} on the console:\n{}",
+            self.context()
+        );
+    }
+
+    /// Asserts that the VM ended by itself with exit code 0.
+    pub fn assert_success(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "the VM must end by itself with 0:\n{}",
+            self.context()
+        );
+    }
+}
+
+/// [`run_vmm`] with the output as text.
+pub fn run_vmm_text(args: &[&str], deadline: Duration) -> Finished {
+    let out = run_vmm(args, deadline);
+    Finished {
+        console: text(&out.stdout),
+        stderr: text(&out.stderr),
+        code: out.status.code(),
+    }
+}
+
 /// For a test that cannot run for `why`: prints that it skips, or, under CI (where everything a
 /// test needs is installed), fails.
 pub fn skip_or_fail(test: &str, why: &str) {
@@ -168,6 +334,7 @@ pub fn skip_or_fail(test: &str, why: &str) {
     eprintln!("skipped {test}: {why}");
 }
 
+/// True under CI, where a missing prerequisite must fail a test instead of skipping it.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }

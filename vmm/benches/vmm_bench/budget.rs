@@ -150,133 +150,147 @@ fn knee(vmm: &Path, dir: &Path) -> Result<Vec<Row>> {
         .collect();
     let note = format!("work/s by N: {}", table.join(", "));
     Ok(vec![
-        Row::measured(
-            14,
+        info_row(
             "budget_knee_n",
-            &format!("thrashing knee: N at peak work/s (`{what})"),
-            "VMs",
-            knee_n,
-            "",
-            None,
-            Target::None,
+            format!("thrashing knee: N at peak work/s (`{what})"),
+            ("VMs", knee_n),
+            ("", None),
             note,
         ),
-        Row::measured(
-            14,
+        info_row(
             "budget_knee_work",
-            &format!("work/s at the knee vs at N={} (`{what})", past[0]),
-            "iter/s",
-            peak[2],
-            &format!("N={}", past[0]),
-            Some(past[2]),
-            Target::None,
+            format!("work/s at the knee vs at N={} (`{what})", past[0]),
+            ("iter/s", peak[2]),
+            (&format!("N={}", past[0]), Some(past[2])),
             "workload iterations of all VMs per second of task runtime".into(),
         ),
-        Row::measured(
-            14,
+        info_row(
             "budget_knee_majflt",
-            &format!("host major faults/s per VM at N={} (`{what})", past[0]),
-            "faults/s",
-            past[3] / past[0],
-            "at the knee",
-            Some(peak[3] / peak[0]),
-            Target::None,
+            format!("host major faults/s per VM at N={} (`{what})", past[0]),
+            ("faults/s", past[3] / past[0]),
+            ("at the knee", Some(peak[3] / peak[0])),
             "vCPU threads' major faults over task runtime, per VM".into(),
         ),
     ])
 }
 
+/// A group-14 row for information (no target): `ours` (unit, value) against `baseline`
+/// (name, value).
+fn info_row(
+    id: &str,
+    benchmark: String,
+    (unit, ours): (&'static str, f64),
+    (baseline_name, baseline): (&str, Option<f64>),
+    note: String,
+) -> Row {
+    Row::measured(
+        14,
+        id,
+        &benchmark,
+        unit,
+        ours,
+        baseline_name,
+        baseline,
+        Target::None,
+        note,
+    )
+}
+
+/// Work/s and host major faults/s of the pressure runs of one way.
+#[derive(Default)]
+struct PressureRuns {
+    work: Vec<f64>,
+    faults: Vec<f64>,
+}
+
 /// Both ways under the same pressure: work/s and major faults/s, uffd against cgroup.
 fn pressure(vmm: &Path, dir: &Path) -> Result<Vec<Row>> {
     let stats = dir.join("pressure-stats.json");
-    let (mut uffd, mut cgroup) = (Vec::new(), Vec::new());
+    let (mut uffd, mut cgroup) = (PressureRuns::default(), PressureRuns::default());
     for i in 0..PRESSURE_RUNS * 2 {
-        let uffd_turn = i % 2 == 0;
-        let way: &[&str] = if uffd_turn {
-            &PRESSURE_UFFD
+        let (way, runs): (&[&str], _) = if i % 2 == 0 {
+            (&PRESSURE_UFFD, &mut uffd)
         } else {
-            &PRESSURE_CGROUP
+            (&PRESSURE_CGROUP, &mut cgroup)
         };
         let (s, iterations, majflt) = run_task(vmm, PRESSURE, way, &stats)?;
-        let point = (iterations / s, majflt / s);
-        if uffd_turn {
-            uffd.push(point);
-        } else {
-            cgroup.push(point);
-        }
+        runs.work.push(iterations / s);
+        runs.faults.push(majflt / s);
     }
-    let work = |v: &[(f64, f64)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
-    let faults = |v: &[(f64, f64)]| v.iter().map(|p| p.1).collect::<Vec<_>>();
     let what = format!(
         "`{PRESSURE}`, 32 MiB for guest memory: {} vs {}",
         PRESSURE_UFFD.join(" "),
         PRESSURE_CGROUP.join(" ")
     );
     Ok(vec![
-        Row::measured(
-            14,
-            "budget_pressure_work",
-            &format!("work/s under pressure, uffd vs cgroup ({what})"),
-            "iter/s",
-            median(&work(&uffd)),
-            "cgroup",
-            Some(median(&work(&cgroup))),
-            Target::None,
-            format!(
-                "{PRESSURE_RUNS} runs each, alternating; uffd {} vs cgroup {}",
-                spread(&work(&uffd), 2),
-                spread(&work(&cgroup), 2)
+        uffd_vs_cgroup(
+            (
+                "budget_pressure_work",
+                &format!("work/s under pressure, uffd vs cgroup ({what})"),
             ),
+            ("iter/s", 2),
+            (&uffd.work, &cgroup.work),
+            &format!("{PRESSURE_RUNS} runs each, alternating"),
         ),
-        Row::measured(
-            14,
-            "budget_pressure_majflt",
-            &format!("host major faults/s under pressure, uffd vs cgroup ({what})"),
-            "faults/s",
-            median(&faults(&uffd)),
-            "cgroup",
-            Some(median(&faults(&cgroup))),
-            Target::None,
-            format!(
-                "vCPU thread's major faults over task runtime; uffd {} vs cgroup {}",
-                spread(&faults(&uffd), 0),
-                spread(&faults(&cgroup), 0)
+        uffd_vs_cgroup(
+            (
+                "budget_pressure_majflt",
+                &format!("host major faults/s under pressure, uffd vs cgroup ({what})"),
             ),
+            ("faults/s", 0),
+            (&uffd.faults, &cgroup.faults),
+            "vCPU thread's major faults over task runtime",
         ),
     ])
 }
+
+/// A row of one measure (in `unit`, spreads shown with `digits` decimals) of the uffd runs
+/// against the cgroup runs: medians, and the spreads in the note after `how`.
+fn uffd_vs_cgroup(
+    (id, benchmark): (&str, &str),
+    (unit, digits): (&'static str, usize),
+    (uffd, cgroup): (&[f64], &[f64]),
+    how: &str,
+) -> Row {
+    info_row(
+        id,
+        benchmark.to_string(),
+        (unit, median(uffd)),
+        ("cgroup", Some(median(cgroup))),
+        format!(
+            "{how}; uffd {} vs cgroup {}",
+            spread(uffd, digits),
+            spread(cgroup, digits)
+        ),
+    )
+}
+
+/// The overhead pairs: row id, the options of both runs, the budget's options.
+const OVERHEADS: [(&str, &[&str], &[&str]); 3] = [
+    ("budget_overhead", &[], &["--machine-mem", "1G"]),
+    // The VMs' memory fits 1G: the pager registers nothing.
+    (
+        "budget_uffd_overhead",
+        &[],
+        &["--machine-mem", "1G", "--pager", "uffd"],
+    ),
+    // 256 MiB declared over a 128M budget: registered, every first touch through the pager,
+    // and the 64 MiB touched still fit (no eviction).
+    (
+        "budget_uffd_registered_overhead",
+        &["--mem", "256M"],
+        &["--machine-mem", "128M", "--pager", "uffd"],
+    ),
+];
 
 /// The budget group.
 pub fn run(vmm: &Path, pairs: usize) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("vmm-bench-budget-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut rows = vec![overhead(
-        vmm,
-        pairs,
-        &dir,
-        (&[], &["--machine-mem", "1G"]),
-        "budget_overhead",
-    )?];
-    // The VMs' memory fits 1G: the pager registers nothing.
-    rows.push(overhead(
-        vmm,
-        pairs,
-        &dir,
-        (&[], &["--machine-mem", "1G", "--pager", "uffd"]),
-        "budget_uffd_overhead",
-    )?);
-    // 256 MiB declared over a 128M budget: registered, every first touch through the pager,
-    // and the 64 MiB touched still fit (no eviction).
-    rows.push(overhead(
-        vmm,
-        pairs,
-        &dir,
-        (
-            &["--mem", "256M"],
-            &["--machine-mem", "128M", "--pager", "uffd"],
-        ),
-        "budget_uffd_registered_overhead",
-    )?);
+    let mut rows = Vec::new();
+    for (id, base, way) in OVERHEADS {
+        rows.push(overhead(vmm, pairs, &dir, (base, way), id)?);
+    }
     rows.extend(pressure(vmm, &dir)?);
     rows.extend(knee(vmm, &dir)?);
     let _ = std::fs::remove_dir_all(&dir);

@@ -186,10 +186,15 @@ impl PagerState {
         let (fill, resolved) = match state {
             Page::Swapped(slot) => {
                 let mut buf = std::mem::take(&mut self.buf);
-                let read = self.swap.take_page(slot, &mut buf);
+                let read = self.swap.read_page(slot, &mut buf);
                 let fill = read.and_then(|()| uffd.copy(page_addr, &buf));
                 self.buf = buf;
-                (fill?, Resolved::SwapIn)
+                // The slot is freed only once its page is back: a failed copy leaves the page
+                // in its slot for the next attempt (freeing it first could hand the slot to
+                // another page, and a retry would install that page's contents here).
+                let fill = fill?;
+                self.swap.discard(slot);
+                (fill, Resolved::SwapIn)
             }
             _ => (uffd.zero(page_addr, PAGE)?, Resolved::ZeroFill),
         };
@@ -259,8 +264,39 @@ impl PagerState {
     }
 
     fn evict(&mut self, uffd: &Uffd, id: usize, index: usize, addr: usize) -> io::Result<()> {
+        self.evict_with(uffd, (id, index, addr), || {})
+    }
+
+    /// Evicts the resident page at `addr` now (a seam for tests), running `meanwhile` once it
+    /// is write-protected and before it is copied out.
+    #[cfg(test)]
+    pub(crate) fn evict_page(
+        &mut self,
+        uffd: &Uffd,
+        addr: usize,
+        meanwhile: impl FnOnce(),
+    ) -> io::Result<()> {
+        let (id, index) = self
+            .locate(addr)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if self.page_at(addr) != Some(Page::Resident) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.clock.retain(|&p| p != (id, index));
+        self.evict_with(uffd, (id, index, addr), meanwhile)
+    }
+
+    /// [`Self::evict`], with `meanwhile` run between the write protection and the copy: where a
+    /// guest write to the page must wait, and must not be lost.
+    fn evict_with(
+        &mut self,
+        uffd: &Uffd,
+        (id, index, addr): (usize, usize, usize),
+        meanwhile: impl FnOnce(),
+    ) -> io::Result<()> {
         // From here on a write to the page waits for the pager, so the copy is the page.
         uffd.write_protect(addr, PAGE, true)?;
+        meanwhile();
         // SAFETY: the page is resident in its memfd (only the pager removes pages, and this
         // thread holds the state), so reading it cannot fault to the pager; the mapping is
         // live while the range is registered.

@@ -28,6 +28,8 @@ use std::thread::JoinHandle;
 pub mod clock;
 pub mod swapfile;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 
 use clock::{PagerCounts, PagerState, Resolved};
 use swapfile::SwapFile;
@@ -101,8 +103,19 @@ struct Shared {
     state: Mutex<PagerState>,
     per_thread: Mutex<HashMap<u32, ThreadFaults>>,
     exhausted: AtomicBool,
+    /// Ends the VMs once the swap file is full (the process's SIGTERM handler does).
+    on_exhausted: EndVms,
     /// Written to stop the fault thread.
     stop: OwnedFd,
+}
+
+/// What the fault thread does, once, when the swap file fills up.
+type EndVms = Box<dyn Fn() + Send + Sync>;
+
+/// Sends this process SIGTERM, whose handler ends every VM.
+fn sigterm_self() {
+    // SAFETY: sends a signal to this process; no memory is involved.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
 }
 
 /// The process's pager: the userfaultfd, the fault thread, the clock and the swap file.
@@ -168,6 +181,18 @@ impl Pager {
                     source,
                 }
             })?;
+        Self::start_with(uffd, budget, swap, paging, Box::new(sigterm_self))
+    }
+
+    /// [`Self::start`] with its userfaultfd and swap file made, and what ends the VMs when
+    /// the swap file is full (a seam for tests, which cannot take the SIGTERM).
+    fn start_with(
+        uffd: Uffd,
+        budget: u64,
+        swap: SwapFile,
+        paging: bool,
+        on_exhausted: EndVms,
+    ) -> Result<Arc<Self>, PagerError> {
         let state = PagerState::new(budget / PAGE_SIZE, swap).map_err(PagerError::Thread)?;
         // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
         let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -181,6 +206,7 @@ impl Pager {
             state: Mutex::new(state),
             per_thread: Mutex::new(HashMap::new()),
             exhausted: AtomicBool::new(false),
+            on_exhausted,
             stop,
         });
         let worker = shared.clone();
@@ -396,8 +422,7 @@ fn handle_fault(shared: &Shared, msg: &sys::FaultMsg) {
                 let _ = shared.uffd.wake(page, clock::PAGE);
             }
             if !shared.exhausted.swap(true, Ordering::AcqRel) {
-                // SAFETY: sends a signal to this process; no memory is involved.
-                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                (shared.on_exhausted)();
             }
         }
     }

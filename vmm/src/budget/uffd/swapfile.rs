@@ -20,6 +20,8 @@ pub struct SwapFile {
     next: u64,
     /// Slots given back.
     free: Vec<u64>,
+    /// The most slots the file may grow to (a full disk says so first; tests set a limit).
+    limit: u64,
 }
 
 impl SwapFile {
@@ -38,6 +40,7 @@ impl SwapFile {
             capacity: 0,
             next: 0,
             free: Vec::new(),
+            limit: u64::MAX,
         };
         if let Err(e) = swap.reserve(slots) {
             drop(swap); // removes the file
@@ -61,6 +64,13 @@ impl SwapFile {
         Ok(())
     }
 
+    /// The same file, never growing past its reserved slots: a seam for tests of a full swap.
+    #[cfg(test)]
+    pub(crate) fn without_growth(mut self) -> Self {
+        self.limit = self.capacity;
+        self
+    }
+
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -79,6 +89,9 @@ impl SwapFile {
             None => {
                 if self.next >= self.capacity {
                     let grown = self.capacity + (self.capacity / 4).max(256);
+                    if grown > self.limit {
+                        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                    }
                     self.reserve(grown)?;
                 }
                 self.next += 1;
@@ -92,14 +105,12 @@ impl SwapFile {
         Ok(slot)
     }
 
-    /// Reads the page in `slot` into `page` and frees the slot.
-    pub fn take_page(&mut self, slot: u64, page: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(page, slot * PAGE_SIZE)?;
-        self.free.push(slot);
-        Ok(())
+    /// Reads the page in `slot` into `page`; the slot stays in use until [`Self::discard`].
+    pub fn read_page(&self, slot: u64, page: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(page, slot * PAGE_SIZE)
     }
 
-    /// Frees `slot` without reading it (its VM is gone).
+    /// Frees `slot` (its page is back in memory, or its VM is gone).
     pub fn discard(&mut self, slot: u64) {
         self.free.push(slot);
     }
@@ -135,8 +146,10 @@ mod tests {
         assert_eq!(swap.used(), 5);
         assert!(swap.reserved_bytes() >= 5 * PAGE_SIZE);
         let mut back = vec![0u8; crate::budget::uffd::clock::PAGE];
-        swap.take_page(slots[3], &mut back).expect("read");
+        swap.read_page(slots[3], &mut back).expect("read");
         assert_eq!(back, pages[3]);
+        assert_eq!(swap.used(), 5, "a slot read stays in use until discarded");
+        swap.discard(slots[3]);
         assert_eq!(swap.used(), 4);
         // A freed slot is reused.
         assert_eq!(swap.write_page(&pages[0]).expect("write"), slots[3]);
