@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{reference_linux, run_vmm, run_vmm_text, skip_or_fail, temp_file, text};
+use common::{
+    ext2_image, le16, reference_linux, run_vmm, run_vmm_text, skip_or_fail, temp_file, text,
+    EXT2_S_MAX_MNT_COUNT, EXT2_S_MNT_COUNT,
+};
 
 /// `vmm args` fails before any VM starts: exit code 1, one line that holds `expected`.
 fn one_line_error(args: &[&str], expected: &str) {
@@ -73,22 +76,11 @@ fn bad_disk_arguments_are_one_line_errors() {
 }
 
 /// A 2 MiB ext2 image holding one file, or why none could be made.
-fn ext2_image(dir: &Path) -> Result<PathBuf, String> {
+fn ext2_image_with_motd(dir: &Path) -> Result<PathBuf, String> {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("etc")).map_err(|e| e.to_string())?;
     std::fs::write(root.join("etc/motd"), b"mirrorball cow disk\n").map_err(|e| e.to_string())?;
-    let image = dir.join("root.ext2");
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext2", "-b", "1024", "-d"])
-        .arg(&root)
-        .arg(&image)
-        .arg("2048")
-        .output()
-        .map_err(|e| format!("cannot run mke2fs (install e2fsprogs): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("mke2fs failed: {}", text(&out.stderr)));
-    }
-    Ok(image)
+    ext2_image(dir, "root.ext2", 1024, Some(&root))
 }
 
 /// What a Linux test of the disk needs: (kernel, a stats path in a scratch directory, that
@@ -115,7 +107,8 @@ fn prepare_disk_boot(
 #[test]
 fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
     let test = "reference_kernel_mounts_a_read_only_root_from_the_cow_disk";
-    let Some((kernel, stats, dir, image, before)) = prepare_disk_boot(test, ext2_image) else {
+    let Some((kernel, stats, dir, image, before)) = prepare_disk_boot(test, ext2_image_with_motd)
+    else {
         return;
     };
     let run = run_vmm_text(
@@ -151,32 +144,15 @@ fn reference_kernel_mounts_a_read_only_root_from_the_cow_disk() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Byte offsets of ext2 superblock fields (the superblock starts at byte 1024).
-const S_MNT_COUNT: usize = 1024 + 0x34;
-const S_MAX_MNT_COUNT: usize = 1024 + 0x36;
-
-fn le16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([bytes[at], bytes[at + 1]])
-}
-
 /// An 8 MiB ext2 image of 4 KiB blocks, never mounted (`s_mnt_count` 0) and due for a check
 /// after one mount (`s_max_mnt_count` 1): a read-write mount writes `s_mnt_count` 1 into the
 /// superblock, and a kernel that mounts a superblock already holding 1 warns "maximal mount
 /// count reached".
 fn ext2_image_counting_mounts(dir: &Path) -> Result<PathBuf, String> {
-    let image = dir.join("shared.ext2");
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext2", "-b", "4096"])
-        .arg(&image)
-        .arg("2048")
-        .output()
-        .map_err(|e| format!("cannot run mke2fs (install e2fsprogs): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("mke2fs failed: {}", text(&out.stderr)));
-    }
+    let image = ext2_image(dir, "shared.ext2", 4096, None)?;
     let mut bytes = std::fs::read(&image).map_err(|e| e.to_string())?;
-    bytes[S_MNT_COUNT..S_MNT_COUNT + 2].copy_from_slice(&0u16.to_le_bytes());
-    bytes[S_MAX_MNT_COUNT..S_MAX_MNT_COUNT + 2].copy_from_slice(&1u16.to_le_bytes());
+    bytes[EXT2_S_MNT_COUNT..EXT2_S_MNT_COUNT + 2].copy_from_slice(&0u16.to_le_bytes());
+    bytes[EXT2_S_MAX_MNT_COUNT..EXT2_S_MAX_MNT_COUNT + 2].copy_from_slice(&1u16.to_le_bytes());
     std::fs::write(&image, bytes).map_err(|e| e.to_string())?;
     Ok(image)
 }
@@ -311,7 +287,7 @@ fn overlays_isolate_the_vms_of_a_fleet() {
         let overlay = std::fs::read(dir.join(format!("ov.{vm}"))).expect("overlay");
         assert_eq!(overlay.len(), before.len());
         assert_eq!(
-            le16(&overlay, S_MNT_COUNT),
+            le16(&overlay, EXT2_S_MNT_COUNT),
             1,
             "vm {vm}'s overlay holds its own first mount"
         );

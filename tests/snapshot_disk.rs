@@ -10,35 +10,16 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use common::{kvm_available, reference_guest, run_vmm, skip_or_fail, temp_file, text};
+use common::{
+    ext2_image, kvm_available, le16, reference_guest, run_vmm, skip_or_fail, temp_file, text,
+    EXT2_S_MNT_COUNT,
+};
 
 const DEADLINE: Duration = Duration::from_secs(900);
-/// Byte offset of the ext2 superblock's mount count.
-const S_MNT_COUNT: usize = 1024 + 0x34;
 const MOUNTED: &str = "VFS: Mounted root (ext2 filesystem) on device";
-
-fn le16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([bytes[at], bytes[at + 1]])
-}
-
-/// An 8 MiB ext2 image of 4 KiB blocks, or why none could be made.
-fn ext2_image(dir: &Path) -> Result<PathBuf, String> {
-    let image = dir.join("base.ext2");
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext2", "-b", "4096"])
-        .arg(&image)
-        .arg("2048")
-        .output()
-        .map_err(|e| format!("cannot run mke2fs (install e2fsprogs): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("mke2fs failed: {}", text(&out.stderr)));
-    }
-    Ok(image)
-}
 
 /// `vmm --restore snap` with logs and stats in `dir`: refused with exit code 22, one line
 /// containing `expect`, and neither file nor directory created.
@@ -83,7 +64,8 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
     };
     let marker = temp_file("snapshot_disk", "marker", b"");
     let dir = marker.parent().expect("dir").to_path_buf();
-    let image = match ext2_image(&dir) {
+    // An 8 MiB image of 4 KiB blocks.
+    let image = match ext2_image(&dir, "base.ext2", 4096, None) {
         Ok(image) => image,
         Err(why) => return skip_or_fail(name, &why),
     };
@@ -120,8 +102,12 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(saved.len(), before.len());
-    assert_eq!(le16(&before, S_MNT_COUNT), 0);
-    assert_eq!(le16(&saved, S_MNT_COUNT), 1, "the mount's superblock write");
+    assert_eq!(le16(&before, EXT2_S_MNT_COUNT), 0);
+    assert_eq!(
+        le16(&saved, EXT2_S_MNT_COUNT),
+        1,
+        "the mount's superblock write"
+    );
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(snap.join("state.json")).expect("state"))
             .expect("json");
@@ -202,7 +188,7 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
     };
     let t = copy("corrupt");
     let mut bytes = saved.clone();
-    bytes[S_MNT_COUNT] ^= 0xff;
+    bytes[EXT2_S_MNT_COUNT] ^= 0xff;
     std::fs::write(t.join("disk-overlay.bin"), &bytes).expect("write");
     refused(
         &dir,

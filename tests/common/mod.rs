@@ -351,3 +351,38 @@ pub fn distinct_pages(t: &mirrorball_workload::TaskParams) -> u64 {
     }
     u64::try_from(pages.len()).expect("fits")
 }
+
+/// Byte offset of the ext2 superblock's mount count (the superblock starts at byte 1024).
+pub const EXT2_S_MNT_COUNT: usize = 1024 + 0x34;
+/// Byte offset of the ext2 superblock's mounts-before-a-check count.
+pub const EXT2_S_MAX_MNT_COUNT: usize = 1024 + 0x36;
+
+/// The little-endian u16 at `at` in `bytes`.
+pub fn le16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+/// An ext2 image `dir/name` of 2048 blocks of `block` bytes (holding the tree `root`, if
+/// given), made by `mke2fs`, or why none could be made.
+pub fn ext2_image(
+    dir: &Path,
+    name: &str,
+    block: u32,
+    root: Option<&Path>,
+) -> Result<PathBuf, String> {
+    let image = dir.join(name);
+    let mut mke2fs = Command::new("mke2fs");
+    mke2fs.args(["-q", "-F", "-t", "ext2", "-b", &block.to_string()]);
+    if let Some(root) = root {
+        mke2fs.arg("-d").arg(root);
+    }
+    let out = mke2fs
+        .arg(&image)
+        .arg("2048")
+        .output()
+        .map_err(|e| format!("cannot run mke2fs (install e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("mke2fs failed: {}", text(&out.stderr)));
+    }
+    Ok(image)
+}
