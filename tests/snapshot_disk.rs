@@ -92,6 +92,13 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
     let (console, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "template: {stderr}\n{console}");
     assert!(stderr.contains("snapshot in"), "{stderr}");
+    // The snapshot's line says how many blocks the disk's overlay held (the state file's count).
+    let said = stderr
+        .split("disk overlay: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no disk figure in: {stderr}"));
     assert!(console.contains(MOUNTED), "{console}");
 
     // The snapshot holds the template's superblock write; the base is untouched.
@@ -112,6 +119,12 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
         serde_json::from_slice(&std::fs::read(snap.join("state.json")).expect("state"))
             .expect("json");
     assert_eq!(state["version"], 3);
+    assert_eq!(
+        state["disk"]["overlay"]["blocks"], said,
+        "{}",
+        state["disk"]
+    );
+    assert!(said >= 1, "the superblock write is held");
     assert_eq!(
         state["disk"]["overlay"]["runs"][0][0], 0,
         "{}",

@@ -105,12 +105,18 @@ impl RunningVm {
             self.resume();
         }
         match result {
-            Ok(detail) => eprintln!(
-                "vmm: {}: snapshot in {} ({:.1} ms paused)",
-                self.name,
-                dir.display(),
-                detail["pause_ms"].as_f64().unwrap_or(0.0)
-            ),
+            Ok(detail) => {
+                let disk = detail["disk"]["overlay_blocks"]
+                    .as_u64()
+                    .map(|blocks| format!(", disk overlay: {blocks} blocks"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "vmm: {}: snapshot in {} ({:.1} ms paused{disk})",
+                    self.name,
+                    dir.display(),
+                    detail["pause_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
             Err(e) => eprintln!("vmm: {}: snapshot failed: {e}", self.name),
         }
     }

@@ -89,6 +89,13 @@ impl RunningVm {
             None => (None, None, None),
         };
         let disk = self.save_disk(dir)?;
+        let disk_detail = disk.as_ref().map(|d| {
+            serde_json::json!({
+                "base": d.base.path.display().to_string(),
+                "overlay_blocks": d.overlay.blocks,
+                "overlay_allocated_bytes": snapshot::allocated_bytes(&dir.join(&d.overlay.file)),
+            })
+        });
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open KVM: {e}"))?;
         let state = SnapshotState {
             format: FORMAT.into(),
@@ -122,13 +129,17 @@ impl RunningVm {
             disk,
         };
         let state_bytes = snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
-        Ok(serde_json::json!({
+        let mut detail = serde_json::json!({
             "dir": dir.display().to_string(),
             "memory_bytes": ram.size(),
             "memory_pages_written": written.pages,
             "memory_allocated_bytes": snapshot::allocated_bytes(&dir.join(MEMORY_FILE)),
             "state_bytes": state_bytes,
-        }))
+        });
+        if let Some(disk) = disk_detail {
+            detail["disk"] = disk;
+        }
+        Ok(detail)
     }
 
     /// A Linux guest's boot record, VM-wide KVM state and devices (`None` for the workload).
