@@ -14,6 +14,7 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
+use crate::vstate::launch_gate::{LaunchGate, OpenOnDrop};
 use crate::vstate::memory::host_ram_bytes;
 
 pub mod file;
@@ -332,18 +333,18 @@ pub fn launch(
             });
         built.push((i, result));
     }
-    // Started parked once every VM is built, then let go together: a VM whose guest runs would
-    // take the CPU from the others' start (and the fleet starts at one instant).
+    // Started once every VM is built, their vCPU threads held at one gate that opens when all
+    // are started: a VM whose guest runs would take the CPU from the others' start (and the
+    // fleet starts at one instant).
+    let gate = OpenOnDrop(LaunchGate::new());
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
-            b.control.request_pause();
+            b.control.hold_at(gate.0.clone());
             let name = b.name.clone();
             session::start(b).map_err(|e| (name, e))
         }));
     }
-    for vm in results.iter_mut().flatten().flatten() {
-        vm.resume();
-    }
+    drop(gate);
     results
         .into_iter()
         .zip(&plan.vms)
