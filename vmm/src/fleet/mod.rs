@@ -14,7 +14,6 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
-use crate::vstate::launch_gate::{LaunchGate, OpenOnDrop};
 use crate::vstate::memory::host_ram_bytes;
 
 pub mod file;
@@ -333,18 +332,18 @@ pub fn launch(
             });
         built.push((i, result));
     }
-    // Started once every VM is built, their vCPU threads held at one gate that opens when all
-    // are started: a VM whose guest runs would take the CPU from the others' start (and the
-    // fleet starts at one instant).
-    let gate = OpenOnDrop(LaunchGate::new());
+    // Started parked once every VM is built, then let go together: a VM whose guest runs would
+    // take the CPU from the others' start (and the fleet starts at one instant).
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
-            b.control.hold_at(gate.0.clone());
+            b.control.request_pause();
             let name = b.name.clone();
             session::start(b).map_err(|e| (name, e))
         }));
     }
-    drop(gate);
+    for vm in results.iter_mut().flatten().flatten() {
+        vm.resume();
+    }
     results
         .into_iter()
         .zip(&plan.vms)

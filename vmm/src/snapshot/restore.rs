@@ -23,7 +23,6 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
-use crate::vstate::launch_gate::{LaunchGate, OpenOnDrop};
 use crate::vstate::memory::Template;
 use crate::workload::{self, TaskSpec};
 
@@ -332,19 +331,19 @@ pub fn launch(
             })
         })
         .collect();
-    // Started held at one gate, then let go together: a clone that runs would slow the
-    // others' start.
-    let gate = OpenOnDrop(LaunchGate::new());
-    let started: Vec<Started> = ready
+    // Started parked, then let go together: a clone that runs would slow the others' start.
+    let mut started: Vec<Started> = ready
         .into_iter()
         .map(|b| {
             b.and_then(|b| {
-                b.control.hold_at(gate.0.clone());
+                b.control.request_pause();
                 let name = b.name.clone();
                 session::start(b).map_err(|e| (name, e))
             })
         })
         .collect();
-    drop(gate);
+    for vm in started.iter_mut().flatten() {
+        vm.resume();
+    }
     Ok(started)
 }

@@ -1,6 +1,5 @@
 //! KVM-facing state of one VM: guest memory, the VM file descriptor, the vCPUs.
 pub mod halt;
-pub mod launch_gate;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -46,9 +46,6 @@ pub struct VmControl {
     wake: EventFd,
     halt: HaltWatch,
     pause: PauseGate,
-    /// Where the vCPU threads wait before their first `KVM_RUN`, if the VM is launched with
-    /// others.
-    launch_gate: std::sync::OnceLock<Arc<super::launch_gate::LaunchGate>>,
 }
 
 /// Pausing: the controller raises `requested`, kicks the vCPU threads out of KVM_RUN, and each
@@ -95,14 +92,7 @@ impl VmControl {
                 }),
                 ..PauseGate::default()
             },
-            launch_gate: std::sync::OnceLock::new(),
         })
-    }
-
-    /// Makes the vCPU threads, once started, wait at `gate` before their first `KVM_RUN` (set
-    /// before they start; a second gate is ignored).
-    pub fn hold_at(&self, gate: Arc<super::launch_gate::LaunchGate>) {
-        let _ = self.launch_gate.set(gate);
     }
 
     /// Asks every vCPU to park at its next exit (the caller kicks them out of KVM_RUN).
@@ -318,9 +308,6 @@ impl Vcpu {
         let tid = unsafe { libc::gettid() };
         self.tid.store(tid, Ordering::Release);
         let pager_before = self.pager_faults.as_ref().map(|f| f(tid));
-        if let Some(gate) = self.control.launch_gate.get() {
-            gate.wait();
-        }
         while !self.control.should_stop() {
             if self.control.pause_requested() {
                 self.complete_exit();
