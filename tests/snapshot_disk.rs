@@ -21,23 +21,34 @@ use common::{
 const DEADLINE: Duration = Duration::from_secs(900);
 const MOUNTED: &str = "VFS: Mounted root (ext2 filesystem) on device";
 
+/// `vmm --restore snap --vms 2` with its logs in `logs` and its stats in `stats` (and `extra`
+/// arguments), killed after `deadline`.
+fn restore_two(
+    snap: &Path,
+    logs: &Path,
+    stats: &Path,
+    extra: &[&str],
+    deadline: Duration,
+) -> std::process::Output {
+    let mut args = vec![
+        "--restore",
+        snap.to_str().expect("utf-8"),
+        "--vms",
+        "2",
+        "--log-dir",
+        logs.to_str().expect("utf-8"),
+        "--stats",
+        stats.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    run_vmm(&args, deadline)
+}
+
 /// `vmm --restore snap` with logs and stats in `dir`: refused with exit code 22, one line
 /// containing `expect`, and neither file nor directory created.
 fn refused(dir: &Path, snap: &Path, expect: &str) {
     let (logs, stats) = (dir.join("bad-logs"), dir.join("bad-stats.json"));
-    let out = run_vmm(
-        &[
-            "--restore",
-            snap.to_str().expect("utf-8"),
-            "--vms",
-            "2",
-            "--log-dir",
-            logs.to_str().expect("utf-8"),
-            "--stats",
-            stats.to_str().expect("utf-8"),
-        ],
-        Duration::from_secs(60),
-    );
+    let out = restore_two(snap, &logs, &stats, &[], Duration::from_secs(60));
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(22), "{expect}: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
@@ -137,21 +148,7 @@ fn a_disk_vm_snapshotted_after_its_root_mount_restores_as_clones() {
     std::fs::remove_file(&overlay).expect("remove the template's overlay");
 
     let (logs, stats) = (dir.join("logs"), dir.join("stats.json"));
-    let out = run_vmm(
-        &[
-            "--restore",
-            snap.to_str().expect("utf-8"),
-            "--vms",
-            "2",
-            "--log-dir",
-            logs.to_str().expect("utf-8"),
-            "--stats",
-            stats.to_str().expect("utf-8"),
-            "--timeout",
-            "600",
-        ],
-        DEADLINE,
-    );
+    let out = restore_two(&snap, &logs, &stats, &["--timeout", "600"], DEADLINE);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "clones: {stderr}");
     let stats: serde_json::Value =

@@ -27,8 +27,6 @@ use vmm::host::HostContext;
 use vmm::session::{self, RunningVm, SessionOptions};
 use vmm::snapshot::restore;
 
-use mirrorball_profiler::thread_usage::monotonic_ns;
-
 use super::report::{median, spread, Row, Target};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -262,30 +260,20 @@ pub fn run(scratch: &Path, vmm: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Restore → running for a Linux snapshot, against the original's uptime at the snapshot.
 /// `vmm --restore DIR --vms 8` against `--vms 1`, from the command's spawn to the last vCPU's
 /// first `KVM_RUN` (the snapshot read and checked once, every clone built, given its state and
 /// started): what a user waits for.
 fn command_restore_row(scratch: &Path, vmm: &Path, dir: &Path) -> Result<Row> {
     let stats = scratch.join("restore-launch.json");
     let run = |n: &str| -> Result<f64> {
-        let _ = std::fs::remove_file(&stats);
-        let start = monotonic_ns();
+        let mut vmm_cmd = std::process::Command::new(vmm);
         // The clones run the snapshot's long task: the timeout ends them.
-        let out = std::process::Command::new(vmm)
+        vmm_cmd
             .args(["--vms", n, "--timeout", "0.3", "--restore"])
             .arg(dir)
-            .arg("--stats")
-            .arg(&stats)
-            .env("MIRRORBALL_RUN_DIR", scratch.join("restore-run"))
-            .output()?;
-        let last = super::sharing::last_first_run(&stats).with_context(|| {
-            format!(
-                "vmm --restore --vms {n}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        Ok(last.saturating_sub(start) as f64 / 1e6)
+            .env("MIRRORBALL_RUN_DIR", scratch.join("restore-run"));
+        let (running, _, _) = super::sharing::spawn_to_all_running(vmm_cmd, &stats)?;
+        Ok(running)
     };
     let (mut ones, mut eights) = (Vec::new(), Vec::new());
     for _ in 0..7 {
@@ -311,6 +299,7 @@ fn command_restore_row(scratch: &Path, vmm: &Path, dir: &Path) -> Result<Row> {
     ))
 }
 
+/// Restore → running for a Linux snapshot, against the original's uptime at the snapshot.
 fn linux_restore(host: &Arc<HostContext>, dir: &Path) -> Result<Row> {
     let mut ms = Vec::new();
     let mut uptime_ms = 0.0;

@@ -334,6 +334,8 @@ pub fn launch(
     }
     // Started parked once every VM is built, then let go together: a VM whose guest runs would
     // take the CPU from the others' start (and the fleet starts at one instant).
+    // (Restored VMs were let go by their own launch.)
+    let fresh: Vec<usize> = built.iter().map(|(i, _)| *i).collect();
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
             b.control.request_pause();
@@ -341,8 +343,10 @@ pub fn launch(
             session::start(b).map_err(|e| (name, e))
         }));
     }
-    for vm in results.iter_mut().flatten().flatten() {
-        vm.resume();
+    for i in fresh {
+        if let Some(Ok(vm)) = results[i].as_mut() {
+            vm.resume();
+        }
     }
     results
         .into_iter()
