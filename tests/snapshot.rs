@@ -311,6 +311,14 @@ fn bad_snapshots_and_directories_are_refused_with_one_line() {
     mem[at] ^= 0xff;
     std::fs::write(t.join("memory.bin"), &mem).expect("write");
     refused(&t, "memory.bin does not match");
+    // A FIFO in place of a snapshot file: refused at once, not waited on.
+    let t = dir.join("fifo");
+    copy_dir(&snap, &t);
+    std::fs::remove_file(t.join("checksum")).expect("remove");
+    let fifo = std::ffi::CString::new(t.join("checksum").to_str().expect("utf-8")).expect("path");
+    // SAFETY: mkfifo reads one NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    refused(&t, "checksum is not a regular file");
     // Wrong version.
     let t = dir.join("version");
     copy_dir(&snap, &t);

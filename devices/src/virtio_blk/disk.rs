@@ -93,7 +93,12 @@ impl BaseImage {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
+        // Non-blocking: a FIFO in its place is refused below instead of blocking the open.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         if !meta.is_file() {
             return Err(DiskError::NotAFile(path.to_path_buf()));
@@ -484,6 +489,15 @@ mod tests {
             Err(DiskError::OpenBase { .. })
         ));
         assert!(matches!(BaseImage::open(&dir), Err(DiskError::NotAFile(_))));
+        // A FIFO with no writer: refused, not waited on.
+        let fifo = dir.join("fifo.img");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads one NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            BaseImage::open(&fifo),
+            Err(DiskError::NotAFile(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

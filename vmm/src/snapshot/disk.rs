@@ -11,7 +11,7 @@
 //! file. A restore refuses, with one line, a base that is missing or differs in any of these,
 //! and an overlay file that is truncated or does not match its checksum.
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -192,14 +192,9 @@ pub fn spec(dir: &Path, d: &DiskSnapshot) -> Result<DiskSpec, String> {
 
 /// Opens and checks the snapshot's overlay file in `dir`.
 pub fn open_layer(dir: &Path, d: &DiskSnapshot) -> Result<Arc<SnapshotLayer>, SnapshotError> {
-    let err = |why: String| SnapshotError::new(dir, why);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir.join(&d.overlay.file))
-        .map_err(|e| err(format!("cannot open {}: {e}", d.overlay.file)))?;
+    let file = super::restore::open_read(dir, &d.overlay.file)?;
     SnapshotLayer::open(file, &d.overlay.layer_facts())
-        .map_err(|e| err(format!("{}: {e}", d.overlay.file)))
+        .map_err(|e| SnapshotError::new(dir, format!("{}: {e}", d.overlay.file)))
 }
 
 #[cfg(test)]

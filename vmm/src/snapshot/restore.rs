@@ -44,12 +44,23 @@ pub struct Loaded {
     guest_region: Option<Vec<u8>>,
 }
 
-fn open_read(dir: &Path, name: &str) -> Result<File, SnapshotError> {
-    std::fs::OpenOptions::new()
+/// Opens the snapshot file `name` in `dir` for reading: never through a symlink, never blocking
+/// (a FIFO planted in its place would block the open until a writer came), and only a regular
+/// file.
+pub(super) fn open_read(dir: &Path, name: &str) -> Result<File, SnapshotError> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(dir.join(name))
-        .map_err(|e| SnapshotError::new(dir, format!("cannot open {name}: {e}")))
+        .map_err(|e| SnapshotError::new(dir, format!("cannot open {name}: {e}")))?;
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Ok(file),
+        Ok(_) => Err(SnapshotError::new(
+            dir,
+            format!("{name} is not a regular file"),
+        )),
+        Err(e) => Err(SnapshotError::new(dir, format!("cannot read {name}: {e}"))),
+    }
 }
 
 fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, SnapshotError> {
