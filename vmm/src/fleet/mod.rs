@@ -336,6 +336,11 @@ pub fn launch(
     // take the CPU from the others' start (and the fleet starts at one instant).
     // (Restored VMs were let go by their own launch.)
     let fresh: Vec<usize> = built.iter().map(|(i, _)| *i).collect();
+    crate::vstate::first_slice::share_start(
+        built
+            .iter_mut()
+            .filter_map(|(_, b)| b.as_mut().ok().map(|b| &mut b.vcpus)),
+    );
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
             b.control.request_pause();

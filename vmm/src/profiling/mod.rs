@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod cow_charges;
 pub mod ledger;
+pub mod pagemap;
 pub mod regions;
 pub mod sampler;
 pub mod sharing;

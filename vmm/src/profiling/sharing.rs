@@ -3,31 +3,27 @@
 //! many KSM merged, and how many copy-on-write breaks happened — per VM, and per guest range (the
 //! OS-less guest's task regions, so per task and so per vCPU).
 //!
-//! How: `/proc/self/pagemap`, read for the VM's own mappings only (8 bytes per guest page). For a
-//! private (copy-on-write) mapping of a template, a present page that is still a file page is
-//! the template's; an anonymous one is the VM's copy; an anonymous page not exclusively mapped
-//! was merged by KSM. For a VM with memory of its own (a shared mapping of its own memfd) every
-//! present page is private. Alternatives considered: `smaps` gives the same counts per mapping
+//! How: `/proc/self/pagemap` for the VM's own mappings only, through `PAGEMAP_SCAN` where the
+//! kernel has it (it walks only the page tables that exist: a clone that touched little is
+//! scanned in microseconds) and by reading 8 bytes per guest page otherwise or under KSM
+//! ([`super::pagemap`]). Each mapping is walked once per scan; the accounted ranges are counted
+//! from the same runs. For a private (copy-on-write) mapping of a template, a present page that
+//! is still a file page is the template's; an anonymous one is the VM's copy; an anonymous page
+//! not exclusively mapped was merged by KSM. For a VM with memory of its own (a shared mapping
+//! of its own memfd) every present page is private. Alternatives considered: `smaps` gives the same counts per mapping
 //! but makes the kernel walk every mapping of the process and format text; userfaultfd
 //! write-protection would name the faulting thread of every break but costs a round trip per
 //! write fault (about 80–100 µs here, against 5 µs for the break itself). The scan's cost is
 //! measured by the `sharing` bench group (per sample per GiB).
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::cow_charges::{CowCharges, RangeOwner};
+use super::pagemap::{PageRun, PageState, Pagemap};
 use crate::vstate::memory::GuestRam;
 
 const PAGE: usize = 4096;
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE: u64 = 1 << 61;
-const PM_EXCLUSIVE: u64 = 1 << 56;
-/// Pagemap entries read per `pread` (512 KiB of entries = 256 MiB of guest memory).
-const CHUNK_PAGES: usize = 64 * 1024;
 
 /// Page counts of one range of guest memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -112,12 +108,15 @@ pub struct SharingScanner {
     period: Option<std::time::Duration>,
     last_scan: Option<std::time::Instant>,
     last_cost: std::time::Duration,
-    pagemap: Option<File>,
+    pagemap: Option<Pagemap>,
     /// (guest start, host start, length) of each RAM mapping.
     mappings: Vec<(u64, usize, usize)>,
     private_mapping: bool,
+    /// KSM may merge the RAM's pages: scans must tell merged ones.
+    mergeable: bool,
     ranges: Vec<AccountedRange>,
-    buf: Vec<u64>,
+    /// The latest scan's runs, per mapping.
+    runs: Vec<Vec<PageRun>>,
     latest: SharingReport,
     /// Per range, in the same order.
     charges: Arc<CowCharges>,
@@ -152,11 +151,12 @@ impl SharingScanner {
             period: Some(DEFAULT_SCAN_PERIOD),
             last_scan: None,
             last_cost: std::time::Duration::ZERO,
-            pagemap: File::open("/proc/self/pagemap").ok(),
+            pagemap: Pagemap::open().ok(),
             mappings,
             private_mapping: ram.is_private(),
+            mergeable: ram.is_mergeable(),
             ranges,
-            buf: Vec::new(),
+            runs: Vec::new(),
             latest,
             disk_pages: None,
         }
@@ -221,79 +221,92 @@ impl SharingScanner {
         self.latest.clone()
     }
 
-    fn host_range(&self, gpa: u64, len: u64) -> Option<(usize, usize)> {
-        self.mappings.iter().find_map(|&(start, host, mlen)| {
-            let off = gpa.checked_sub(start)?;
-            let end = off.checked_add(len)?;
-            let (off, size) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
-            (end <= mlen as u64).then(|| (host + off, size))
-        })
+    /// The mapping holding `len` bytes at `gpa`, and the range's first and end page in it.
+    fn pages_of(&self, gpa: u64, len: u64) -> Option<(usize, usize, usize)> {
+        self.mappings
+            .iter()
+            .enumerate()
+            .find_map(|(m, &(start, _, mlen))| {
+                let off = gpa.checked_sub(start)?;
+                let end = off.checked_add(len)?;
+                let (off, end) = (usize::try_from(off).ok()?, usize::try_from(end).ok()?);
+                (end <= mlen).then_some((m, off / PAGE, end / PAGE))
+            })
     }
 
-    fn classify(&self, entry: u64, gpa: u64, counts: &mut PageCounts) {
-        let from_disk = || self.disk_pages.as_ref().is_some_and(|p| p.contains(gpa));
-        if entry & PM_SWAPPED != 0 {
-            counts.swapped += 1;
-            counts.private += 1;
-        } else if entry & PM_PRESENT != 0 {
-            if entry & PM_FILE != 0 && from_disk() {
-                counts.disk_shared += 1;
-            } else if !self.private_mapping {
-                counts.private += 1;
-            } else if entry & PM_FILE != 0 {
-                counts.shared += 1;
-            } else {
-                counts.private += 1;
-                if entry & PM_EXCLUSIVE == 0 {
-                    counts.merged += 1;
+    /// Adds `pages` pages in `state` from `gpa` on to `counts`.
+    fn classify(&self, state: PageState, gpa: u64, pages: usize, counts: &mut PageCounts) {
+        let n = pages as u64;
+        match state {
+            PageState::Swapped => {
+                counts.swapped += n;
+                counts.private += n;
+            }
+            PageState::File => {
+                let disk = self.disk_pages.as_ref().map_or(0, |p| {
+                    (0..pages)
+                        .filter(|i| p.contains(gpa + (i * PAGE) as u64))
+                        .count() as u64
+                });
+                counts.disk_shared += disk;
+                if self.private_mapping {
+                    counts.shared += n - disk;
+                } else {
+                    counts.private += n - disk;
+                }
+            }
+            PageState::Anon { exclusive } => {
+                counts.private += n;
+                if self.private_mapping && !exclusive {
+                    counts.merged += n;
                 }
             }
         }
     }
 
-    fn count(&mut self, gpa: u64, host: usize, len: usize) -> std::io::Result<PageCounts> {
+    /// The counts of pages `from..to` of mapping `m` in the latest runs.
+    fn count(&self, m: usize, from: usize, to: usize) -> PageCounts {
         let mut counts = PageCounts::default();
-        let Some(pagemap) = self.pagemap.take() else {
+        let (Some(runs), Some(&(gpa, _, _))) = (self.runs.get(m), self.mappings.get(m)) else {
+            return counts;
+        };
+        let first = runs.partition_point(|r| r.page + r.pages <= from);
+        for r in runs[first..].iter().take_while(|r| r.page < to) {
+            let (a, b) = (r.page.max(from), (r.page + r.pages).min(to));
+            self.classify(r.state, gpa + (a * PAGE) as u64, b - a, &mut counts);
+        }
+        counts
+    }
+
+    /// Walks every RAM mapping once into `self.runs`.
+    fn walk(&mut self) -> std::io::Result<()> {
+        let Some(pagemap) = self.pagemap.as_mut() else {
             return Err(std::io::Error::from(std::io::ErrorKind::NotFound));
         };
-        let result = (|| {
-            let pages = len / PAGE;
-            let mut done = 0;
-            while done < pages {
-                let n = (pages - done).min(CHUNK_PAGES);
-                self.buf.resize(n, 0);
-                let bytes: &mut [u8] = bytemuck_u64s(&mut self.buf[..n]);
-                let offset = ((host / PAGE + done) * 8) as u64;
-                pagemap.read_exact_at(bytes, offset)?;
-                for i in 0..n {
-                    let entry = self.buf[i];
-                    let page_gpa = gpa + ((done + i) * PAGE) as u64;
-                    self.classify(entry, page_gpa, &mut counts);
-                }
-                done += n;
-            }
-            Ok(counts)
-        })();
-        self.pagemap = Some(pagemap);
-        result
+        self.runs.resize_with(self.mappings.len(), Vec::new);
+        for (&(_, host, len), runs) in self.mappings.iter().zip(&mut self.runs) {
+            pagemap.runs(host, len, self.mergeable, runs)?;
+        }
+        Ok(())
     }
 
     /// Scans the RAM now and updates the latest report; returns it.
     pub fn scan(&mut self) -> std::io::Result<SharingReport> {
         let started = std::time::Instant::now();
         self.last_scan = Some(started);
+        self.walk()?;
         let mut total = PageCounts::default();
-        for (gpa, host, len) in self.mappings.clone() {
-            total.add(&self.count(gpa, host, len)?);
+        for (m, &(_, _, len)) in self.mappings.iter().enumerate() {
+            total.add(&self.count(m, 0, len / PAGE));
         }
-        let mut per_range = Vec::with_capacity(self.ranges.len());
-        for r in self.ranges.clone() {
-            let counts = match self.host_range(r.gpa, r.len) {
-                Some((host, len)) => self.count(r.gpa, host, len)?,
+        let per_range: Vec<PageCounts> = self
+            .ranges
+            .iter()
+            .map(|r| match self.pages_of(r.gpa, r.len) {
+                Some((m, from, to)) => self.count(m, from, to),
                 None => PageCounts::default(),
-            };
-            per_range.push(counts);
-        }
+            })
+            .collect();
         let latest = &mut self.latest;
         latest.cow_breaks += total.private.saturating_sub(latest.total.private);
         latest.total = total;
@@ -309,14 +322,6 @@ impl SharingScanner {
         self.last_cost = started.elapsed();
         Ok(report)
     }
-}
-
-/// Views a `u64` buffer as bytes (native endianness, as pagemap writes it).
-fn bytemuck_u64s(words: &mut [u64]) -> &mut [u8] {
-    let len = std::mem::size_of_val(words);
-    // SAFETY: u64 has no invalid bit patterns and no padding; the byte view covers exactly the
-    // same memory, borrowed mutably for the same lifetime.
-    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
 }
 
 #[cfg(test)]
@@ -365,6 +370,11 @@ mod tests {
             touch(&ram, page * 4096, true);
         }
         let r = scanner.scan().expect("scan");
+        // Reading every page's entry gives the same figures as `PAGEMAP_SCAN`.
+        let mut reader = SharingScanner::new(&ram, scanner.ranges.clone());
+        reader.pagemap = Pagemap::open().ok().map(Pagemap::without_scan);
+        let read = reader.scan().expect("scan");
+        assert_eq!((read.total, &read.ranges), (r.total, &r.ranges));
         assert!(r.cloned);
         assert_eq!(r.total.shared, 70, "read template pages stay shared");
         assert_eq!(r.total.private, 40, "30 broken + 10 fresh");

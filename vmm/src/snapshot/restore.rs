@@ -333,7 +333,7 @@ pub fn launch(
         check_cpuid(loaded, first).map_err(|e| SnapshotError::new(dir, e))?;
     }
     // Every clone gets its state before any starts: running clones would slow the others' setup.
-    let ready: Vec<_> = built
+    let mut ready: Vec<_> = built
         .into_iter()
         .map(|b: Result<BuiltVm, _>| {
             b.and_then(|mut b| {
@@ -342,6 +342,11 @@ pub fn launch(
             })
         })
         .collect();
+    crate::vstate::first_slice::share_start(
+        ready
+            .iter_mut()
+            .filter_map(|b| b.as_mut().ok().map(|b| &mut b.vcpus)),
+    );
     // Started parked, then let go together: a clone that runs would slow the others' start.
     let mut started: Vec<Started> = ready
         .into_iter()

@@ -146,6 +146,8 @@ pub struct GuestRam {
     ranges: Vec<(u64, u64)>,
     size: u64,
     template: Option<Arc<Template>>,
+    /// Offered to KSM ([`GuestRam::mark_mergeable`]).
+    mergeable: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -160,6 +162,7 @@ impl GuestRam {
             ranges: ram_ranges(size),
             size,
             template: None,
+            mergeable: Default::default(),
         })
     }
 
@@ -175,6 +178,7 @@ impl GuestRam {
             ranges: ram_ranges(size),
             size,
             template: None,
+            mergeable: Default::default(),
         })
     }
 
@@ -194,7 +198,14 @@ impl GuestRam {
                 )));
             }
         }
+        self.mergeable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether the RAM was offered to KSM.
+    pub fn is_mergeable(&self) -> bool {
+        self.mergeable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Host address ranges of the RAM mappings (start, length).
@@ -223,6 +234,7 @@ impl GuestRam {
             ranges: ram_ranges(template.size),
             size: template.size,
             template: Some(template.clone()),
+            mergeable: Default::default(),
         })
     }
 

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::paging;
 use crate::exit::VmEnd;
+use crate::vstate::first_slice::FirstSlice;
 use crate::vstate::halt::{HaltWatch, VcpuRest};
 
 /// What the run loop does after an exit.
@@ -220,6 +221,8 @@ pub struct Vcpu {
     /// The last exit was port I/O or MMIO: KVM finishes that instruction (stores an `in`'s
     /// data, advances RIP) only at the next KVM_RUN.
     exit_incomplete: bool,
+    /// Cut the first KVM_RUN short after this long and yield (see [`super::first_slice`]).
+    first_slice: Option<std::time::Duration>,
 }
 
 /// How long KVM_RUN EFAULTs in a row are retried (1 ms apart) before the VM fails. Under a
@@ -260,7 +263,14 @@ impl Vcpu {
             pager_faults: None,
             efault_since: None,
             exit_incomplete: false,
+            first_slice: None,
         }
+    }
+
+    /// Cuts the first KVM_RUN short after `slice` and yields the CPU once then: for vCPUs let
+    /// go together with more of them than CPUs ([`super::first_slice`]).
+    pub fn set_first_slice(&mut self, slice: std::time::Duration) {
+        self.first_slice = Some(slice);
     }
 
     /// Runs `hook` on the vCPU thread before its first KVM_RUN (e.g. to take baselines).
@@ -314,9 +324,16 @@ impl Vcpu {
                 self.control.park(self.index, &self.fd);
                 continue;
             }
+            let first_slice = self
+                .first_slice
+                .take()
+                .and_then(|slice| FirstSlice::arm(tid, slice).ok());
             acct.enter_run();
             let (kind, action) = self.run_once();
             acct.exit_run(kind);
+            if let Some(slice) = first_slice {
+                slice.end();
+            }
             self.exit_incomplete = matches!(
                 kind,
                 ExitKind::IoIn | ExitKind::IoOut | ExitKind::MmioRead | ExitKind::MmioWrite
