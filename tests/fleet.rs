@@ -636,3 +636,51 @@ fn ksm_merges_identical_data_sets_of_two_vms() {
     assert!(with.iter().all(|&(total, task)| total >= task), "{with:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// vCPUs let go together that outnumber the host's CPUs each give up their CPU once, after a
+/// first slice of guest time (a kick exit, then a yield): none waits for the scheduler's next
+/// tick to start its guest. A VM whose vCPUs fit on the CPUs is never kicked. The guests'
+/// results are those of an undisturbed run.
+#[test]
+fn vcpus_that_outnumber_the_cpus_get_a_first_slice() {
+    if !kvm_available("vcpus_that_outnumber_the_cpus_get_a_first_slice") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let dir = scratch("fleet-first-slice");
+    // One long iteration: the guest's first exit of its own comes after its whole run.
+    const SPEC: &str = "work 4 R 200000 1";
+    let run = |vms: usize| -> Vec<Value> {
+        let stats_path = dir.join(format!("stats-{vms}.json"));
+        let out = run_vmm(
+            &[
+                "--vms",
+                &vms.to_string(),
+                "--workload",
+                SPEC,
+                "--stats",
+                stats_path.to_str().expect("utf-8"),
+                "--run-dir",
+                dir.join("run").to_str().expect("utf-8"),
+            ],
+            DEADLINE,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let json = stats(&stats_path);
+        match json["vms"].as_array() {
+            Some(vms) => vms.clone(),
+            None => vec![json],
+        }
+    };
+    let spec: TaskSpec = SPEC.parse().expect("spec");
+    let plan = layout(std::slice::from_ref(&spec), 1).expect("layout");
+    let checksum = u64::from(replay(&spec, &plan.tasks[0]).1);
+    for (vms, kicks) in [(cpus + 1, 1), (1, 0)] {
+        for vm in run(vms) {
+            assert_eq!(vm["tasks"][0]["checksum"].as_u64(), Some(checksum), "{vm}");
+            let exits = &vm["vcpus"][0]["exits"];
+            assert_eq!(exits["intr"].as_u64(), Some(kicks), "{vms} VMs: {exits}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
