@@ -1,12 +1,13 @@
 //! What every VM of one process shares: the `/dev/kvm` handle, the host kind, the run directory
 //! where profiler regions are published, what KVM supports (read once), and the host's memory
-//! policy (KSM). A process hosting many VMs builds one [`HostContext`] and hands it to the
+//! policy (KSM), and VMs created ahead for a launch. A process hosting many VMs builds one [`HostContext`] and hands it to the
 //! builder for each VM; nothing here is per VM, and nothing is process-global.
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::x86_64::cpuid::{self, pvm_guest_kernel_args, HostKind};
 use crate::vstate::vm::VmError;
@@ -21,6 +22,8 @@ pub struct HostContext {
     pager: Option<Arc<crate::budget::uffd::Pager>>,
     supported_cpuid: OnceLock<Result<CpuId, String>>,
     pvm_kernel_args: OnceLock<Result<String, String>>,
+    /// VM file descriptors a helper thread creates ahead ([`HostContext::create_vms_ahead`]).
+    vms_ahead: Mutex<Option<Receiver<VmFd>>>,
 }
 
 impl HostContext {
@@ -37,7 +40,44 @@ impl HostContext {
             pager: None,
             supported_cpuid: OnceLock::new(),
             pvm_kernel_args: OnceLock::new(),
+            vms_ahead: Mutex::new(None),
         })
+    }
+
+    /// Has a helper thread create `count` VMs (`KVM_CREATE_VM`) ahead, while this thread goes
+    /// on preparing a launch: [`HostContext::create_vm`] hands them out. The kernel's part of a
+    /// VM's creation is most of a clone's setup cost, and it needs nothing from the launch.
+    pub fn create_vms_ahead(&self, count: usize) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(count);
+        let kvm = self.kvm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vm-create".into())
+            .spawn(move || {
+                for _ in 0..count {
+                    // A VM that cannot be created here is created (and its error reported) by
+                    // the build that needs it.
+                    let Ok(fd) = kvm.create_vm() else { break };
+                    if tx.send(fd).is_err() {
+                        break;
+                    }
+                }
+            });
+        if spawned.is_ok() {
+            *self.vms_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        }
+    }
+
+    /// A new VM: one created ahead while any is left, else created now.
+    pub fn create_vm(&self) -> Result<VmFd, kvm_ioctls::Error> {
+        let mut ahead = self.vms_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = ahead.as_ref() {
+            match rx.recv() {
+                Ok(fd) => return Ok(fd),
+                Err(_) => *ahead = None,
+            }
+        }
+        drop(ahead);
+        self.kvm.create_vm()
     }
 
     /// The `/dev/kvm` handle.

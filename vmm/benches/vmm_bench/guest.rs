@@ -112,6 +112,19 @@ pub fn tiny_linux_config(elf: &std::path::Path) -> vmm::builder::linux::LinuxCon
     }
 }
 
+/// A run directory where the VMM keeps its run files by default, on tmpfs (`/dev/shm`; the
+/// temporary directory where there is none), private to this bench process: `name` tells the
+/// groups apart. The caller removes it.
+pub fn run_dir(name: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("mirrorball-bench-{}-{name}", std::process::id()))
+}
+
 /// A scratch directory for this process's guest files, removed on drop.
 pub struct Scratch {
     dir: std::path::PathBuf,

@@ -179,7 +179,9 @@ fn memcpy_4k_ns() -> f64 {
 /// Group 11.
 pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     let scratch = std::env::temp_dir().join(format!("mb-bench-sharing-{}", std::process::id()));
-    let host = Arc::new(HostContext::new(&scratch, false)?);
+    // Run files where users' runs keep theirs by default (tmpfs).
+    let run_dir = super::guest::run_dir("sharing");
+    let host = Arc::new(HostContext::new(&run_dir, false)?);
     let mut rows = Vec::new();
 
     // 1. Host memory: 8 clones vs one, and 8 with memory of their own.
@@ -265,7 +267,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         let mut vmm_cmd = std::process::Command::new(vmm);
         vmm_cmd
             .args(["--vms", n, "--workload", "read 1 R 1 1"])
-            .env("MIRRORBALL_RUN_DIR", &scratch);
+            .env("MIRRORBALL_RUN_DIR", &run_dir);
         let (running, ended, out) =
             spawn_to_all_running(vmm_cmd, &scratch.join(format!("launch-{n}.json")))?;
         if !out.status.success() {
@@ -421,5 +423,6 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
         .with_ratio(median(&pairs)),
     );
     let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_dir_all(&run_dir);
     Ok(rows)
 }

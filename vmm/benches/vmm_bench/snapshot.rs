@@ -101,7 +101,8 @@ fn restore_clones(
 }
 
 pub fn run(scratch: &Path, vmm: &Path) -> Result<Vec<Row>> {
-    let run_dir = scratch.join("snapshot-run");
+    // Run files where users' runs keep theirs by default (tmpfs).
+    let run_dir = super::guest::run_dir("snapshot");
     let host = Arc::new(HostContext::new(&run_dir, false)?);
     let _ = SessionOptions {
         timeout: None,
@@ -257,6 +258,7 @@ pub fn run(scratch: &Path, vmm: &Path) -> Result<Vec<Row>> {
     if let Some(linux) = std::env::var_os("MIRRORBALL_BENCH_LINUX_SNAPSHOT") {
         rows.push(linux_restore(&host, Path::new(&linux))?);
     }
+    let _ = std::fs::remove_dir_all(&run_dir);
     Ok(rows)
 }
 
@@ -271,7 +273,7 @@ fn command_restore_row(scratch: &Path, vmm: &Path, dir: &Path) -> Result<Row> {
         vmm_cmd
             .args(["--vms", n, "--timeout", "0.3", "--restore"])
             .arg(dir)
-            .env("MIRRORBALL_RUN_DIR", scratch.join("restore-run"));
+            .env("MIRRORBALL_RUN_DIR", super::guest::run_dir("restore"));
         let (running, _, _) = super::sharing::spawn_to_all_running(vmm_cmd, &stats)?;
         Ok(running)
     };
@@ -280,6 +282,7 @@ fn command_restore_row(scratch: &Path, vmm: &Path, dir: &Path) -> Result<Row> {
         ones.push(run("1")?);
         eights.push(run("8")?);
     }
+    let _ = std::fs::remove_dir_all(super::guest::run_dir("restore"));
     Ok(Row::measured(
         13,
         "clones_8_command",

@@ -217,7 +217,7 @@ pub(super) fn assemble(
         sharing.set_disk_pages(pages.clone());
         pages
     });
-    let mut vm = Vm::new(host.kvm(), ram, true)?;
+    let mut vm = Vm::new(&host, ram, true)?;
     let (_, platform) = config.platform(vm.ram_slots())?;
 
     let mut mmio = Bus::new();

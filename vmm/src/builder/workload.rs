@@ -162,7 +162,7 @@ pub(super) fn assemble(
     let plan = config.layout()?;
     let sharing = SharingScanner::new(&ram, task_ranges(&plan, vcpu_count));
     let mem = ram.memory().clone();
-    let mut vm = Vm::new(host.kvm(), ram, false)?;
+    let mut vm = Vm::new(&host, ram, false)?;
     let mut platform = PlatformAllocator::new(vm.ram_slots());
     let regions = match config.profile_period {
         Some(period) => Some(publish_profiler_regions(

@@ -14,6 +14,7 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
+use crate::vstate::first_slice;
 use crate::vstate::memory::host_ram_bytes;
 
 pub mod file;
@@ -276,6 +277,8 @@ pub fn launch(
             .iter()
             .map(|&i| consoles[i].take().unwrap_or(ConsoleSink::Null))
             .collect();
+        // The clones' VMs are created on another CPU while the snapshot is read and checked.
+        host.create_vms_ahead(index.len());
         let started = crate::snapshot::restore::load(dir, host).and_then(|loaded| {
             crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution)
         });
@@ -293,6 +296,8 @@ pub fn launch(
             }
         }
     }
+    // Their VMs are created on another CPU while this thread prepares the template.
+    host.create_vms_ahead(plan.vms.iter().filter(|v| v.restore.is_none()).count());
     let mut shared: Option<Result<Arc<SharedImage>, String>> = None;
     let mut built = Vec::with_capacity(plan.vms.len());
     for (i, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
@@ -336,11 +341,17 @@ pub fn launch(
     // take the CPU from the others' start (and the fleet starts at one instant).
     // (Restored VMs were let go by their own launch.)
     let fresh: Vec<usize> = built.iter().map(|(i, _)| *i).collect();
-    crate::vstate::first_slice::share_start(
-        built
-            .iter_mut()
-            .filter_map(|(_, b)| b.as_mut().ok().map(|b| &mut b.vcpus)),
-    );
+    let vcpus = built
+        .iter()
+        .flat_map(|(_, b)| b.as_ref().ok())
+        .map(|b| b.vcpus.len());
+    if first_slice::needed(vcpus.sum()) {
+        for (_, b) in built.iter_mut() {
+            if let Ok(b) = b {
+                first_slice::give(&mut b.vcpus);
+            }
+        }
+    }
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
             b.control.request_pause();

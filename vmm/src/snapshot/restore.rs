@@ -23,6 +23,7 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::{self, RunningVm};
+use crate::vstate::first_slice;
 use crate::vstate::memory::Template;
 use crate::workload::{self, TaskSpec};
 
@@ -342,11 +343,11 @@ pub fn launch(
             })
         })
         .collect();
-    crate::vstate::first_slice::share_start(
-        ready
-            .iter_mut()
-            .filter_map(|b| b.as_mut().ok().map(|b| &mut b.vcpus)),
-    );
+    if first_slice::needed(loaded.config.vcpus() * plan.vms.len()) {
+        for b in ready.iter_mut().flatten() {
+            first_slice::give(&mut b.vcpus);
+        }
+    }
     // Started parked, then let go together: a clone that runs would slow the others' start.
     let mut started: Vec<Started> = ready
         .into_iter()

@@ -13,16 +13,16 @@ use std::time::Duration;
 /// How long a vCPU runs its guest before its first yield.
 pub const FIRST_SLICE: Duration = Duration::from_micros(200);
 
-/// Gives every vCPU of the VMs about to be let go together a first slice, when they are more
-/// than the CPUs this process may run on.
-pub fn share_start<'a>(vms: impl IntoIterator<Item = &'a mut Vec<super::vcpu::Vcpu>>) {
-    let mut vms: Vec<_> = vms.into_iter().collect();
-    let vcpus: usize = vms.iter().map(|v| v.len()).sum();
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if vcpus > cpus {
-        for vcpu in vms.iter_mut().flat_map(|v| v.iter_mut()) {
-            vcpu.set_first_slice(FIRST_SLICE);
-        }
+/// Whether `vcpus` vCPUs let go together need a first slice: when they are more than the CPUs
+/// this process may run on.
+pub fn needed(vcpus: usize) -> bool {
+    vcpus > std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Gives each of `vcpus` a first slice.
+pub fn give(vcpus: &mut [super::vcpu::Vcpu]) {
+    for vcpu in vcpus {
+        vcpu.set_first_slice(FIRST_SLICE);
     }
 }
 

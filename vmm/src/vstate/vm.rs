@@ -54,9 +54,13 @@ impl Vm {
     /// Creates a VM over `ram`. With `irqchip`, KVM emulates the PIC, IOAPIC, local APICs and PIT
     /// (what Linux needs); without it `hlt` and interrupts are the VMM's business (the OS-less
     /// guest needs neither).
-    pub fn new(kvm: &Arc<Kvm>, ram: GuestRam, irqchip: bool) -> Result<Self, VmError> {
-        let kvm = kvm.clone();
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    pub fn new(
+        host: &crate::host::HostContext,
+        ram: GuestRam,
+        irqchip: bool,
+    ) -> Result<Self, VmError> {
+        let kvm = host.kvm().clone();
+        let fd = host.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(
             usize::try_from(KVM_TSS_ADDR)
                 .map_err(|_| kvm_err("KVM_SET_TSS_ADDR")(kvm_ioctls::Error::new(libc::EINVAL)))?,
