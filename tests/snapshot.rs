@@ -246,12 +246,26 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `vmm --restore SNAP` is refused with one line and exit code 22; so is a fleet file whose VMs
+/// restore it (the fleet's closing table then names them refused).
 fn refused(snap: &Path, expect: &str) {
     let out = run_vmm(&["--restore", snap.to_str().expect("utf-8")], DEADLINE);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(22), "{}: {err}", snap.display());
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains(expect), "expected {expect:?}: {err}");
+    let fleet = snap.with_extension("toml");
+    let vm = |name: &str| format!("[[vm]]\nname = \"{name}\"\nrestore = {snap:?}\n");
+    std::fs::write(&fleet, vm("a") + &vm("b")).expect("fleet file");
+    let out = run_vmm(&["fleet", fleet.to_str().expect("utf-8")], DEADLINE);
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(22),
+        "fleet, {}: {err}",
+        snap.display()
+    );
+    assert!(err.contains(expect), "fleet: expected {expect:?}: {err}");
 }
 
 #[test]

@@ -54,6 +54,20 @@ fn refused(dir: &Path, snap: &Path, expect: &str) {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains(expect), "expected {expect:?}: {err}");
     assert!(!logs.exists() && !stats.exists(), "left behind: {err}");
+    // A fleet file that restores it: the same code and reason, refused before anything runs.
+    let fleet = dir.join("bad-fleet.toml");
+    std::fs::write(
+        &fleet,
+        format!("[[vm]]\nname = \"c\"\nrestore = {snap:?}\n"),
+    )
+    .expect("fleet");
+    let out = run_vmm(
+        &["fleet", fleet.to_str().expect("utf-8")],
+        Duration::from_secs(60),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(22), "fleet, {expect}: {err}");
+    assert!(err.contains(expect), "fleet: expected {expect:?}: {err}");
 }
 
 #[test]

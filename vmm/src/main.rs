@@ -39,7 +39,14 @@ fn run_tool(command: Command) -> Result<i32> {
     use std::time::Duration;
     match command {
         Command::Fleet(args) => {
-            let plan = fleet::file::load(&args.file, args.run.sample_hz)?;
+            let plan = match fleet::file::load(&args.file, args.run.sample_hz) {
+                Ok(plan) => plan,
+                Err(e @ fleet::FleetError::Snapshot { .. }) => {
+                    eprintln!("vmm: error: {e}");
+                    return Ok(vmm::snapshot::EXIT_SNAPSHOT);
+                }
+                Err(e) => return Err(e.into()),
+            };
             return run_vms(plan, &args.run);
         }
         Command::Record(a) => {

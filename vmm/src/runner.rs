@@ -25,6 +25,9 @@ pub enum RunError {
     /// The VM could not be built (refused alone; the other VMs of a fleet run).
     #[error("{0}")]
     Build(String),
+    /// The snapshot it was to be restored from was refused (exit code 22, as `vmm --restore`).
+    #[error("{0}")]
+    Snapshot(String),
     /// The VM was never started.
     #[error("the VM was not started")]
     NotRun,

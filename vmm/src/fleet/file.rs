@@ -93,7 +93,13 @@ pub fn load(path: &Path, default_hz: u32) -> Result<FleetPlan, FleetError> {
     }
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base, default_hz).map_err(err)
+    parse(&text, base, default_hz).map_err(|e| match e {
+        ParseError::Text(why) => err(why),
+        ParseError::Snapshot(why) => FleetError::Snapshot {
+            path: path.to_path_buf(),
+            why,
+        },
+    })
 }
 
 fn one_line(e: &toml::de::Error) -> String {
@@ -104,14 +110,43 @@ fn one_line(e: &toml::de::Error) -> String {
     }
 }
 
+/// Why fleet-file text is refused.
+#[derive(Debug)]
+pub enum ParseError {
+    /// The text says something wrong.
+    Text(String),
+    /// A VM's `restore` names a snapshot that cannot be restored.
+    Snapshot(String),
+}
+
+impl From<String> for ParseError {
+    fn from(why: String) -> Self {
+        Self::Text(why)
+    }
+}
+
+impl From<&str> for ParseError {
+    fn from(why: &str) -> Self {
+        Self::Text(why.to_string())
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Text(why) | Self::Snapshot(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Parses fleet-file text; paths are resolved against `base`.
-pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, String> {
+pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, ParseError> {
     let file: FleetFile = toml::from_str(text).map_err(|e| one_line(&e))?;
     if file.vm.is_empty() {
         return Err("no [[vm]] entries".into());
     }
     if file.vm.len() > MAX_VMS {
-        return Err(format!("{} VMs; at most {MAX_VMS}", file.vm.len()));
+        return Err(format!("{} VMs; at most {MAX_VMS}", file.vm.len()).into());
     }
     let d = &file.defaults;
     let mut vms = Vec::with_capacity(file.vm.len());
@@ -121,7 +156,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
         let bad = |why: String| format!("VM {name:?}: {why}");
         let hz = entry.sample_hz.or(d.sample_hz).unwrap_or(default_hz);
         if hz > 10_000 {
-            return Err(bad(format!("sample_hz {hz} is above 10000")));
+            return Err(bad(format!("sample_hz {hz} is above 10000")).into());
         }
         let period = (hz > 0).then(|| Duration::from_nanos(1_000_000_000 / u64::from(hz)));
         let memory = match entry.memory.as_ref().or(d.memory.as_ref()) {
@@ -144,11 +179,12 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
             if let Some((key, _)) = own.iter().find(|(_, given)| *given) {
                 return Err(bad(format!(
                     "{key} does not go with restore: the snapshot decides it"
-                )));
+                ))
+                .into());
             }
             let dir = base.join(dir);
-            let config =
-                crate::snapshot::restore::read_config(&dir).map_err(|e| bad(e.to_string()))?;
+            let config = crate::snapshot::restore::read_config(&dir)
+                .map_err(|e| ParseError::Snapshot(bad(e.to_string())))?;
             vms.push(VmPlan {
                 name,
                 config,
@@ -159,19 +195,19 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Stri
         }
         let config = match (entry.workload, entry.kernel) {
             (Some(_), Some(_)) => {
-                return Err(bad("give either workload or kernel, not both".into()))
+                return Err(bad("give either workload or kernel, not both".into()).into())
             }
-            (None, None) => return Err(bad("give a workload or a kernel".into())),
+            (None, None) => return Err(bad("give a workload or a kernel".into()).into()),
             (Some(specs), None) => {
                 if entry.initrd.is_some() || entry.cmdline.is_some() || entry.disk.is_some() {
-                    return Err(bad("initrd, cmdline and disk go with a kernel".into()));
+                    return Err(bad("initrd, cmdline and disk go with a kernel".into()).into());
                 }
                 let specs = specs
                     .iter()
                     .map(|s| s.parse::<TaskSpec>().map_err(|e| bad(e.to_string())))
                     .collect::<Result<Vec<_>, _>>()?;
                 if specs.is_empty() {
-                    return Err(bad("workload has no tasks".into()));
+                    return Err(bad("workload has no tasks".into()).into());
                 }
                 GuestConfig::Workload(WorkloadConfig {
                     vcpus: vcpus.unwrap_or(specs.len()),
@@ -294,11 +330,18 @@ sample_hz = 0
     #[test]
     fn a_restored_vm_takes_everything_from_its_snapshot() {
         let both = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\nvcpus = 2\n";
-        let e = parse(both, Path::new("/nowhere"), 20).expect_err("vcpus");
+        let e = parse(both, Path::new("/nowhere"), 20)
+            .expect_err("vcpus")
+            .to_string();
         assert!(e.contains("vcpus does not go with restore"), "{e}");
         let missing = "[[vm]]\nname = \"c\"\nrestore = \"snap\"\n";
         let e = parse(missing, Path::new("/nowhere"), 20).expect_err("no snapshot");
-        assert!(e.starts_with("VM \"c\": snapshot /nowhere/snap:"), "{e}");
+        assert!(matches!(e, ParseError::Snapshot(_)), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("VM \"c\": snapshot /nowhere/snap:"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -364,7 +407,7 @@ sample_hz = 0
             ),
         ];
         for (text, expected) in cases {
-            let e = parse(&text, &dir, 20).expect_err(&text);
+            let e = parse(&text, &dir, 20).expect_err(&text).to_string();
             assert!(e.contains(expected), "{text:?}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
@@ -399,7 +442,7 @@ sample_hz = 0
             ("[[vm\n", "unclosed"),
         ];
         for (text, expected) in cases {
-            let e = parse(text, Path::new("/"), 20).expect_err(text);
+            let e = parse(text, Path::new("/"), 20).expect_err(text).to_string();
             assert!(e.contains(expected), "{text:?}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }

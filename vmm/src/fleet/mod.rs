@@ -74,6 +74,15 @@ pub enum FleetError {
         /// What is wrong.
         why: String,
     },
+    /// A VM of the fleet file restores a snapshot that cannot be restored (exit code 22, as
+    /// `vmm --restore`).
+    #[error("fleet file {path}: {why}")]
+    Snapshot {
+        /// The fleet file.
+        path: PathBuf,
+        /// The VM and what is wrong with its snapshot.
+        why: String,
+    },
     /// The log directory.
     #[error("cannot use the log directory {path}: {source}")]
     LogDir {
@@ -290,7 +299,7 @@ pub fn launch(
             }
             Err(e) => {
                 for &i in &index {
-                    let refused = RunError::Build(e.to_string());
+                    let refused = RunError::Snapshot(e.to_string());
                     results[i] = Some(Err((plan.vms[i].name.clone(), refused)));
                 }
             }

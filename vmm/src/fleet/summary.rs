@@ -20,6 +20,7 @@ pub type VmResult = Result<RunReport, (String, RunError)>;
 fn code(r: &VmResult) -> i32 {
     match r {
         Ok(report) => report.end_reason.exit_code(),
+        Err((_, RunError::Snapshot(_))) => crate::snapshot::EXIT_SNAPSHOT,
         Err(_) => EXIT_VMM_ERROR,
     }
 }
@@ -134,6 +135,8 @@ mod tests {
         let refused: VmResult = Err(("b".into(), RunError::Build("no".into())));
         assert_eq!(exit_code(&[ok(), triple(), refused]), EXIT_FLEET_MIXED);
         assert_eq!(exit_code(&[triple(), ended(VmEnd::Interrupted)]), 130);
+        let bad_snapshot = || Err(("c".into(), RunError::Snapshot("corrupted".into())));
+        assert_eq!(exit_code(&[bad_snapshot(), bad_snapshot()]), 22);
         let t = table(&[
             ok(),
             Err(("b".into(), RunError::Build("bad kernel".into()))),
