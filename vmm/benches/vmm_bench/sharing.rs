@@ -179,6 +179,7 @@ fn memcpy_4k_ns() -> f64 {
 /// Group 11.
 pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
     let scratch = std::env::temp_dir().join(format!("mb-bench-sharing-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
     // Run files where users' runs keep theirs by default (tmpfs).
     let run_dir = super::guest::run_dir("sharing");
     let host = Arc::new(HostContext::new(&run_dir, false)?);
