@@ -60,6 +60,8 @@ mod launch;
 mod linux;
 #[path = "vmm_bench/memory.rs"]
 mod memory;
+#[path = "vmm_bench/probes.rs"]
+mod probes;
 #[path = "vmm_bench/profiler.rs"]
 mod profiler;
 #[path = "vmm_bench/readme.rs"]

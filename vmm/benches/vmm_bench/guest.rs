@@ -57,6 +57,13 @@ pub fn reset_then_halt() -> Vec<u8> {
     code
 }
 
+/// `out 0x80, al` (a port no device claims: one exit to the VMM), then `hlt` forever.
+pub fn out_then_halt() -> Vec<u8> {
+    let mut code = vec![0xe6, 0x80];
+    code.extend(halt_forever());
+    code
+}
+
 /// `hlt; jmp back to hlt`.
 pub fn halt_forever() -> Vec<u8> {
     vec![0xf4, 0xeb, 0xfd]

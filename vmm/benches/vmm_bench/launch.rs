@@ -76,12 +76,13 @@ pub fn vmm_first_exit(elf: &Path) -> Result<(Duration, Duration)> {
     )
     .context("building the VM")?;
     let built = start.elapsed();
-    let Guest::Linux { devices, .. } = &guest else {
+    let Guest::Linux { .. } = &guest else {
         bail!("the Linux builder returned another kind of guest");
     };
-    let reset = devices.reset_evt.as_raw_fd();
+    // The vCPU consumes the i8042's reset and ends the VM: the VM's end is what to wait for.
+    let ended = control.clone();
     let running = runner::start(vcpus, control).context("starting the vCPU")?;
-    let waited = wait_readable(reset, Duration::from_secs(10));
+    let waited = wait_readable(ended.wake_fd().as_raw_fd(), Duration::from_secs(10));
     let elapsed = start.elapsed();
     running.stop(VmEnd::Interrupted);
     drop(guest);

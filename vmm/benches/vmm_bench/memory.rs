@@ -3,7 +3,6 @@
 //! In process: RSS before and after building K VMs (then after starting them), against K bare
 //! kvm-ioctls VMs. Guest RAM is populated lazily on both sides, so it counts only for the pages
 //! the builders write (page tables, GDT, boot data, the guest code).
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -18,7 +17,7 @@ use vmm::runner::{self, RunningVcpus};
 
 use super::bare::BareVm;
 use super::guest::{self, Scratch};
-use super::launch::{wait_readable, TINY_MEM_BYTES};
+use super::launch::TINY_MEM_BYTES;
 use super::report::{Row, Target};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -59,18 +58,49 @@ fn start(built: BuiltVm) -> Result<Started> {
         profiling,
         ..
     } = built;
-    let Guest::Linux { devices, .. } = &guest else {
+    let Guest::Linux { .. } = &guest else {
         bail!("the Linux builder returned another kind of guest");
     };
-    let reset = devices.reset_evt.as_raw_fd();
+    let Some(tid) = vcpus.first().map(|v| v.tid_handle()) else {
+        bail!("the VM has no vCPU");
+    };
     let running = runner::start(vcpus, control)?;
-    wait_readable(reset, Duration::from_secs(10))?;
+    wait_halted(&tid, Duration::from_secs(10))?;
     Ok(Started {
         running,
         _guest: guest,
         _vm: vm,
         _profiling: profiling,
     })
+}
+
+/// Waits until the vCPU thread whose id `tid` will hold has started and sleeps in the guest's
+/// `hlt` (the in-kernel irqchip keeps a halted vCPU inside KVM_RUN, state `S`).
+fn wait_halted(tid: &std::sync::atomic::AtomicI32, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut sleeping_seen = 0;
+    while std::time::Instant::now() < deadline {
+        let id = tid.load(std::sync::atomic::Ordering::Acquire);
+        if id > 0 {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{id}/stat"))
+                .context("reading the vCPU thread's stat")?;
+            // The state follows the command name's closing parenthesis.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim().chars().next());
+            // Seen sleeping twice, 1 ms apart: not a passing wait on its way into the guest.
+            sleeping_seen = if state == Some('S') {
+                sleeping_seen + 1
+            } else {
+                0
+            };
+            if sleeping_seen == 2 {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("timed out after {timeout:?} waiting for the guest's hlt")
 }
 
 /// A bare VM on its own thread, run to the guest's `hlt`, kept until `release` is dropped.
@@ -127,7 +157,8 @@ fn breakdown(before: &ProcessMemory, after: &ProcessMemory, k: usize) -> String 
 /// In-process rows: per-VM RSS of K built VMs and of K started ones, ours against bare.
 fn in_process(scratch: &Scratch, k: usize) -> Result<Vec<Row>> {
     let code = guest::reset_then_halt();
-    let elf = scratch.file("rss.elf", &guest::elf(&code))?;
+    // Ours: an exit to an unclaimed port, then `hlt` (a reset would end the vCPU thread).
+    let elf = scratch.file("rss.elf", &guest::elf(&guest::out_then_halt()))?;
     // Warm up both paths once (lazy statics, the kick signal handler, allocator arenas); the
     // warm-up VMs stay alive so the measured ones cannot reuse their freed heap.
     let warm = start(build(&elf)?)?;
@@ -174,8 +205,8 @@ fn in_process(scratch: &Scratch, k: usize) -> Result<Vec<Row>> {
         breakdown(&bare_before, &bare_built, k)
     );
     let started_note = format!(
-        "RSS delta / {k} VMs whose vCPU thread ran the guest to its reset and parked in `hlt`; \
-         ours: {}; bare (own thread, KVM_RUN to the hlt exit): {}",
+        "RSS delta / {k} VMs whose vCPU thread ran the guest (one port exit) into `hlt`, sleeping there \
+         in KVM_RUN; ours: {}; bare (own thread, KVM_RUN to the hlt exit): {}",
         breakdown(&before, &ours_started, k),
         breakdown(&bare_before_threads, &bare_started, k)
     );

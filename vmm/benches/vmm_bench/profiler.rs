@@ -141,6 +141,7 @@ pub fn run(vmm: &Path, launch_runs: usize, runs: usize) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("vmm-bench-sampler-{}", std::process::id()));
     rows.append(&mut tick_cost_rows(&dir)?);
     let _ = std::fs::remove_dir_all(&dir);
+    rows.append(&mut super::probes::rows()?);
     rows.append(&mut overhead_rows(runs)?);
     Ok(rows)
 }
