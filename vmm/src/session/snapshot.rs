@@ -2,7 +2,10 @@
 //! its own state, read the VM-wide KVM state and the devices' (Linux guests), write the memory,
 //! the profiler's guest region, the disk's overlay (`snapshot::disk`) and the state file, then
 //! resume it if it ran before. The VM is paused for the whole write; the reply says how long. On
-//! any failure the files written are removed and the VM goes on as before.
+//! any failure (a read-only or full file system included) the files written are removed, and the
+//! directory too when the request created it, and the VM goes on as before (resumed if it ran).
+//! Requests are served from the event loop one after another, so a `stop` that arrives while a
+//! snapshot is written is handled after it: the snapshot completes, then the VM ends.
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +33,7 @@ impl RunningVm {
                 dir.display()
             ));
         }
-        snapshot::prepare_dir(dir).map_err(|e| e.to_string())?;
+        let created = snapshot::prepare_dir(dir).map_err(|e| e.to_string())?;
         let was_running = !self.control.pause_requested();
         let started = Instant::now();
         let result = self.pause_and_write(dir, started);
@@ -44,7 +47,7 @@ impl RunningVm {
                 Ok(detail)
             }
             Err(e) => {
-                snapshot::remove_partial(dir);
+                snapshot::remove_partial(dir, created);
                 Err(e)
             }
         }

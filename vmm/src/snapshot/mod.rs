@@ -59,10 +59,11 @@ impl SnapshotError {
 }
 
 /// Prepares `dir` for a new snapshot: creates it (mode 0700; its parent must exist) or accepts
-/// an existing empty directory.
-pub fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+/// an existing empty directory. Returns whether it created `dir` (a failed snapshot then
+/// removes it again: [`remove_partial`]).
+pub fn prepare_dir(dir: &Path) -> Result<bool, SnapshotError> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = std::fs::symlink_metadata(dir)
                 .map_err(|e| SnapshotError::new(dir, e.to_string()))?;
@@ -74,7 +75,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
             if entries.next().is_some() {
                 return Err(SnapshotError::new(dir, "exists and is not empty"));
             }
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(SnapshotError::new(dir, format!("cannot create it: {e}"))),
     }
@@ -119,8 +120,9 @@ pub fn write_state(dir: &Path, state: &state::SnapshotState) -> Result<u64, Snap
     Ok(bytes.len() as u64)
 }
 
-/// Removes what a failed snapshot left in `dir` (only the files a snapshot writes).
-pub fn remove_partial(dir: &Path) {
+/// Removes what a failed snapshot left in `dir`: the files a snapshot writes, then `dir` itself
+/// when [`prepare_dir`] `created` it (only if it is empty by then: nothing else is touched).
+pub fn remove_partial(dir: &Path, created: bool) {
     for name in [
         CHECKSUM_FILE,
         STATE_FILE,
@@ -129,6 +131,9 @@ pub fn remove_partial(dir: &Path) {
         disk::DISK_OVERLAY_FILE,
     ] {
         let _ = std::fs::remove_file(dir.join(name));
+    }
+    if created {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -141,5 +146,41 @@ pub fn allocated_bytes(path: &PathBuf) -> u64 {
 impl From<SnapshotError> for String {
     fn from(e: SnapshotError) -> Self {
         e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_snapshot_removes_its_files_and_only_a_directory_it_created() {
+        let base = std::env::temp_dir().join(format!("mb-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("scratch");
+        // A directory the snapshot created goes with its files.
+        let new = base.join("new");
+        assert!(prepare_dir(&new).expect("prepare"), "created");
+        create_file(&new, MEMORY_FILE).expect("memory.bin");
+        remove_partial(&new, true);
+        assert!(!new.exists(), "the created directory is removed");
+        // An existing empty directory stays, emptied.
+        let old = base.join("old");
+        std::fs::create_dir(&old).expect("mkdir");
+        assert!(!prepare_dir(&old).expect("prepare"), "existed");
+        create_file(&old, STATE_FILE).expect("state.json");
+        remove_partial(&old, false);
+        assert!(old.is_dir(), "an existing directory stays");
+        assert_eq!(std::fs::read_dir(&old).expect("read_dir").count(), 0);
+        // A file the snapshot does not write keeps a created directory in place.
+        let other = base.join("other");
+        assert!(prepare_dir(&other).expect("prepare"));
+        std::fs::write(other.join("theirs"), b"x").expect("write");
+        remove_partial(&other, true);
+        assert!(
+            other.join("theirs").exists(),
+            "not a snapshot file: untouched"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
