@@ -36,20 +36,7 @@ impl Vmm {
 
     /// The control socket, once it appeared.
     fn socket(&self) -> PathBuf {
-        let start = Instant::now();
-        loop {
-            let found = std::fs::read_dir(&self.run_dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|e| e == "ctl"));
-            if let Some(p) = found {
-                return p;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::control_socket(&self.run_dir)
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, run_vmm, text, vmm_bin};
+use common::{kvm_available, read_json, run_vmm, text, vmm_bin};
 
 /// About 2.5 s of guest work in a debug build; deterministic results.
 /// 120 iterations: about 4 s on an idle machine, so the snapshot 1.5 s in always lands mid-run
@@ -74,27 +74,6 @@ fn wait(mut child: Child) -> i32 {
     }
 }
 
-/// (iterations, finished, checksum, guest_min_flt) of every task of one VM's stats.
-fn results(vm: &serde_json::Value) -> Vec<(u64, bool, u64, u64)> {
-    vm["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|t| {
-            (
-                t["iterations"].as_u64().unwrap_or(0),
-                t["finished"].as_bool().unwrap_or(false),
-                t["checksum"].as_u64().unwrap_or(0),
-                t["guest_min_flt"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
-}
-
 /// Takes a snapshot of a running VM mid-run into `snap`; returns the VM's own stats.
 fn snapshot_mid_run(dir: &Path, snap: &Path) -> serde_json::Value {
     let stats = dir.join("orig.json");
@@ -133,7 +112,7 @@ fn clones_of_a_mid_run_snapshot_finish_like_an_uninterrupted_run() {
         DEADLINE,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let truth = results(&read_json(&plain));
+    let truth = common::task_results(&read_json(&plain));
     assert_eq!(truth.len(), 1);
     assert!(
         truth[0].1 && truth[0].0 == 120 && truth[0].2 != 0,
@@ -142,7 +121,11 @@ fn clones_of_a_mid_run_snapshot_finish_like_an_uninterrupted_run() {
 
     let snap = dir.join("snap");
     let original = snapshot_mid_run(&dir, &snap);
-    assert_eq!(results(&original), truth, "the snapshotted VM itself");
+    assert_eq!(
+        common::task_results(&original),
+        truth,
+        "the snapshotted VM itself"
+    );
     let state = read_json(&snap.join("state.json"));
     let done = state["workload"][0]["iterations"]
         .as_u64()
@@ -172,7 +155,7 @@ fn clones_of_a_mid_run_snapshot_finish_like_an_uninterrupted_run() {
     let vms = clones["vms"].as_array().expect("vms");
     assert_eq!(vms.len(), 3);
     for vm in vms {
-        assert_eq!(results(vm), truth, "clone {}", vm["name"]);
+        assert_eq!(common::task_results(vm), truth, "clone {}", vm["name"]);
         assert_eq!(vm["end"]["kind"], "workload_finished");
         // Each clone's RAM is a copy-on-write clone of the snapshot's memory file.
         assert_eq!(vm["memory"]["cloned"], true, "{}", vm["memory"]);
@@ -205,7 +188,7 @@ fn clones_of_a_mid_run_snapshot_finish_like_an_uninterrupted_run() {
     let names: Vec<_> = vms.iter().map(|v| v["name"].clone()).collect();
     assert_eq!(names, ["fresh", "clone"], "in the file's order");
     for vm in vms {
-        assert_eq!(results(vm), truth, "{}", vm["name"]);
+        assert_eq!(common::task_results(vm), truth, "{}", vm["name"]);
     }
     assert_eq!(vms[1]["memory"]["cloned"], true, "{}", vms[1]["memory"]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -298,7 +281,7 @@ fn bad_snapshots_and_directories_are_refused_with_one_line() {
         text(&out.stdout)
     );
     assert_eq!(wait(child), 0, "the VM finished normally");
-    assert!(results(&read_json(&stats))[0].1);
+    assert!(common::task_results(&read_json(&stats))[0].1);
 
     // Missing.
     refused(&dir.join("missing"), "missing");
@@ -382,7 +365,7 @@ fn snapshot_after_a_time_restores_to_the_same_results() {
         "{}",
         text(&out.stderr)
     );
-    let truth = results(&read_json(&stats));
+    let truth = common::task_results(&read_json(&stats));
     let done = read_json(&snap.join("state.json"))["workload"][0]["iterations"]
         .as_u64()
         .expect("iterations");
@@ -398,7 +381,7 @@ fn snapshot_after_a_time_restores_to_the_same_results() {
         DEADLINE,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(results(&read_json(&restored)), truth);
+    assert_eq!(common::task_results(&read_json(&restored)), truth);
     // Bad trigger arguments: one line, exit code 1.
     let out = run_vmm(&["--snapshot-after", "soon", "/tmp/x"], DEADLINE);
     assert_eq!(out.status.code(), Some(1));

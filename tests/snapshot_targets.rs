@@ -181,20 +181,7 @@ impl Vmm {
 
     /// The control socket, once it appeared.
     fn socket(&self) -> PathBuf {
-        let start = Instant::now();
-        loop {
-            let found = std::fs::read_dir(&self.run_dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|e| e == "ctl"));
-            if let Some(p) = found {
-                return p;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::control_socket(&self.run_dir)
     }
 
     /// Waits for the end (at most `deadline`): exit code and stderr.
@@ -214,23 +201,6 @@ impl Drop for Vmm {
     }
 }
 
-/// (iterations, finished, checksum, guest_min_flt) of every task of one VM's stats.
-fn results(vm: &serde_json::Value) -> Vec<(u64, bool, u64, u64)> {
-    vm["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|t| {
-            (
-                t["iterations"].as_u64().unwrap_or(0),
-                t["finished"].as_bool().unwrap_or(false),
-                t["checksum"].as_u64().unwrap_or(0),
-                t["guest_min_flt"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 /// The results of an uninterrupted run of `spec` on one vCPU.
 fn uninterrupted(spec: &str, stats: &Path) -> Vec<(u64, bool, u64, u64)> {
     let out = run_vmm(
@@ -238,7 +208,7 @@ fn uninterrupted(spec: &str, stats: &Path) -> Vec<(u64, bool, u64, u64)> {
         DEADLINE,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let truth = results(&read_json(stats));
+    let truth = common::task_results(&read_json(stats));
     assert!(
         truth.len() == 1 && truth[0].1 && truth[0].2 != 0,
         "{truth:?}"
@@ -280,7 +250,7 @@ fn finishes_like_an_uninterrupted_run(vmm: Vmm, stats: &Path) {
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("workload finished"), "{err}");
     assert_eq!(
-        &results(&read_json(stats)),
+        &common::task_results(&read_json(stats)),
         truth(),
         "the refused VM's results"
     );
@@ -413,7 +383,7 @@ fn a_stop_during_a_snapshot_ends_the_vm_after_a_complete_snapshot() {
         clone["end"]
     );
     let truth = uninterrupted(BIG_SPEC, &dir.join("plain.json"));
-    assert_eq!(results(&clone), truth, "the restored clone");
+    assert_eq!(common::task_results(&clone), truth, "the restored clone");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -112,6 +112,41 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// (iterations, finished, checksum, guest_min_flt) of every task of one VM's `--stats`.
+pub fn task_results(vm: &serde_json::Value) -> Vec<(u64, bool, u64, u64)> {
+    vm["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            (
+                t["iterations"].as_u64().unwrap_or(0),
+                t["finished"].as_bool().unwrap_or(false),
+                t["checksum"].as_u64().unwrap_or(0),
+                t["guest_min_flt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// The control socket a VM publishes in `run_dir`, once it appeared (at most 30 s).
+pub fn control_socket(run_dir: &Path) -> PathBuf {
+    let start = Instant::now();
+    loop {
+        let found = std::fs::read_dir(run_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "ctl"));
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -7,7 +7,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::arch::x86_64::cpuid::{self, pvm_guest_kernel_args, HostKind};
 use crate::vstate::vm::VmError;
@@ -22,8 +22,55 @@ pub struct HostContext {
     pager: Option<Arc<crate::budget::uffd::Pager>>,
     supported_cpuid: OnceLock<Result<CpuId, String>>,
     pvm_kernel_args: OnceLock<Result<String, String>>,
-    /// VM file descriptors a helper thread creates ahead ([`HostContext::create_vms_ahead`]).
-    vms_ahead: Mutex<Option<Receiver<VmFd>>>,
+    /// VMs a helper thread creates ahead ([`HostContext::create_vms_ahead`]).
+    vms_ahead: Mutex<Option<Receiver<VmAhead>>>,
+    /// The helper thread, joined on drop.
+    ahead_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A VM created ahead: its file descriptor and, for a VM without the in-kernel irqchip, its
+/// vCPUs (TSS and identity-map addresses set, each vCPU's CPUID set for `cpuid_for` vCPUs).
+pub struct VmAhead {
+    /// The VM.
+    pub fd: VmFd,
+    /// Its vCPUs by id (empty: none created, nothing set).
+    pub vcpus: Vec<VcpuFd>,
+    /// The vCPU count their CPUID describes.
+    pub cpuid_for: usize,
+}
+
+impl VmAhead {
+    /// Just the VM.
+    pub fn plain(fd: VmFd) -> Self {
+        Self {
+            fd,
+            vcpus: Vec::new(),
+            cpuid_for: 0,
+        }
+    }
+
+    /// A VM with `count` vCPUs whose CPUID is set as the builder would set it.
+    fn with_vcpus(
+        kvm: &Kvm,
+        count: usize,
+        supported: &CpuId,
+        kind: HostKind,
+    ) -> Result<Self, String> {
+        let fd = kvm.create_vm().map_err(|e| e.to_string())?;
+        crate::vstate::vm::set_system_addresses(&fd).map_err(|e| e.to_string())?;
+        let vcpus = (0..count)
+            .map(|index| {
+                let vcpu = fd.create_vcpu(index as u64).map_err(|e| e.to_string())?;
+                cpuid::set_guest_cpuid(&vcpu, supported, index, count, kind)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            fd,
+            vcpus,
+            cpuid_for: count,
+        })
+    }
 }
 
 impl HostContext {
@@ -41,43 +88,68 @@ impl HostContext {
             supported_cpuid: OnceLock::new(),
             pvm_kernel_args: OnceLock::new(),
             vms_ahead: Mutex::new(None),
+            ahead_thread: Mutex::new(None),
         })
     }
 
     /// Has a helper thread create `count` VMs (`KVM_CREATE_VM`) ahead, while this thread goes
     /// on preparing a launch: [`HostContext::create_vm`] hands them out. The kernel's part of a
     /// VM's creation is most of a clone's setup cost, and it needs nothing from the launch.
-    pub fn create_vms_ahead(&self, count: usize) {
+    ///
+    /// With `vcpus`, for VMs without the in-kernel irqchip (the OS-less guest), the helper also
+    /// creates that many vCPUs per VM and sets their CPUID (`KVM_SET_CPUID2` is slow on some
+    /// hosts: PVM re-reads host CPUID leaves, each a trap to the hypervisor below).
+    pub fn create_vms_ahead(&self, count: usize, vcpus: Option<usize>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(count);
         let kvm = self.kvm.clone();
+        let kind = self.kind;
+        let supported = vcpus.and_then(|n| Some((n, self.supported_cpuid().ok()?)));
         let spawned = std::thread::Builder::new()
             .name("vm-create".into())
             .spawn(move || {
                 for _ in 0..count {
+                    let prepared = supported
+                        .as_ref()
+                        .and_then(|(n, cpuid)| VmAhead::with_vcpus(&kvm, *n, cpuid, kind).ok());
                     // A VM that cannot be created here is created (and its error reported) by
                     // the build that needs it.
-                    let Ok(fd) = kvm.create_vm() else { break };
-                    if tx.send(fd).is_err() {
+                    let ahead = match prepared {
+                        Some(ahead) => ahead,
+                        None => match kvm.create_vm() {
+                            Ok(fd) => VmAhead::plain(fd),
+                            Err(_) => break,
+                        },
+                    };
+                    if tx.send(ahead).is_err() {
                         break;
                     }
                 }
             });
-        if spawned.is_ok() {
+        if let Ok(handle) = spawned {
             *self.vms_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+            let previous = self
+                .ahead_thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(handle);
+            if let Some(previous) = previous {
+                // Its receiver was just replaced: it stops at its next VM.
+                let _ = previous.join();
+            }
         }
     }
 
     /// A new VM: one created ahead while any is left, else created now.
-    pub fn create_vm(&self) -> Result<VmFd, kvm_ioctls::Error> {
+    pub fn create_vm(&self) -> Result<VmAhead, kvm_ioctls::Error> {
         let mut ahead = self.vms_ahead.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rx) = ahead.as_ref() {
             match rx.recv() {
-                Ok(fd) => return Ok(fd),
+                Ok(vm) => return Ok(vm),
                 Err(_) => *ahead = None,
             }
         }
         drop(ahead);
-        self.kvm.create_vm()
+        self.kvm.create_vm().map(VmAhead::plain)
     }
 
     /// The `/dev/kvm` handle.
@@ -162,5 +234,23 @@ impl HostContext {
                 Ok(pvm_guest_kernel_args(&seen).args)
             })
             .clone()
+    }
+}
+
+impl Drop for HostContext {
+    fn drop(&mut self) {
+        // Without a receiver the helper stops at its next VM.
+        self.vms_ahead
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let handle = self
+            .ahead_thread
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
     }
 }

@@ -25,8 +25,9 @@ use crate::vstate::vm::Vm;
 use super::platform::{MmioSlot, PlatformAllocator};
 use super::{
     check_vcpus, configure_cpuid, publish_profiler_regions, BuildError, BuiltVm, Guest, Profiling,
-    RegionRequest, VmResources,
+    VmResources,
 };
+use crate::profiling::regions::RegionRequest;
 
 /// Default guest RAM for Linux.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
@@ -224,7 +225,7 @@ pub(super) fn assemble(
     let mut profiler = None;
     if let (Some(period), Some((slot, window))) = (config.profile_period, platform.profiler) {
         let request = RegionRequest {
-            vm_name: &resources.name,
+            vm_name: resources.name.clone(),
             kind: "linux",
             vcpus: config.vcpus,
             tasks: None,

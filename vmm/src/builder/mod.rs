@@ -15,10 +15,9 @@ use crate::arch::x86_64::cpuid::{self, HostKind};
 use crate::devices::{BusExits, DeviceError, LegacyDevices};
 use crate::host::HostContext;
 use crate::loader::LoadError;
-use crate::profiling::regions::{ProfilerRegions, RegionError};
+use crate::profiling::regions::{ProfilerRegions, RegionError, RegionRequest};
 use crate::profiling::sampler::SampledVcpu;
 use crate::profiling::sharing::SharingScanner;
-use crate::profiling::sizing::RegionSizing;
 use crate::vstate::memory::{GuestRam, MemoryError, Template, TemplateBuilder};
 use crate::vstate::vcpu::{Vcpu, VmControl};
 use crate::vstate::vm::{Vm, VmError};
@@ -448,21 +447,11 @@ pub(crate) fn configure_cpuid(
     index: usize,
     count: usize,
 ) -> Result<CpuId, BuildError> {
-    let err =
-        |what: &str, e: &dyn std::fmt::Display| BuildError::Vcpu(index, format!("{what}: {e}"));
-    let mut cpuid = host
-        .supported_cpuid()
-        .map_err(|e| err("KVM_GET_SUPPORTED_CPUID", &e))?;
-    let (index8, count8) = (
-        u8::try_from(index).map_err(|e| err("vCPU index", &e))?,
-        u8::try_from(count).map_err(|e| err("vCPU count", &e))?,
-    );
-    cpuid::filter_cpuid(&mut cpuid, index8, count8, host.kind())
-        .map_err(|e| err("CPUID filter", &e))?;
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| err("KVM_SET_CPUID2", &e))?;
+    let err = |e: String| BuildError::Vcpu(index, e);
+    let supported = host.supported_cpuid().map_err(err)?;
+    cpuid::set_guest_cpuid(vcpu, &supported, index, count, host.kind()).map_err(err)?;
     vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| err("KVM_GET_CPUID2", &e))
+        .map_err(|e| err(format!("KVM_GET_CPUID2: {e}")))
 }
 
 /// Checks a vCPU count against `max`.
@@ -486,43 +475,15 @@ impl crate::vstate::vm::HostMapping for GuestRegionMapping {
     }
 }
 
-/// What the profiler regions of one VM are published for.
-pub(crate) struct RegionRequest<'a> {
-    /// The VM's name (shown by the tools).
-    pub vm_name: &'a str,
-    /// "linux" or "workload".
-    pub kind: &'static str,
-    /// vCPUs.
-    pub vcpus: usize,
-    /// Guest tasks, when the VMM knows them (the regions are then sized from the run).
-    pub tasks: Option<usize>,
-    /// Sampling period.
-    pub period: Duration,
-}
-
 /// Publishes the profiler regions `request` describes and maps the guest region into the VM at
 /// [`PROFILER_REGION_GPA`] in memory slot `slot`.
 pub(crate) fn publish_profiler_regions(
     vm: &mut Vm,
     host: &HostContext,
     slot: u32,
-    request: &RegionRequest<'_>,
+    request: &RegionRequest,
 ) -> Result<Arc<ProfilerRegions>, BuildError> {
-    let RegionRequest {
-        vm_name,
-        kind,
-        vcpus,
-        tasks,
-        period,
-    } = *request;
-    let ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-    let narrow = |n: usize| u32::try_from(n).map_err(|e| BuildError::Boot(e.to_string()));
-    let vcpus = narrow(vcpus)?;
-    let tasks = tasks.map(narrow).transpose()?;
-    let sizing = RegionSizing::for_run(vcpus, tasks, ns);
-    let regions =
-        ProfilerRegions::create_labelled(host.run_dir(), Some(vm_name), vcpus, kind, ns, sizing)?;
-    let regions = Arc::new(regions);
+    let regions = Arc::new(ProfilerRegions::for_request(host.run_dir(), request)?);
     vm.add_mapping(
         slot,
         PROFILER_REGION_GPA,

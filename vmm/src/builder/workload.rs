@@ -20,8 +20,9 @@ use crate::workload::{self, ProfilerParams, TaskSpec, WorkloadLayout, WorkloadMo
 use super::platform::PlatformAllocator;
 use super::{
     check_vcpus, configure_cpuid, publish_profiler_regions, BuildError, BuiltVm, Guest, Profiling,
-    RegionRequest, VmResources, MAX_VCPUS,
+    VmResources, MAX_VCPUS,
 };
+use crate::profiling::regions::RegionRequest;
 
 /// The OS-less workload: its tasks, on how many vCPUs, in how much RAM.
 #[derive(Clone, Debug)]
@@ -170,7 +171,7 @@ pub(super) fn assemble(
             &host,
             platform.memslot(),
             &RegionRequest {
-                vm_name: &resources.name,
+                vm_name: resources.name.clone(),
                 kind: "workload",
                 vcpus: vcpu_count,
                 tasks: Some(specs.len()),
@@ -188,7 +189,9 @@ pub(super) fn assemble(
     let mut vcpus = Vec::with_capacity(vcpu_count);
     for index in 0..vcpu_count {
         let fd = vm.create_vcpu(index)?;
-        configure_cpuid(&host, &fd, index, vcpu_count)?;
+        if !vm.cpuid_set_ahead(index, vcpu_count) {
+            configure_cpuid(&host, &fd, index, vcpu_count)?;
+        }
         if index == 0 {
             let tsc_khz = fd.get_tsc_khz().map_or(0, u64::from);
             let profiler = regions

@@ -287,7 +287,7 @@ pub fn launch(
             .map(|&i| consoles[i].take().unwrap_or(ConsoleSink::Null))
             .collect();
         // The clones' VMs are created on another CPU while the snapshot is read and checked.
-        host.create_vms_ahead(index.len());
+        host.create_vms_ahead(index.len(), None);
         let started = crate::snapshot::restore::load(dir, host).and_then(|loaded| {
             crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution)
         });
@@ -306,7 +306,16 @@ pub fn launch(
         }
     }
     // Their VMs are created on another CPU while this thread prepares the template.
-    host.create_vms_ahead(plan.vms.iter().filter(|v| v.restore.is_none()).count());
+    // The OS-less guest's VMs (no irqchip) get their vCPUs there too, when they agree on a count.
+    let fresh = || plan.vms.iter().filter(|v| v.restore.is_none());
+    let vcpus_ahead = fresh()
+        .map(|v| match &v.config {
+            GuestConfig::Workload(c) => Some(c.vcpus),
+            GuestConfig::Linux(_) => None,
+        })
+        .reduce(|a, b| a.filter(|&n| Some(n) == b))
+        .flatten();
+    host.create_vms_ahead(fresh().count(), vcpus_ahead);
     let mut shared: Option<Result<Arc<SharedImage>, String>> = None;
     let mut built = Vec::with_capacity(plan.vms.len());
     for (i, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
@@ -346,10 +355,9 @@ pub fn launch(
             });
         built.push((i, result));
     }
-    // Started parked once every VM is built, then let go together: a VM whose guest runs would
+    // Started at one gate once every VM is built, then let go together: a VM whose guest runs would
     // take the CPU from the others' start (and the fleet starts at one instant).
     // (Restored VMs were let go by their own launch.)
-    let fresh: Vec<usize> = built.iter().map(|(i, _)| *i).collect();
     let vcpus = built
         .iter()
         .flat_map(|(_, b)| b.as_ref().ok())
@@ -361,18 +369,15 @@ pub fn launch(
             }
         }
     }
+    let gate = Arc::new(first_slice::StartGate::default());
     for (i, b) in built {
         results[i] = Some(b.and_then(|b| {
-            b.control.request_pause();
+            b.control.set_start_gate(gate.clone());
             let name = b.name.clone();
             session::start(b).map_err(|e| (name, e))
         }));
     }
-    for i in fresh {
-        if let Some(Ok(vm)) = results[i].as_mut() {
-            vm.resume();
-        }
-    }
+    gate.open();
     results
         .into_iter()
         .zip(&plan.vms)

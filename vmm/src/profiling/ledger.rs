@@ -243,7 +243,16 @@ impl Ledger {
 
     /// Takes the entries charged since the last drain, in first-charged order.
     pub fn drain(&mut self) -> Vec<Entry> {
-        std::mem::take(&mut self.entries)
+        let mut out = Vec::new();
+        self.drain_into(&mut out);
+        out
+    }
+
+    /// [`Self::drain`] into `out` (cleared first), which gives the ledger its capacity in
+    /// exchange: a caller that drains on every tick into the same buffer allocates nothing.
+    pub fn drain_into(&mut self, out: &mut Vec<Entry>) {
+        out.clear();
+        std::mem::swap(&mut self.entries, out);
     }
 }
 

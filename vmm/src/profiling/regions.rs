@@ -33,6 +33,24 @@ pub enum RegionError {
     /// The ABI refused the layout.
     #[error("profiler region layout: {0:?}")]
     Abi(mirrorball_profiler_abi::AbiError),
+    /// A count does not fit the ABI's fields.
+    #[error("profiler region layout: {0}")]
+    Count(String),
+}
+
+/// What the profiler regions of one VM are published for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionRequest {
+    /// The VM's name (shown by the tools).
+    pub vm_name: String,
+    /// "linux" or "workload".
+    pub kind: &'static str,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest tasks, when the VMM knows them (the regions are then sized from the run).
+    pub tasks: Option<usize>,
+    /// Sampling period.
+    pub period: std::time::Duration,
 }
 
 /// The run directory: `MIRRORBALL_RUN_DIR` or [`DEFAULT_RUN_DIR`].
@@ -139,6 +157,16 @@ impl ProfilerRegions {
         sizing: RegionSizing,
     ) -> Result<Self, RegionError> {
         Self::create_labelled(dir, None, vcpus, guest_kind, period_ns, sizing)
+    }
+
+    /// Publishes the regions `request` describes in `dir`, sized for its run.
+    pub fn for_request(dir: &Path, request: &RegionRequest) -> Result<Self, RegionError> {
+        let ns = u64::try_from(request.period.as_nanos()).unwrap_or(u64::MAX);
+        let narrow = |n: usize| u32::try_from(n).map_err(|e| RegionError::Count(e.to_string()));
+        let vcpus = narrow(request.vcpus)?;
+        let tasks = request.tasks.map(narrow).transpose()?;
+        let sizing = RegionSizing::for_run(vcpus, tasks, ns);
+        Self::create_labelled(dir, Some(&request.vm_name), vcpus, request.kind, ns, sizing)
     }
 
     /// As [`ProfilerRegions::create_sized`], with the VM's own name (`vm0`, a fleet file's

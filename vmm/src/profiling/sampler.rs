@@ -364,15 +364,20 @@ pub fn parse_schedstat_wait(line: &str) -> Option<u64> {
 /// Parses the fields we use out of a `/proc/<pid>/task/<tid>/stat` line.
 pub fn parse_task_stat(line: &str, tick_ns: u64) -> Option<ThreadCounters> {
     // The command name is in parentheses and may contain anything, even ") ".
-    let rest = &line[line.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ")" comes field 3 (state); minflt is field 10, majflt 12, utime 14, stime 15.
-    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    let rest = line.get(line.rfind(')')? + 1..)?;
+    // After ")" comes field 3 (state); minflt is field 10, majflt 12, utime 14, stime 15. One
+    // pass, no allocation: this runs per vCPU on every sampler tick.
+    let mut fields = rest.split_ascii_whitespace();
+    let mut next_after = |skip: usize| fields.nth(skip)?.parse::<u64>().ok();
+    let min_flt = next_after(7)?; // fields 3..=9 skipped
+    let maj_flt = next_after(1)?; // field 11 skipped
+    let utime = next_after(1)?; // field 13 skipped
+    let stime = next_after(0)?;
     Some(ThreadCounters {
-        min_flt: field(10)?,
-        maj_flt: field(12)?,
-        utime_ns: field(14)?.saturating_mul(tick_ns),
-        stime_ns: field(15)?.saturating_mul(tick_ns),
+        min_flt,
+        maj_flt,
+        utime_ns: utime.saturating_mul(tick_ns),
+        stime_ns: stime.saturating_mul(tick_ns),
     })
 }
 
@@ -423,7 +428,7 @@ fn read_thread_cached(
         .read_with(&mut [0u8; 1024], |line| parse_task_stat(line, tick_ns))
 }
 
-pub(crate) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
@@ -436,6 +441,8 @@ struct VcpuState {
     last_split: Option<(u64, u64)>,
     /// Share of user time in the vCPU thread's CPU time, in 1/65536.
     user_share: u64,
+    /// The ledger's entries of this tick (kept to reuse its allocation).
+    drained: Vec<crate::profiling::ledger::Entry>,
 }
 
 impl VcpuState {
@@ -652,6 +659,7 @@ fn run(
             thread_stat: None,
             last_split: None,
             user_share: 1 << 16,
+            drained: Vec::new(),
         })
         .collect();
     // Task-table index of each range owner's thread id seen in a record (names the owners of CoW
@@ -684,10 +692,10 @@ fn run(
                     st.ledger.close(now, monotonic_ns(), slot, false, false);
                 }
             }
-            let entries = st.ledger.drain();
+            st.ledger.drain_into(&mut s.drained);
             drop(st);
             let now_ns = monotonic_ns();
-            for e in &entries {
+            for e in &s.drained {
                 let a = &e.attribution;
                 // Only owners of accounted ranges: the pids are the guest's claims, and a guest
                 // naming a new one at every switch must not grow this list.

@@ -348,19 +348,18 @@ pub fn launch(
             first_slice::give(&mut b.vcpus);
         }
     }
-    // Started parked, then let go together: a clone that runs would slow the others' start.
-    let mut started: Vec<Started> = ready
+    // Started at a gate, then let go together: a clone that runs would slow the others' start.
+    let gate = Arc::new(first_slice::StartGate::default());
+    let started: Vec<Started> = ready
         .into_iter()
         .map(|b| {
             b.and_then(|b| {
-                b.control.request_pause();
+                b.control.set_start_gate(gate.clone());
                 let name = b.name.clone();
                 session::start(b).map_err(|e| (name, e))
             })
         })
         .collect();
-    for vm in started.iter_mut().flatten() {
-        vm.resume();
-    }
+    gate.open();
     Ok(started)
 }

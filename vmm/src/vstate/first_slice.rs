@@ -8,10 +8,16 @@
 //! then yields its CPU once, so every released vCPU runs its guest within about a millisecond.
 //! After that the vCPUs share the CPUs as the scheduler decides. Costs one timer and one exit
 //! per vCPU, once.
+//!
+//! The VMs of one launch are let go through one [`StartGate`]: their vCPU threads, spawned as
+//! each VM starts, wait at it, and one wake-up releases them all. (Resuming the VMs one by one,
+//! the launching thread lost its CPU to the first vCPUs it woke, and the last VM was let go
+//! about 2 ms after the first.)
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// How long a vCPU runs its guest before its first yield.
-pub const FIRST_SLICE: Duration = Duration::from_micros(200);
+pub const FIRST_SLICE: Duration = Duration::from_micros(50);
 
 /// Whether `vcpus` vCPUs let go together need a first slice: when they are more than the CPUs
 /// this process may run on.
@@ -23,6 +29,66 @@ pub fn needed(vcpus: usize) -> bool {
 pub fn give(vcpus: &mut [super::vcpu::Vcpu]) {
     for vcpu in vcpus {
         vcpu.set_first_slice(FIRST_SLICE);
+    }
+}
+
+/// Where the vCPU threads of VMs launched together wait before their first run, until
+/// [`StartGate::open`] (or their VM ends). A futex word, not a mutex and condition variable:
+/// released together, the threads would queue for the mutex one context switch at a time.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    /// [`GATE_OPEN`] once open; the low bits count [`StartGate::wake`]s.
+    word: AtomicU32,
+}
+
+/// The gate word's "open" bit.
+const GATE_OPEN: u32 = 1 << 31;
+
+impl StartGate {
+    /// Lets every waiting vCPU thread go (one wake-up for all).
+    pub fn open(&self) {
+        self.word.fetch_or(GATE_OPEN, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Waits until the gate opens or `ending()`. [`Self::wake`] changes the word, so a waiter
+    /// that checked `ending()` just before it never sleeps through it.
+    pub(super) fn wait(&self, ending: impl Fn() -> bool) {
+        loop {
+            let seen = self.word.load(Ordering::SeqCst);
+            if seen & GATE_OPEN != 0 || ending() {
+                return;
+            }
+            // SAFETY: FUTEX_WAIT reads the aligned u32 `word`, which outlives the call, and
+            // sleeps only while it still holds `seen`; no timeout, no other pointer.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.word.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    seen,
+                    std::ptr::null::<libc::timespec>(),
+                )
+            };
+        }
+    }
+
+    /// Wakes the waiters to check again whether their VM ends.
+    pub(super) fn wake(&self) {
+        self.word.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        // SAFETY: FUTEX_WAKE only uses the address of `word` as a key; it reads nothing else.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                i32::MAX,
+            )
+        };
     }
 }
 

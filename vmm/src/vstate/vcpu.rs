@@ -1,5 +1,6 @@
 //! The vCPU run loop: one thread per vCPU, exits dispatched to an [`ExitHandler`], the VM's end
 //! decided once through [`VmControl`].
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -12,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::paging;
 use crate::exit::VmEnd;
-use crate::vstate::first_slice::FirstSlice;
+use crate::vstate::first_slice::{FirstSlice, StartGate};
 use crate::vstate::halt::{HaltWatch, VcpuRest};
 
 /// What the run loop does after an exit.
@@ -47,6 +48,8 @@ pub struct VmControl {
     wake: EventFd,
     halt: HaltWatch,
     pause: PauseGate,
+    /// Shared with the VMs launched together: the vCPUs wait there before their first run.
+    start_gate: std::sync::OnceLock<Arc<StartGate>>,
 }
 
 /// Pausing: the controller raises `requested`, kicks the vCPU threads out of KVM_RUN, and each
@@ -93,7 +96,14 @@ impl VmControl {
                 }),
                 ..PauseGate::default()
             },
+            start_gate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes the vCPUs wait at `gate` before their first run (set before they start; a
+    /// second gate is ignored).
+    pub fn set_start_gate(&self, gate: Arc<StartGate>) {
+        let _ = self.start_gate.set(gate);
     }
 
     /// Asks every vCPU to park at its next exit (the caller kicks them out of KVM_RUN).
@@ -173,6 +183,9 @@ impl VmControl {
             let _guard = self.pause.parked.lock().unwrap_or_else(|p| p.into_inner());
             self.pause.changed.notify_all();
         }
+        if let Some(gate) = self.start_gate.get() {
+            gate.wake();
+        }
         // A full eventfd counter only means a wake-up is already pending.
         let _ = self.wake.write(1);
     }
@@ -235,7 +248,24 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `immediate_exit` byte of the vCPU this thread runs (null elsewhere). The kick handler
+    /// sets it, so a kick that lands just before KVM_RUN makes KVM_RUN return at once (EINTR)
+    /// instead of being lost.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread-local without destructor: a plain TLS read, safe here.
+    let _ = IMMEDIATE_EXIT.try_with(|byte| {
+        let byte = byte.get();
+        if !byte.is_null() {
+            // SAFETY: the vCPU thread points this at its own live `kvm_run` mapping and clears
+            // it before the mapping goes; the handler runs on that thread.
+            unsafe { std::ptr::write_volatile(byte, 1) };
+        }
+    });
+}
 
 /// Installs the (empty) kick handler; KVM_RUN then returns EINTR when the signal arrives.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
@@ -318,7 +348,18 @@ impl Vcpu {
         let tid = unsafe { libc::gettid() };
         self.tid.store(tid, Ordering::Release);
         let pager_before = self.pager_faults.as_ref().map(|f| f(tid));
-        while !self.control.should_stop() {
+        if let Some(gate) = self.control.start_gate.get() {
+            gate.wait(|| self.control.should_stop());
+        }
+        let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|byte| byte.set(immediate_exit));
+        loop {
+            // Before the checks: a kick from here on makes the next KVM_RUN return at once, and
+            // one before was sent after what it signals (a stop, a pause) was set.
+            self.fd.set_kvm_immediate_exit(0);
+            if self.control.should_stop() {
+                break;
+            }
             if self.control.pause_requested() {
                 self.complete_exit();
                 self.control.park(self.index, &self.fd);
@@ -350,6 +391,7 @@ impl Vcpu {
                 }
             }
         }
+        IMMEDIATE_EXIT.with(|byte| byte.set(std::ptr::null_mut()));
         if let Some(hook) = self.on_stop.take() {
             hook();
         }

@@ -48,6 +48,22 @@ pub struct Vm {
     ram: GuestRam,
     mappings: Vec<Arc<dyn HostMapping>>,
     irqchip: bool,
+    /// vCPUs created ahead with this VM (index = vCPU id), until the builder takes them.
+    vcpus_ahead: Vec<Option<VcpuFd>>,
+    /// The vCPU count the ahead vCPUs' CPUID was set for.
+    cpuid_ahead_for: usize,
+}
+
+/// Sets the VM's TSS and identity-map addresses (before any vCPU exists: KVM refuses the
+/// identity map after).
+pub(crate) fn set_system_addresses(fd: &VmFd) -> Result<(), VmError> {
+    fd.set_tss_address(
+        usize::try_from(KVM_TSS_ADDR)
+            .map_err(|_| kvm_err("KVM_SET_TSS_ADDR")(kvm_ioctls::Error::new(libc::EINVAL)))?,
+    )
+    .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))
 }
 
 impl Vm {
@@ -60,14 +76,17 @@ impl Vm {
         irqchip: bool,
     ) -> Result<Self, VmError> {
         let kvm = host.kvm().clone();
-        let fd = host.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(
-            usize::try_from(KVM_TSS_ADDR)
-                .map_err(|_| kvm_err("KVM_SET_TSS_ADDR")(kvm_ioctls::Error::new(libc::EINVAL)))?,
-        )
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let mut ahead = host.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if irqchip && !ahead.vcpus.is_empty() {
+            // The irqchip must come before any vCPU: this VM cannot have one.
+            ahead = crate::host::VmAhead::plain(
+                host.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?,
+            );
+        }
+        let fd = ahead.fd;
+        if ahead.vcpus.is_empty() {
+            set_system_addresses(&fd)?;
+        }
         for (slot, region) in ram.memory().iter().enumerate() {
             let host = ram
                 .memory()
@@ -107,6 +126,8 @@ impl Vm {
             ram,
             mappings: Vec::new(),
             irqchip,
+            vcpus_ahead: ahead.vcpus.into_iter().map(Some).collect(),
+            cpuid_ahead_for: ahead.cpuid_for,
         })
     }
 
@@ -131,10 +152,19 @@ impl Vm {
     }
 
     /// Creates vCPU `index` (its APIC id).
-    pub fn create_vcpu(&self, index: usize) -> Result<VcpuFd, VmError> {
+    pub fn create_vcpu(&mut self, index: usize) -> Result<VcpuFd, VmError> {
+        if let Some(fd) = self.vcpus_ahead.get_mut(index).and_then(Option::take) {
+            return Ok(fd);
+        }
         self.fd
             .create_vcpu(index as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))
+    }
+
+    /// Whether vCPU `index` was created ahead with its CPUID already set for `count` vCPUs
+    /// (`crate::host::HostContext::create_vms_ahead`).
+    pub fn cpuid_set_ahead(&self, index: usize, count: usize) -> bool {
+        index < self.vcpus_ahead.len() && self.cpuid_ahead_for == count
     }
 
     /// Maps `mapping` into guest physical memory at `gpa` as memory slot `slot` (an extra slot

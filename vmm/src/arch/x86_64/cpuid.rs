@@ -190,6 +190,25 @@ fn id_bits(n: u8) -> u32 {
     u32::from(n).next_power_of_two().trailing_zeros()
 }
 
+/// Sets the CPUID of vCPU `index` of `count` (on `host`): `supported` (what KVM supports),
+/// filtered by [`filter_cpuid`]. The error names the step that failed.
+pub fn set_guest_cpuid(
+    vcpu: &kvm_ioctls::VcpuFd,
+    supported: &CpuId,
+    index: usize,
+    count: usize,
+    host: HostKind,
+) -> Result<(), String> {
+    let (index8, count8) = (
+        u8::try_from(index).map_err(|e| format!("vCPU index: {e}"))?,
+        u8::try_from(count).map_err(|e| format!("vCPU count: {e}"))?,
+    );
+    let mut cpuid = supported.clone();
+    filter_cpuid(&mut cpuid, index8, count8, host).map_err(|e| format!("CPUID filter: {e}"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| format!("KVM_SET_CPUID2: {e}"))
+}
+
 /// Rewrites `cpuid` (from `Kvm::get_supported_cpuid`) for vCPU `vcpu_index` of `num_vcpus`;
 /// see the module documentation for what changes on which host. Apply it to a fresh copy of the
 /// supported table for each vCPU. After an error `cpuid` may be partly rewritten: discard it.
