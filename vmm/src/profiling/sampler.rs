@@ -428,7 +428,7 @@ fn read_thread_cached(
         .read_with(&mut [0u8; 1024], |line| parse_task_stat(line, tick_ns))
 }
 
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
