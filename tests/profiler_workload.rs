@@ -257,3 +257,36 @@ fn guest_minor_faults_are_first_touches_and_host_faults_cover_them() {
         );
     }
 }
+
+/// At 1 kHz the sampler reads a vCPU thread's `/proc` stat line (its costliest read) only when
+/// the thread may have faulted since the tick before: through a long phase of guest code on
+/// pages the guest already has, most ticks skip it. No fault is lost or counted twice on the
+/// way: the host faults the records charge add up to the vCPU thread's own count.
+#[test]
+fn quiet_ticks_skip_the_stat_line_and_lose_no_fault() {
+    if !kvm_available("quiet_ticks_skip_the_stat_line_and_lose_no_fault") {
+        return;
+    }
+    // 4,096 first touches, then 20 million random reads of those pages.
+    let Run {
+        report, regions, ..
+    } = run_workload(&["work 16 R 20000000 1"], 1, Duration::from_millis(1));
+    let sampler = report.sampler.clone().expect("sampler report");
+    assert!(sampler.vcpu_reads >= 100, "{sampler:?}");
+    assert!(
+        sampler.stat_reads * 2 < sampler.vcpu_reads,
+        "most ticks should skip the stat line: {sampler:?}"
+    );
+    assert!(sampler.wait_reads < sampler.vcpu_reads, "{sampler:?}");
+    let host = validate_host_region(regions.host.region().expect("region")).expect("host region");
+    let (records, lost): (Vec<(u64, HostSample)>, u64) = drain(host.ring());
+    assert_eq!(lost, 0);
+    let charged: u64 = records.iter().map(|(_, s)| s.host_min_flt).sum();
+    let own = report.vcpus[0].host_minor_faults;
+    assert!(charged >= 4096, "charged {charged}, own {own}");
+    assert!(
+        charged <= own && own - charged <= 64,
+        "records charge {charged} host faults, the vCPU thread counted {own}"
+    );
+    eprintln!("{sampler:?}; charged {charged} of {own} host faults");
+}

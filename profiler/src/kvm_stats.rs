@@ -161,7 +161,8 @@ pub struct StatDesc {
 }
 
 impl StatDesc {
-    fn word_range(&self) -> std::ops::Range<usize> {
+    /// The data-block words this stat's values occupy.
+    pub fn word_range(&self) -> std::ops::Range<usize> {
         let start = (u64::from(self.offset) / WORD) as usize;
         start..start + usize::from(self.size)
     }
@@ -310,6 +311,31 @@ impl StatsFd {
         // pattern written into it is a valid `u64`.
         let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) };
         read_exact(&self.file, self.data_offset, bytes, "data block")
+    }
+
+    /// Hotter path: like [`read_into`](Self::read_into), but reads only the data words
+    /// `words` (one `pread`; e.g. the span of the few stats a caller needs). The other words
+    /// of `buf` keep what they held (zero when new).
+    pub fn read_words_into(
+        &self,
+        words: std::ops::Range<usize>,
+        buf: &mut Vec<u64>,
+    ) -> Result<(), Error> {
+        buf.resize(self.data_words, 0);
+        let Some(part) = buf.get_mut(words.clone()) else {
+            return Err(Error::Truncated {
+                what: "data block",
+                offset: self.data_offset,
+                len: words.end.saturating_mul(std::mem::size_of::<u64>()),
+            });
+        };
+        let len = std::mem::size_of_val(part);
+        // SAFETY: the pointer and length describe exactly the initialised memory of `part`, which
+        // stays mutably borrowed for the slice's lifetime; `u8` has alignment 1 and every byte
+        // pattern written into it is a valid `u64`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(part.as_mut_ptr().cast::<u8>(), len) };
+        let offset = self.data_offset + words.start as u64 * WORD;
+        read_exact(&self.file, offset, bytes, "data block")
     }
 }
 

@@ -452,3 +452,26 @@ fn random_corruption_never_panics() {
         "{accepted} accepted, {rejected} rejected"
     );
 }
+
+#[test]
+fn a_word_range_read_fills_only_those_words() {
+    let (file, data_offset) = sample_file();
+    let writer = file.try_clone().unwrap();
+    let stats = StatsFd::from_file(file).unwrap();
+    let words = stats.descriptors()[1].word_range();
+    let mut buf = Vec::new();
+    stats.read_words_into(words.clone(), &mut buf).unwrap();
+    assert_eq!(buf.len(), stats.data_words());
+    assert_eq!(stats.descriptors()[1].first(&buf), Some(SAMPLE_DATA[1]));
+    assert_eq!(buf[0], 0, "words outside the range are not read");
+
+    writer
+        .write_at(&7u64.to_ne_bytes(), data_offset + 8)
+        .unwrap();
+    writer.write_at(&9u64.to_ne_bytes(), data_offset).unwrap();
+    stats.read_words_into(words, &mut buf).unwrap();
+    assert_eq!(stats.descriptors()[1].first(&buf), Some(7));
+    assert_eq!(buf[0], 0);
+    let past = stats.data_words()..stats.data_words() + 1;
+    assert!(stats.read_words_into(past, &mut buf).is_err());
+}

@@ -61,11 +61,11 @@ fn start(built: BuiltVm) -> Result<Started> {
     let Guest::Linux { .. } = &guest else {
         bail!("the Linux builder returned another kind of guest");
     };
-    let Some(tid) = vcpus.first().map(|v| v.tid_handle()) else {
+    let Some(thread) = vcpus.first().map(|v| v.thread_handle()) else {
         bail!("the VM has no vCPU");
     };
     let running = runner::start(vcpus, control)?;
-    wait_halted(&tid, Duration::from_secs(10))?;
+    wait_halted(&thread, Duration::from_secs(10))?;
     Ok(Started {
         running,
         _guest: guest,
@@ -74,13 +74,13 @@ fn start(built: BuiltVm) -> Result<Started> {
     })
 }
 
-/// Waits until the vCPU thread whose id `tid` will hold has started and sleeps in the guest's
+/// Waits until the vCPU `thread` has started and sleeps in the guest's
 /// `hlt` (the in-kernel irqchip keeps a halted vCPU inside KVM_RUN, state `S`).
-fn wait_halted(tid: &std::sync::atomic::AtomicI32, timeout: Duration) -> Result<()> {
+fn wait_halted(thread: &vmm::vstate::vcpu_thread::VcpuThread, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     let mut sleeping_seen = 0;
     while std::time::Instant::now() < deadline {
-        let id = tid.load(std::sync::atomic::Ordering::Acquire);
+        let id = thread.tid();
         if id > 0 {
             let stat = std::fs::read_to_string(format!("/proc/self/task/{id}/stat"))
                 .context("reading the vCPU thread's stat")?;

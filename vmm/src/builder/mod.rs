@@ -502,7 +502,7 @@ pub(crate) fn sampled_vcpus(
         .enumerate()
         .map(|(index, v)| {
             let stats = mirrorball_profiler::kvm_stats::StatsFd::for_vcpu(v.fd()).ok();
-            let sampled = SampledVcpu::new(index, stats, v.tid_handle(), regions.clone());
+            let sampled = SampledVcpu::new(index, stats, v.thread_handle(), regions.clone());
             v.set_on_start(sampled.start_hook());
             v.set_on_stop(sampled.stop_hook());
             sampled

@@ -4,7 +4,8 @@
 //! the vCPU's attributed intervals (see `ledger`) to the host region's ring. In exact mode the
 //! vCPU threads also close intervals themselves, at every task switch the guest announces
 //! ([`TaskSwitches`]), reading their own counters there.
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,6 +20,18 @@ use mirrorball_profiler_abi::{
 use super::cow_charges::CowCharges;
 use super::ledger::{Counters, Entry, Ledger};
 use super::regions::ProfilerRegions;
+use crate::vstate::vcpu_thread::VcpuThread;
+
+/// The vCPU's KVM binary stats the sampler reads: the first three are charged to tasks; with
+/// them, the last two tell whether KVM may have touched guest memory on the vCPU thread's
+/// behalf (page faults, instructions it emulated, hypercalls), which can take host faults.
+const KVM_STATS: [&str; 5] = [
+    "pf_taken",
+    "pf_fixed",
+    "exits",
+    "insn_emulation",
+    "hypercalls",
+];
 
 /// Shortest period the sampler accepts (10 kHz).
 pub const MIN_PERIOD: Duration = Duration::from_micros(100);
@@ -66,9 +79,11 @@ pub type ThreadFaultSource = Arc<dyn Fn(i32) -> (u64, u64) + Send + Sync>;
 pub struct VcpuProbe {
     index: u32,
     stats: Option<StatsFd>,
-    indexes: [Option<usize>; 3],
-    /// The vCPU thread's id, set by the thread when it starts (0 until then).
-    tid: Arc<AtomicI32>,
+    indexes: [Option<usize>; KVM_STATS.len()],
+    /// The data words of `stats` that hold those (one `pread` reads just these).
+    kvm_words: Option<Range<usize>>,
+    /// The vCPU thread's id (0 until it starts) and run epoch.
+    thread: Arc<VcpuThread>,
     regions: Arc<ProfilerRegions>,
     state: Mutex<ProbeState>,
     announced: AtomicU64,
@@ -80,7 +95,10 @@ pub struct VcpuProbe {
 struct ProbeState {
     ledger: Ledger,
     stats_buf: Vec<u64>,
-    last_kvm: [u64; 3],
+    last_kvm: [u64; KVM_STATS.len()],
+    /// The kernel's (minor, major) fault counts of the vCPU thread at the latest read, by
+    /// either thread: what a tick that skips the stat line charges up to.
+    last_faults: (u64, u64),
     /// The vCPU thread's `schedstat`, kept open, and the last wait read.
     schedstat: Option<ThreadProcFile>,
     last_wait_ns: u64,
@@ -91,21 +109,23 @@ impl VcpuProbe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// KVM's `pf_taken`, `pf_fixed`, `exits` now (the last values read if the read fails).
-    fn read_kvm(&self, st: &mut ProbeState) -> [u64; 3] {
-        let Some(stats) = &self.stats else {
-            return [0; 3];
-        };
-        if stats.read_into(&mut st.stats_buf).is_err() {
-            return st.last_kvm;
-        }
+    /// KVM's [`KVM_STATS`] now (the last values read if the read fails).
+    fn read_kvm(&self, st: &mut ProbeState) -> [u64; KVM_STATS.len()] {
+        self.read_kvm_fresh(st).unwrap_or(st.last_kvm)
+    }
+
+    /// KVM's [`KVM_STATS`] now; `None` without stats or if the read fails.
+    fn read_kvm_fresh(&self, st: &mut ProbeState) -> Option<[u64; KVM_STATS.len()]> {
+        let stats = self.stats.as_ref()?;
+        let words = self.kvm_words.clone()?;
+        stats.read_words_into(words, &mut st.stats_buf).ok()?;
         let values = self.indexes.map(|i| {
             i.and_then(|i| stats.descriptors().get(i))
                 .and_then(|d| d.first(&st.stats_buf))
                 .unwrap_or(0)
         });
         st.last_kvm = values;
-        values
+        Some(values)
     }
 
     /// The run-queue wait of thread `tid` so far, ns (`/proc/self/task/<tid>/schedstat`, second
@@ -123,6 +143,7 @@ impl VcpuProbe {
     fn own_counters(&self, st: &mut ProbeState) -> Counters {
         let kvm = self.read_kvm(st);
         let (min_flt, maj_flt) = own_faults();
+        st.last_faults = (min_flt, maj_flt);
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         let (min_flt, maj_flt) = self.with_pager_faults(tid, min_flt, maj_flt);
@@ -193,11 +214,17 @@ impl SampledVcpu {
     pub fn new(
         index: usize,
         stats: Option<StatsFd>,
-        tid: Arc<AtomicI32>,
+        thread: Arc<VcpuThread>,
         regions: Arc<ProfilerRegions>,
     ) -> Self {
-        let indexes = ["pf_taken", "pf_fixed", "exits"]
-            .map(|name| stats.as_ref().and_then(|s| s.index_of(name)));
+        let indexes = KVM_STATS.map(|name| stats.as_ref().and_then(|s| s.index_of(name)));
+        let kvm_words = stats.as_ref().and_then(|s| {
+            let ranges = indexes
+                .iter()
+                .flatten()
+                .filter_map(|&i| s.descriptors().get(i).map(|d| d.word_range()));
+            ranges.reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+        });
         Self {
             probe: Arc::new(VcpuProbe {
                 // vCPU indexes are below `mptable::MAX_CPUS`.
@@ -205,12 +232,14 @@ impl SampledVcpu {
                 index: index as u32,
                 stats,
                 indexes,
-                tid,
+                kvm_words,
+                thread,
                 regions,
                 state: Mutex::new(ProbeState {
                     ledger: Ledger::default(),
                     stats_buf: Vec::new(),
-                    last_kvm: [0; 3],
+                    last_kvm: [0; KVM_STATS.len()],
+                    last_faults: (0, 0),
                     schedstat: None,
                     last_wait_ns: 0,
                 }),
@@ -443,15 +472,108 @@ struct VcpuState {
     user_share: u64,
     /// The ledger's entries of this tick (kept to reuse its allocation).
     drained: Vec<crate::profiling::ledger::Entry>,
+    /// What the last tick saw of the thread's activity: its run epoch and the KVM stats that
+    /// count work that may take host faults (not `exits`: an interrupt or a halt takes none).
+    last_activity: Option<[u64; 5]>,
+    /// Whether the last tick saw activity (then this one reads the stat line whatever it sees:
+    /// a fault that exit began may have completed after that tick's read).
+    active_last_tick: bool,
+    /// When the stat line and the schedstat wait were last read (monotonic ns).
+    last_stat_read_ns: u64,
+    last_wait_read_ns: u64,
+    /// The wall and CPU clocks at the last tick, to tell whether the thread could have waited.
+    last_clocks: Option<(u64, u64)>,
+}
+
+/// The longest a tick that sees no activity may go on with the last stat line or schedstat
+/// wait (faults or wait that slipped past the checks are charged at most this late, to the
+/// same task in exact mode: an announced switch reads the thread's own counters).
+const REREAD_AFTER_NS: u64 = 10_000_000;
+
+/// A thread whose CPU time grew by at least the wall time minus this since the last tick ran
+/// all the while: any run-queue wait it had is below this, and is read at a later tick.
+const WAIT_SLACK_NS: u64 = 50_000;
+
+/// What one tick read of a vCPU thread (the sampler's report counts these).
+#[derive(Clone, Copy, Default)]
+struct Reads {
+    stat: bool,
+    wait: bool,
 }
 
 impl VcpuState {
-    /// The vCPU's counters read from the sampler thread; `None` if its thread is not known.
-    fn external_counters(&mut self, st: &mut ProbeState, tick_ns: u64) -> Option<Counters> {
-        let probe = &self.vcpu.probe;
-        let tid = probe.tid.load(Ordering::Acquire);
-        let thread = read_thread_cached(&mut self.thread_stat, tid, tick_ns)?;
+    /// The vCPU's counters read from the sampler thread, and which files it read; `None` if
+    /// its thread is not known.
+    ///
+    /// The thread's fault counts come from its `/proc` stat line, the costliest read by far.
+    /// A thread that stayed inside one `KVM_RUN` (same odd run epoch) without a KVM page fault,
+    /// an emulated instruction or a hypercall since the last tick ran guest code and KVM's
+    /// handling of exits that touch no guest memory (interrupts, halts), which take no host
+    /// fault: such a tick charges the last counts read. Its run-queue wait is read only if its CPU time
+    /// fell short of the wall time. Either is read again at least every [`REREAD_AFTER_NS`].
+    fn external_counters(
+        &mut self,
+        st: &mut ProbeState,
+        tick_ns: u64,
+    ) -> Option<(Counters, Reads)> {
+        let probe = self.vcpu.probe.clone();
+        let tid = probe.thread.tid();
+        if tid <= 0 {
+            return None;
+        }
+        let epoch = probe.thread.epoch();
+        let kvm = probe.read_kvm_fresh(st);
+        let wall_ns = monotonic_ns();
         let cpu_ns = clock_ns(thread_cpu_clock(tid));
+        let activity = kvm.map(|k| [epoch, k[0], k[1], k[3], k[4]]);
+        let active =
+            epoch.is_multiple_of(2) || activity.is_none() || activity != self.last_activity;
+        let mut reads = Reads {
+            stat: active
+                || self.active_last_tick
+                || wall_ns.saturating_sub(self.last_stat_read_ns) >= REREAD_AFTER_NS,
+            wait: false,
+        };
+        self.last_activity = activity;
+        self.active_last_tick = active;
+        let (min_flt, maj_flt) = if reads.stat {
+            let faults = self.read_stat(st, tid, tick_ns)?;
+            self.last_stat_read_ns = wall_ns;
+            faults
+        } else {
+            st.last_faults
+        };
+        let ran_throughout = self.last_clocks.is_some_and(|(wall0, cpu0)| {
+            cpu_ns.saturating_sub(cpu0).saturating_add(WAIT_SLACK_NS)
+                >= wall_ns.saturating_sub(wall0)
+        });
+        self.last_clocks = Some((wall_ns, cpu_ns));
+        reads.wait =
+            !ran_throughout || wall_ns.saturating_sub(self.last_wait_read_ns) >= REREAD_AFTER_NS;
+        let wait_ns = if reads.wait {
+            self.last_wait_read_ns = wall_ns;
+            VcpuProbe::read_wait(st, tid)
+        } else {
+            st.last_wait_ns
+        };
+        let kvm = kvm.unwrap_or(st.last_kvm);
+        let (min_flt, maj_flt) = probe.with_pager_faults(tid, min_flt, maj_flt);
+        let counters = Counters {
+            min_flt,
+            maj_flt,
+            cpu_ns,
+            pf_taken: kvm[0],
+            pf_fixed: kvm[1],
+            exits: kvm[2],
+            wait_ns,
+        };
+        Some((counters, reads))
+    }
+
+    /// Reads the thread's stat line: its fault counts (kept in `st` as the latest), and its
+    /// user/system split.
+    fn read_stat(&mut self, st: &mut ProbeState, tid: i32, tick_ns: u64) -> Option<(u64, u64)> {
+        let thread = read_thread_cached(&mut self.thread_stat, tid, tick_ns)?;
         if let Some((u, s)) = self.last_split {
             let (du, ds) = (
                 thread.utime_ns.saturating_sub(u),
@@ -462,18 +584,12 @@ impl VcpuState {
             }
         }
         self.last_split = Some((thread.utime_ns, thread.stime_ns));
-        let kvm = probe.read_kvm(st);
-        let wait_ns = VcpuProbe::read_wait(st, tid);
-        let (min_flt, maj_flt) = probe.with_pager_faults(tid, thread.min_flt, thread.maj_flt);
-        Some(Counters {
-            min_flt,
-            maj_flt,
-            cpu_ns,
-            pf_taken: kvm[0],
-            pf_fixed: kvm[1],
-            exits: kvm[2],
-            wait_ns,
-        })
+        // Never below what the thread itself read at a switch since (the counts only grow).
+        st.last_faults = (
+            thread.min_flt.max(st.last_faults.0),
+            thread.maj_flt.max(st.last_faults.1),
+        );
+        Some(st.last_faults)
     }
 
     /// The record of one ledger entry.
@@ -518,9 +634,22 @@ pub struct SamplerReport {
     /// CPU time the sampler thread spent in its ticks (reading counters, writing records), ns.
     pub busy_ns: u64,
     /// The part of `busy_ns` spent on the vCPUs one by one (reading a vCPU's counters, closing
-    /// its interval, writing its records); the rest is the tick's own (the guest region's
-    /// header check, copy-on-write records).
+    /// its interval, writing its records; with the guest region's header check); the rest is
+    /// the tick's own (copy-on-write records).
     pub vcpu_busy_ns: u64,
+    /// vCPU intervals the ticks closed (one per vCPU and tick once its thread runs).
+    pub vcpu_reads: u64,
+    /// Of those, the ones that read the thread's stat line (its host faults); the others saw
+    /// the thread inside one KVM_RUN, with no KVM page fault, emulation or hypercall, since
+    /// the tick before.
+    pub stat_reads: u64,
+    /// Ticks that read at least one vCPU thread's stat line.
+    pub stat_ticks: u64,
+    /// The part of `vcpu_busy_ns` spent in those ticks, ns.
+    pub stat_tick_busy_ns: u64,
+    /// Of those, the ones that read the thread's schedstat (its run-queue wait); the others
+    /// saw it run throughout the interval.
+    pub wait_reads: u64,
 }
 
 impl SamplerReport {
@@ -528,6 +657,18 @@ impl SamplerReport {
     pub fn tick_cost_ns_per_vcpu(&self) -> f64 {
         let vcpus = self.announced_switches.len().max(1) as f64;
         self.vcpu_busy_ns as f64 / self.ticks.max(1) as f64 / vcpus
+    }
+
+    /// The sampler's cost per tick and vCPU on ticks that read a stat line (a vCPU may have
+    /// faulted), and on the others, ns (with the guest region's header check).
+    pub fn tick_cost_ns_by_kind(&self) -> (f64, f64) {
+        let vcpus = self.announced_switches.len().max(1) as f64;
+        let light_ticks = self.ticks.saturating_sub(self.stat_ticks);
+        let light_ns = self.vcpu_busy_ns.saturating_sub(self.stat_tick_busy_ns);
+        (
+            self.stat_tick_busy_ns as f64 / self.stat_ticks.max(1) as f64 / vcpus,
+            light_ns as f64 / light_ticks.max(1) as f64 / vcpus,
+        )
     }
 
     /// The sampler's own cost per tick that does not depend on the vCPUs, ns.
@@ -660,6 +801,11 @@ fn run(
             last_split: None,
             user_share: 1 << 16,
             drained: Vec::new(),
+            last_activity: None,
+            active_last_tick: false,
+            last_stat_read_ns: 0,
+            last_wait_read_ns: 0,
+            last_clocks: None,
         })
         .collect();
     // Task-table index of each range owner's thread id seen in a record (names the owners of CoW
@@ -676,20 +822,24 @@ fn run(
         }
         report.ticks += 1;
         let tick_start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+        let mut stat_tick = false;
         // The guest may rewrite its region's header at any time: validate it on every tick.
         let guest_view = regions
             .guest
             .region()
             .ok()
             .and_then(|r| validate_guest_region(r).ok());
-        let vcpus_start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
         for s in &mut states {
             let probe = s.vcpu.probe.clone();
             let mut st = probe.lock();
             if st.ledger.is_open() {
-                if let Some(now) = s.external_counters(&mut st, tick_ns) {
+                if let Some((now, reads)) = s.external_counters(&mut st, tick_ns) {
                     let slot = slot_of(guest_view.as_ref(), probe.index);
                     st.ledger.close(now, monotonic_ns(), slot, false, false);
+                    report.vcpu_reads += 1;
+                    report.stat_reads += u64::from(reads.stat);
+                    report.wait_reads += u64::from(reads.wait);
+                    stat_tick |= reads.stat;
                 }
             }
             st.ledger.drain_into(&mut s.drained);
@@ -711,7 +861,11 @@ fn run(
             }
         }
         let vcpus_end = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
-        report.vcpu_busy_ns += vcpus_end.saturating_sub(vcpus_start);
+        report.vcpu_busy_ns += vcpus_end.saturating_sub(tick_start);
+        if stat_tick {
+            report.stat_ticks += 1;
+            report.stat_tick_busy_ns += vcpus_end.saturating_sub(tick_start);
+        }
         let task_of = |pid| {
             task_of_pid
                 .iter()

@@ -3,4 +3,5 @@ pub mod first_slice;
 pub mod halt;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_thread;
 pub mod vm;

@@ -1,7 +1,7 @@
 //! The vCPU run loop: one thread per vCPU, exits dispatched to an [`ExitHandler`], the VM's end
 //! decided once through [`VmControl`].
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -15,6 +15,7 @@ use crate::arch::x86_64::paging;
 use crate::exit::VmEnd;
 use crate::vstate::first_slice::{FirstSlice, StartGate};
 use crate::vstate::halt::{HaltWatch, VcpuRest};
+use crate::vstate::vcpu_thread::VcpuThread;
 
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq)]
@@ -224,7 +225,7 @@ pub struct Vcpu {
     handler: Arc<dyn ExitHandler>,
     control: Arc<VmControl>,
     memory: GuestMemoryMmap,
-    tid: Arc<AtomicI32>,
+    thread: Arc<VcpuThread>,
     on_start: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<Box<dyn FnOnce() + Send>>,
     /// Faults the VMM's pager resolves for this thread (added to its host faults).
@@ -287,7 +288,7 @@ impl Vcpu {
             handler,
             control,
             memory,
-            tid: Arc::new(AtomicI32::new(0)),
+            thread: Arc::new(VcpuThread::default()),
             on_start: None,
             on_stop: None,
             pager_faults: None,
@@ -324,9 +325,9 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Where the vCPU thread publishes its thread id when it starts (0 before).
-    pub fn tid_handle(&self) -> Arc<AtomicI32> {
-        self.tid.clone()
+    /// Where the vCPU thread publishes its thread id (when it starts) and its run epoch.
+    pub fn thread_handle(&self) -> Arc<VcpuThread> {
+        self.thread.clone()
     }
 
     /// Runs until the vCPU or the VM stops; returns the vCPU's accounting.
@@ -346,7 +347,7 @@ impl Vcpu {
         }
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        self.tid.store(tid, Ordering::Release);
+        self.thread.set_tid(tid);
         let pager_before = self.pager_faults.as_ref().map(|f| f(tid));
         if let Some(gate) = self.control.start_gate.get() {
             gate.wait(|| self.control.should_stop());
@@ -415,7 +416,8 @@ impl Vcpu {
         }
         self.fd.set_kvm_immediate_exit(1);
         // EINTR is the expected answer; anything else shows up at the next real KVM_RUN.
-        let _ = self.fd.run();
+        let fd = &mut self.fd;
+        let _ = self.thread.in_kvm_run(|| fd.run().map(|_| ()));
         self.fd.set_kvm_immediate_exit(0);
     }
 
@@ -432,7 +434,8 @@ impl Vcpu {
     fn run_once(&mut self) -> (ExitKind, VcpuAction) {
         let i = self.index;
         let h = &self.handler;
-        let result = self.fd.run();
+        let fd = &mut self.fd;
+        let result = self.thread.in_kvm_run(|| fd.run());
         match &result {
             Err(e)
                 if e.errno() == libc::EFAULT
