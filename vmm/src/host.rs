@@ -268,7 +268,7 @@ fn supported_cpuid_of(kvm: &Kvm, cell: &OnceLock<Result<CpuId, String>>) -> Resu
 /// start only when the parent blocks on its first result, so nothing would overlap (measured
 /// here: the helper's first VM began 1.7 ms after it was spawned, once the launching thread
 /// waited for it). Left as it is on a single-CPU host, or if the affinity cannot be set.
-fn run_on_another_cpu(handle: &std::thread::JoinHandle<()>) {
+pub(crate) fn run_on_another_cpu<T>(handle: &std::thread::JoinHandle<T>) {
     use std::os::unix::thread::JoinHandleExt;
     // SAFETY: sched_getcpu has no preconditions.
     let Ok(here) = usize::try_from(unsafe { libc::sched_getcpu() }) else {

@@ -7,17 +7,16 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::builder::{
-    self, BuildError, ConsoleSink, GuestConfig, MemorySource, SharedImage, VmResources,
-};
+use crate::builder::{self, BuildError, ConsoleSink, GuestConfig, MemorySource, SharedImage};
 use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
-use crate::session::{self, RunningVm};
+use crate::session::RunningVm;
 use crate::vstate::first_slice;
 use crate::vstate::memory::host_ram_bytes;
 
 pub mod file;
+pub mod launcher;
 pub mod summary;
 
 /// Most VMs one process runs.
@@ -317,8 +316,8 @@ pub fn launch(
         .flatten();
     host.create_vms_ahead(fresh().count(), vcpus_ahead);
     let mut shared: Option<Result<Arc<SharedImage>, String>> = None;
-    let mut built = Vec::with_capacity(plan.vms.len());
-    for (i, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
+    let mut jobs = Vec::with_capacity(plan.vms.len());
+    for (index, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
         let Some(console) = console.filter(|_| vm.restore.is_none()) else {
             continue;
         };
@@ -333,49 +332,22 @@ pub fn launch(
                 .clone()
                 .map(MemorySource::Template),
         };
-        let result = memory
-            .map_err(|e| (vm.name.clone(), RunError::Build(e)))
-            .and_then(|memory| {
-                builder::build(
-                    &vm.config,
-                    VmResources {
-                        name: vm.name.clone(),
-                        memory,
-                        console,
-                        host: host.clone(),
-                    },
-                )
-                .map_err(|e| (vm.name.clone(), RunError::Build(e.to_string())))
-            })
-            .map(|mut b| {
-                if let Some(p) = b.profiling.as_mut() {
-                    p.set_attribution(attribution);
-                }
-                b
-            });
-        built.push((i, result));
+        jobs.push(launcher::Job {
+            index,
+            name: vm.name.clone(),
+            config: vm.config.clone(),
+            console,
+            memory,
+        });
     }
-    // Started at one gate once every VM is built, then let go together: a VM whose guest runs would
-    // take the CPU from the others' start (and the fleet starts at one instant).
+    // Each VM is started parked at one gate, then all are let go together: a VM whose guest runs
+    // would take the CPU from the others' start (and the fleet starts at one instant).
     // (Restored VMs were let go by their own launch.)
-    let vcpus = built
-        .iter()
-        .flat_map(|(_, b)| b.as_ref().ok())
-        .map(|b| b.vcpus.len());
-    if first_slice::needed(vcpus.sum()) {
-        for (_, b) in built.iter_mut() {
-            if let Ok(b) = b {
-                first_slice::give(&mut b.vcpus);
-            }
-        }
-    }
     let gate = Arc::new(first_slice::StartGate::default());
-    for (i, b) in built {
-        results[i] = Some(b.and_then(|b| {
-            b.control.set_start_gate(gate.clone());
-            let name = b.name.clone();
-            session::start(b).map_err(|e| (name, e))
-        }));
+    for (index, launched) in launcher::build_and_start(jobs, host, &gate, attribution) {
+        if let Some(slot) = results.get_mut(index) {
+            *slot = Some(launched);
+        }
     }
     gate.open();
     results
