@@ -2,8 +2,10 @@
 //! publish both regions and the metadata of one VM. The VMM (`vmm/src/profiling/regions.rs`),
 //! the `fake_vm` example and the tests all publish through it.
 //!
-//! The run directory must pass [`ensure_run_dir`]; stale sets in it are removed the first time
-//! a process publishes there ([`sweep_stale`]). Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600) under
+//! The run directory must pass [`ensure_run_dir`] the first time a process publishes there,
+//! when stale sets in it are removed ([`sweep_stale`]), and its checks (owner, mode) for every
+//! later VM. Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600; a leftover at
+//! its name is removed first) under
 //! a hidden temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers ignore), filled, and renamed
 //! into place: the host region (already locked, see [`crate::rundir`]), then the guest region,
 //! then the metadata. Dropping the [`PublishedVm`] removes the three files, then releases the
@@ -20,7 +22,7 @@ use mirrorball_profiler_abi::{
 };
 
 use crate::mapping::Mapping;
-use crate::rundir::{ensure_run_dir, sweep_stale, VmId, VmMeta};
+use crate::rundir::{check_run_dir, ensure_run_dir, sweep_stale, VmId, VmMeta};
 
 /// What to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,12 +89,32 @@ fn abi(e: mirrorball_profiler_abi::AbiError) -> io::Error {
 /// Sweeps `dir`'s stale sets the first time this process publishes there: a sweep reads every
 /// set's metadata and lock, so sweeping at each publish would make starting N VMs O(N²). A set
 /// left by a VMM that dies later is removed by the next process that publishes.
-fn sweep_once(dir: &Path) {
-    static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
-    if !swept.iter().any(|d| d == dir) {
+/// Makes `dir` ready for a VM's files: created (0700) and swept of stale sets the first time
+/// this process publishes there; later only checked (owner and mode) — creating it again would
+/// lock its parent, which every VM of a launch would queue on.
+fn prepare_dir(dir: &Path) -> io::Result<()> {
+    static PREPARED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
+    if prepared.iter().any(|d| d == dir) && check_run_dir(dir).is_ok() {
+        return Ok(());
+    }
+    ensure_run_dir(dir)?;
+    if !prepared.iter().any(|d| d == dir) {
         sweep_stale(dir);
-        swept.push(dir.to_path_buf());
+        prepared.push(dir.to_path_buf());
+    }
+    Ok(())
+}
+
+/// `create(path)` for a file that must be new; a leftover at `path` (our pid's, from an earlier
+/// process that had it) is removed and the creation tried once more.
+fn create_fresh<T>(path: &Path, create: impl Fn(&Path) -> io::Result<T>) -> io::Result<T> {
+    match create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            create(path)
+        }
+        other => other,
     }
 }
 
@@ -104,18 +126,14 @@ impl PublishedVm {
 
     /// Publishes a VM under another pid (tests: stale files).
     pub fn create_as(dir: &Path, pid: u32, spec: &PublishSpec) -> io::Result<Self> {
-        ensure_run_dir(dir)?;
-        sweep_once(dir);
+        prepare_dir(dir)?;
         let id = VmId { pid, n: spec.n };
         let glayout =
             GuestRegionLayout::new(spec.vcpus, spec.tasks, spec.guest_ring).map_err(abi)?;
         let hlayout = HostRegionLayout::new(spec.vcpus, spec.host_ring).map_err(abi)?;
         let tmp = |ext: &str| dir.join(format!(".{}.{ext}.tmp", id.stem()));
         let fin = |ext: &str| dir.join(format!("{}.{ext}", id.stem()));
-        for ext in ["guest", "host", "json"] {
-            let _ = fs::remove_file(tmp(ext));
-        }
-        let host = Mapping::create_rw(&tmp("host"), hlayout.size)?;
+        let host = create_fresh(&tmp("host"), |p| Mapping::create_rw(p, hlayout.size))?;
         host.lock_exclusive()?;
         // The files were just sized: their bytes are zero, so formatting touches only what
         // is not (zeroing the rings would fault in every page of them).
@@ -129,7 +147,7 @@ impl PublishedVm {
             },
         )
         .map_err(abi)?;
-        let guest = Mapping::create_rw(&tmp("guest"), glayout.size)?;
+        let guest = create_fresh(&tmp("guest"), |p| Mapping::create_rw(p, glayout.size))?;
         GuestRegion::format_zeroed(
             guest.region_mut()?,
             &glayout,
@@ -150,12 +168,14 @@ impl PublishedVm {
             period_ns: spec.host_period_ns,
         };
         {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(tmp("json"))?;
+            let mut f = create_fresh(&tmp("json"), |p| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(p)
+            })?;
             f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
         }
         let vm = Self {
