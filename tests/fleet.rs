@@ -684,3 +684,56 @@ fn vcpus_that_outnumber_the_cpus_get_a_first_slice() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The threads that launch a fleet start on another CPU than the launching thread's, but what
+/// they start in turn — every VM's vCPU threads and sampler — may run on every CPU the process
+/// may: none stays bound to the CPU its launcher was put on.
+#[test]
+fn every_vm_thread_may_run_on_every_cpu_of_the_process() {
+    if !kvm_available("every_vm_thread_may_run_on_every_cpu_of_the_process") {
+        return;
+    }
+    let dir = scratch("fleet-affinity");
+    let run_dir = dir.join("run");
+    let mut child = common::spawn_vmm(&[
+        "--vms",
+        "4",
+        "--workload",
+        "work 4 R 40000000 1",
+        "--run-dir",
+        run_dir.to_str().expect("utf-8"),
+    ]);
+    let pid = child.id();
+    let allowed = |task: &Path| -> Option<String> {
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+    };
+    let main = allowed(&PathBuf::from(format!("/proc/{pid}/task/{pid}"))).expect("main thread");
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let (status, stderr) = common::wait_watching(&mut child, DEADLINE, "affinity", || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if let Some(cpus) = allowed(&task.path()) {
+                seen.insert((comm.trim().to_string(), cpus));
+            }
+        }
+    });
+    assert!(status.success(), "{stderr}");
+    assert!(
+        seen.iter().any(|(comm, _)| comm.starts_with("vcpu")),
+        "no vCPU thread seen: {seen:?}"
+    );
+    for (comm, cpus) in &seen {
+        assert_eq!(
+            cpus, &main,
+            "{comm} may run on {cpus}, the process on {main}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

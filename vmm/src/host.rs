@@ -105,32 +105,29 @@ impl HostContext {
         let kvm = self.kvm.clone();
         let kind = self.kind;
         let cell = self.supported_cpuid.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vm-create".into())
-            .spawn(move || {
-                // Read here (KVM_GET_SUPPORTED_CPUID is slow on PVM), not on the launching thread.
-                let supported =
-                    vcpus.and_then(|n| Some((n, supported_cpuid_of(&kvm, &cell).ok()?)));
-                for _ in 0..count {
-                    let prepared = supported
-                        .as_ref()
-                        .and_then(|(n, cpuid)| VmAhead::with_vcpus(&kvm, *n, cpuid, kind).ok());
-                    // A VM that cannot be created here is created (and its error reported) by
-                    // the build that needs it.
-                    let ahead = match prepared {
-                        Some(ahead) => ahead,
-                        None => match kvm.create_vm() {
-                            Ok(fd) => VmAhead::plain(fd),
-                            Err(_) => break,
-                        },
-                    };
-                    if tx.send(ahead).is_err() {
-                        break;
-                    }
+        let builder = std::thread::Builder::new().name("vm-create".into());
+        let spawned = crate::placement::spawn_on_another_cpu(builder, move || {
+            // Read here (KVM_GET_SUPPORTED_CPUID is slow on PVM), not on the launching thread.
+            let supported = vcpus.and_then(|n| Some((n, supported_cpuid_of(&kvm, &cell).ok()?)));
+            for _ in 0..count {
+                let prepared = supported
+                    .as_ref()
+                    .and_then(|(n, cpuid)| VmAhead::with_vcpus(&kvm, *n, cpuid, kind).ok());
+                // A VM that cannot be created here is created (and its error reported) by
+                // the build that needs it.
+                let ahead = match prepared {
+                    Some(ahead) => ahead,
+                    None => match kvm.create_vm() {
+                        Ok(fd) => VmAhead::plain(fd),
+                        Err(_) => break,
+                    },
+                };
+                if tx.send(ahead).is_err() {
+                    break;
                 }
-            });
+            }
+        });
         if let Ok(handle) = spawned {
-            run_on_another_cpu(&handle);
             *self.vms_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
             let previous = self
                 .ahead_thread
@@ -261,42 +258,4 @@ fn supported_cpuid_of(kvm: &Kvm, cell: &OnceLock<Result<CpuId, String>>) -> Resu
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))
     })
     .clone()
-}
-
-/// Keeps a helper thread off the calling thread's CPU: a new thread is queued on its parent's
-/// CPU, and with the parent busy there (preparing the launch the helper works for) it would
-/// start only when the parent blocks on its first result, so nothing would overlap (measured
-/// here: the helper's first VM began 1.7 ms after it was spawned, once the launching thread
-/// waited for it). Left as it is on a single-CPU host, or if the affinity cannot be set.
-pub(crate) fn run_on_another_cpu<T>(handle: &std::thread::JoinHandle<T>) {
-    use std::os::unix::thread::JoinHandleExt;
-    // SAFETY: sched_getcpu has no preconditions.
-    let Ok(here) = usize::try_from(unsafe { libc::sched_getcpu() }) else {
-        return;
-    };
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable cpu_set_t of the size given.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
-    {
-        return;
-    }
-    // SAFETY: CPU_CLR and CPU_COUNT only touch `set`; `here` is below CPU_SETSIZE (a CPU number
-    // the kernel gave).
-    let others = unsafe {
-        libc::CPU_CLR(here, &mut set);
-        libc::CPU_COUNT(&set)
-    };
-    if others == 0 {
-        return;
-    }
-    // SAFETY: the handle's thread is alive until joined (the handle is borrowed); `set` is a
-    // valid cpu_set_t of the size given.
-    let _ = unsafe {
-        libc::pthread_setaffinity_np(
-            handle.as_pthread_t(),
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        )
-    };
 }

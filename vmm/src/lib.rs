@@ -17,6 +17,7 @@ pub mod gates;
 pub mod host;
 pub mod ksm;
 pub mod loader;
+pub mod placement;
 pub mod profiling;
 pub mod report;
 pub mod runner;

@@ -9,7 +9,10 @@
 //!   thread runs on to bring the count up to date — and such counters miss the faults KVM
 //!   takes for a guest through `get_user_pages`, which are most of a vCPU thread's);
 //!
-//! each against a `getppid` system call, the cheapest round trip into the kernel.
+//! each against a `getppid` system call, the cheapest round trip into the kernel. And what a
+//! thread that only sleeps and wakes every millisecond (as the sampler does at 1 kHz) costs in
+//! CPU time per wake-up: the floor under the sampler's whole cost per tick (group 9's rows
+//! count it; the tick-cost rows do not).
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
@@ -62,6 +65,44 @@ fn fault_counter(tid: i32) -> Option<std::fs::File> {
     let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
     // SAFETY: `fd` was just opened and is owned by nothing else.
     Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// CPU µs per wake-up of this thread sleeping to each next absolute millisecond, and how many.
+fn sleep_wake_cost_us() -> (f64, u32) {
+    const WAKES: u32 = 500;
+    let cpu = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+    };
+    let mut next = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `next` is a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut next) };
+    let start = cpu();
+    for _ in 0..WAKES {
+        next.tv_nsec += 1_000_000;
+        if next.tv_nsec >= 1_000_000_000 {
+            next.tv_nsec -= 1_000_000_000;
+            next.tv_sec += 1;
+        }
+        // SAFETY: `next` is a valid absolute time; no remainder is asked for.
+        unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &next,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+    ((cpu() - start) / f64::from(WAKES), WAKES)
 }
 
 pub fn rows() -> Result<Vec<Row>> {
@@ -141,6 +182,22 @@ pub fn rows() -> Result<Vec<Row>> {
             "clock_gettime on its CPU-time clock",
         ),
     ];
+    let (wake_us, wakes) = sleep_wake_cost_us();
+    rows.push(Row::measured(
+        6,
+        "probe_sleep_wake_1khz",
+        "a thread that only sleeps and wakes every 1 ms: CPU time per wake-up",
+        "µs",
+        wake_us,
+        "a getppid syscall",
+        Some(syscall),
+        Target::None,
+        format!(
+            "{wakes} wake-ups (clock_nanosleep to the next absolute ms); the thread's own CPU \
+             time, which on a host that is itself a VM carries the cost of idling and being \
+             woken. What any sampler thread at 1 kHz pays before it reads anything"
+        ),
+    ));
     if let Some(us) = perf_us {
         rows.push(row(
             "probe_perf_faults",

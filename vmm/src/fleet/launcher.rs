@@ -106,15 +106,10 @@ pub fn build_and_start(
     let worker = two
         .then(|| {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("vm-launch".into())
-                .spawn(move || shared.work())
-                .ok()
+            let builder = std::thread::Builder::new().name("vm-launch".into());
+            crate::placement::spawn_on_another_cpu(builder, move || shared.work()).ok()
         })
         .flatten();
-    if let Some(worker) = &worker {
-        crate::host::run_on_another_cpu(worker);
-    }
     let mut launched = shared.work();
     if let Some(worker) = worker {
         // A worker that panicked left its VMs unreported: the caller reports them as not run.
