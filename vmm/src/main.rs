@@ -255,7 +255,7 @@ fn run_vms_from(
         Some(dir) => match vmm::snapshot::restore::load(dir, &host) {
             Ok(loaded) => match vmm::snapshot::restore::launch(
                 dir,
-                &loaded,
+                &std::sync::Arc::new(loaded),
                 &plan,
                 consoles,
                 &host,

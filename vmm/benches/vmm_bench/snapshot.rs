@@ -72,17 +72,17 @@ fn stop_all(vms: Vec<RunningVm>) -> u64 {
 
 /// Loads the snapshot in `dir` (every check, the memory checksum included); returns it and the
 /// time it took.
-fn load(host: &Arc<HostContext>, dir: &Path) -> Result<(f64, restore::Loaded)> {
+fn load(host: &Arc<HostContext>, dir: &Path) -> Result<(f64, Arc<restore::Loaded>)> {
     let t = Instant::now();
     let loaded = restore::load(dir, host).context("load")?;
-    Ok((t.elapsed().as_secs_f64() * 1e3, loaded))
+    Ok((t.elapsed().as_secs_f64() * 1e3, Arc::new(loaded)))
 }
 
 /// Starts `count` clones of `loaded`; returns the time to running and the clones.
 fn restore_clones(
     host: &Arc<HostContext>,
     dir: &Path,
-    loaded: &restore::Loaded,
+    loaded: &Arc<restore::Loaded>,
     count: usize,
 ) -> Result<(f64, Vec<RunningVm>)> {
     let t = Instant::now();

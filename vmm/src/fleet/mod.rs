@@ -288,6 +288,7 @@ pub fn launch(
         // The clones' VMs are created on another CPU while the snapshot is read and checked.
         host.create_vms_ahead(index.len(), None);
         let started = crate::snapshot::restore::load(dir, host).and_then(|loaded| {
+            let loaded = Arc::new(loaded);
             crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution)
         });
         match started {
@@ -335,16 +336,18 @@ pub fn launch(
         jobs.push(launcher::Job {
             index,
             name: vm.name.clone(),
-            config: vm.config.clone(),
-            console,
-            memory,
+            work: launcher::Work::Build {
+                config: vm.config.clone(),
+                console,
+                memory,
+            },
         });
     }
     // Each VM is started parked at one gate, then all are let go together: a VM whose guest runs
     // would take the CPU from the others' start (and the fleet starts at one instant).
     // (Restored VMs were let go by their own launch.)
     let gate = Arc::new(first_slice::StartGate::default());
-    for (index, launched) in launcher::build_and_start(jobs, host, &gate, attribution) {
+    for (index, launched) in launcher::build_and_start(jobs, host, &gate, attribution, None) {
         if let Some(slot) = results.get_mut(index) {
             *slot = Some(launched);
         }

@@ -18,11 +18,11 @@ use crate::builder::{
     self, BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LinuxConfig, MemorySource, SharedImage,
     VmResources, WorkloadConfig,
 };
-use crate::fleet::FleetPlan;
+use crate::fleet::{launcher, FleetPlan};
 use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
-use crate::session::{self, RunningVm};
+use crate::session::RunningVm;
 use crate::vstate::first_slice;
 use crate::vstate::memory::Template;
 use crate::workload::{self, TaskSpec};
@@ -297,69 +297,68 @@ fn with_map_share(config: &GuestConfig, plan: &FleetPlan) -> GuestConfig {
 pub type Started = Result<RunningVm, (String, RunError)>;
 
 /// Builds and starts the VMs of `plan` (copies of the snapshot's configuration) as clones of
-/// `loaded`, each started once all are built. A host whose CPU lacks what the snapshot's guest
-/// saw refuses the snapshot as a whole; other failures refuse one clone alone.
+/// `loaded`, on two CPUs (`fleet::launcher`), each given the snapshot's state and parked, then
+/// all let go together. A host whose CPU lacks what the snapshot's guest saw refuses the
+/// snapshot as a whole (checked on the first clone, built before any other); other failures
+/// refuse one clone alone.
 pub fn launch(
     dir: &Path,
-    loaded: &Loaded,
+    loaded: &Arc<Loaded>,
     plan: &FleetPlan,
     consoles: Vec<ConsoleSink>,
     host: &Arc<HostContext>,
     attribution: AttributionMode,
 ) -> Result<Vec<Started>, SnapshotError> {
     let config = with_map_share(&loaded.config, plan);
-    let built: Vec<_> = plan
-        .vms
-        .iter()
-        .zip(consoles)
-        .map(|(vm, console)| {
-            let fail = |e: String| (vm.name.clone(), RunError::Build(e));
-            let mut b = builder::build(
-                &config,
-                VmResources {
-                    name: vm.name.clone(),
-                    memory: MemorySource::Template(loaded.shared.clone()),
-                    console,
-                    host: host.clone(),
-                },
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            if let Some(p) = b.profiling.as_mut() {
-                p.set_attribution(attribution);
+    let mut started: Vec<Option<Started>> = Vec::with_capacity(plan.vms.len());
+    let mut jobs = Vec::with_capacity(plan.vms.len());
+    for (index, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
+        started.push(None);
+        let memory = MemorySource::Template(loaded.shared.clone());
+        let work = if index > 0 {
+            launcher::Work::Build {
+                config: config.clone(),
+                console,
+                memory: Ok(memory),
             }
-            Ok(b)
-        })
-        .collect();
-    if let Some(Ok(first)) = built.first() {
-        check_cpuid(loaded, first).map_err(|e| SnapshotError::new(dir, e))?;
+        } else {
+            let resources = VmResources {
+                name: vm.name.clone(),
+                memory,
+                console,
+                host: host.clone(),
+            };
+            match builder::build(&config, resources) {
+                Ok(first) => {
+                    check_cpuid(loaded, &first).map_err(|e| SnapshotError::new(dir, e))?;
+                    launcher::Work::Built(Box::new(first))
+                }
+                Err(e) => {
+                    started[index] = Some(Err((vm.name.clone(), RunError::Build(e.to_string()))));
+                    continue;
+                }
+            }
+        };
+        jobs.push(launcher::Job {
+            index,
+            name: vm.name.clone(),
+            work,
+        });
     }
-    // Every clone gets its state before any starts: running clones would slow the others' setup.
-    let mut ready: Vec<_> = built
-        .into_iter()
-        .map(|b: Result<BuiltVm, _>| {
-            b.and_then(|mut b| {
-                apply(loaded, &mut b).map_err(|e| (b.name.clone(), RunError::Build(e)))?;
-                Ok(b)
-            })
-        })
-        .collect();
-    if first_slice::needed(loaded.config.vcpus() * plan.vms.len()) {
-        for b in ready.iter_mut().flatten() {
-            first_slice::give(&mut b.vcpus);
+    let state = Arc::clone(loaded);
+    let prepare: launcher::Prepare = Arc::new(move |built: &mut BuiltVm| apply(&state, built));
+    let gate = Arc::new(first_slice::StartGate::default());
+    for (index, launched) in
+        launcher::build_and_start(jobs, host, &gate, attribution, Some(prepare))
+    {
+        if let Some(slot) = started.get_mut(index) {
+            *slot = Some(launched);
         }
     }
-    // Started at a gate, then let go together: a clone that runs would slow the others' start.
-    let gate = Arc::new(first_slice::StartGate::default());
-    let started: Vec<Started> = ready
-        .into_iter()
-        .map(|b| {
-            b.and_then(|b| {
-                b.control.set_start_gate(gate.clone());
-                let name = b.name.clone();
-                session::start(b).map_err(|e| (name, e))
-            })
-        })
-        .collect();
     gate.open();
-    Ok(started)
+    Ok(started
+        .into_iter()
+        .zip(&plan.vms)
+        .map(|(s, vm)| s.unwrap_or_else(|| Err((vm.name.clone(), RunError::NotRun))))
+        .collect())
 }
