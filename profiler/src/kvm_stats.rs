@@ -303,14 +303,7 @@ impl StatsFd {
     /// Hot-path read: fills `buf` with the data block (resized to [`data_words`](Self::data_words);
     /// no allocation once `buf` has that capacity). Index it with [`StatDesc::first`]/`values`.
     pub fn read_into(&self, buf: &mut Vec<u64>) -> Result<(), Error> {
-        buf.clear();
-        buf.resize(self.data_words, 0);
-        let len = std::mem::size_of_val(buf.as_slice());
-        // SAFETY: the pointer and length describe exactly the initialised memory of `buf`, which
-        // stays mutably borrowed for the slice's lifetime; `u8` has alignment 1 and every byte
-        // pattern written into it is a valid `u64`.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) };
-        read_exact(&self.file, self.data_offset, bytes, "data block")
+        self.read_words_into(0..self.data_words, buf)
     }
 
     /// Hotter path: like [`read_into`](Self::read_into), but reads only the data words

@@ -86,20 +86,20 @@ fn abi(e: mirrorball_profiler_abi::AbiError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
 }
 
-/// Sweeps `dir`'s stale sets the first time this process publishes there: a sweep reads every
-/// set's metadata and lock, so sweeping at each publish would make starting N VMs O(N²). A set
-/// left by a VMM that dies later is removed by the next process that publishes.
 /// Makes `dir` ready for a VM's files: created (0700) and swept of stale sets the first time
 /// this process publishes there; later only checked (owner and mode) — creating it again would
-/// lock its parent, which every VM of a launch would queue on.
+/// lock its parent, which every VM of a launch would queue on. A sweep reads every set's
+/// metadata and lock, so sweeping at each publish would make starting N VMs O(N²); a set left
+/// by a VMM that dies later is removed by the next process that publishes.
 fn prepare_dir(dir: &Path) -> io::Result<()> {
     static PREPARED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     let mut prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
-    if prepared.iter().any(|d| d == dir) && check_run_dir(dir).is_ok() {
+    let known = prepared.iter().any(|d| d == dir);
+    if known && check_run_dir(dir).is_ok() {
         return Ok(());
     }
     ensure_run_dir(dir)?;
-    if !prepared.iter().any(|d| d == dir) {
+    if !known {
         sweep_stale(dir);
         prepared.push(dir.to_path_buf());
     }

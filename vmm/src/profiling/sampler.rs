@@ -495,7 +495,7 @@ const REREAD_AFTER_NS: u64 = 10_000_000;
 const WAIT_SLACK_NS: u64 = 50_000;
 
 /// What one tick read of a vCPU thread (the sampler's report counts these).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Reads {
     stat: bool,
     wait: bool,
@@ -509,8 +509,9 @@ impl VcpuState {
     /// A thread that stayed inside one `KVM_RUN` (same odd run epoch) without a KVM page fault,
     /// an emulated instruction or a hypercall since the last tick ran guest code and KVM's
     /// handling of exits that touch no guest memory (interrupts, halts), which take no host
-    /// fault: such a tick charges the last counts read. Its run-queue wait is read only if its CPU time
-    /// fell short of the wall time. Either is read again at least every [`REREAD_AFTER_NS`].
+    /// fault: such a tick charges the last counts read. Its run-queue wait is read only if its
+    /// CPU time fell short of the wall time. Either is read again at least every
+    /// [`REREAD_AFTER_NS`].
     fn external_counters(
         &mut self,
         st: &mut ProbeState,
@@ -643,13 +644,13 @@ pub struct SamplerReport {
     /// the thread inside one KVM_RUN, with no KVM page fault, emulation or hypercall, since
     /// the tick before.
     pub stat_reads: u64,
+    /// Of the `vcpu_reads`, the ones that read the thread's schedstat (its run-queue wait); the
+    /// others saw it run throughout the interval.
+    pub wait_reads: u64,
     /// Ticks that read at least one vCPU thread's stat line.
     pub stat_ticks: u64,
     /// The part of `vcpu_busy_ns` spent in those ticks, ns.
     pub stat_tick_busy_ns: u64,
-    /// Of those, the ones that read the thread's schedstat (its run-queue wait); the others
-    /// saw it run throughout the interval.
-    pub wait_reads: u64,
 }
 
 impl SamplerReport {
