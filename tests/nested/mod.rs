@@ -52,6 +52,13 @@ impl Bed {
             self.read(name, "test.log")
         );
         eprintln!("nested {name}: passed in {secs} s inside L1");
+        // l1-init ran it once more (a hang, or an L2 triple fault under the emulated SVM).
+        let first = self.files(name).join("attempt0").join("test.log");
+        if let Ok(log) = std::fs::read(&first) {
+            let log = text(&log);
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            eprintln!("nested {name}: on its second run; the first one ended: {tail:?}");
+        }
         secs
     }
 }
