@@ -124,6 +124,9 @@ impl VmEnd {
     }
 }
 
+/// `rip` of a vCPU just out of reset (with `CS` based at `0xffff_0000`).
+const RESET_RIP: u64 = 0xfff0;
+
 fn hex_bytes(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -147,7 +150,16 @@ impl fmt::Display for VmEnd {
                 )
             }
             Self::TripleFault { vcpu, rip } => {
-                write!(f, "triple fault on vCPU {vcpu} at rip {rip:#x}")
+                write!(f, "triple fault on vCPU {vcpu} at rip {rip:#x}")?;
+                if *rip == RESET_RIP {
+                    // KVM on AMD (SVM) reinitialises a vCPU whose guest shut down.
+                    write!(
+                        f,
+                        " (the reset vector: on AMD, KVM resets a vCPU that shuts down, so where \
+                         it faulted is lost)"
+                    )?;
+                }
+                Ok(())
             }
             Self::InternalError {
                 vcpu,
@@ -215,6 +227,18 @@ mod tests {
         assert_eq!(codes.len(), ends.len());
         assert!(!codes.contains(&0));
         assert_eq!(VmEnd::GuestReset.exit_code(), 0);
+    }
+
+    #[test]
+    fn a_triple_fault_at_the_reset_vector_says_the_rip_is_lost() {
+        let at = |rip| VmEnd::TripleFault { vcpu: 1, rip }.to_string();
+        let reset = at(0xfff0);
+        assert!(
+            reset.starts_with("triple fault on vCPU 1 at rip 0xfff0 ("),
+            "{reset}"
+        );
+        assert!(reset.contains("lost"), "{reset}");
+        assert_eq!(at(0x1000), "triple fault on vCPU 1 at rip 0x1000");
     }
 
     #[test]
