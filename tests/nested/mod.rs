@@ -56,7 +56,8 @@ impl Bed {
         let first = self.files(name).join("attempt0").join("test.log");
         if let Ok(log) = std::fs::read(&first) {
             let log = text(&log);
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(3)..];
             eprintln!("nested {name}: on its second run; the first one ended: {tail:?}");
         }
         secs

@@ -5,7 +5,7 @@
 //! The run directory must pass [`ensure_run_dir`] the first time a process publishes there,
 //! when stale sets in it are removed ([`sweep_stale`]), and its checks (owner, mode) for every
 //! later VM. Each file is created exclusively (`O_EXCL`, `O_NOFOLLOW`, mode 0600; a leftover at
-//! its name is removed first) under
+//! its name, from an earlier process with our pid, is removed and the creation tried again) under
 //! a hidden temporary name (`.vm-<pid>-<n>.<ext>.tmp`, which readers ignore), filled, and renamed
 //! into place: the host region (already locked, see [`crate::rundir`]), then the guest region,
 //! then the metadata. Dropping the [`PublishedVm`] removes the three files, then releases the

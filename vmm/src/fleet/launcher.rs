@@ -47,6 +47,26 @@ impl Work {
             Self::Built(built) => built.vcpus.len(),
         }
     }
+
+    /// The VM named `name`: built on `host` (on the calling thread), or as the caller built it.
+    pub fn into_built(self, name: &str, host: &Arc<HostContext>) -> Result<BuiltVm, String> {
+        match self {
+            Self::Build {
+                config,
+                console,
+                memory,
+            } => {
+                let resources = VmResources {
+                    name: name.to_string(),
+                    memory: memory?,
+                    console,
+                    host: host.clone(),
+                };
+                builder::build(&config, resources).map_err(|e| e.to_string())
+            }
+            Self::Built(built) => Ok(*built),
+        }
+    }
 }
 
 /// Run on each VM after its build, before it starts; an error refuses that VM alone.
@@ -86,22 +106,7 @@ impl Shared {
     fn launch(&self, job: Job) -> Result<RunningVm, (String, RunError)> {
         let Job { name, work, .. } = job;
         let refused = |e: String| (name.clone(), RunError::Build(e));
-        let mut built = match work {
-            Work::Build {
-                config,
-                console,
-                memory,
-            } => {
-                let resources = VmResources {
-                    name: name.clone(),
-                    memory: memory.map_err(refused)?,
-                    console,
-                    host: self.host.clone(),
-                };
-                builder::build(&config, resources).map_err(|e| refused(e.to_string()))?
-            }
-            Work::Built(built) => *built,
-        };
+        let mut built = work.into_built(&name, &self.host).map_err(refused)?;
         if let Some(p) = built.profiling.as_mut() {
             p.set_attribution(self.attribution);
         }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use crate::builder::linux::LinuxImage;
 use crate::builder::workload::WorkloadImage;
 use crate::builder::{
-    self, BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LinuxConfig, MemorySource, SharedImage,
-    VmResources, WorkloadConfig,
+    BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LinuxConfig, MemorySource, SharedImage,
+    WorkloadConfig,
 };
 use crate::fleet::{launcher, FleetPlan};
 use crate::host::HostContext;
@@ -314,31 +314,23 @@ pub fn launch(
     let mut jobs = Vec::with_capacity(plan.vms.len());
     for (index, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
         started.push(None);
-        let memory = MemorySource::Template(loaded.shared.clone());
-        let work = if index > 0 {
-            launcher::Work::Build {
-                config: config.clone(),
-                console,
-                memory: Ok(memory),
-            }
-        } else {
-            let resources = VmResources {
-                name: vm.name.clone(),
-                memory,
-                console,
-                host: host.clone(),
-            };
-            match builder::build(&config, resources) {
+        let mut work = launcher::Work::Build {
+            config: config.clone(),
+            console,
+            memory: Ok(MemorySource::Template(loaded.shared.clone())),
+        };
+        if index == 0 {
+            match work.into_built(&vm.name, host) {
                 Ok(first) => {
                     check_cpuid(loaded, &first).map_err(|e| SnapshotError::new(dir, e))?;
-                    launcher::Work::Built(Box::new(first))
+                    work = launcher::Work::Built(Box::new(first));
                 }
                 Err(e) => {
-                    started[index] = Some(Err((vm.name.clone(), RunError::Build(e.to_string()))));
+                    started[index] = Some(Err((vm.name.clone(), RunError::Build(e))));
                     continue;
                 }
             }
-        };
+        }
         jobs.push(launcher::Job {
             index,
             name: vm.name.clone(),
