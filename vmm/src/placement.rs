@@ -43,33 +43,46 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    spawn_placed(builder, |_| work()).map(|(handle, _)| handle)
+}
+
+/// [`spawn_on_another_cpu`], with what it did: `work` is given the CPU the thread started on
+/// (read while it was still kept off the caller's CPU), and the caller gets the CPU the thread
+/// was kept off (none when it was not moved).
+fn spawn_placed<T, F>(builder: Builder, work: F) -> std::io::Result<(JoinHandle<T>, Option<usize>)>
+where
+    F: FnOnce(Option<usize>) -> T + Send + 'static,
+    T: Send + 'static,
+{
     let parents = affinity();
-    let elsewhere = parents
-        .zip(current_cpu())
-        .and_then(|(set, here)| without(set, here));
+    let here = current_cpu();
+    let elsewhere = parents.zip(here).and_then(|(set, here)| without(set, here));
     let (placed_tx, placed_rx) = std::sync::mpsc::channel::<()>();
     let handle = builder.spawn(move || {
         // Placed (or not) before it goes on: then it takes back the parent's affinity.
         let _ = placed_rx.recv();
+        let started_on = current_cpu();
         if let Some(set) = parents.filter(|_| elsewhere.is_some()) {
             // SAFETY: `set` is a valid cpu_set_t of the size given.
             unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         }
-        work()
+        work(started_on)
     })?;
+    let mut kept_off = None;
     if let Some(set) = &elsewhere {
         // SAFETY: the thread is alive (it waits for `placed_tx`); `set` is a valid cpu_set_t of
         // the size given.
-        unsafe {
+        let placed = unsafe {
             libc::pthread_setaffinity_np(
                 handle.as_pthread_t(),
                 std::mem::size_of::<libc::cpu_set_t>(),
                 set,
             )
         };
+        kept_off = here.filter(|_| placed == 0);
     }
     let _ = placed_tx.send(());
-    Ok(handle)
+    Ok((handle, kept_off))
 }
 
 #[cfg(test)]
@@ -81,9 +94,8 @@ mod tests {
         // SAFETY: CPU_COUNT only reads the set.
         let count = |s: &libc::cpu_set_t| unsafe { libc::CPU_COUNT(s) };
         let before = affinity().expect("affinity");
-        let here = current_cpu();
-        let handle = spawn_on_another_cpu(Builder::new(), move || {
-            (current_cpu(), affinity().map(|s| count(&s)))
+        let (handle, kept_off) = spawn_placed(Builder::new(), move |started_on| {
+            (started_on, affinity().map(|s| count(&s)))
         })
         .expect("spawn");
         let (started_on, its_cpus) = handle.join().expect("thread");
@@ -93,7 +105,11 @@ mod tests {
             "the parent's affinity, taken back"
         );
         if count(&before) > 1 {
-            assert_ne!(started_on, here, "started on another CPU");
+            // The CPU it started on is read while it is still kept off the parent's: where it
+            // runs after it took back the parent's affinity is the scheduler's choice.
+            assert!(kept_off.is_some(), "moved off the parent's CPU");
+            assert!(started_on.is_some(), "its CPU is known");
+            assert_ne!(started_on, kept_off, "started on another CPU");
         }
     }
 }
