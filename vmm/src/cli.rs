@@ -70,6 +70,11 @@ pub struct Cli {
     /// N copy-on-write clones of it (exit code 22 when the snapshot is refused).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "workload", "mem", "vcpus", "share"])]
     pub restore: Option<PathBuf>,
+    /// With --restore: give each clone memory of its own, loaded from the snapshot's memory
+    /// file page by page on first touch through userfaultfd (counted per VM as lazy loads;
+    /// needs root), instead of mapping that file copy-on-write for all clones to share.
+    #[arg(long)]
+    pub lazy: bool,
     /// Take a snapshot of the VM after it ran SECS seconds, into DIR (with --vms N, into
     /// DIR/NAME for each VM); the VM runs on.
     #[arg(long, num_args = 2, value_names = ["SECS", "DIR"], conflicts_with = "snapshot_on")]
@@ -364,6 +369,10 @@ impl Cli {
 
     /// Resolves the options into a guest to build.
     pub fn guest(&self) -> Result<GuestConfig, String> {
+        if self.lazy {
+            // Checked here: clap's `requires` lets a flag through without it.
+            return Err("--lazy goes only with --restore".into());
+        }
         if let Some(kernel) = &self.kernel {
             return Ok(GuestConfig::Linux(LinuxConfig {
                 kernel: kernel.clone(),
@@ -421,6 +430,14 @@ mod tests {
 
     fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn lazy_goes_only_with_restore() {
+        let lone = cli(&["--workload", "work 1 R 1 1", "--lazy"]).expect("parses");
+        let e = lone.guest().expect_err("no --restore");
+        assert!(e.contains("--restore"), "{e}");
+        assert!(cli(&["--restore", "snap", "--lazy"]).is_ok_and(|c| c.lazy));
     }
 
     #[test]

@@ -176,7 +176,13 @@ fn run(mut cli: Cli) -> Result<i32> {
                     return Ok(vmm::snapshot::EXIT_SNAPSHOT);
                 }
             };
-            let plan = FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
+            let mut plan =
+                FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
+            if cli.lazy {
+                for vm in &mut plan.vms {
+                    vm.restore_memory = vmm::snapshot::restore::RestoreMemory::Lazy;
+                }
+            }
             let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
             run_vms_from(plan, &cli.run, Some(&dir), trigger)
         }
@@ -230,7 +236,13 @@ fn run_vms_from(
         Err(code) => return Ok(code),
     };
     install_interrupt_handlers()?;
-    let budget = match enter_budget(&plan, options, restore.is_some()) {
+    // Lazily restored clones share no template pages.
+    let restore_shares = restore.is_some()
+        && plan
+            .vms
+            .iter()
+            .any(|vm| vm.restore_memory == vmm::snapshot::restore::RestoreMemory::Shared);
+    let budget = match enter_budget(&plan, options, restore_shares) {
         Ok(budget) => budget,
         Err(code) => return Ok(code),
     };
@@ -260,6 +272,10 @@ fn run_vms_from(
                 consoles,
                 &host,
                 options.attribution,
+                plan.vms
+                    .first()
+                    .map(|vm| vm.restore_memory)
+                    .unwrap_or_default(),
             ) {
                 Ok(started) => started,
                 Err(e) => {

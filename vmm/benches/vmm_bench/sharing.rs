@@ -224,6 +224,7 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
                     config: tiny.clone(),
                     share: vmm::fleet::ShareMode::Template,
                     restore: None,
+                    restore_memory: Default::default(),
                 })
                 .collect(),
         };

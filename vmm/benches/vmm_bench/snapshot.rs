@@ -10,6 +10,8 @@
 //!   `vmm --restore DIR --vms N` command from its spawn to the last vCPU's first `KVM_RUN`, and
 //!   host memory right after the restore (the clones' private pages + the snapshot file's
 //!   pages, counted once);
+//! - `--lazy` against the default restore: restore → running, and a page's first touch
+//!   (loaded through userfaultfd vs a copy-on-write read of the mapped memory file);
 //! - with `MIRRORBALL_BENCH_LINUX_SNAPSHOT=DIR` (a snapshot of a booting Linux VM, e.g. from
 //!   `vmm --kernel … --snapshot-on TEXT DIR`: a boot takes minutes on PVM, so it is made once,
 //!   outside the bench): restore → the clone's vCPUs running (its first guest instruction is
@@ -85,10 +87,29 @@ fn restore_clones(
     loaded: &Arc<restore::Loaded>,
     count: usize,
 ) -> Result<(f64, Vec<RunningVm>)> {
+    restore_clones_with(host, dir, loaded, count, restore::RestoreMemory::Shared)
+}
+
+/// [`restore_clones`], their memory restored as `memory` says.
+fn restore_clones_with(
+    host: &Arc<HostContext>,
+    dir: &Path,
+    loaded: &Arc<restore::Loaded>,
+    count: usize,
+    memory: restore::RestoreMemory,
+) -> Result<(f64, Vec<RunningVm>)> {
     let t = Instant::now();
     let plan = FleetPlan::copies(loaded.config.clone(), count, Some(ShareMode::Template))?;
     let consoles = vec![ConsoleSink::Null; count];
-    let started = restore::launch(dir, loaded, &plan, consoles, host, Default::default())?;
+    let started = restore::launch(
+        dir,
+        loaded,
+        &plan,
+        consoles,
+        host,
+        Default::default(),
+        memory,
+    )?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let mut vms = Vec::new();
     for s in started {
@@ -209,6 +230,11 @@ pub fn run(scratch: &Path, vmm: &Path) -> Result<Vec<Row>> {
         Target::None,
         format!("fresh {} ms", spread(&fresh_ms, 1)),
     ));
+    match lazy_rows(&host, &dir) {
+        Ok(lazy) => rows.extend(lazy),
+        // Without userfaultfd (not root) there is no lazy restore to measure.
+        Err(e) => eprintln!("bench: skipping the --lazy rows: {e:#}"),
+    }
     // 8 clones against 1.
     let snapshot_file =
         vmm::snapshot::allocated_bytes(&dir.join(vmm::snapshot::MEMORY_FILE)) as f64;
@@ -329,4 +355,89 @@ fn linux_restore(host: &Arc<HostContext>, dir: &Path) -> Result<Row> {
             spread(&ms, 2)
         ),
     ))
+}
+
+/// `--lazy` against the default restore: restore → running (1 clone, interleaved), and the cost
+/// of a page's first touch (reading one byte of every page of the snapshot's 256 MiB from
+/// another thread, as a vCPU would): a load through the userfaultfd loader against a
+/// copy-on-write read of the mapped memory file.
+fn lazy_rows(host: &Arc<HostContext>, dir: &Path) -> Result<Vec<Row>> {
+    let (_, loaded) = load(host, dir)?;
+    let (mut lazy_ms, mut shared_ms) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (ms, vms) = restore_clones_with(host, dir, &loaded, 1, restore::RestoreMemory::Lazy)?;
+        lazy_ms.push(ms);
+        stop_all(vms);
+        let (ms, vms) = restore_clones(host, dir, &loaded, 1)?;
+        shared_ms.push(ms);
+        stop_all(vms);
+    }
+    let file = || std::fs::File::open(dir.join(vmm::snapshot::MEMORY_FILE)).context("memory.bin");
+    let size = file()?.metadata()?.len();
+    let (mut lazy_us, mut cow_us) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let loader = vmm::snapshot::lazy::LazyLoader::start(file()?)?;
+        let mut ram = vmm::vstate::memory::GuestRam::new(size)?;
+        ram.attach_lazy(&loader)?;
+        lazy_us.push(touch_every_page(&ram)?);
+        drop(ram);
+        let template = Arc::new(vmm::vstate::memory::Template::from_file(file()?, size)?);
+        let ram = vmm::vstate::memory::GuestRam::clone_of(&template)?;
+        cow_us.push(touch_every_page(&ram)?);
+    }
+    let pages = size / 4096;
+    Ok(vec![
+        Row::measured(
+            13,
+            "restore_lazy",
+            "`--lazy` restore → vCPUs running vs the default (copy-on-write) restore",
+            "ms",
+            median(&lazy_ms),
+            "copy-on-write restore",
+            Some(median(&shared_ms)),
+            Target::None,
+            format!(
+                "1 clone of the 256 MiB snapshot, median of 5, interleaved; lazy {} ms, \
+                 copy-on-write {} ms; lazy adds a userfaultfd and its fault thread",
+                spread(&lazy_ms, 2),
+                spread(&shared_ms, 2)
+            ),
+        ),
+        Row::measured(
+            13,
+            "lazy_first_touch",
+            "a page's first touch after `--lazy`: loaded by the fault thread vs copy-on-write read",
+            "µs/page",
+            median(&lazy_us),
+            "copy-on-write read",
+            Some(median(&cow_us)),
+            Target::None,
+            format!(
+                "each of the {pages} pages of the {} MiB memory file read once from another \
+                 thread, median of 3; lazy {} µs, copy-on-write {} µs (the file in the page \
+                 cache)",
+                size >> 20,
+                spread(&lazy_us, 2),
+                spread(&cow_us, 2)
+            ),
+        ),
+    ])
+}
+
+/// Reads one byte of every page of `ram` on a new thread; returns µs per page.
+fn touch_every_page(ram: &vmm::vstate::memory::GuestRam) -> Result<f64> {
+    let ranges = ram.host_ranges();
+    let pages: usize = ranges.iter().map(|&(_, len)| len / 4096).sum();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for &(start, len) in &ranges {
+                for offset in (0..len).step_by(4096) {
+                    // SAFETY: inside one of `ram`'s live mappings; reads only.
+                    unsafe { std::ptr::read_volatile((start + offset) as *const u8) };
+                }
+            }
+        });
+    });
+    Ok(t.elapsed().as_secs_f64() * 1e6 / pages.max(1) as f64)
 }

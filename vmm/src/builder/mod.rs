@@ -97,6 +97,9 @@ pub enum BuildError {
         /// Why.
         source: std::io::Error,
     },
+    /// A lazy restore's loader cannot take the VM's memory.
+    #[error("lazy restore: cannot register guest memory with userfaultfd: {0}")]
+    Lazy(std::io::Error),
     /// A VM's guest does not match the template it was to be cloned from.
     #[error("--share template needs identical guests: {0}")]
     TemplateMismatch(String),
@@ -256,6 +259,18 @@ pub enum MemorySource {
     Fresh,
     /// A copy-on-write clone of a prepared template.
     Template(Arc<SharedImage>),
+    /// Memory of its own whose pages a lazy restore's loader brings in from the prepared
+    /// template's file (a snapshot's `memory.bin`) on first touch.
+    Lazy(Arc<LazyMemory>),
+}
+
+/// What a lazily restored VM's memory comes from.
+#[derive(Debug)]
+pub struct LazyMemory {
+    /// The prepared snapshot (its memory file and image).
+    pub image: Arc<SharedImage>,
+    /// The loader serving its pages.
+    pub loader: Arc<crate::snapshot::lazy::LazyLoader>,
 }
 
 /// What a VM is built from, besides its guest configuration.
@@ -367,6 +382,10 @@ pub struct BuiltVm {
 pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, BuildError> {
     config.check()?;
     let host = resources.host.clone();
+    let lazy_loader = match &resources.memory {
+        MemorySource::Lazy(lazy) => Some(lazy.loader.clone()),
+        _ => None,
+    };
     let (ram, image) = match &resources.memory {
         MemorySource::Fresh => {
             let size = config.ram_bytes()?;
@@ -394,6 +413,23 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
             shared.check_compatible(config)?;
             (GuestRam::clone_of(&shared.template)?, shared.image.clone())
         }
+        MemorySource::Lazy(lazy) => {
+            let (shared, loader) = (&lazy.image, &lazy.loader);
+            if host.pager().is_some() {
+                return Err(BuildError::Pager(
+                    crate::budget::uffd::PagerError::LazyRestore,
+                ));
+            }
+            shared.check_compatible(config)?;
+            let size = shared.template.size();
+            let mut ram = if host.private_ram() {
+                GuestRam::new_private(size)?
+            } else {
+                GuestRam::new(size)?
+            };
+            ram.attach_lazy(loader).map_err(BuildError::Lazy)?;
+            (ram, shared.image.clone())
+        }
     };
     if host.ksm() {
         ram.mark_mergeable()?;
@@ -407,9 +443,13 @@ pub fn build(config: &GuestConfig, resources: VmResources) -> Result<BuiltVm, Bu
             "the guest kind differs from the template's".into(),
         )),
     }?;
-    if let Some(pager) = host.pager() {
-        // The pager's faults are the vCPU threads' own: charged like the kernel's.
-        let source = pager.fault_source();
+    let faults_outside_the_kernel = match lazy_loader {
+        Some(loader) => Some(loader.fault_source()),
+        None => host.pager().map(|p| p.fault_source()),
+    };
+    if let Some(source) = faults_outside_the_kernel {
+        // The pager's (or the lazy loader's) faults are the vCPU threads' own: charged like
+        // the kernel's.
         for vcpu in &mut built.vcpus {
             vcpu.add_fault_source(source.clone());
         }

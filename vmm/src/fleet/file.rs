@@ -21,6 +21,11 @@
 //! [[vm]]
 //! name = "clone1"
 //! restore = "snap"      # a snapshot directory: the VM is a copy-on-write clone of it
+//!
+//! [[vm]]
+//! name = "clone2"
+//! restore = "snap"
+//! lazy = true           # memory of its own, loaded from the snapshot on first touch
 //! ```
 //!
 //! `disk` (per VM or in `[defaults]`, Linux VMs only) takes what `--disk` takes; every VM gets
@@ -37,6 +42,7 @@ use super::{FleetError, FleetPlan, ShareMode, VmPlan, MAX_VMS};
 use crate::builder::disk::DiskSpec;
 use crate::builder::{GuestConfig, LinuxConfig, WorkloadConfig};
 use crate::cli::parse_size;
+use crate::snapshot::restore::RestoreMemory;
 use crate::workload::TaskSpec;
 
 /// Largest fleet file read.
@@ -66,6 +72,7 @@ struct VmEntry {
     share: Option<ShareMode>,
     disk: Option<String>,
     restore: Option<PathBuf>,
+    lazy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,8 +197,16 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Pars
                 config,
                 share: ShareMode::Template,
                 restore: Some(dir),
+                restore_memory: if entry.lazy == Some(true) {
+                    RestoreMemory::Lazy
+                } else {
+                    RestoreMemory::Shared
+                },
             });
             continue;
+        }
+        if entry.lazy.is_some() {
+            return Err(bad("lazy goes only with restore".into()).into());
         }
         let config = match (entry.workload, entry.kernel) {
             (Some(_), Some(_)) => {
@@ -238,6 +253,7 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Pars
             config,
             share,
             restore: None,
+            restore_memory: RestoreMemory::Shared,
         });
     }
     // The VMs that map base pages share the process's mapping budget.

@@ -12,6 +12,7 @@ use crate::host::HostContext;
 use crate::profiling::sampler::AttributionMode;
 use crate::runner::RunError;
 use crate::session::RunningVm;
+use crate::snapshot::restore::RestoreMemory;
 use crate::vstate::first_slice;
 use crate::vstate::memory::host_ram_bytes;
 
@@ -104,6 +105,8 @@ pub struct VmPlan {
     /// Restored from this snapshot directory (`config` is then the snapshot's): VMs restored
     /// from one directory are copy-on-write clones of its memory, whatever `share` says.
     pub restore: Option<PathBuf>,
+    /// How a restored VM gets its memory (copy-on-write from the snapshot, or loaded lazily).
+    pub restore_memory: crate::snapshot::restore::RestoreMemory,
 }
 
 /// The VMs of one command.
@@ -136,6 +139,7 @@ impl FleetPlan {
                     config: config.clone(),
                     share,
                     restore: None,
+                    restore_memory: Default::default(),
                 })
                 .collect(),
         })
@@ -273,10 +277,17 @@ pub fn launch(
     let mut consoles: Vec<Option<ConsoleSink>> = consoles.into_iter().map(Some).collect();
     let mut results: Vec<Option<Result<RunningVm, (String, RunError)>>> =
         plan.vms.iter().map(|_| None).collect();
-    let dirs: BTreeSet<&PathBuf> = plan.vms.iter().filter_map(|v| v.restore.as_ref()).collect();
-    for dir in dirs {
+    // One restore per snapshot directory and way of restoring its memory.
+    let groups: BTreeSet<(&PathBuf, RestoreMemory)> = plan
+        .vms
+        .iter()
+        .filter_map(|v| Some((v.restore.as_ref()?, v.restore_memory)))
+        .collect();
+    for (dir, memory) in groups {
         let index: Vec<usize> = (0..plan.vms.len())
-            .filter(|&i| plan.vms[i].restore.as_ref() == Some(dir))
+            .filter(|&i| {
+                plan.vms[i].restore.as_ref() == Some(dir) && plan.vms[i].restore_memory == memory
+            })
             .collect();
         let group = FleetPlan {
             vms: index.iter().map(|&i| plan.vms[i].clone()).collect(),
@@ -289,7 +300,7 @@ pub fn launch(
         host.create_vms_ahead(index.len(), None);
         let started = crate::snapshot::restore::load(dir, host).and_then(|loaded| {
             let loaded = Arc::new(loaded);
-            crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution)
+            crate::snapshot::restore::launch(dir, &loaded, &group, sinks, host, attribution, memory)
         });
         match started {
             Ok(started) => {

@@ -82,6 +82,9 @@ pub struct SharingReport {
     pub ranges: Vec<RangeReport>,
     /// Scans made.
     pub scans: u64,
+    /// A lazily restored VM's pages loaded so far (`snapshot::lazy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<crate::snapshot::lazy::LazyFigures>,
 }
 
 /// Figures of one accounted range.
@@ -122,6 +125,8 @@ pub struct SharingScanner {
     charges: Arc<CowCharges>,
     /// The guest pages the VM's disk mapped from its base image, if it maps.
     disk_pages: Option<Arc<mirrorball_devices::virtio_blk::map::MappedPages>>,
+    /// A lazily restored VM's load counts.
+    lazy: Option<Arc<crate::snapshot::lazy::LazyCounts>>,
 }
 
 impl SharingScanner {
@@ -159,6 +164,7 @@ impl SharingScanner {
             runs: Vec::new(),
             latest,
             disk_pages: None,
+            lazy: ram.lazy().map(|l| l.counts()),
         }
     }
 
@@ -216,9 +222,12 @@ impl SharingScanner {
         }
     }
 
-    /// A copy of the latest report.
+    /// A copy of the latest report (with the lazy loads as of now).
     pub fn report(&self) -> SharingReport {
-        self.latest.clone()
+        SharingReport {
+            lazy: self.lazy.as_ref().map(|c| c.figures()),
+            ..self.latest.clone()
+        }
     }
 
     /// The mapping holding `len` bytes at `gpa`, and the range's first and end page in it.
@@ -317,6 +326,7 @@ impl SharingScanner {
             self.charges.charge(i, breaks);
         }
         latest.scans += 1;
+        latest.lazy = self.lazy.as_ref().map(|c| c.figures());
         let report = latest.clone();
         self.publish(&report);
         self.last_cost = started.elapsed();

@@ -60,32 +60,63 @@ fn crc_page(hasher: &mut crc32fast::Hasher, offset: u64, page: &[u8]) {
     hasher.update(page);
 }
 
-/// Writes `ram` into `out` (already created, empty) as a sparse file.
+/// Walks the data extents of a file page by page, in increasing offsets.
+struct Extents {
+    extents: std::iter::Peekable<std::vec::IntoIter<(u64, u64)>>,
+}
+
+impl Extents {
+    fn of(file: &File, start: u64, end: u64) -> Self {
+        Self {
+            extents: data_extents(file, start, end).into_iter().peekable(),
+        }
+    }
+
+    /// Whether the page at `offset` (not below the last one asked) may hold data.
+    fn holds(&mut self, offset: u64) -> bool {
+        while self.extents.peek().is_some_and(|&(_, e)| e <= offset) {
+            self.extents.next();
+        }
+        self.extents.peek().is_some_and(|&(s, _)| s <= offset)
+    }
+}
+
+/// Writes `ram` into `out` (already created, empty) as a sparse file. The RAM of a lazily
+/// restored VM takes the pages it has not loaded yet from its snapshot's memory file, without
+/// loading them.
 pub fn write(ram: &GuestRam, out: &File) -> io::Result<MemoryWritten> {
     out.set_len(ram.size())?;
     let pagemap = File::open("/proc/self/pagemap")?;
+    let lazy_source = ram.lazy().map(|l| l.source());
     let mut hasher = crc32fast::Hasher::new();
     let mut pages = 0u64;
     let mut file_offset = 0u64;
+    let mut not_loaded = vec![0u8; PAGE];
     for (host, len) in ram.host_ranges() {
         let npages = len / PAGE;
-        let extents = data_extents(ram.file(), file_offset, file_offset + len as u64);
+        let end = file_offset + len as u64;
+        let mut in_ram_file = Extents::of(ram.file(), file_offset, end);
+        let mut in_source = lazy_source.map(|f| Extents::of(f, file_offset, end));
         let mut entries = vec![0u8; npages * 8];
         pagemap.read_exact_at(&mut entries, (host / PAGE * 8) as u64)?;
-        let mut extent = extents.iter().peekable();
         for i in 0..npages {
             let offset = file_offset + (i * PAGE) as u64;
-            while extent.peek().is_some_and(|&&(_, e)| e <= offset) {
-                extent.next();
-            }
-            let in_file = extent.peek().is_some_and(|&&(s, _)| s <= offset);
+            let in_file = in_ram_file.holds(offset);
             let word = u64::from_le_bytes(entries[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-            if !(in_file || word & (PM_PRESENT | PM_SWAPPED) != 0) {
+            let page = if in_file || word & (PM_PRESENT | PM_SWAPPED) != 0 {
+                // SAFETY: the page lies inside one of the VM's RAM mappings, alive while `ram`
+                // is; the vCPUs are parked, so nothing writes it while it is read.
+                unsafe { std::slice::from_raw_parts((host + i * PAGE) as *const u8, PAGE) }
+            } else if let (Some(source), Some(extents)) = (lazy_source, in_source.as_mut()) {
+                // Never touched since a lazy restore: the page is still the snapshot's.
+                if !extents.holds(offset) {
+                    continue;
+                }
+                source.read_exact_at(&mut not_loaded, offset)?;
+                &not_loaded
+            } else {
                 continue;
-            }
-            // SAFETY: the page lies inside one of the VM's RAM mappings, alive while `ram` is;
-            // the vCPUs are parked, so nothing writes it while it is read.
-            let page = unsafe { std::slice::from_raw_parts((host + i * PAGE) as *const u8, PAGE) };
+            };
             if page.iter().all(|&b| b == 0) {
                 continue;
             }

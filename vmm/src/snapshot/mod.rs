@@ -13,7 +13,11 @@
 //! interrupt chips, PIT and clock in [`machine`], the devices' state), with or without a
 //! copy-on-write disk ([`disk`]: `disk-overlay.bin` holds the disk's written blocks; clones
 //! read it as a shared layer under a private overlay each).
+//!
+//! `--lazy` restores instead into memory of each clone's own, loaded page by page from
+//! `memory.bin` on first touch through userfaultfd ([`lazy`]).
 pub mod disk;
+pub mod lazy;
 pub mod machine;
 pub mod memory;
 pub mod restore;

@@ -4,7 +4,9 @@
 //! each with its own name, profiler regions and console, and writes the saved vCPU and device
 //! state into each before its vCPUs first run. A disk VM's clones read the snapshot's base image
 //! (refused if missing or changed) through the snapshot's overlay, a layer all clones share
-//! read-only, under an overlay of their own in memory (`super::disk`).
+//! read-only, under an overlay of their own in memory (`super::disk`). With
+//! [`RestoreMemory::Lazy`] each clone's RAM is its own instead, loaded on first touch
+//! (`super::lazy`).
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,8 +17,8 @@ use std::time::Duration;
 use crate::builder::linux::LinuxImage;
 use crate::builder::workload::WorkloadImage;
 use crate::builder::{
-    BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LinuxConfig, MemorySource, SharedImage,
-    WorkloadConfig,
+    BuiltVm, ConsoleSink, Guest, GuestConfig, Image, LazyMemory, LinuxConfig, MemorySource,
+    SharedImage, WorkloadConfig,
 };
 use crate::fleet::{launcher, FleetPlan};
 use crate::host::HostContext;
@@ -293,6 +295,16 @@ fn with_map_share(config: &GuestConfig, plan: &FleetPlan) -> GuestConfig {
     config
 }
 
+/// How restored clones get their memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RestoreMemory {
+    /// Each maps `memory.bin` copy-on-write: all share its pages until they write.
+    #[default]
+    Shared,
+    /// Each has memory of its own, loaded from `memory.bin` on first touch (`super::lazy`).
+    Lazy,
+}
+
 /// A clone started, or why it could not be.
 pub type Started = Result<RunningVm, (String, RunError)>;
 
@@ -308,8 +320,25 @@ pub fn launch(
     consoles: Vec<ConsoleSink>,
     host: &Arc<HostContext>,
     attribution: AttributionMode,
+    memory: RestoreMemory,
 ) -> Result<Vec<Started>, SnapshotError> {
     let config = with_map_share(&loaded.config, plan);
+    let source = match memory {
+        RestoreMemory::Shared => MemorySource::Template(loaded.shared.clone()),
+        RestoreMemory::Lazy => {
+            let loader = loaded
+                .shared
+                .template
+                .file()
+                .try_clone()
+                .and_then(super::lazy::LazyLoader::start)
+                .map_err(|e| SnapshotError::new(dir, format!("lazy restore: {e}")))?;
+            MemorySource::Lazy(Arc::new(LazyMemory {
+                image: loaded.shared.clone(),
+                loader,
+            }))
+        }
+    };
     let mut started: Vec<Option<Started>> = Vec::with_capacity(plan.vms.len());
     let mut jobs = Vec::with_capacity(plan.vms.len());
     for (index, (vm, console)) in plan.vms.iter().zip(consoles).enumerate() {
@@ -317,7 +346,7 @@ pub fn launch(
         let mut work = launcher::Work::Build {
             config: config.clone(),
             console,
-            memory: Ok(MemorySource::Template(loaded.shared.clone())),
+            memory: Ok(source.clone()),
         };
         if index == 0 {
             match work.into_built(&vm.name, host) {

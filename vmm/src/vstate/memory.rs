@@ -141,6 +141,8 @@ pub struct GuestRam {
     /// Under the userfaultfd pager, the registration of this RAM (dropped first, before the
     /// mapping goes away).
     paging: Option<crate::budget::uffd::Registration>,
+    /// Under a lazy restore's loader, the registration of this RAM (dropped before the mapping).
+    lazy: Option<crate::snapshot::lazy::LazyRegistration>,
     memory: GuestMemoryMmap,
     file: File,
     ranges: Vec<(u64, u64)>,
@@ -157,6 +159,7 @@ impl GuestRam {
         let file = create_memfd("mirrorball-guest-ram", size)?;
         Ok(Self {
             paging: None,
+            lazy: None,
             memory: map_ranges(&file, size, false)?,
             file,
             ranges: ram_ranges(size),
@@ -173,6 +176,7 @@ impl GuestRam {
         let file = create_memfd("mirrorball-guest-ram", size)?;
         Ok(Self {
             paging: None,
+            lazy: None,
             memory: map_ranges(&file, size, true)?,
             file,
             ranges: ram_ranges(size),
@@ -229,6 +233,7 @@ impl GuestRam {
         let file = template.file.try_clone().map_err(MemoryError::Memfd)?;
         Ok(Self {
             paging: None,
+            lazy: None,
             memory: map_ranges(&file, template.size, true)?,
             file,
             ranges: ram_ranges(template.size),
@@ -246,6 +251,21 @@ impl GuestRam {
     ) -> Result<(), crate::budget::uffd::PagerError> {
         self.paging = Some(pager.register(&self.host_ranges())?);
         Ok(())
+    }
+
+    /// Loads the RAM's pages from a snapshot's memory file on first touch (`--lazy` restore);
+    /// before anything touched it.
+    pub fn attach_lazy(
+        &mut self,
+        loader: &Arc<crate::snapshot::lazy::LazyLoader>,
+    ) -> std::io::Result<()> {
+        self.lazy = Some(loader.register(&self.host_ranges())?);
+        Ok(())
+    }
+
+    /// Under a lazy restore, its registration (the counts, the memory file of pages not loaded).
+    pub fn lazy(&self) -> Option<&crate::snapshot::lazy::LazyRegistration> {
+        self.lazy.as_ref()
     }
 
     /// The mapped memory.

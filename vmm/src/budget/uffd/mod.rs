@@ -19,7 +19,7 @@
 //! Nothing here is process-global: the pager hangs off the process's `HostContext`.
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +62,9 @@ pub enum PagerError {
     /// Clones of a template cannot be paged (see the module docs).
     #[error("--pager uffd cannot page clones of a shared template; add --share none")]
     TemplateSharing,
+    /// A lazily restored VM's pages come through a userfaultfd of their own.
+    #[error("--pager uffd cannot page a lazily restored VM; drop --lazy or use --pager cgroup")]
+    LazyRestore,
     /// The fault thread cannot start.
     #[error("cannot start the fault thread: {0}")]
     Thread(io::Error),
@@ -194,13 +197,7 @@ impl Pager {
         on_exhausted: EndVms,
     ) -> Result<Arc<Self>, PagerError> {
         let state = PagerState::new(budget / PAGE_SIZE, swap).map_err(PagerError::Thread)?;
-        // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
-        let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if stop < 0 {
-            return Err(PagerError::Thread(io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+        let stop = sys::stop_event().map_err(PagerError::Thread)?;
         let shared = Arc::new(Shared {
             uffd,
             state: Mutex::new(state),
@@ -303,9 +300,7 @@ impl Pager {
 
 impl Drop for Pager {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to the eventfd this pager owns.
-        unsafe { libc::write(self.shared.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        sys::signal(&self.shared.stop);
         if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = thread.join();
         }
@@ -351,41 +346,9 @@ fn resident_pages(start: usize, len: usize) -> io::Result<Vec<bool>> {
 
 /// The fault thread: waits for faults or the stop signal, resolves every fault at once.
 fn fault_loop(shared: &Shared) {
-    let mut messages = Vec::new();
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: shared.uffd.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shared.stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if shared.uffd.read_messages(&mut messages).is_err() {
-            return;
-        }
-        for msg in &messages {
-            if msg.event != sys::EVENT_PAGEFAULT {
-                continue;
-            }
-            handle_fault(shared, msg);
-        }
-    }
+    sys::serve(&shared.uffd, shared.stop.as_raw_fd(), |msg| {
+        handle_fault(shared, msg)
+    });
 }
 
 fn handle_fault(shared: &Shared, msg: &sys::FaultMsg) {

@@ -15,6 +15,8 @@ pub const FEATURE_WP_SHMEM: u64 = 1 << 12;
 const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// `UFFDIO_COPY_MODE_DONTWAKE` and `UFFDIO_ZEROPAGE_MODE_DONTWAKE`.
+const MODE_DONTWAKE: u64 = 1 << 0;
 
 /// A page-fault event.
 pub const EVENT_PAGEFAULT: u8 = 0x12;
@@ -176,6 +178,16 @@ impl Uffd {
         self.ioctl(UFFDIO_REGISTER, &mut arg)
     }
 
+    /// Registers `[start, start+len)` for missing-page faults only.
+    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut arg = RegisterArg {
+            range: range(start, len),
+            mode: REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        self.ioctl(UFFDIO_REGISTER, &mut arg)
+    }
+
     /// Unregisters a range.
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         self.ioctl(UFFDIO_UNREGISTER, &mut range(start, len))
@@ -188,11 +200,20 @@ impl Uffd {
 
     /// Installs a copy of `src` (one page) at `dst` and wakes the waiters.
     pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<Fill> {
+        self.copy_mode(dst, src, 0)
+    }
+
+    /// Installs a copy of `src` at `dst` without waking the waiters ([`Self::wake`] does).
+    pub fn copy_without_wake(&self, dst: usize, src: &[u8]) -> io::Result<Fill> {
+        self.copy_mode(dst, src, MODE_DONTWAKE)
+    }
+
+    fn copy_mode(&self, dst: usize, src: &[u8], mode: u64) -> io::Result<Fill> {
         let mut arg = CopyArg {
             dst: dst as u64,
             src: src.as_ptr() as u64,
             len: src.len() as u64,
-            mode: 0,
+            mode,
             copy: 0,
         };
         fill(self.ioctl(UFFDIO_COPY, &mut arg))
@@ -200,9 +221,18 @@ impl Uffd {
 
     /// Installs a zeroed page at `dst` and wakes the waiters.
     pub fn zero(&self, dst: usize, len: usize) -> io::Result<Fill> {
+        self.zero_mode(dst, len, 0)
+    }
+
+    /// Installs zeroed pages at `dst` without waking the waiters ([`Self::wake`] does).
+    pub fn zero_without_wake(&self, dst: usize, len: usize) -> io::Result<Fill> {
+        self.zero_mode(dst, len, MODE_DONTWAKE)
+    }
+
+    fn zero_mode(&self, dst: usize, len: usize, mode: u64) -> io::Result<Fill> {
         let mut arg = ZeroArg {
             range: range(dst, len),
-            mode: 0,
+            mode,
             zeropage: 0,
         };
         fill(self.ioctl(UFFDIO_ZEROPAGE, &mut arg))
@@ -242,6 +272,61 @@ impl Uffd {
     /// The descriptor, for `poll`.
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// A new eventfd that tells a fault thread to stop ([`serve`]; [`signal`] writes it).
+pub fn stop_event() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes the eventfd `stop`.
+pub fn signal(stop: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd the caller owns.
+    unsafe { libc::write(stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Answers the faults of `uffd` with `on_fault`, every message as it comes, until `stop` (an
+/// eventfd) is written or the descriptor fails: the loop of a fault thread.
+pub fn serve(uffd: &Uffd, stop: RawFd, mut on_fault: impl FnMut(&FaultMsg)) {
+    let mut messages = Vec::new();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if uffd.read_messages(&mut messages).is_err() {
+            return;
+        }
+        for msg in messages.iter().filter(|m| m.event == EVENT_PAGEFAULT) {
+            on_fault(msg);
+        }
     }
 }
 
