@@ -11,8 +11,10 @@
 //!   *load*), a page of zeroes (a hole) gets the zero page (`UFFDIO_ZEROPAGE`).
 //! - Counted per VM ([`LazyCounts`], in its `memory.lazy` report) and per faulting thread: the
 //!   profiler charges a vCPU thread's loads as host major faults (a page read from a file, like
-//!   the budget pager's swap-ins) and its zero fills as minor ones, since the kernel counts none
-//!   of the faults userfaultfd resolves for the faulting thread.
+//!   the budget pager's swap-ins) and its zero fills as minor ones: the kernel does not count a
+//!   fault userfaultfd resolved for KVM's `get_user_pages` (a vCPU's guest access); it does
+//!   count one taken by a user access (`copy_from_user`, e.g. PVM's instruction emulator) as a
+//!   major fault of its own, which then shows twice.
 //! - What it costs: the clones share nothing (each holds the pages it touched), where the default
 //!   restore maps `memory.bin` copy-on-write and all clones share its page cache. What it gives:
 //!   a restore that reads nothing up front and a count of exactly the pages each clone needed.
