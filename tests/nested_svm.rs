@@ -376,7 +376,7 @@ fn an_mp3_study_swaps_to_the_copy_on_write_disk() {
 /// Issue 11 on a real KVM: a reference-kernel template snapshotted at a late boot message
 /// (`--snapshot-on`) boots on to user space, and two clones restored from the snapshot each
 /// reach user space without replaying the boot before it, marked as clones that share the
-/// snapshot's pages; a lazily restored clone (`--lazy`) reaches user space too, its loads
+/// snapshot's pages; a lazily restored clone (`--lazy`) reaches user space too, its faults
 /// charged to its vCPU once.
 #[test]
 fn linux_snapshot_clones_reach_user_space() {
@@ -406,16 +406,19 @@ fn linux_snapshot_clones_reach_user_space() {
         assert!(shared > 512, "clone {i} shares {shared} pages: {memory}");
     }
     // The lazy clone: memory of its own, every page it needed loaded through userfaultfd. Its
-    // vCPU is charged the loads it took itself, once (KVM's get_user_pages faults, which the
-    // kernel does not count): not those KVM's async page-fault workers took for it.
+    // vCPU is charged the faults it took itself, once (KVM's get_user_pages faults, which the
+    // kernel does not count), not those other threads took for the guest; a few pages KVM
+    // itself writes before the guest touches them (kvmclock, steal time: copy_to_user) the
+    // kernel counts as well.
     let log = bed.read("snapshot", "lazy.console");
     assert!(log.contains("MIRRORBALL-INIT-OK"), "lazy clone:\n{log}");
     let stats: serde_json::Value =
         serde_json::from_str(&bed.read("snapshot", "lazy.json")).expect("lazy.json");
     let memory = &stats["memory"];
     assert_eq!(memory["cloned"], false, "{memory}");
-    let loaded = memory["lazy"]["loaded_pages"].as_u64().unwrap_or(0);
-    let zeroes = memory["lazy"]["zero_pages"].as_u64().unwrap_or(0);
+    let lazy = &memory["lazy"];
+    let faults = lazy["faults"].as_u64().unwrap_or(0);
+    let loaded = lazy["loaded_pages"].as_u64().unwrap_or(0);
     assert!(loaded > 512, "lazy clone loaded {loaded} pages: {memory}");
     let major: u64 = stats["vcpus"]
         .as_array()
@@ -423,10 +426,10 @@ fn linux_snapshot_clones_reach_user_space() {
         .iter()
         .map(|v| v["host_major_faults"].as_u64().unwrap_or(0))
         .sum();
-    eprintln!("lazy clone: {loaded} pages loaded, {zeroes} zero pages, vCPU major faults {major}");
+    eprintln!("lazy clone: {lazy}, vCPU major faults {major}");
     assert!(
-        0 < major && major <= loaded + zeroes,
-        "vCPU major faults {major} for {loaded} loads and {zeroes} zero fills"
+        0 < major && major <= faults + 8,
+        "vCPU major faults {major} for {faults} lazy faults: {lazy}"
     );
 }
 

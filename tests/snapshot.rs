@@ -345,20 +345,7 @@ fn snapshot_after_a_time_restores_to_the_same_results() {
     let dir = scratch("after");
     let snap = dir.join("snap");
     let stats = dir.join("orig.json");
-    let out = run_vmm(
-        &[
-            "--workload",
-            SPEC,
-            "--vcpus",
-            "1",
-            "--snapshot-after",
-            "0.5",
-            snap.to_str().expect("utf-8"),
-            "--stats",
-            stats.to_str().expect("utf-8"),
-        ],
-        DEADLINE,
-    );
+    let out = common::run_workload_snapshotted(SPEC, "0.5", &snap, &stats, DEADLINE);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("snapshot in"),

@@ -360,6 +360,33 @@ pub fn run_vmm_text(args: &[&str], deadline: Duration) -> Finished {
     }
 }
 
+/// Runs the workload `spec` on one vCPU, snapshotted `after` seconds in into `snap`, with its
+/// stats in `stats`; returns the command's output.
+pub fn run_workload_snapshotted(
+    spec: &str,
+    after: &str,
+    snap: &Path,
+    stats: &Path,
+    deadline: Duration,
+) -> Output {
+    let utf8 = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    let (snap, stats) = (utf8(snap), utf8(stats));
+    run_vmm(
+        &[
+            "--workload",
+            spec,
+            "--vcpus",
+            "1",
+            "--snapshot-after",
+            after,
+            &snap,
+            "--stats",
+            &stats,
+        ],
+        deadline,
+    )
+}
+
 /// For a test that cannot run for `why`: prints that it skips, or, under CI (where everything a
 /// test needs is installed), fails.
 pub fn skip_or_fail(test: &str, why: &str) {

@@ -19,11 +19,11 @@
 //! Nothing here is process-global: the pager hangs off the process's `HostContext`.
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 pub mod clock;
 pub mod swapfile;
@@ -101,15 +101,45 @@ pub struct PagerReport {
     pub paging: bool,
 }
 
+/// The faults a fault thread resolved, per faulting thread, as the profiler charges them.
+#[derive(Debug, Default)]
+pub struct ThreadFaultCounts(Mutex<HashMap<u32, (u64, u64)>>);
+
+impl ThreadFaultCounts {
+    /// One more fault of thread `tid`, a major one or a minor one.
+    pub fn add(&self, tid: u32, major: bool) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(tid).or_default();
+        if major {
+            entry.1 += 1;
+        } else {
+            entry.0 += 1;
+        }
+    }
+
+    /// Thread `tid`'s (minor, major) faults so far.
+    pub fn of(&self, tid: i32) -> (u64, u64) {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        u32::try_from(tid)
+            .ok()
+            .and_then(|t| map.get(&t).copied())
+            .unwrap_or_default()
+    }
+
+    /// The counts as a source the profiler adds to the kernel's per-thread ones.
+    pub fn source(self: &Arc<Self>) -> crate::profiling::sampler::ThreadFaultSource {
+        let counts = self.clone();
+        Arc::new(move |tid| counts.of(tid))
+    }
+}
+
 struct Shared {
     uffd: Uffd,
     state: Mutex<PagerState>,
-    per_thread: Mutex<HashMap<u32, ThreadFaults>>,
+    per_thread: Arc<ThreadFaultCounts>,
     exhausted: AtomicBool,
     /// Ends the VMs once the swap file is full (the process's SIGTERM handler does).
     on_exhausted: EndVms,
-    /// Written to stop the fault thread.
-    stop: OwnedFd,
 }
 
 /// What the fault thread does, once, when the swap file fills up.
@@ -126,7 +156,7 @@ pub struct Pager {
     shared: Arc<Shared>,
     budget: u64,
     paging: bool,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    _thread: sys::FaultThread,
 }
 
 impl std::fmt::Debug for Pager {
@@ -197,25 +227,21 @@ impl Pager {
         on_exhausted: EndVms,
     ) -> Result<Arc<Self>, PagerError> {
         let state = PagerState::new(budget / PAGE_SIZE, swap).map_err(PagerError::Thread)?;
-        let stop = sys::stop_event().map_err(PagerError::Thread)?;
         let shared = Arc::new(Shared {
             uffd,
             state: Mutex::new(state),
-            per_thread: Mutex::new(HashMap::new()),
+            per_thread: Arc::default(),
             exhausted: AtomicBool::new(false),
             on_exhausted,
-            stop,
         });
         let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("uffd-pager".into())
-            .spawn(move || fault_loop(&worker))
+        let thread = sys::FaultThread::spawn("uffd-pager", move |stop| fault_loop(&worker, stop))
             .map_err(PagerError::Thread)?;
         Ok(Arc::new(Self {
             shared,
             budget,
             paging,
-            thread: Mutex::new(Some(thread)),
+            _thread: thread,
         }))
     }
 
@@ -253,28 +279,17 @@ impl Pager {
 
     /// Faults the pager resolved for thread `tid` so far.
     pub fn faults_of(&self, tid: i32) -> ThreadFaults {
-        let map = self
-            .shared
-            .per_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        u32::try_from(tid)
-            .ok()
-            .and_then(|t| map.get(&t).copied())
-            .unwrap_or_default()
+        let (zero_fills, swap_ins) = self.shared.per_thread.of(tid);
+        ThreadFaults {
+            swap_ins,
+            zero_fills,
+        }
     }
 
     /// The pager's faults per thread as the profiler takes them: (zero fills, swap-ins), i.e.
     /// (minor, major) faults the kernel does not count for the faulting thread.
     pub fn fault_source(self: &Arc<Self>) -> crate::profiling::sampler::ThreadFaultSource {
-        let shared = self.shared.clone();
-        Arc::new(move |tid| {
-            let map = shared.per_thread.lock().unwrap_or_else(|e| e.into_inner());
-            u32::try_from(tid)
-                .ok()
-                .and_then(|t| map.get(&t))
-                .map_or((0, 0), |f| (f.zero_fills, f.swap_ins))
-        })
+        self.shared.per_thread.source()
     }
 
     /// Whether the swap file filled up (the VMs were sent SIGTERM).
@@ -294,15 +309,6 @@ impl Pager {
             counts: state.counts,
             exhausted: self.exhausted(),
             paging: self.paging,
-        }
-    }
-}
-
-impl Drop for Pager {
-    fn drop(&mut self) {
-        sys::signal(&self.shared.stop);
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = thread.join();
         }
     }
 }
@@ -345,8 +351,8 @@ fn resident_pages(start: usize, len: usize) -> io::Result<Vec<bool>> {
 }
 
 /// The fault thread: waits for faults or the stop signal, resolves every fault at once.
-fn fault_loop(shared: &Shared) {
-    sys::serve(&shared.uffd, shared.stop.as_raw_fd(), |msg| {
+fn fault_loop(shared: &Shared, stop: RawFd) {
+    sys::serve(&shared.uffd, stop, Duration::ZERO, |msg| {
         handle_fault(shared, msg)
     });
 }
@@ -366,12 +372,7 @@ fn handle_fault(shared: &Shared, msg: &sys::FaultMsg) {
         Ok(Some(resolved)) => {
             drop(state);
             if resolved != Resolved::Woken {
-                let mut map = shared.per_thread.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = map.entry(msg.tid).or_default();
-                match resolved {
-                    Resolved::SwapIn => entry.swap_ins += 1,
-                    _ => entry.zero_fills += 1,
-                }
+                shared.per_thread.add(msg.tid, resolved == Resolved::SwapIn);
             }
         }
         Ok(None) => {}

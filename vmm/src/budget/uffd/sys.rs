@@ -200,39 +200,47 @@ impl Uffd {
 
     /// Installs a copy of `src` (one page) at `dst` and wakes the waiters.
     pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<Fill> {
-        self.copy_mode(dst, src, 0)
-    }
-
-    /// Installs a copy of `src` at `dst` without waking the waiters ([`Self::wake`] does).
-    pub fn copy_without_wake(&self, dst: usize, src: &[u8]) -> io::Result<Fill> {
-        self.copy_mode(dst, src, MODE_DONTWAKE)
-    }
-
-    fn copy_mode(&self, dst: usize, src: &[u8], mode: u64) -> io::Result<Fill> {
         let mut arg = CopyArg {
             dst: dst as u64,
             src: src.as_ptr() as u64,
             len: src.len() as u64,
-            mode,
+            mode: 0,
             copy: 0,
         };
         fill(self.ioctl(UFFDIO_COPY, &mut arg))
     }
 
-    /// Installs a zeroed page at `dst` and wakes the waiters.
-    pub fn zero(&self, dst: usize, len: usize) -> io::Result<Fill> {
-        self.zero_mode(dst, len, 0)
+    /// Copies `src` (whole pages) to `dst` without waking the waiters, up to the first page
+    /// that is already there: returns the bytes copied (0 when the first page is there).
+    pub fn copy_until_present(&self, dst: usize, src: &[u8]) -> io::Result<usize> {
+        let mut arg = CopyArg {
+            dst: dst as u64,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: MODE_DONTWAKE,
+            copy: 0,
+        };
+        let result = self.ioctl(UFFDIO_COPY, &mut arg);
+        done_until_present(result, arg.copy)
     }
 
-    /// Installs zeroed pages at `dst` without waking the waiters ([`Self::wake`] does).
-    pub fn zero_without_wake(&self, dst: usize, len: usize) -> io::Result<Fill> {
-        self.zero_mode(dst, len, MODE_DONTWAKE)
-    }
-
-    fn zero_mode(&self, dst: usize, len: usize, mode: u64) -> io::Result<Fill> {
+    /// Installs zeroed pages at `[dst, dst+len)` without waking the waiters, up to the first
+    /// page that is already there: returns the bytes installed (0 when the first page is there).
+    pub fn zero_until_present(&self, dst: usize, len: usize) -> io::Result<usize> {
         let mut arg = ZeroArg {
             range: range(dst, len),
-            mode,
+            mode: MODE_DONTWAKE,
+            zeropage: 0,
+        };
+        let result = self.ioctl(UFFDIO_ZEROPAGE, &mut arg);
+        done_until_present(result, arg.zeropage)
+    }
+
+    /// Installs a zeroed page at `dst` and wakes the waiters.
+    pub fn zero(&self, dst: usize, len: usize) -> io::Result<Fill> {
+        let mut arg = ZeroArg {
+            range: range(dst, len),
+            mode: 0,
             zeropage: 0,
         };
         fill(self.ioctl(UFFDIO_ZEROPAGE, &mut arg))
@@ -275,27 +283,55 @@ impl Uffd {
     }
 }
 
-/// A new eventfd that tells a fault thread to stop ([`serve`]; [`signal`] writes it).
-pub fn stop_event() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A thread that answers a userfaultfd's faults ([`serve`]); dropping it stops and joins it.
+#[derive(Debug)]
+pub struct FaultThread {
+    /// Written to stop the thread; closed only after the thread ended.
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Writes the eventfd `stop`.
-pub fn signal(stop: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to an eventfd the caller owns.
-    unsafe { libc::write(stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+impl FaultThread {
+    /// Starts thread `name` running `run`, given the descriptor to pass to [`serve`] as `stop`.
+    pub fn spawn(name: &str, run: impl FnOnce(RawFd) + Send + 'static) -> io::Result<Self> {
+        // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(fd) };
+        let raw = stop.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(raw))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the eventfd this object owns.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Answers the faults of `uffd` with `on_fault`, every message as it comes, until `stop` (an
-/// eventfd) is written or the descriptor fails: the loop of a fault thread.
-pub fn serve(uffd: &Uffd, stop: RawFd, mut on_fault: impl FnMut(&FaultMsg)) {
+/// eventfd) is written or the descriptor fails: the loop of a fault thread. After a fault it
+/// looks for the next one for `spin` before it sleeps in `poll`.
+pub fn serve(
+    uffd: &Uffd,
+    stop: RawFd,
+    spin: std::time::Duration,
+    mut on_fault: impl FnMut(&FaultMsg),
+) {
     let mut messages = Vec::new();
     loop {
         let mut fds = [
@@ -327,6 +363,22 @@ pub fn serve(uffd: &Uffd, stop: RawFd, mut on_fault: impl FnMut(&FaultMsg)) {
         for msg in messages.iter().filter(|m| m.event == EVENT_PAGEFAULT) {
             on_fault(msg);
         }
+        // Faults may come in bursts (a guest touching its memory in order): for `spin`, look
+        // for the next one without sleeping, which would cost a wake-up of this thread each.
+        let mut spin_until = std::time::Instant::now() + spin;
+        while std::time::Instant::now() < spin_until {
+            if uffd.read_messages(&mut messages).is_err() {
+                return;
+            }
+            if messages.is_empty() {
+                std::hint::spin_loop();
+                continue;
+            }
+            for msg in messages.iter().filter(|m| m.event == EVENT_PAGEFAULT) {
+                on_fault(msg);
+            }
+            spin_until = std::time::Instant::now() + spin;
+        }
     }
 }
 
@@ -334,6 +386,20 @@ fn range(start: usize, len: usize) -> Range {
     Range {
         start: start as u64,
         len: len as u64,
+    }
+}
+
+/// What a range ioctl did: all of it (success), the bytes it filled before a page that was
+/// already there (`EAGAIN` with a positive count), or nothing because the first page was there
+/// (`EEXIST`).
+fn done_until_present(result: io::Result<()>, done: i64) -> io::Result<usize> {
+    match result {
+        Ok(()) => Ok(usize::try_from(done).unwrap_or(0)),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(0),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && done > 0 => {
+            Ok(usize::try_from(done).unwrap_or(0))
+        }
+        Err(e) => Err(e),
     }
 }
 
