@@ -140,6 +140,24 @@ fn lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads() {
          [[vm]]\nname = \"lazy\"\nrestore = \"snap\"\nlazy = true\n",
     )
     .expect("fleet file");
+    // Its lazy clone cannot be paged by the VMM as well: one line, nothing started.
+    let out = run_vmm(
+        &[
+            "fleet",
+            utf8(&fleet),
+            "--machine-mem",
+            "256M",
+            "--pager",
+            "uffd",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot page a lazily restored VM"),
+        "{}",
+        text(&out.stderr)
+    );
     let stats = dir.join("fleet.json");
     let out = run_vmm(&["fleet", utf8(&fleet), "--stats", utf8(&stats)], DEADLINE);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -171,6 +189,23 @@ fn lazy_without_restore_is_refused_with_one_line() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("--lazy goes only with --restore"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Pages that come through the lazy loader cannot be paged by the VMM too.
+    let out = run_vmm(
+        &[
+            "--restore",
+            "/nonexistent-snapshot",
+            "--lazy",
+            "--machine-mem",
+            "256M",
+            "--pager",
+            "uffd",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot page a lazily restored VM"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let dir = scratch("refused");
     let fleet = dir.join("fleet.toml");

@@ -168,6 +168,9 @@ fn run(mut cli: Cli) -> Result<i32> {
     match cli.command.take() {
         Some(command) => run_tool(command),
         None if cli.restore.is_some() => {
+            if refuse_lazy_with_pager(cli.lazy, &cli.run) {
+                return Ok(2);
+            }
             let dir = cli.restore.clone().unwrap_or_default();
             let config = match vmm::snapshot::restore::read_config(&dir) {
                 Ok(config) => config,
@@ -176,8 +179,13 @@ fn run(mut cli: Cli) -> Result<i32> {
                     return Ok(vmm::snapshot::EXIT_SNAPSHOT);
                 }
             };
-            let mut plan =
-                FleetPlan::copies(config, cli.vms, Some(vmm::fleet::ShareMode::Template))?;
+            // Lazy clones share no template pages: memory of their own each.
+            let share = if cli.lazy {
+                vmm::fleet::ShareMode::None
+            } else {
+                vmm::fleet::ShareMode::Template
+            };
+            let mut plan = FleetPlan::copies(config, cli.vms, Some(share))?;
             if cli.lazy {
                 for vm in &mut plan.vms {
                     vm.restore_memory = vmm::snapshot::restore::RestoreMemory::Lazy;
@@ -193,6 +201,16 @@ fn run(mut cli: Cli) -> Result<i32> {
             run_vms_from(plan, &cli.run, None, trigger)
         }
     }
+}
+
+/// Whether `--lazy` clones meet `--pager uffd` (their pages come through a userfaultfd of their
+/// own): then says so in one line.
+fn refuse_lazy_with_pager(lazy: bool, options: &RunOptions) -> bool {
+    let refused = lazy && options.budget.pager == vmm::budget::PagerChoice::Uffd;
+    if refused {
+        eprintln!("vmm: error: {}", vmm::budget::uffd::PagerError::LazyRestore);
+    }
+    refused
 }
 
 /// Prints the one-line notices about the host that matter for these VMs.
@@ -226,6 +244,13 @@ fn run_vms_from(
     snapshot: Option<(vmm::session::SnapshotWhen, std::path::PathBuf)>,
 ) -> Result<i32> {
     plan.check()?;
+    let lazy = plan
+        .vms
+        .iter()
+        .any(|vm| vm.restore_memory == vmm::snapshot::restore::RestoreMemory::Lazy);
+    if refuse_lazy_with_pager(lazy, options) {
+        return Ok(2);
+    }
     if let Some(path) = options.stats.as_deref().filter(|p| *p != "-") {
         // Checked (and created) before the run, not after it.
         mirrorball_monitor::userfile::create_output(std::path::Path::new(path))
@@ -241,7 +266,7 @@ fn run_vms_from(
         && plan
             .vms
             .iter()
-            .any(|vm| vm.restore_memory == vmm::snapshot::restore::RestoreMemory::Shared);
+            .any(|vm| vm.share == vmm::fleet::ShareMode::Template);
     let budget = match enter_budget(&plan, options, restore_shares) {
         Ok(budget) => budget,
         Err(code) => return Ok(code),

@@ -190,14 +190,20 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Pars
                 .into());
             }
             let dir = base.join(dir);
+            let lazy = entry.lazy == Some(true);
             let config = crate::snapshot::restore::read_config(&dir)
                 .map_err(|e| ParseError::Snapshot(bad(e.to_string())))?;
             vms.push(VmPlan {
                 name,
                 config,
-                share: ShareMode::Template,
+                // Lazy clones share no template pages: memory of their own each.
+                share: if lazy {
+                    ShareMode::None
+                } else {
+                    ShareMode::Template
+                },
                 restore: Some(dir),
-                restore_memory: if entry.lazy == Some(true) {
+                restore_memory: if lazy {
                     RestoreMemory::Lazy
                 } else {
                     RestoreMemory::Shared

@@ -169,8 +169,9 @@ impl FleetPlan {
             vcpus += vm.config.vcpus();
             let ram = vm.config.ram_bytes().map_err(err)?;
             if let Some(dir) = &vm.restore {
-                // One copy of each snapshot's memory, however many clones.
-                if snapshots.insert(dir) {
+                // One copy of each snapshot's memory, however many clones; a lazy clone's
+                // memory is its own.
+                if vm.restore_memory == RestoreMemory::Lazy || snapshots.insert(dir) {
                     needed = needed.saturating_add(ram);
                 }
                 continue;
