@@ -179,17 +179,16 @@ fn run(mut cli: Cli) -> Result<i32> {
                     return Ok(vmm::snapshot::EXIT_SNAPSHOT);
                 }
             };
-            // Lazy clones share no template pages: memory of their own each.
+            // Lazy clones share no template pages: memory of their own each
+            // (`VmPlan::restore_memory`).
             let share = if cli.lazy {
                 vmm::fleet::ShareMode::None
             } else {
                 vmm::fleet::ShareMode::Template
             };
             let mut plan = FleetPlan::copies(config, cli.vms, Some(share))?;
-            if cli.lazy {
-                for vm in &mut plan.vms {
-                    vm.restore_memory = vmm::snapshot::restore::RestoreMemory::Lazy;
-                }
+            for vm in &mut plan.vms {
+                vm.restore = Some(dir.clone());
             }
             let trigger = cli.snapshot_trigger().map_err(anyhow::Error::msg)?;
             run_vms_from(plan, &cli.run, Some(&dir), trigger)
@@ -247,7 +246,7 @@ fn run_vms_from(
     let lazy = plan
         .vms
         .iter()
-        .any(|vm| vm.restore_memory == vmm::snapshot::restore::RestoreMemory::Lazy);
+        .any(|vm| vm.restore_memory() == Some(vmm::snapshot::restore::RestoreMemory::Lazy));
     if refuse_lazy_with_pager(lazy, options) {
         return Ok(2);
     }
@@ -261,13 +260,7 @@ fn run_vms_from(
         Err(code) => return Ok(code),
     };
     install_interrupt_handlers()?;
-    // Lazily restored clones share no template pages.
-    let restore_shares = restore.is_some()
-        && plan
-            .vms
-            .iter()
-            .any(|vm| vm.share == vmm::fleet::ShareMode::Template);
-    let budget = match enter_budget(&plan, options, restore_shares) {
+    let budget = match enter_budget(&plan, options) {
         Ok(budget) => budget,
         Err(code) => return Ok(code),
     };
@@ -299,7 +292,7 @@ fn run_vms_from(
                 options.attribution,
                 plan.vms
                     .first()
-                    .map(|vm| vm.restore_memory)
+                    .and_then(|vm| vm.restore_memory())
                     .unwrap_or_default(),
             ) {
                 Ok(started) => started,
@@ -412,11 +405,7 @@ fn run_vms_from(
 
 /// Sets up `--machine-mem` (none without it); a budget that cannot be set up is one line and
 /// exit code [`budget::EXIT_BUDGET_SETUP`].
-fn enter_budget(
-    plan: &FleetPlan,
-    options: &RunOptions,
-    restore: bool,
-) -> Result<Option<ActiveBudget>, i32> {
+fn enter_budget(plan: &FleetPlan, options: &RunOptions) -> Result<Option<ActiveBudget>, i32> {
     let demand = budget::choice::Demand {
         guest_bytes: plan
             .vms
@@ -424,11 +413,11 @@ fn enter_budget(
             .map(|vm| vm.config.ram_bytes().unwrap_or(0))
             .sum(),
         vms: plan.vms.len(),
-        template_clones: restore
-            || plan
-                .vms
-                .iter()
-                .any(|vm| vm.share == vmm::fleet::ShareMode::Template),
+        // Copy-on-write clones of a snapshot share its template too.
+        template_clones: plan
+            .vms
+            .iter()
+            .any(|vm| vm.share == vmm::fleet::ShareMode::Template),
         ksm: options.ksm,
     };
     ActiveBudget::enter(&options.budget, &demand).map_err(|e| {

@@ -224,7 +224,6 @@ pub fn run(vmm: &Path, runs: usize) -> Result<Vec<Row>> {
                     config: tiny.clone(),
                     share: vmm::fleet::ShareMode::Template,
                     restore: None,
-                    restore_memory: Default::default(),
                 })
                 .collect(),
         };

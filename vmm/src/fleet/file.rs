@@ -42,7 +42,6 @@ use super::{FleetError, FleetPlan, ShareMode, VmPlan, MAX_VMS};
 use crate::builder::disk::DiskSpec;
 use crate::builder::{GuestConfig, LinuxConfig, WorkloadConfig};
 use crate::cli::parse_size;
-use crate::snapshot::restore::RestoreMemory;
 use crate::workload::TaskSpec;
 
 /// Largest fleet file read.
@@ -196,18 +195,14 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Pars
             vms.push(VmPlan {
                 name,
                 config,
-                // Lazy clones share no template pages: memory of their own each.
+                // Lazy clones share no template pages: memory of their own each
+                // (`VmPlan::restore_memory`).
                 share: if lazy {
                     ShareMode::None
                 } else {
                     ShareMode::Template
                 },
                 restore: Some(dir),
-                restore_memory: if lazy {
-                    RestoreMemory::Lazy
-                } else {
-                    RestoreMemory::Shared
-                },
             });
             continue;
         }
@@ -259,7 +254,6 @@ pub fn parse(text: &str, base: &Path, default_hz: u32) -> Result<FleetPlan, Pars
             config,
             share,
             restore: None,
-            restore_memory: RestoreMemory::Shared,
         });
     }
     // The VMs that map base pages share the process's mapping budget.

@@ -102,11 +102,21 @@ pub struct VmPlan {
     pub config: GuestConfig,
     /// How its memory is shared.
     pub share: ShareMode,
-    /// Restored from this snapshot directory (`config` is then the snapshot's): VMs restored
-    /// from one directory are copy-on-write clones of its memory, whatever `share` says.
+    /// Restored from this snapshot directory (`config` is then the snapshot's): with `share`
+    /// template a copy-on-write clone of its memory, with none memory of its own loaded from
+    /// the snapshot on first touch ([`VmPlan::restore_memory`]).
     pub restore: Option<PathBuf>,
-    /// How a restored VM gets its memory (copy-on-write from the snapshot, or loaded lazily).
-    pub restore_memory: crate::snapshot::restore::RestoreMemory,
+}
+
+impl VmPlan {
+    /// How a restored VM gets its memory: shared copy-on-write, or its own loaded lazily
+    /// (none when the VM is not restored).
+    pub fn restore_memory(&self) -> Option<RestoreMemory> {
+        self.restore.as_ref().map(|_| match self.share {
+            ShareMode::Template => RestoreMemory::Shared,
+            ShareMode::None => RestoreMemory::Lazy,
+        })
+    }
 }
 
 /// The VMs of one command.
@@ -139,7 +149,6 @@ impl FleetPlan {
                     config: config.clone(),
                     share,
                     restore: None,
-                    restore_memory: Default::default(),
                 })
                 .collect(),
         })
@@ -171,7 +180,7 @@ impl FleetPlan {
             if let Some(dir) = &vm.restore {
                 // One copy of each snapshot's memory, however many clones; a lazy clone's
                 // memory is its own.
-                if vm.restore_memory == RestoreMemory::Lazy || snapshots.insert(dir) {
+                if vm.restore_memory() == Some(RestoreMemory::Lazy) || snapshots.insert(dir) {
                     needed = needed.saturating_add(ram);
                 }
                 continue;
@@ -282,12 +291,13 @@ pub fn launch(
     let groups: BTreeSet<(&PathBuf, RestoreMemory)> = plan
         .vms
         .iter()
-        .filter_map(|v| Some((v.restore.as_ref()?, v.restore_memory)))
+        .filter_map(|v| Some((v.restore.as_ref()?, v.restore_memory()?)))
         .collect();
     for (dir, memory) in groups {
         let index: Vec<usize> = (0..plan.vms.len())
             .filter(|&i| {
-                plan.vms[i].restore.as_ref() == Some(dir) && plan.vms[i].restore_memory == memory
+                plan.vms[i].restore.as_ref() == Some(dir)
+                    && plan.vms[i].restore_memory() == Some(memory)
             })
             .collect();
         let group = FleetPlan {
