@@ -87,7 +87,6 @@ impl Extents {
 pub fn write(ram: &GuestRam, out: &File) -> io::Result<MemoryWritten> {
     out.set_len(ram.size())?;
     let pagemap = File::open("/proc/self/pagemap")?;
-    let lazy_source = ram.lazy().map(|l| l.source());
     let mut hasher = crc32fast::Hasher::new();
     let mut pages = 0u64;
     let mut file_offset = 0u64;
@@ -96,7 +95,10 @@ pub fn write(ram: &GuestRam, out: &File) -> io::Result<MemoryWritten> {
         let npages = len / PAGE;
         let end = file_offset + len as u64;
         let mut in_ram_file = Extents::of(ram.file(), file_offset, end);
-        let mut in_source = lazy_source.map(|f| Extents::of(f, file_offset, end));
+        // A lazily restored VM's snapshot file, with its data extents.
+        let mut lazy_source = ram
+            .lazy()
+            .map(|l| (l.source(), Extents::of(l.source(), file_offset, end)));
         let mut entries = vec![0u8; npages * 8];
         pagemap.read_exact_at(&mut entries, (host / PAGE * 8) as u64)?;
         for i in 0..npages {
@@ -107,7 +109,7 @@ pub fn write(ram: &GuestRam, out: &File) -> io::Result<MemoryWritten> {
                 // SAFETY: the page lies inside one of the VM's RAM mappings, alive while `ram`
                 // is; the vCPUs are parked, so nothing writes it while it is read.
                 unsafe { std::slice::from_raw_parts((host + i * PAGE) as *const u8, PAGE) }
-            } else if let (Some(source), Some(extents)) = (lazy_source, in_source.as_mut()) {
+            } else if let Some((source, extents)) = lazy_source.as_mut() {
                 // Never touched since a lazy restore: the page is still the snapshot's.
                 if !extents.holds(offset) {
                     continue;

@@ -333,52 +333,49 @@ pub fn serve(
     mut on_fault: impl FnMut(&FaultMsg),
 ) {
     let mut messages = Vec::new();
+    // Faults may come in bursts (a guest touching its memory in order): until this instant,
+    // look for the next one without sleeping, which would cost a wake-up of this thread each.
+    let mut spin_until = std::time::Instant::now();
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: uffd.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+        let spinning = std::time::Instant::now() < spin_until;
+        if !spinning {
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd.raw(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return;
             }
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
+            if fds[1].revents != 0 {
+                return;
+            }
         }
         if uffd.read_messages(&mut messages).is_err() {
             return;
         }
+        if messages.is_empty() {
+            if spinning {
+                std::hint::spin_loop();
+            }
+            continue;
+        }
         for msg in messages.iter().filter(|m| m.event == EVENT_PAGEFAULT) {
             on_fault(msg);
         }
-        // Faults may come in bursts (a guest touching its memory in order): for `spin`, look
-        // for the next one without sleeping, which would cost a wake-up of this thread each.
-        let mut spin_until = std::time::Instant::now() + spin;
-        while std::time::Instant::now() < spin_until {
-            if uffd.read_messages(&mut messages).is_err() {
-                return;
-            }
-            if messages.is_empty() {
-                std::hint::spin_loop();
-                continue;
-            }
-            for msg in messages.iter().filter(|m| m.event == EVENT_PAGEFAULT) {
-                on_fault(msg);
-            }
-            spin_until = std::time::Instant::now() + spin;
-        }
+        spin_until = std::time::Instant::now() + spin;
     }
 }
 
