@@ -45,6 +45,15 @@ fn uffd_usable(test: &str) -> bool {
     true
 }
 
+/// `vmm ARGS` is refused with exit code `code` and one line containing `expect`.
+fn refused_in_one_line(args: &[&str], code: i32, expect: &str) {
+    let out = run_vmm(args, DEADLINE);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(expect), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads() {
     let test = "lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads";
@@ -141,7 +150,7 @@ fn lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads() {
     )
     .expect("fleet file");
     // Its lazy clone cannot be paged by the VMM as well: one line, nothing started.
-    let out = run_vmm(
+    refused_in_one_line(
         &[
             "fleet",
             utf8(&fleet),
@@ -150,13 +159,8 @@ fn lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads() {
             "--pager",
             "uffd",
         ],
-        DEADLINE,
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("cannot page a lazily restored VM"),
-        "{}",
-        text(&out.stderr)
+        2,
+        "cannot page a lazily restored VM",
     );
     let stats = dir.join("fleet.json");
     let out = run_vmm(&["fleet", utf8(&fleet), "--stats", utf8(&stats)], DEADLINE);
@@ -185,13 +189,13 @@ fn lazy_clones_finish_like_an_uninterrupted_run_and_count_their_loads() {
 
 #[test]
 fn lazy_without_restore_is_refused_with_one_line() {
-    let out = run_vmm(&["--workload", SPEC, "--lazy"], DEADLINE);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert!(err.contains("--lazy goes only with --restore"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    refused_in_one_line(
+        &["--workload", SPEC, "--lazy"],
+        1,
+        "--lazy goes only with --restore",
+    );
     // Pages that come through the lazy loader cannot be paged by the VMM too.
-    let out = run_vmm(
+    refused_in_one_line(
         &[
             "--restore",
             "/nonexistent-snapshot",
@@ -201,12 +205,9 @@ fn lazy_without_restore_is_refused_with_one_line() {
             "--pager",
             "uffd",
         ],
-        DEADLINE,
+        2,
+        "cannot page a lazily restored VM",
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert!(err.contains("cannot page a lazily restored VM"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
     let dir = scratch("refused");
     let fleet = dir.join("fleet.toml");
     std::fs::write(
@@ -214,10 +215,6 @@ fn lazy_without_restore_is_refused_with_one_line() {
         format!("[[vm]]\nname = \"a\"\nworkload = [\"{SPEC}\"]\nlazy = true\n"),
     )
     .expect("fleet file");
-    let out = run_vmm(&["fleet", utf8(&fleet)], DEADLINE);
-    assert_ne!(out.status.code(), Some(0));
-    let err = text(&out.stderr);
-    assert!(err.contains("lazy goes only with restore"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    refused_in_one_line(&["fleet", utf8(&fleet)], 1, "lazy goes only with restore");
     let _ = std::fs::remove_dir_all(&dir);
 }
