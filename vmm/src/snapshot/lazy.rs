@@ -170,11 +170,6 @@ impl LazyLoader {
     pub fn fault_source(&self) -> crate::profiling::sampler::ThreadFaultSource {
         self.shared.per_thread.source()
     }
-
-    /// The memory file the pages come from.
-    pub fn source(&self) -> &File {
-        &self.shared.source
-    }
 }
 
 /// One VM's RAM under a loader; dropping it (before the mapping goes away) unregisters it.
@@ -200,7 +195,7 @@ impl LazyRegistration {
 
     /// The memory file the VM's pages not yet loaded are in.
     pub fn source(&self) -> &File {
-        self.loader.source()
+        &self.loader.shared.source
     }
 }
 
